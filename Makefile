@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch these machines carry; a bare `torch` would pull a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: install run tune test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[worker,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+examples/data/digits_train.npz: examples/make_digits.py | $(STAMP)
+	$(BIN)/python examples/make_digits.py examples/data
+
+# The main job. Until the service lands, it is the engine on the bundled digits example:
+# a 12-trial study, the JSON result on stdout and the scores in examples/data/scores.csv.
+run: examples/data/digits_train.npz
+	$(BIN)/python -m worker.tune --train examples/data/digits_train.npz \
+		--test examples/data/digits_test.npz --n-trials 12 \
+		--scores-out examples/data/scores.csv
+	@echo "scores written to examples/data/scores.csv"
+
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.engine --out bench/results/engine.json
+	$(BIN)/python -m bench.cost --out bench/results/cost.json
+
+clean:
+	rm -rf $(VENV) examples/data .mypy_cache .ruff_cache
