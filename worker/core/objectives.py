@@ -1,0 +1,118 @@
+"""Validation losses (method.md §4): lower is better; all are differentiable torch functions.
+
+X = embeddings of clean train images, Y = of augmented train images, Z = of test images,
+all L2-normalised rows from the same trained detector. Objectives are looked up by name only
+through :data:`OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+def mean_distance(a: Tensor, b: Tensor) -> Tensor:
+    """D(A, B): mean over all pairs of ||a - b||₂ / 2 (in [0, 1] for unit vectors)."""
+    return torch.cdist(a, b).mean() / 2
+
+
+def discordance(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """DSV's first term: D(X ∪ Y, Z) / D(X, Y).
+
+    The ratio keeps the loss from being lowered by collapsing every embedding together.
+    """
+    return mean_distance(torch.cat([x, y]), z) / (mean_distance(x, y) + EPS)
+
+
+def separability(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """DSV's second term: spread of test points along the train→augmented directions.
+
+    With x̄ = mean(X) and u_k the unit vector from x̄ to y_k, every (z - x̄) is projected
+    onto every u_k; S = std(projections) / D(X, Y).
+    """
+    centre = x.mean(dim=0, keepdim=True)
+    directions = torch.nn.functional.normalize(y - centre, dim=1)
+    projections = (z - centre) @ directions.T
+    return projections.std() / (mean_distance(x, y) + EPS)
+
+
+def dsv(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """DSV (ECML PKDD 2023): L_dis − min(S, 0.5) / L_dis."""
+    l_dis = discordance(x, y, z)
+    return l_dis - torch.clamp(separability(x, y, z), max=0.5) / (l_dis + EPS)
+
+
+def st_ssad_mean_distance(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """Our reading of ST-SSAD's loss (KDD 2025) from its description; not the published
+    equation, which we do not have.
+
+    Embeddings are centred on the mean of X ∪ Z and rescaled so that X ∪ Z has mean squared
+    norm 1 (Y is left out of the normalisation so an augmentation cannot lower the loss by
+    landing far away). Each test embedding is then compared with the train mean and with
+    the augmented mean, and the loss is the mean over Z of the squared distance to the
+    nearer of the two. Only Y's mean enters, so the loss does not depend on |Y|.
+    """
+    pooled = torch.cat([x, z])
+    centre = pooled.mean(dim=0, keepdim=True)
+    scale = ((pooled - centre) ** 2).sum(dim=1).mean().clamp_min(EPS).sqrt()
+    xs, ys, zs = ((t - centre) / scale for t in (x, y, z))
+    to_train = ((zs - xs.mean(dim=0)) ** 2).sum(dim=1)
+    to_augmented = ((zs - ys.mean(dim=0)) ** 2).sum(dim=1)
+    return torch.minimum(to_train, to_augmented).mean()
+
+
+def distance_only(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """Baseline: D(X ∪ Y, Z) alone (no ratio)."""
+    return mean_distance(torch.cat([x, y]), z)
+
+
+def linear_mmd(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """Baseline: linear-kernel MMD² between X ∪ Y and Z, ||mean(X ∪ Y) − mean(Z)||²."""
+    return ((torch.cat([x, y]).mean(dim=0) - z.mean(dim=0)) ** 2).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor]
+    description: str
+
+    def __call__(self, x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+        if min(len(x), len(y), len(z)) == 0:
+            raise ValueError(f"{self.name}: X, Y and Z must each hold at least one embedding")
+        return self.fn(x, y, z)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("dsv", dsv, "DSV: discordance minus capped separability (the default)"),
+        Objective("dsv-discordance", discordance, "DSV's discordance ratio alone"),
+        Objective("st-ssad", st_ssad_mean_distance,
+                  "our reading of ST-SSAD's mean-distance loss (not the published equation)"),
+        Objective("mean-distance", distance_only, "D(X ∪ Y, Z) alone"),
+        Objective("mmd", linear_mmd, "linear-kernel MMD between X ∪ Y and Z"),
+    )
+}
+
+DEFAULT_OBJECTIVE = "dsv"
+
+
+def get_objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}") from None
+
+
+def augmented_count(n_train: int, contamination: float) -> int:
+    """|Y| = |X| · r / (1 − r) (at least 1), with r the expected anomaly fraction of the test
+    set. r is the user's parameter: it is never computed from labels."""
+    if not 0.0 < contamination < 1.0:
+        raise ValueError(f"contamination must be in (0, 1), got {contamination}")
+    return max(1, round(n_train * contamination / (1.0 - contamination)))
