@@ -1,0 +1,34 @@
+"""Write a real train/test pair from scikit-learn's bundled digits (no download).
+
+Train: 120 images of the digit 0 ("normal"). Test: the remaining zeros plus 20 other digits
+(the anomalies, about 25%), shuffled. Labels are not written: the service never sees them.
+
+    python examples/make_digits.py [OUT_DIR]   # writes digits_train.npz, digits_test.npz
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+
+def main(out_dir: str = "examples/data") -> None:
+    d = load_digits()
+    x = np.rint(d.images / 16 * 255).astype(np.uint8)  # (N, 8, 8)
+    zeros, others = x[d.target == 0], x[d.target != 0]
+    rng = np.random.default_rng(0)
+    test = np.concatenate([zeros[120:], others[rng.choice(len(others), 20, replace=False)]])
+    test = test[rng.permutation(len(test))]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "digits_train.npz", images=zeros[:120])
+    np.savez_compressed(out / "digits_test.npz", images=test)
+    print(f"wrote {out / 'digits_train.npz'} ({len(zeros[:120])} images) and "
+          f"{out / 'digits_test.npz'} ({len(test)} images)")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:2])

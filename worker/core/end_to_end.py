@@ -1,0 +1,152 @@
+"""End-to-end augmentation tuning (method.md §5, after ST-SSAD): one training run.
+
+For a differentiable family (the differentiable CutOut, ``cutdiff``), alternate
+
+1. ``detector_steps`` detector updates with the augmentation fixed (original vs augmented,
+   cross-entropy, exactly as in a search trial), and
+2. one gradient step on the augmentation's hyperparameters (patch size, aspect, held in
+   their ranges by a sigmoid) through the validation loss, with the detector fixed.
+
+The result is the learned hyperparameters, their trajectory, the final validation loss and
+per-image test scores from the final detector.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.core.augmentations import CutDiff, build_augmentation
+from worker.core.objectives import augmented_count, get_objective
+from worker.core.trial import (
+    DEFAULT_CONTAMINATION,
+    PreparedData,
+    TrainSettings,
+    build_detector,
+    embed_all,
+    evaluate,
+    evaluation_sets,
+    make_generator,
+    seed_everything,
+)
+from worker.search_space import FAMILIES, ParamValue
+
+DIFFERENTIABLE = tuple(name for name, f in FAMILIES.items() if f.differentiable)
+
+
+@dataclass(frozen=True)
+class EndToEndSettings:
+    rounds: int = 40
+    detector_steps: int = 10
+    augmentation: str = "cutdiff"
+    initial: dict[str, ParamValue] = field(default_factory=dict)
+    aug_lr: float = 0.1
+    objective: str = "st-ssad"
+    contamination: float = DEFAULT_CONTAMINATION
+    eval_images: int = 256  # train and test images per hyperparameter step
+    seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in DIFFERENTIABLE:
+            raise ValueError(
+                f"end-to-end tuning needs a differentiable family ({list(DIFFERENTIABLE)}), "
+                f"got {self.augmentation!r}"
+            )
+        if self.rounds < 1 or self.detector_steps < 1:
+            raise ValueError("rounds and detector_steps must be >= 1")
+        if not (self.aug_lr > 0 and math.isfinite(self.aug_lr)):
+            raise ValueError("aug_lr must be a positive number")
+        get_objective(self.objective)
+
+
+@dataclass(frozen=True)
+class EndToEndResult:
+    augmentation: str
+    params: dict[str, ParamValue]
+    validation_loss: float
+    losses: dict[str, float]
+    scores: np.ndarray
+    trajectory: list[dict[str, float]]
+    timings: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"augmentation": self.augmentation, "params": self.params,
+                "validation_loss": self.validation_loss, "losses": self.losses,
+                "trajectory": self.trajectory, "timings": self.timings}
+
+
+def tune_end_to_end(data: PreparedData, settings: EndToEndSettings) -> EndToEndResult:
+    """Alternate detector updates and hyperparameter gradient steps; see the module doc."""
+    t_start = time.perf_counter()
+    device = data.train.device
+    loss_fn = get_objective(settings.objective)
+    seed_everything(settings.seed)
+    g = make_generator(device, settings.seed)
+    augment = build_augmentation(settings.augmentation, settings.initial)
+    assert isinstance(augment, CutDiff)
+    augment = augment.to(device)
+    model = build_detector(data, settings.train, device)
+    model_opt = torch.optim.Adam(model.parameters(), lr=settings.train.lr)
+    aug_opt = torch.optim.Adam(augment.parameters(), lr=settings.aug_lr)
+    n_train, n_test = len(data.train), len(data.test)
+    batch = settings.train.batch_size
+    labels = torch.cat([torch.zeros(batch, dtype=torch.long),
+                        torch.ones(batch, dtype=torch.long)]).to(device)
+    trajectory: list[dict[str, float]] = []
+    train_s = hyper_s = 0.0
+
+    for round_ in range(1, settings.rounds + 1):
+        t0 = time.perf_counter()
+        model.train()
+        for _ in range(settings.detector_steps):
+            x = data.train[torch.randint(0, n_train, (batch,), generator=g, device=device)]
+            with torch.no_grad():
+                xa = augment(x, g)
+            loss = F.cross_entropy(model(torch.cat([x, xa])), labels)
+            model_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            model_opt.step()
+        t1 = time.perf_counter()
+        train_s += t1 - t0
+
+        # One step on the augmentation's hyperparameters, detector frozen (eval mode: batch
+        # statistics must not leak between X, Y and Z).
+        k = min(settings.eval_images, n_train)
+        x_idx = torch.randperm(n_train, generator=g, device=device)[:k]
+        z_idx = torch.randperm(n_test, generator=g, device=device)[: settings.eval_images]
+        n_y = max(32, augmented_count(k, settings.contamination))
+        y_idx = x_idx[torch.randint(0, k, (n_y,), generator=g, device=device)]
+        x_emb = embed_all(model, data.train[x_idx])
+        z_emb = embed_all(model, data.test[z_idx])
+        model.eval()
+        y_emb = model.embed(augment(data.train[y_idx], g))
+        val = loss_fn(x_emb, y_emb, z_emb)
+        aug_opt.zero_grad(set_to_none=True)
+        val.backward()
+        aug_opt.step()
+        model.zero_grad(set_to_none=True)
+        hyper_s += time.perf_counter() - t1
+        trajectory.append({"round": float(round_), "validation_loss": float(val.detach()),
+                           **{k_: float(v) for k_, v in augment.current_params().items()}})
+
+    x_idx, y_idx = evaluation_sets(n_train, settings.contamination,
+                                   settings.train.max_embed_train, g, device)
+    final = evaluate(model, data, augment, x_idx, y_idx, settings.train.scorer, g)
+    timings = {"total_s": time.perf_counter() - t_start, "train_s": train_s,
+               "hyper_s": hyper_s, **final.timings}
+    return EndToEndResult(
+        augmentation=settings.augmentation,
+        params=augment.current_params(),
+        validation_loss=final.losses[settings.objective],
+        losses=final.losses,
+        scores=final.scores,
+        trajectory=trajectory,
+        timings=timings,
+    )

@@ -1,0 +1,237 @@
+"""The search strategy (method.md §5): an Optuna study over family × hyperparameters.
+
+Each trial samples the augmentation family (categorical) and then only that family's
+hyperparameters (define-by-run, so the space is conditional), trains a detector through
+:func:`worker.core.trial.run_trial` and returns the validation loss; the study minimises it.
+The sampler is a seeded TPE. By default the study starts with one trial per family at its
+default hyperparameters (``warm_start``), so even a small budget sees every family once
+before TPE refines the best ones. Storage is whatever the caller passes (in memory, or an
+RDB URL so a restarted study keeps its finished trials).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+
+from worker.core.objectives import DEFAULT_OBJECTIVE, get_objective
+from worker.core.trial import (
+    DEFAULT_CONTAMINATION,
+    PreparedData,
+    TrainSettings,
+    TrialPruned,
+    TrialResult,
+    run_trial,
+)
+from worker.search_space import CategoricalParam, FloatParam, ParamValue, SearchSpace
+
+AUGMENTATION_KEY = "augmentation"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    n_trials: int = 12
+    objective: str = DEFAULT_OBJECTIVE
+    contamination: float = DEFAULT_CONTAMINATION
+    seed: int = 0
+    search_space: SearchSpace = field(default_factory=SearchSpace)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    warm_start: bool = True
+    pruning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise ValueError("n_trials must be >= 1")
+        get_objective(self.objective)
+        if not 0.0 < self.contamination < 1.0:
+            raise ValueError("contamination must be in (0, 1)")
+        if self.pruning and not self.train.eval_every:
+            raise ValueError("pruning needs train.eval_every > 0 (intermediate losses)")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial of the study as the caller sees it (scores only for trials run here)."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL
+    augmentation: str | None
+    params: dict[str, ParamValue]
+    validation_loss: float | None
+    duration_s: float | None
+    result: TrialResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "number": self.number, "state": self.state, "augmentation": self.augmentation,
+            "params": self.params, "validation_loss": self.validation_loss,
+            "duration_s": self.duration_s,
+        }
+        if self.result is not None:
+            out["losses"] = self.result.losses
+            out["timings"] = self.result.timings
+        return out
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    best: TrialRecord
+    trials: list[TrialRecord]
+    study_name: str
+
+    @property
+    def best_scores(self) -> np.ndarray | None:
+        return None if self.best.result is None else self.best.result.scores
+
+
+def sample_configuration(
+    trial: optuna.trial.BaseTrial, space: SearchSpace
+) -> tuple[str, dict[str, ParamValue]]:
+    """Define-by-run: the family first, then only that family's searched hyperparameters.
+
+    Parameter names are prefixed with the family (``cutout.patch_size``) so TPE keeps a
+    separate model of each family's ranges.
+    """
+    family = str(trial.suggest_categorical(AUGMENTATION_KEY, list(space.augmentations)))
+    sampled: dict[str, ParamValue] = {}
+    for p in space.searched_params(family):
+        key = f"{family}.{p.name}"
+        if isinstance(p, FloatParam):
+            sampled[p.name] = trial.suggest_float(key, p.low, p.high, log=p.log)
+        elif isinstance(p, CategoricalParam):
+            sampled[p.name] = str(trial.suggest_categorical(key, list(p.choices)))
+    return family, space.complete(family, sampled)
+
+
+def warm_start_configurations(space: SearchSpace) -> list[dict[str, Any]]:
+    """One Optuna parameter dict per family: its defaults, clipped into the searched range."""
+    out = []
+    for family in space.augmentations:
+        params: dict[str, Any] = {AUGMENTATION_KEY: family}
+        for p in space.searched_params(family):
+            value = p.default
+            if isinstance(p, FloatParam):
+                value = min(max(float(value), p.low), p.high)
+            params[f"{family}.{p.name}"] = value
+        out.append(params)
+    return out
+
+
+def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
+    n_startup = len(settings.search_space.augmentations) if settings.warm_start else 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=settings.seed, multivariate=True, group=True,
+            n_startup_trials=min(n_startup, max(1, settings.n_trials - 1)),
+        )
+
+
+def create_study(
+    settings: StudySettings, storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+) -> optuna.Study:
+    """Create, or load if it exists in ``storage``, the study (minimising the loss)."""
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+        if settings.pruning else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, direction="minimize",
+        sampler=make_sampler(settings), pruner=pruner, load_if_exists=True,
+    )
+    if settings.warm_start and not study.trials:
+        for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
+            study.enqueue_trial(params, skip_if_exists=True)
+    return study
+
+
+def rerun_interrupted_trials(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a process that died as FAIL, and queue their parameters
+    again so they are rerun. Only the holder of a study may call this (the service's job
+    lease guarantees one runner per study)."""
+    interrupted = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in interrupted:
+        study._storage.set_trial_system_attr(t._trial_id, "failed_reason",
+                                             "interrupted: the process running it stopped")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        # A trial that died before sampling has only its queued (fixed) parameters.
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        if params:
+            study.enqueue_trial(dict(params), skip_if_exists=False)
+    return [t.number for t in interrupted]
+
+
+def _record(t: optuna.trial.FrozenTrial, result: TrialResult | None) -> TrialRecord:
+    params = dict(t.user_attrs.get("params", {}))
+    duration = t.duration.total_seconds() if t.duration is not None else None
+    value = t.value if t.state == optuna.trial.TrialState.COMPLETE else None
+    return TrialRecord(
+        number=t.number, state=t.state.name, augmentation=t.params.get(AUGMENTATION_KEY),
+        params=params, validation_loss=value, duration_s=duration, result=result,
+    )
+
+
+def run_study(
+    data: PreparedData,
+    settings: StudySettings,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    on_trial: Callable[[int, TrialResult], None] | None = None,
+) -> StudyResult:
+    """Run (or resume) the study until it holds ``n_trials`` finished trials.
+
+    ``on_trial(number, result)`` is called after each completed trial (the service uses it
+    to store scores and progress). A trial whose loss is not finite is marked failed and the
+    study goes on; the best trial is the completed one with the lowest loss.
+    """
+    study = create_study(settings, storage, study_name)
+    results: dict[int, TrialResult] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        family, params = sample_configuration(trial, settings.search_space)
+        trial.set_user_attr("params", params)
+
+        def report(step: int, value: float) -> bool:
+            trial.report(value, step)
+            return trial.should_prune()
+
+        try:
+            result = run_trial(
+                data, family, params, settings.train, objective=settings.objective,
+                contamination=settings.contamination, seed=settings.seed + trial.number,
+                report=report if settings.pruning else None,
+            )
+        except TrialPruned as exc:
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("losses", result.losses)
+        trial.set_user_attr("timings", result.timings)
+        results[trial.number] = result
+        if not math.isfinite(result.validation_loss):
+            return float("nan")  # Optuna marks the trial FAIL and goes on
+        return result.validation_loss
+
+    def after_trial(_: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        # Runs once the trial is stored as COMPLETE, so a caller failing here cannot turn a
+        # finished trial into a failed one.
+        if on_trial is not None and frozen.state == optuna.trial.TrialState.COMPLETE:
+            on_trial(frozen.number, results[frozen.number])
+
+    rerun_interrupted_trials(study)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, gc_after_trial=False,
+                       callbacks=[after_trial])
+    trials = [_record(t, results.get(t.number)) for t in study.get_trials(deepcopy=False)]
+    complete = [t for t in trials if t.state == "COMPLETE" and t.validation_loss is not None]
+    if not complete:
+        raise RuntimeError("no trial completed: every trial failed or was pruned")
+    best = min(complete, key=lambda t: (t.validation_loss, t.number))
+    return StudyResult(best=best, trials=trials, study_name=study.study_name)
