@@ -1,0 +1,164 @@
+"""Reading image sets: formats, layouts, and inputs that must be refused clearly."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.images import ImageDataError, Limits, array_to_uint8, load_bytes, load_path
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+RNG = np.random.default_rng(0)
+GREY = RNG.integers(0, 256, (5, 12, 10), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("arr, shape", [
+    (GREY, (5, 1, 12, 10)),
+    (GREY[..., None], (5, 1, 12, 10)),
+    (np.repeat(GREY[..., None], 3, axis=3), (5, 3, 12, 10)),
+    (np.repeat(GREY[:, None], 3, axis=1), (5, 3, 12, 10)),
+])
+def test_layouts_normalise_to_nchw(arr: np.ndarray, shape: tuple[int, ...]) -> None:
+    out = load_bytes(npy_bytes(arr), "x.npy")
+    assert out.images.shape == shape and out.images.dtype == np.uint8
+    assert out.names == [str(i) for i in range(5)]
+    np.testing.assert_array_equal(out.images[:, 0], GREY)
+
+
+def test_float_images_are_scaled_and_checked() -> None:
+    out = array_to_uint8(GREY.astype(np.float32) / 255)
+    np.testing.assert_array_equal(out[:, 0], GREY)
+    with pytest.raises(ImageDataError, match=r"\[0, 1\]"):
+        array_to_uint8(GREY.astype(np.float32))
+    bad = GREY.astype(np.float32) / 255
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ImageDataError, match="NaN"):
+        array_to_uint8(bad)
+    with pytest.raises(ImageDataError, match=r"0\.\.255"):
+        array_to_uint8(GREY.astype(np.int32) * 4)
+
+
+def test_npz_keys() -> None:
+    assert load_bytes(npz_bytes(anything=GREY), "a.npz").images.shape == (5, 1, 12, 10)
+    two = npz_bytes(images=GREY, y_test=np.zeros(5))
+    assert load_bytes(two, "a.npz").images.shape == (5, 1, 12, 10)
+    assert load_bytes(npz_bytes(x=GREY, labels=np.zeros(5)), "a.npz").images.shape[0] == 5
+    with pytest.raises(ImageDataError, match="several arrays"):
+        load_bytes(npz_bytes(a=GREY, b=GREY), "a.npz")
+
+
+def test_pickled_object_arrays_are_refused_without_unpickling() -> None:
+    data = npy_bytes(np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(ImageDataError, match="dtype object"):
+        load_bytes(data, "evil.npy")
+
+
+@pytest.mark.parametrize("data, name, message", [
+    (b"not an array", "x.npy", "not a valid .npy"),
+    (b"PK\x03\x04garbage", "x.npz", "not a valid .npz"),
+    (b"hello", "x.zip", "not a valid zip"),
+    (b"hello", "x.tiff", "unsupported file type"),
+    (npy_bytes(np.zeros((0, 8, 8), np.uint8)), "x.npy", "empty"),
+    (npy_bytes(np.zeros((2, 8, 8, 4), np.uint8)), "x.npy", "C = 1"),
+    (npy_bytes(np.zeros((8, 8), np.uint8)), "x.npy", "expected"),
+    (npy_bytes(np.zeros((2, 8, 8), np.complex64)), "x.npy", "not supported"),
+    (zip_bytes({"a.txt": b"x"}), "x.zip", "no PNG/JPEG"),
+    (zip_bytes({"a.png": b"not a png"}), "x.zip", "cannot decode"),
+    (zip_bytes({"../a.png": png_bytes(GREY[0])}), "x.zip", "unsafe path"),
+])
+def test_bad_inputs_get_clear_errors(data: bytes, name: str, message: str) -> None:
+    with pytest.raises(ImageDataError, match=message):
+        load_bytes(data, name)
+
+
+def test_truncated_npy_is_refused() -> None:
+    data = npy_bytes(GREY)
+    with pytest.raises(ImageDataError):
+        load_bytes(data[:-20], "x.npy")
+
+
+def test_gigantic_header_is_refused_before_allocating() -> None:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (10**7, 4096, 4096)})
+    data = b"\x93NUMPY" + header.getvalue()[6:]
+    with pytest.raises(ImageDataError, match="limit"):
+        load_bytes(data, "big.npy")
+
+
+def test_zip_bomb_is_refused_by_declared_size() -> None:
+    data = zip_bytes({f"{i}.png": png_bytes(GREY[0]) for i in range(3)})
+    with pytest.raises(ImageDataError, match="decompress"):
+        load_bytes(data, "x.zip", Limits(max_total_bytes=100))
+
+
+def test_zip_of_pngs_keeps_sorted_names_and_mixes_grey_into_rgb() -> None:
+    rgb = RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    data = zip_bytes({"b.png": png_bytes(rgb), "a.png": png_bytes(GREY[0]),
+                      "__MACOSX/._a.png": b"junk", "notes.txt": b"ignored"})
+    out = load_bytes(data, "set.zip")
+    assert out.names == ["a.png", "b.png"]
+    assert out.images.shape == (2, 3, 12, 10)
+    np.testing.assert_array_equal(out.images[0, 1], GREY[0])
+    np.testing.assert_array_equal(out.images[1].transpose(1, 2, 0), rgb)
+
+
+def test_zip_with_mixed_sizes_is_refused() -> None:
+    data = zip_bytes({"a.png": png_bytes(GREY[0]), "b.png": png_bytes(GREY[0][:6])})
+    with pytest.raises(ImageDataError, match="differ in size"):
+        load_bytes(data, "x.zip")
+
+
+def test_sixteen_bit_and_palette_pngs_decode() -> None:
+    deep = (GREY[0].astype(np.uint16) * 257)
+    out = load_bytes(zip_bytes({"a.png": png_bytes(deep)}), "x.zip")
+    np.testing.assert_array_equal(out.images[0, 0], GREY[0])
+    pal = Image.fromarray(GREY[0]).convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG")
+    out = load_bytes(zip_bytes({"p.png": buf.getvalue()}), "x.zip")
+    assert out.images.shape[1] in (1, 3)
+
+
+def test_folder_and_files(tmp_path: Path) -> None:
+    for i in (2, 0, 1):
+        (tmp_path / f"img{i}.png").write_bytes(png_bytes(GREY[i]))
+    (tmp_path / "readme.md").write_text("not an image")
+    out = load_path(tmp_path)
+    assert out.names == ["img0.png", "img1.png", "img2.png"]
+    np.testing.assert_array_equal(out.images[:, 0], GREY[:3])
+    np.save(tmp_path / "a.npy", GREY)
+    assert load_path(tmp_path / "a.npy").images.shape == (5, 1, 12, 10)
+    with pytest.raises(ImageDataError, match="no such file"):
+        load_path(tmp_path / "missing.npz")

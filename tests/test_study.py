@@ -1,0 +1,140 @@
+"""The Optuna study: conditional space, warm start, seeded, resumable from storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from worker.core.study import (
+    StudySettings,
+    run_study,
+    sample_configuration,
+    warm_start_configurations,
+)
+from worker.core.trial import TrainSettings, TrialResult, prepare
+from worker.search_space import SearchSpace
+
+TINY = TrainSettings(steps=4, batch_size=8, width=8)
+
+
+@pytest.fixture(scope="module")
+def data(digits: tuple[np.ndarray, np.ndarray, np.ndarray]):  # type: ignore[no-untyped-def]
+    train, test, _ = digits
+    return prepare(train[:40], test[:30], torch.device("cpu"))
+
+
+def test_space_is_conditional_define_by_run() -> None:
+    space = SearchSpace.from_dict({"augmentations": ["cutout", "rotate", "invert"],
+                                   "patch_size": [0.01, 0.2]})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        t = study.ask()
+        family, params = sample_configuration(t, space)
+        keys = set(t.params) - {"augmentation"}
+        assert all(k.startswith(family + ".") for k in keys)
+        if family == "cutout":
+            assert 0.01 <= float(params["patch_size"]) <= 0.2
+            assert params["aspect"] == 1.0  # not searched: default
+        seen.add(family)
+        study.tell(t, 0.0)
+    assert seen == {"cutout", "rotate", "invert"}
+
+
+def test_warm_start_is_one_trial_per_family_at_defaults() -> None:
+    space = SearchSpace.from_dict({"augmentations": ["noise", "cutout"]})
+    assert warm_start_configurations(space) == [
+        {"augmentation": "noise", "noise.std": 0.1},
+        {"augmentation": "cutout", "cutout.patch_size": 0.05, "cutout.fill": "grey"},
+    ]
+
+
+def test_study_runs_warm_start_then_tpe_and_picks_lowest_loss(data) -> None:  # type: ignore[no-untyped-def]
+    space = SearchSpace.from_dict({"augmentations": ["cutout", "rotate"]})
+    calls: list[int] = []
+    settings = StudySettings(n_trials=4, search_space=space, train=TINY, seed=1)
+    result = run_study(data, settings, on_trial=lambda n, r: calls.append(n))
+    assert calls == [0, 1, 2, 3]
+    assert [t.augmentation for t in result.trials[:2]] == ["cutout", "rotate"]
+    assert result.trials[0].params == {"patch_size": 0.05, "aspect": 1.0, "fill": "grey"}
+    losses = [t.validation_loss for t in result.trials]
+    assert result.best.validation_loss == min(losses)  # type: ignore[type-var]
+    assert result.best_scores is not None and len(result.best_scores) == len(data.test)
+    again = run_study(data, settings)
+    assert [t.params for t in again.trials] == [t.params for t in result.trials]
+    assert [t.validation_loss for t in again.trials] == losses
+
+
+def test_restarted_study_keeps_finished_trials_and_reruns_the_interrupted_one(
+    data, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = SearchSpace.from_dict({"augmentations": ["invert", "flip", "mask"]})
+    settings = StudySettings(n_trials=3, search_space=space, train=TINY)
+
+    class WorkerStopped(Exception):
+        pass
+
+    def stop_after_second(number: int, _: TrialResult) -> None:
+        if number == 1:
+            raise WorkerStopped
+
+    with pytest.raises(WorkerStopped):
+        run_study(data, settings, storage=storage, study_name="job-1",
+                  on_trial=stop_after_second)
+    # A process that died mid-trial leaves that trial RUNNING in the storage.
+    orphan = optuna.load_study(study_name="job-1", storage=storage).ask()
+    assert orphan.suggest_categorical("augmentation", list(space.augmentations)) == "mask"
+
+    second: list[int] = []
+    result = run_study(data, settings, storage=storage, study_name="job-1",
+                       on_trial=lambda n, r: second.append(n))
+    assert second == [3]  # only the interrupted configuration ran again
+    assert [(t.augmentation, t.state) for t in result.trials] == [
+        ("invert", "COMPLETE"), ("flip", "COMPLETE"), ("mask", "FAIL"), ("mask", "COMPLETE")]
+    assert result.trials[0].result is None and result.trials[3].result is not None
+
+
+def test_pruning_reports_intermediate_losses(data) -> None:  # type: ignore[no-untyped-def]
+    settings = StudySettings(
+        n_trials=6, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
+        train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True)
+    result = run_study(data, settings)
+    assert len(result.trials) == 6
+    study_states = {t.state for t in result.trials}
+    assert study_states <= {"COMPLETE", "PRUNED"}
+
+
+def test_non_finite_losses_fail_the_trial_not_the_study(data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import worker.core.study as study_mod
+
+    real = study_mod.run_trial
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs) -> TrialResult:  # type: ignore[no-untyped-def]
+        r = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return TrialResult(**{**r.__dict__, "validation_loss": float("nan")})
+        return r
+
+    monkeypatch.setattr(study_mod, "run_trial", flaky)
+    space = SearchSpace.from_dict({"augmentations": ["invert", "flip"]})
+    result = run_study(data, StudySettings(n_trials=2, search_space=space, train=TINY))
+    assert [t.state for t in result.trials] == ["FAIL", "COMPLETE"]
+    assert result.best.augmentation == "flip"
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        StudySettings(n_trials=0)
+    with pytest.raises(ValueError, match="unknown objective"):
+        StudySettings(objective="auroc")
+    with pytest.raises(ValueError, match="contamination"):
+        StudySettings(contamination=1.0)
+    with pytest.raises(ValueError, match="eval_every"):
+        StudySettings(pruning=True)
