@@ -1,0 +1,153 @@
+"""Benchmark tasks built from ../shared/data (read-only). Labels exist only here.
+
+Each task is (train images, test images, test labels, metadata), images uint8 (N, C, H, W).
+Injected-defect tasks apply a defect mechanism written here, independently of the worker's
+augmentation code, so the tuner is not told (and does not share code with) the generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # one-class, injected, industrial
+    train: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+    truth: dict[str, Any] = field(default_factory=dict)  # generating family, patch size
+    search_space: dict[str, Any] | None = None  # None = the service's default space
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+
+
+def _one_class(
+    name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+    y_test: np.ndarray, k: int, n_train: int, n_normal: int, ratio: float, seed: int,
+) -> Task:
+    rng = np.random.default_rng(seed)
+    tr = x_train[y_train == k][:n_train]
+    normal = rng.permutation(np.where(y_test == k)[0])[:n_normal]
+    n_anom = round(n_normal * ratio / (1 - ratio))
+    anomal = rng.choice(np.where(y_test != k)[0], n_anom, replace=False)
+    idx = rng.permutation(np.concatenate([normal, anomal]))
+    return Task(name, "one-class", _nchw(tr), _nchw(x_test[idx]),
+                (y_test[idx] != k).astype(np.int64))
+
+
+def mnist_one_class(k: int, seed: int = 0) -> Task:
+    d = np.load(DATA / "mnist.npz")
+    return _one_class(f"mnist-oc-{k}", d["x_train_subset"], d["y_train_subset"], d["x_test"],
+                      d["y_test"], k, 500, 360, 0.1, seed)
+
+
+def cifar_one_class(k: int, seed: int = 0) -> Task:
+    d = np.load(DATA / "cifar10_jpeg_subset.npz")
+    name = str(d["class_names"][k])
+    return _one_class(f"cifar-oc-{name}", d["x_train"], d["y_train"], d["x_test"],
+                      d["y_test"], k, 250, 250, 0.1, seed)
+
+
+def elpv() -> Task:
+    d = np.load(DATA / "elpv.npz")
+    return Task("elpv", "industrial", _nchw(d["x_train"]), _nchw(d["x_test"]),
+                d["y_test"].astype(np.int64))
+
+
+# --- defect mechanisms (images (H, W) uint8; each returns the defective copy and the area)
+
+
+def _stroke_centre(img: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    ys, xs = np.nonzero(img > 128)
+    i = rng.integers(len(ys))
+    return int(ys[i]), int(xs[i])
+
+
+def square_defect(value: int, side: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """A side × side square of a constant grey level, centred on a stroke pixel."""
+
+    def apply(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape
+        cy, cx = _stroke_centre(img, rng)
+        top = min(max(cy - side // 2, 0), h - side)
+        left = min(max(cx - side // 2, 0), w - side)
+        out = img.copy()
+        out[top:top + side, left:left + side] = value
+        return out
+
+    return apply
+
+
+def scar_defect(width: float, length: float) -> Callable[[np.ndarray, np.random.Generator],
+                                                          np.ndarray]:
+    """A bright straight scratch of the given width and length, at a random angle."""
+
+    def apply(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape
+        cy, cx = _stroke_centre(img, rng)
+        theta = rng.uniform(0, math.pi)
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        along = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
+        across = -(xx - cx) * math.sin(theta) + (yy - cy) * math.cos(theta)
+        mask = (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2)
+        out = img.copy()
+        out[mask] = 255
+        return out
+
+    return apply
+
+
+def mnist_injected(
+    name: str, k: int, defect: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+    truth: dict[str, Any], seed: int = 0,
+) -> Task:
+    """Train: digit k. Test: 360 clean digit-k images + 40 other digit-k images with a defect."""
+    d = np.load(DATA / "mnist.npz")
+    rng = np.random.default_rng(seed)
+    tr = d["x_train_subset"][d["y_train_subset"] == k][:500]
+    pool = rng.permutation(np.where(d["y_test"] == k)[0])
+    clean = d["x_test"][pool[:360]]
+    defective = np.stack([defect(img, rng) for img in d["x_test"][pool[360:400]]])
+    x = np.concatenate([clean, defective])
+    y = np.r_[np.zeros(360, np.int64), np.ones(40, np.int64)]
+    order = rng.permutation(len(x))
+    return Task(name, "injected", _nchw(tr), _nchw(x[order]), y[order], truth,
+                search_space={"augmentations": ["cutout", "cutpaste", "cutpaste-scar"],
+                              "patch_size": [0.005, 0.3]})
+
+
+def injected_tasks() -> list[Task]:
+    px = 28 * 28
+    return [
+        mnist_injected("mnist-black-sq7", 0, square_defect(0, 7),
+                       {"augmentation": "cutout", "patch_size": 49 / px, "fill": "black"}),
+        mnist_injected("mnist-grey-sq5", 1, square_defect(128, 5),
+                       {"augmentation": "cutout", "patch_size": 25 / px, "fill": "grey"}),
+        mnist_injected("mnist-grey-sq10", 4, square_defect(128, 10),
+                       {"augmentation": "cutout", "patch_size": 100 / px, "fill": "grey"}),
+        mnist_injected("mnist-white-sq4", 2, square_defect(255, 4),
+                       {"augmentation": "cutout", "patch_size": 16 / px, "fill": "white"}),
+        mnist_injected("mnist-scar-2x12", 7, scar_defect(2, 12),
+                       {"augmentation": "cutpaste-scar", "patch_size": 24 / px}),
+    ]
+
+
+def all_tasks() -> list[Task]:
+    return [
+        mnist_one_class(3), mnist_one_class(5), mnist_one_class(8),
+        *injected_tasks(),
+        cifar_one_class(1),
+        elpv(),
+    ]
