@@ -382,3 +382,14 @@ def describe() -> list[dict[str, Any]]:
         out.append({"name": f.name, "kind": f.kind, "description": f.description,
                     "differentiable": f.differentiable, "params": params})
     return out
+
+
+# ------------------------------------------------------------------ objectives and scorers
+# Names only (the implementations need torch and live in worker.core); the API validates
+# requests against these, and a test checks they match the worker's registries.
+
+OBJECTIVE_NAMES: tuple[str, ...] = ("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd")
+DEFAULT_OBJECTIVE = "dsv"
+SCORER_NAMES: tuple[str, ...] = ("mahalanobis", "logit")
+DEFAULT_SCORER = "mahalanobis"
+DEFAULT_CONTAMINATION = 0.1

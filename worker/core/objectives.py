@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from worker.search_space import DEFAULT_OBJECTIVE, OBJECTIVE_NAMES
+
 EPS = 1e-8
 
 
@@ -100,7 +102,12 @@ OBJECTIVES: dict[str, Objective] = {
     )
 }
 
-DEFAULT_OBJECTIVE = "dsv"
+
+
+if tuple(OBJECTIVES) != OBJECTIVE_NAMES:  # the API validates against the torch-free list
+    raise RuntimeError("worker.search_space.OBJECTIVE_NAMES is out of date")
+
+__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Objective", "augmented_count", "get_objective"]
 
 
 def get_objective(name: str) -> Objective:

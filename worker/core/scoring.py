@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
+from worker.search_space import DEFAULT_SCORER, SCORER_NAMES
+
 
 def mahalanobis_scores(train_embeddings: np.ndarray, test_embeddings: np.ndarray) -> np.ndarray:
     """Mahalanobis distance of each test embedding to a Gaussian fitted on the train
@@ -21,5 +23,6 @@ def mahalanobis_scores(train_embeddings: np.ndarray, test_embeddings: np.ndarray
     return np.sqrt(np.clip(d2, 0.0, None))
 
 
-SCORERS = ("mahalanobis", "logit")
-DEFAULT_SCORER = "mahalanobis"
+SCORERS = SCORER_NAMES
+
+__all__ = ["DEFAULT_SCORER", "SCORERS", "mahalanobis_scores"]

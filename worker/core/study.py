@@ -25,6 +25,7 @@ from worker.core.trial import (
     DEFAULT_CONTAMINATION,
     PreparedData,
     TrainSettings,
+    TrialInterrupted,
     TrialPruned,
     TrialResult,
     run_trial,
@@ -184,12 +185,19 @@ def run_study(
     storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
     on_trial: Callable[[int, TrialResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> StudyResult:
     """Run (or resume) the study until it holds ``n_trials`` finished trials.
 
-    ``on_trial(number, result)`` is called after each completed trial (the service uses it
-    to store scores and progress). A trial whose loss is not finite is marked failed and the
-    study goes on; the best trial is the completed one with the lowest loss.
+    ``on_trial(number, result)`` is called for each finished trial *before* Optuna records
+    it as complete, so a caller that persists results (the service) never has a trial
+    complete in the study but missing from its own tables; if it raises, the trial is
+    failed and the study stops. ``should_stop()`` is checked between trials and at every
+    training step; when it returns True the running trial's configuration is queued again
+    (a resumed study reruns it) and :class:`TrialInterrupted` propagates.
+
+    A trial whose loss is not finite is marked failed and the study goes on; the best trial
+    is the completed one with the lowest loss.
     """
     study = create_study(settings, storage, study_name)
     results: dict[int, TrialResult] = {}
@@ -203,32 +211,32 @@ def run_study(
             return trial.should_prune()
 
         try:
+            if should_stop is not None and should_stop():
+                raise TrialInterrupted("stopped between trials")
             result = run_trial(
                 data, family, params, settings.train, objective=settings.objective,
                 contamination=settings.contamination, seed=settings.seed + trial.number,
-                report=report if settings.pruning else None,
+                report=report if settings.pruning else None, should_stop=should_stop,
             )
         except TrialPruned as exc:
             raise optuna.TrialPruned(str(exc)) from None
+        except TrialInterrupted:
+            study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+            raise
         trial.set_user_attr("losses", result.losses)
         trial.set_user_attr("timings", result.timings)
         results[trial.number] = result
         if not math.isfinite(result.validation_loss):
             return float("nan")  # Optuna marks the trial FAIL and goes on
+        if on_trial is not None:
+            on_trial(trial.number, result)
         return result.validation_loss
-
-    def after_trial(_: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
-        # Runs once the trial is stored as COMPLETE, so a caller failing here cannot turn a
-        # finished trial into a failed one.
-        if on_trial is not None and frozen.state == optuna.trial.TrialState.COMPLETE:
-            on_trial(frozen.number, results[frozen.number])
 
     rerun_interrupted_trials(study)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, gc_after_trial=False,
-                       callbacks=[after_trial])
+        study.optimize(objective, n_trials=remaining, gc_after_trial=False)
     trials = [_record(t, results.get(t.number)) for t in study.get_trials(deepcopy=False)]
     complete = [t for t in trials if t.state == "COMPLETE" and t.validation_loss is not None]
     if not complete:

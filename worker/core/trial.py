@@ -23,13 +23,15 @@ from worker.core.augmentations import build_augmentation
 from worker.core.detector import Detector, DetectorConfig
 from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
 from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_scores
-from worker.search_space import ParamValue
-
-DEFAULT_CONTAMINATION = 0.1
+from worker.search_space import DEFAULT_CONTAMINATION, ParamValue
 
 
 class TrialPruned(Exception):
     """Raised when the ``report`` callback asks to stop a trial early."""
+
+
+class TrialInterrupted(Exception):
+    """Raised when ``should_stop`` says so (job cancelled, worker stopping, lease lost)."""
 
 
 @dataclass(frozen=True)
@@ -192,11 +194,14 @@ def run_trial(
     contamination: float = DEFAULT_CONTAMINATION,
     seed: int = 0,
     report: Callable[[int, float], bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrialResult:
     """Train one detector with one augmentation and evaluate it without labels.
 
     ``report(step, loss)`` is called every ``settings.eval_every`` steps with the objective
     on a subsample; if it returns True the trial stops with :class:`TrialPruned`.
+    ``should_stop()`` is checked before every training step; if it returns True the trial
+    stops with :class:`TrialInterrupted`.
     """
     t_start = time.perf_counter()
     loss_fn = get_objective(objective)
@@ -217,6 +222,8 @@ def run_trial(
     t_train = time.perf_counter()
     model.train()
     for step in range(1, settings.steps + 1):
+        if should_stop is not None and should_stop():
+            raise TrialInterrupted(f"stopped at step {step}")
         batch = data.train[torch.randint(0, n_train, (settings.batch_size,), generator=g,
                                          device=device)]
         t_aug = time.perf_counter()

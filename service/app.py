@@ -1,0 +1,117 @@
+"""The FastAPI application. Never imports torch: augmentation families and objectives are
+validated against the plain data in :mod:`worker.search_space`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import text
+
+from service import migrate
+from service.datasets.routes import router as datasets_router
+from service.db import make_engine, session_factory
+from service.errors import error_body, error_responses, install_error_handlers
+from service.jobs.routes import router as jobs_router
+from service.settings import Settings, get_settings
+from worker.search_space import (
+    DEFAULT_AUGMENTATIONS,
+    DEFAULT_OBJECTIVE,
+    OBJECTIVE_NAMES,
+    describe,
+)
+
+log = logging.getLogger("ssad.api")
+
+DESCRIPTION = """
+Label-free tuning of self-supervised anomaly detectors.
+
+1. `POST /v1/datasets` your unlabeled **train** images and your **test** images.
+2. `POST /v1/jobs` with both ids: a worker runs an Optuna study over augmentation families
+   and their strength, minimising an alignment validation loss (no labels).
+3. Poll `GET /v1/jobs/{id}`; then `GET /v1/jobs/{id}/scores` (or `?format=csv`).
+
+Every error is `{"error": "<ClassName>", "detail": "<what to fix>"}`.
+"""
+
+
+def swagger_assets_dir() -> str:
+    import swagger_ui_bundle
+
+    return str(swagger_ui_bundle.swagger_ui_path)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        app.state.engine = engine
+        app.state.session_factory = session_factory(engine)
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="ssad-tune", version="1.0.0", description=DESCRIPTION,
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(datasets_router)
+    app.include_router(jobs_router)
+    # Swagger UI from the installed package, not a CDN: the docs work air-gapped.
+    app.mount("/static/swagger", StaticFiles(directory=swagger_assets_dir()), name="swagger")
+
+    @app.middleware("http")
+    async def limit_body(request: Request,
+                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
+            return JSONResponse(error_body(
+                "PayloadTooLarge",
+                f"request body is larger than the limit of {settings.max_upload_bytes} bytes"),
+                413)
+        return await call_next(request)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="ssad-tune API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png")
+
+    @app.get("/healthz", tags=["operations"], summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], responses=error_responses(503),
+             summary="The database is reachable and migrated")
+    def readyz(request: Request) -> Any:
+        engine = request.app.state.engine
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                current = migrate.current_revision(conn)
+        except Exception as exc:
+            log.warning("not ready: %s", exc)
+            return JSONResponse(error_body("ServiceUnavailable", "database unavailable"), 503)
+        if current != migrate.head_revision():
+            return JSONResponse(error_body(
+                "ServiceUnavailable",
+                f"database schema is at {current}, not {migrate.head_revision()}: "
+                "run `alembic upgrade head`"), 503)
+        return {"status": "ready", "schema": current}
+
+    @app.get("/v1/augmentations", tags=["reference"],
+             summary="Augmentation families, their hyperparameters and ranges")
+    def augmentations() -> dict[str, Any]:
+        return {"families": describe(), "default_augmentations": list(DEFAULT_AUGMENTATIONS),
+                "objectives": list(OBJECTIVE_NAMES), "default_objective": DEFAULT_OBJECTIVE}
+
+    return app

@@ -1,0 +1,60 @@
+"""Every SQL statement about datasets and blobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import delete, exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from service.models import Blob, BlobChunk, Dataset, Job
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def list_datasets(session: Session, limit: int, offset: int) -> tuple[Sequence[Dataset], int]:
+    rows = session.scalars(
+        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).limit(limit)
+        .offset(offset)).all()
+    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
+    return rows, total
+
+
+def blob_exists(session: Session, sha256: str) -> bool:
+    return session.get(Blob, sha256) is not None
+
+
+def insert_blob(session: Session, sha256: str, data: bytes) -> None:
+    chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+    session.add(Blob(sha256=sha256, size_bytes=len(data), n_chunks=len(chunks)))
+    session.flush()
+    session.add_all(BlobChunk(sha256=sha256, index=i, data=c) for i, c in enumerate(chunks))
+
+
+def read_blob(session: Session, sha256: str) -> bytes | None:
+    blob = session.get(Blob, sha256)
+    if blob is None:
+        return None
+    parts = session.scalars(select(BlobChunk.data).where(BlobChunk.sha256 == sha256)
+                            .order_by(BlobChunk.index)).all()
+    if len(parts) != blob.n_chunks:
+        raise RuntimeError(f"blob {sha256} has {len(parts)} of {blob.n_chunks} chunks")
+    return b"".join(parts)
+
+
+def dataset_in_use(session: Session, dataset_id: str) -> bool:
+    return bool(session.scalar(select(exists().where(
+        or_(Job.train_dataset_id == dataset_id, Job.test_dataset_id == dataset_id)))))
+
+
+def delete_dataset(session: Session, dataset: Dataset) -> None:
+    sha = dataset.sha256
+    session.delete(dataset)
+    session.flush()
+    if not session.scalar(select(exists().where(Dataset.sha256 == sha))):
+        session.execute(delete(BlobChunk).where(BlobChunk.sha256 == sha))
+        session.execute(delete(Blob).where(Blob.sha256 == sha))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+
+from service.datasets import service
+from service.datasets.schemas import DatasetList, DatasetOut
+from service.deps import SessionDep, SettingsDep
+from service.errors import PayloadTooLarge, error_responses
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def read_limited(upload: UploadFile, limit: int) -> bytes:
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
+    return data
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses=error_responses(413, 422, 503),
+             summary="Upload an image set (.npz, .npy, or .zip of PNG/JPEG)")
+def upload_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description=".npz (one array or key images/x), .npy, "
+                                                 "or .zip of PNG/JPEG files")],
+    name: Annotated[str | None, Form(max_length=255)] = None,
+) -> DatasetOut:
+    data = read_limited(file, settings.max_upload_bytes)
+    dataset = service.create_dataset(session, data, file.filename or "", name, settings)
+    return DatasetOut.model_validate(dataset)
+
+
+@router.get("", response_model=DatasetList, summary="List datasets, newest first")
+def list_datasets(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetList:
+    rows, total = service.list_datasets(session, limit, offset)
+    return DatasetList(items=[DatasetOut.model_validate(r) for r in rows], total=total)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
+def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
+    return DatasetOut.model_validate(service.get_dataset(session, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses=error_responses(404, 409))
+def delete_dataset(session: SessionDep, dataset_id: str) -> Response:
+    service.delete_dataset(session, dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,81 @@
+"""Dataset rules: decode and validate an upload, store its canonical bytes once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from service.datasets import repository as repo
+from service.errors import Conflict, InvalidDataset, InvalidRequest, NotFound
+from service.models import Dataset
+from service.settings import Settings
+from worker.images import ImageDataError, Limits, load_bytes
+
+_BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]|^\.\.?$")
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(max_images=settings.max_images,
+                  max_pixels_per_image=settings.max_pixels_per_image,
+                  max_total_bytes=settings.max_decoded_bytes)
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 255 or _BAD_NAME.search(name):
+        raise InvalidRequest(
+            "name must be 1-255 printable characters without '/', '\\' or control characters")
+    return name
+
+
+def canonical_bytes(images: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(images, dtype=np.uint8), allow_pickle=False)
+    return buf.getvalue()
+
+
+def create_dataset(session: Session, data: bytes, filename: str, name: str | None,
+                   settings: Settings) -> Dataset:
+    """Decode ``data`` (format from ``filename``), normalise it to uint8 (N, C, H, W), store
+    the canonical .npy bytes once per sha256, and describe it."""
+    display = check_name(name if name is not None else (filename.rsplit("/", 1)[-1] or "upload"))
+    try:
+        images = load_bytes(data, filename, limits(settings))
+    except ImageDataError as exc:
+        raise InvalidDataset(str(exc)) from None
+    blob = canonical_bytes(images.images)
+    sha = hashlib.sha256(blob).hexdigest()
+    if not repo.blob_exists(session, sha):
+        repo.insert_blob(session, sha, blob)
+    n, c, h, w = images.shape
+    dataset = Dataset(id=str(uuid.uuid4()), name=display, sha256=sha, n_samples=n,
+                      channels=c, height=h, width=w, size_bytes=len(blob),
+                      names=images.names)
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = repo.get_dataset(session, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} not found")
+    return dataset
+
+
+def list_datasets(session: Session, limit: int, offset: int) -> tuple[Sequence[Dataset], int]:
+    return repo.list_datasets(session, limit, offset)
+
+
+def delete_dataset(session: Session, dataset_id: str) -> None:
+    dataset = get_dataset(session, dataset_id)
+    if repo.dataset_in_use(session, dataset_id):
+        raise Conflict(f"dataset {dataset_id} is used by a job; delete the job's results "
+                       "first or keep the dataset")
+    repo.delete_dataset(session, dataset)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.search_space import DEFAULT_CONTAMINATION
+
+ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
+ScorerName = Literal["mahalanobis", "logit"]
+
+
+class SearchSpaceIn(BaseModel):
+    """Which families to search and (optionally) the patch-size range of the local ones."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "augmentations": ["cutout", "cutpaste", "rotate"], "patch_size": [0.01, 0.3]}})
+
+    augmentations: list[str] | None = Field(
+        None, min_length=1, max_length=64,
+        description="family names (GET /v1/augmentations); default: all but cutdiff")
+    patch_size: tuple[float, float] | None = Field(
+        None, description="[min, max] patch area fraction, within [0.001, 1]")
+    fixed: dict[str, dict[str, float | str]] | None = Field(
+        None, description="hold some hyperparameters of a family fixed, e.g. "
+                          "{\"cutout\": {\"fill\": \"zero\"}}")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "train_dataset_id": "0b6f9c1e-2a51-4c1e-9a4e-5f3d2b7c8a10",
+        "test_dataset_id": "7d0e4a52-8c3b-41f0-b7a4-6c9e1f2d3b45",
+        "n_trials": 12, "search_space": {"augmentations": ["cutout", "rotate"],
+                                         "patch_size": [0.01, 0.3]},
+        "objective": "dsv", "contamination": 0.1, "train_steps": 400, "seed": 0}})
+
+    train_dataset_id: str = Field(max_length=64)
+    test_dataset_id: str = Field(max_length=64)
+    n_trials: int = Field(12, ge=1, description="trials in the study")
+    search_space: SearchSpaceIn | None = None
+    objective: ObjectiveName = "dsv"
+    contamination: float = Field(DEFAULT_CONTAMINATION, gt=0, lt=1,
+                                 description="expected anomaly fraction of the test set")
+    train_steps: int = Field(400, ge=1, description="detector training steps per trial")
+    batch_size: int = Field(64, ge=2, le=4096)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    scorer: ScorerName = "mahalanobis"
+
+
+class Progress(BaseModel):
+    n_trials: int
+    trials_completed: int
+
+
+class Best(BaseModel):
+    augmentation: str
+    params: dict[str, Any]
+    validation_loss: float
+    trial_number: int
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "id": "3f1c…", "status": "running", "created_at": "2026-11-29T12:00:00Z",
+        "started_at": "2026-11-29T12:00:01Z", "finished_at": None,
+        "progress": {"n_trials": 12, "trials_completed": 5},
+        "best": {"augmentation": "rotate", "params": {"angle": 90.0},
+                 "validation_loss": -0.57, "trial_number": 3},
+        "error": None, "attempt": 1}})
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    best: Best | None
+    error: str | None
+    attempt: int
+    cancel_requested: bool
+    train_dataset_id: str
+    test_dataset_id: str
+    spec: dict[str, Any]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+
+
+class TrialOut(BaseModel):
+    number: int
+    state: str
+    augmentation: str
+    params: dict[str, Any]
+    validation_loss: float | None
+    losses: dict[str, float]
+    duration_s: float
+    attempt: int
+
+
+class TrialList(BaseModel):
+    job_id: str
+    trials: list[TrialOut]
+
+
+class ScoreItem(BaseModel):
+    index: int
+    name: str
+    score: float
+
+
+class ScoresOut(BaseModel):
+    job_id: str
+    trial_number: int
+    scores: list[ScoreItem]
+
+
+class EventOut(BaseModel):
+    at: datetime
+    status: str
+    attempt: int
+    message: str | None
+
+
+class EventList(BaseModel):
+    job_id: str
+    events: list[EventOut]

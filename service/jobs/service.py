@@ -1,0 +1,110 @@
+"""Job rules: validate a request, enqueue it with its first event, read results, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.datasets import repository as dataset_repo
+from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
+from service.jobs import repository as repo
+from service.jobs.schemas import JobCreate
+from service.models import TERMINAL, Dataset, Job, JobEvent, JobStatus, JobTrial
+from service.settings import Settings
+from worker.search_space import SearchSpace
+
+
+def _dataset(session: Session, dataset_id: str, role: str) -> Dataset:
+    d = dataset_repo.get_dataset(session, dataset_id)
+    if d is None:
+        raise NotFound(f"{role} dataset {dataset_id} not found")
+    return d
+
+
+def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
+    """Validate and enqueue: the job row and its first event in the caller's transaction."""
+    if request.n_trials > settings.max_trials_per_job:
+        raise InvalidRequest(f"n_trials must be at most {settings.max_trials_per_job}")
+    if request.train_steps > settings.max_train_steps:
+        raise InvalidRequest(f"train_steps must be at most {settings.max_train_steps}")
+    train = _dataset(session, request.train_dataset_id, "train")
+    test = _dataset(session, request.test_dataset_id, "test")
+    if train.channels != test.channels:
+        raise IncompatibleDatasets(
+            f"train dataset has {train.channels} channel(s) and test dataset has "
+            f"{test.channels}: both must be grey or both RGB")
+    if train.n_samples < 2:
+        raise IncompatibleDatasets("the train dataset needs at least 2 images")
+    try:
+        space = SearchSpace.from_dict(
+            None if request.search_space is None
+            else request.search_space.model_dump(exclude_none=True))
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(str(exc)) from None
+    spec: dict[str, Any] = request.model_dump()
+    spec["search_space"] = space.to_dict()
+    job = Job(id=str(uuid.uuid4()), status=JobStatus.queued.value,
+              train_dataset_id=train.id, test_dataset_id=test.id, spec=spec,
+              n_trials=request.n_trials, trials_completed=0, attempt=0,
+              cancel_requested=False)
+    repo.insert_job(session, job, "queued")
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = repo.get_job(session, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(session: Session, limit: int, offset: int, status: str | None
+              ) -> tuple[Sequence[Job], int]:
+    return repo.list_jobs(session, limit, offset, status)
+
+
+def cancel_job(session: Session, job_id: str) -> Job:
+    """Idempotent: a queued job is cancelled now; a running one at its worker's next check
+    (between trials, or within a trial at the next heartbeat); a cancelled one stays so."""
+    job = get_job(session, job_id)
+    if job.status == JobStatus.cancelled.value:
+        return job
+    if job.status in (JobStatus.succeeded.value, JobStatus.failed.value):
+        raise Conflict(f"job {job_id} has already {job.status}; there is nothing to cancel")
+    if not repo.cancel_if_queued(session, job_id):
+        repo.request_cancel_if_running(session, job_id)
+    session.refresh(job)
+    if job.status in TERMINAL and job.status != JobStatus.cancelled.value:
+        raise Conflict(f"job {job_id} has already {job.status}; there is nothing to cancel")
+    return job
+
+
+def list_trials(session: Session, job_id: str) -> Sequence[JobTrial]:
+    get_job(session, job_id)
+    return repo.list_trials(session, job_id)
+
+
+def scores(session: Session, job_id: str, trial_number: int | None
+           ) -> tuple[int, list[tuple[int, str, float]]]:
+    """(trial number, [(index, name, score)]) in test-set order: the job's chosen trial if
+    ``trial_number`` is None, else that trial's."""
+    job = get_job(session, job_id)
+    if trial_number is None:
+        if job.best_trial_number is None or job.status != JobStatus.succeeded.value:
+            raise Conflict(f"job {job_id} is {job.status}; its scores are available once it "
+                           "has succeeded (per-trial scores: /trials/{number}/scores)")
+        trial_number = job.best_trial_number
+    elif repo.get_trial(session, job_id, trial_number) is None:
+        raise NotFound(f"job {job_id} has no finished trial {trial_number}")
+    test = dataset_repo.get_dataset(session, job.test_dataset_id)
+    names = test.names if test is not None else []
+    rows = repo.trial_scores(session, job_id, trial_number)
+    return trial_number, [(i, names[i] if i < len(names) else str(i), s) for i, s in rows]
+
+
+def list_events(session: Session, job_id: str) -> Sequence[JobEvent]:
+    get_job(session, job_id)
+    return repo.list_events(session, job_id)

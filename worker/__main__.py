@@ -1,0 +1,50 @@
+"""``python -m worker [--device auto|cpu|cuda:N]``: one worker against SSAD_DATABASE_URL."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from service.db import make_engine
+from service.settings import Settings
+from worker.loop import run_worker
+from worker.manager import JobManager
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings()
+    ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    ap.add_argument("--device", default=settings.worker_device,
+                    help="auto (CUDA if present), cpu, cuda or cuda:N")
+    ap.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: object) -> None:
+        logging.getLogger("ssad.worker").info("signal %d: stopping after this step", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    engine = make_engine(settings.database_url)
+    manager = JobManager(engine, settings.lease_seconds, settings.max_attempts)
+    try:
+        run_worker(manager, database_url=settings.database_url, device=args.device,
+                   cache_dir=settings.cache_dir, heartbeat_seconds=settings.heartbeat_seconds,
+                   poll_seconds=settings.poll_seconds, stop=stop, max_jobs=args.max_jobs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

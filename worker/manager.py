@@ -1,0 +1,252 @@
+"""Every job query a worker runs: claim, heartbeat, record a trial, finish, fail, cancel,
+release, requeue stale. The loop that schedules work (worker/loop.py) contains no SQL.
+
+Every write by a worker is fenced by the attempt number it claimed: the statement only
+matches ``status = 'running' AND attempt = :attempt``, so a worker whose lease expired and
+whose job was claimed again (a zombie) has its late writes refused (:class:`LostLease`).
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from service.datasets.repository import read_blob
+from service.db import session_factory, transaction
+from service.models import (
+    Dataset,
+    Job,
+    JobEvent,
+    JobStatus,
+    JobTrial,
+    TrialScore,
+    utcnow,
+)
+
+log = logging.getLogger("ssad.worker")
+
+
+class LostLease(Exception):
+    """This worker no longer holds the job's current attempt; it must drop the job."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    id: str
+    sha256: str
+    n_samples: int
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What crosses from the database into the job runner: ids and the spec, no ORM rows."""
+
+    id: str
+    attempt: int
+    spec: Mapping[str, Any]
+    train: DatasetRef
+    test: DatasetRef
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    cancel_requested: bool
+
+
+def _ref(d: Dataset) -> DatasetRef:
+    return DatasetRef(d.id, d.sha256, d.n_samples, d.channels, d.height, d.width)
+
+
+class JobManager:
+    def __init__(self, engine: Engine, lease_seconds: float = 60.0, max_attempts: int = 3):
+        self.engine = engine
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+        self._sessions = session_factory(engine)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        yield from transaction(self._sessions)
+
+    @staticmethod
+    def _event(s: Session, job_id: str, status: str, attempt: int, message: str) -> None:
+        s.add(JobEvent(job_id=job_id, status=status, attempt=attempt, message=message))
+
+    def _fenced(self, s: Session, job_id: str, attempt: int, **values: Any) -> Job:
+        """Update the job only if this attempt still holds it; returns the row (locked)."""
+        row = s.execute(
+            update(Job).where(Job.id == job_id, Job.attempt == attempt,
+                              Job.status == JobStatus.running.value)
+            .values(**values).returning(Job.id)).scalar_one_or_none()
+        if row is None:
+            raise LostLease(f"job {job_id} attempt {attempt} is no longer held by this worker")
+        job = s.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        return job
+
+    # ------------------------------------------------------------------ claiming
+
+    def claim_next_job(self, worker_id: str) -> ClaimedJob | None:
+        """Claim the oldest queued job in one statement (``FOR UPDATE SKIP LOCKED`` on
+        Postgres; SQLite serialises writers, so its single UPDATE is atomic too)."""
+        now = utcnow()
+        oldest = (select(Job.id).where(Job.status == JobStatus.queued.value)
+                  .order_by(Job.created_at, Job.id).limit(1)
+                  .with_for_update(skip_locked=True).scalar_subquery())
+        with self._tx() as s:
+            claimed = s.execute(
+                update(Job).where(Job.id == oldest, Job.status == JobStatus.queued.value)
+                .values(status=JobStatus.running.value, attempt=Job.attempt + 1,
+                        worker_id=worker_id, lease_expires_at=now + self.lease,
+                        heartbeat_at=now, started_at=func.coalesce(Job.started_at, now))
+                .returning(Job.id, Job.attempt)).first()
+            if claimed is None:
+                return None
+            job_id, attempt = claimed
+            job = s.get(Job, job_id)
+            assert job is not None
+            train = s.get(Dataset, job.train_dataset_id)
+            test = s.get(Dataset, job.test_dataset_id)
+            assert train is not None and test is not None
+            self._event(s, job_id, JobStatus.running.value, attempt, f"claimed by {worker_id}")
+            return ClaimedJob(job_id, attempt, dict(job.spec), _ref(train), _ref(test))
+
+    def requeue_stale(self) -> list[str]:
+        """Running jobs whose lease expired (their worker died) go back to the queue, or
+        fail once they have used ``max_attempts`` attempts. Returns the affected ids."""
+        now = utcnow()
+        with self._tx() as s:
+            stale = s.execute(
+                select(Job.id, Job.attempt, Job.cancel_requested)
+                .where(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
+                .with_for_update(skip_locked=True)).all()
+            for job_id, attempt, cancel in stale:
+                if cancel:
+                    status, msg = JobStatus.cancelled, "cancelled (its worker stopped)"
+                elif attempt >= self.max_attempts:
+                    status = JobStatus.failed
+                    msg = (f"failed: its worker stopped responding {attempt} time(s) "
+                           f"(max_attempts={self.max_attempts})")
+                else:
+                    status, msg = JobStatus.queued, f"requeued: lease of attempt {attempt} expired"
+                values: dict[str, Any] = {"status": status.value, "worker_id": None,
+                                          "lease_expires_at": None}
+                if status != JobStatus.queued:
+                    values.update(finished_at=now, error=msg if status == JobStatus.failed
+                                  else None)
+                s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt,
+                                            Job.status == JobStatus.running.value)
+                          .values(**values))
+                self._event(s, job_id, status.value, attempt, msg)
+                log.warning("job %s: %s", job_id, msg)
+            return [r[0] for r in stale]
+
+    # ------------------------------------------------------------------ while running
+
+    def heartbeat(self, job_id: str, attempt: int) -> Heartbeat:
+        now = utcnow()
+        with self._tx() as s:
+            job = self._fenced(s, job_id, attempt, heartbeat_at=now,
+                               lease_expires_at=now + self.lease)
+            return Heartbeat(cancel_requested=job.cancel_requested)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self._tx() as s:
+            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def load_blob(self, sha256: str) -> bytes:
+        with self._tx() as s:
+            data = read_blob(s, sha256)
+        if data is None:
+            raise LookupError(f"dataset blob {sha256} is missing")
+        return data
+
+    def record_trial(
+        self, job_id: str, attempt: int, number: int, *, augmentation: str,
+        params: Mapping[str, Any], validation_loss: float, losses: Mapping[str, float],
+        timings: Mapping[str, float], scores: Sequence[float],
+    ) -> None:
+        """Store one finished trial, its scores and the job's progress in one transaction."""
+        now = utcnow()
+        with self._tx() as s:
+            self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
+            s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="COMPLETE",
+                           augmentation=augmentation, params=dict(params),
+                           validation_loss=validation_loss, losses=dict(losses),
+                           timings=dict(timings), duration_s=float(timings.get("total_s", 0.0))))
+            s.flush()
+            s.execute(insert(TrialScore), [
+                {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
+                for i, v in enumerate(scores)])
+            best = self._best_trial(s, job_id)
+            completed = s.scalar(select(func.count()).select_from(JobTrial)
+                                 .where(JobTrial.job_id == job_id)) or 0
+            s.execute(update(Job).where(Job.id == job_id).values(
+                trials_completed=completed,
+                best=None if best is None else _best_json(best),
+                best_trial_number=None if best is None else best.number))
+
+    @staticmethod
+    def _best_trial(s: Session, job_id: str) -> JobTrial | None:
+        return s.scalars(select(JobTrial).where(
+            JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))
+            .order_by(JobTrial.validation_loss, JobTrial.number).limit(1)).first()
+
+    # ------------------------------------------------------------------ endings
+
+    def finish(self, job_id: str, attempt: int) -> None:
+        """The best stored trial (lowest loss) becomes the result: written once, fenced."""
+        with self._tx() as s:
+            best = self._best_trial(s, job_id)
+            if best is None:
+                raise RuntimeError("no completed trial to choose from")
+            self._fenced(s, job_id, attempt, status=JobStatus.succeeded.value,
+                         finished_at=utcnow(), best=_best_json(best),
+                         best_trial_number=best.number, lease_expires_at=None)
+            self._event(s, job_id, JobStatus.succeeded.value, attempt,
+                        f"best trial {best.number}: {best.augmentation} "
+                        f"(loss {best.validation_loss:.4g})")
+
+    def fail(self, job_id: str, attempt: int, reason: str) -> None:
+        with self._tx() as s:
+            self._fenced(s, job_id, attempt, status=JobStatus.failed.value,
+                         finished_at=utcnow(), error=reason[:4000], lease_expires_at=None)
+            self._event(s, job_id, JobStatus.failed.value, attempt, reason[:4000])
+
+    def mark_cancelled(self, job_id: str, attempt: int) -> None:
+        with self._tx() as s:
+            self._fenced(s, job_id, attempt, status=JobStatus.cancelled.value,
+                         finished_at=utcnow(), lease_expires_at=None)
+            self._event(s, job_id, JobStatus.cancelled.value, attempt,
+                        "cancelled while running")
+
+    def release(self, job_id: str, attempt: int, reason: str) -> None:
+        """Give a job back to the queue (the worker is stopping); its trials are kept."""
+        with self._tx() as s:
+            self._fenced(s, job_id, attempt, status=JobStatus.queued.value, worker_id=None,
+                         lease_expires_at=None)
+            self._event(s, job_id, JobStatus.queued.value, attempt, reason)
+
+    def counts(self) -> dict[str, int]:
+        with self._tx() as s:
+            rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            return {str(k): int(v) for k, v in rows}
+
+
+def _best_json(t: JobTrial) -> dict[str, Any]:
+    return {"augmentation": t.augmentation, "params": t.params,
+            "validation_loss": t.validation_loss}
+
+
+__all__ = ["ClaimedJob", "DatasetRef", "Heartbeat", "JobManager", "LostLease"]

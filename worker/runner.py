@@ -1,0 +1,156 @@
+"""Run one claimed job: load its arrays, run (or resume) its Optuna study with results
+written as trials finish, and end it. The per-job wrapper commits nothing itself: each
+write is one :class:`~worker.manager.JobManager` transaction, fenced by the attempt."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from service.settings import optuna_storage_url
+from worker.core.study import StudySettings, run_study
+from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
+from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
+from worker.search_space import SearchSpace
+
+log = logging.getLogger("ssad.worker")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The job's request, as the worker needs it (from the job row's ``spec``)."""
+
+    n_trials: int
+    objective: str
+    contamination: float
+    train_steps: int
+    batch_size: int
+    seed: int
+    scorer: str
+    search_space: SearchSpace
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> JobSpec:
+        return cls(n_trials=int(spec["n_trials"]), objective=str(spec["objective"]),
+                   contamination=float(spec["contamination"]),
+                   train_steps=int(spec["train_steps"]), batch_size=int(spec["batch_size"]),
+                   seed=int(spec["seed"]), scorer=str(spec.get("scorer", "mahalanobis")),
+                   search_space=SearchSpace.from_dict(spec.get("search_space")))
+
+    def study_settings(self) -> StudySettings:
+        return StudySettings(
+            n_trials=self.n_trials, objective=self.objective,
+            contamination=self.contamination, seed=self.seed, search_space=self.search_space,
+            train=TrainSettings(steps=self.train_steps, batch_size=self.batch_size,
+                                scorer=self.scorer))
+
+
+class ArrayCache:
+    """Decoded dataset arrays on local disk, by sha256 (verified on every fill)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def load(self, ref: DatasetRef, manager: JobManager) -> np.ndarray:
+        path = self.root / f"{ref.sha256}.npy"
+        if not path.exists():
+            data = manager.load_blob(ref.sha256)
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise RuntimeError(f"dataset blob {ref.sha256} is corrupt (hash mismatch)")
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype != np.uint8 or arr.shape != (ref.n_samples, ref.channels, ref.height,
+                                                  ref.width):
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"cached array {path} does not match dataset {ref.id}")
+        return arr
+
+    @staticmethod
+    def decode(data: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class HeartbeatThread(threading.Thread):
+    """Renews the lease every ``interval`` seconds and notices cancellation or a lost lease;
+    the study checks :meth:`should_stop` at every training step."""
+
+    def __init__(self, manager: JobManager, job: ClaimedJob, interval: float,
+                 stop: threading.Event) -> None:
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self.manager, self.job, self.interval = manager, job, interval
+        self.worker_stop = stop
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                if self.manager.heartbeat(self.job.id, self.job.attempt).cancel_requested:
+                    self.cancelled.set()
+            except LostLease:
+                self.lost.set()
+                return
+            except Exception as exc:  # database blip: keep trying until the lease runs out
+                log.warning("job %s: heartbeat failed: %s", self.job.id, exc)
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set() or self.worker_stop.is_set()
+
+
+def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: torch.device,
+            cache: ArrayCache, heartbeat_seconds: float, stop: threading.Event) -> str:
+    """Run ``job`` to an end state; returns what happened (for logs and tests)."""
+    hb = HeartbeatThread(manager, job, heartbeat_seconds, stop)
+    hb.start()
+    try:
+        if manager.is_cancel_requested(job.id):
+            manager.mark_cancelled(job.id, job.attempt)
+            return "cancelled"
+        spec = JobSpec.from_spec(dict(job.spec))
+        data = prepare(cache.load(job.train, manager), cache.load(job.test, manager), device)
+
+        def record(number: int, r: TrialResult) -> None:
+            manager.record_trial(job.id, job.attempt, number, augmentation=r.augmentation,
+                                 params=r.params, validation_loss=r.validation_loss,
+                                 losses=r.losses, timings=r.timings, scores=r.scores.tolist())
+            log.info("job %s: trial %d %s loss=%.4f (%.1fs)", job.id, number, r.augmentation,
+                     r.validation_loss, r.timings["total_s"])
+
+        storage = optuna.storages.RDBStorage(optuna_storage_url(database_url))
+        run_study(data, spec.study_settings(), storage=storage, study_name=f"job-{job.id}",
+                  on_trial=record, should_stop=hb.should_stop)
+        manager.finish(job.id, job.attempt)
+        return "succeeded"
+    except (TrialInterrupted, LostLease):
+        if hb.lost.is_set():
+            log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
+            return "lost"
+        if hb.cancelled.is_set() or manager.is_cancel_requested(job.id):
+            manager.mark_cancelled(job.id, job.attempt)
+            return "cancelled"
+        manager.release(job.id, job.attempt, "requeued: its worker is stopping")
+        return "released"
+    except Exception as exc:
+        log.exception("job %s failed", job.id)
+        try:
+            manager.fail(job.id, job.attempt, f"{type(exc).__name__}: {exc}")
+        except LostLease:
+            return "lost"
+        return "failed"
+    finally:
+        hb.done.set()
+        hb.join(timeout=5)
