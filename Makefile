@@ -20,13 +20,16 @@ install: $(STAMP)
 examples/data/digits_train.npz: examples/make_digits.py | $(STAMP)
 	$(BIN)/python examples/make_digits.py examples/data
 
-# The main job. Until the service lands, it is the engine on the bundled digits example:
-# a 12-trial study, the JSON result on stdout and the scores in examples/data/scores.csv.
-run: examples/data/digits_train.npz
+# The main job: the API on the embedded SQLite default (./ssad.db) with one embedded
+# worker. Open the printed /docs URL, or run examples/tune.sh against it.
+run: $(STAMP)
+	$(BIN)/python -m service
+
+# The engine alone on the bundled digits example (no server, no database).
+tune: examples/data/digits_train.npz
 	$(BIN)/python -m worker.tune --train examples/data/digits_train.npz \
 		--test examples/data/digits_test.npz --n-trials 12 \
 		--scores-out examples/data/scores.csv
-	@echo "scores written to examples/data/scores.csv"
 
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
@@ -38,6 +41,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.engine --out bench/results/engine.json
 	$(BIN)/python -m bench.cost --out bench/results/cost.json
+	$(BIN)/python -m bench.service --out bench/results/service.json
 
 clean:
-	rm -rf $(VENV) examples/data .mypy_cache .ruff_cache
+	rm -rf $(VENV) examples/data .mypy_cache .ruff_cache .ssad-cache ssad.db ssad-optuna.db

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+from service import migrate
+from tests.pg import PostgresServer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -28,3 +35,54 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.rand((16, 1, 32, 32), generator=g)
+
+
+# --------------------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    server.wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_template(postgres: PostgresServer) -> str:
+    """A migrated database that each test clones (CREATE DATABASE ... TEMPLATE)."""
+    name = postgres.create_database()
+    migrate.upgrade_head(postgres.url(name))
+    return name
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    migrate.upgrade_head(f"sqlite:///{path}")
+    return path
+
+
+def fresh_database(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, migrated, empty database of ``kind`` (postgres or sqlite) for one test."""
+    if kind == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        return server.url(server.create_database(request.getfixturevalue("pg_template")))
+    template: Path = request.getfixturevalue("sqlite_template")
+    target = tmp_path / "ssad.db"
+    shutil.copy(template, target)
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs on a real Postgres and on SQLite."""
+    return fresh_database(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Postgres only (for what SQLite cannot show, e.g. concurrent claimers)."""
+    return fresh_database("postgres", request, tmp_path)

@@ -208,12 +208,13 @@ class JobManager:
     def finish(self, job_id: str, attempt: int) -> None:
         """The best stored trial (lowest loss) becomes the result: written once, fenced."""
         with self._tx() as s:
+            self._fenced(s, job_id, attempt, heartbeat_at=utcnow())  # lock, or LostLease
             best = self._best_trial(s, job_id)
             if best is None:
                 raise RuntimeError("no completed trial to choose from")
-            self._fenced(s, job_id, attempt, status=JobStatus.succeeded.value,
-                         finished_at=utcnow(), best=_best_json(best),
-                         best_trial_number=best.number, lease_expires_at=None)
+            s.execute(update(Job).where(Job.id == job_id).values(
+                status=JobStatus.succeeded.value, finished_at=utcnow(), best=_best_json(best),
+                best_trial_number=best.number, lease_expires_at=None))
             self._event(s, job_id, JobStatus.succeeded.value, attempt,
                         f"best trial {best.number}: {best.augmentation} "
                         f"(loss {best.validation_loss:.4g})")

@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   docker build --target api    -t ssad-tune-api .     # FastAPI, no torch (small, fast start)
+#   docker build --target worker -t ssad-tune-worker .  # the engine with the CUDA build of torch
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+RUN useradd --create-home --uid 10001 ssad
+COPY pyproject.toml constraints.txt README.md alembic.ini ./
+COPY service ./service
+COPY worker ./worker
+COPY migrations ./migrations
+
+FROM base AS api
+# The API and migrations only: worker.search_space and worker.images are torch-free.
+RUN pip install -c constraints.txt .
+USER ssad
+EXPOSE 8000
+CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+
+FROM base AS worker
+# PyPI's torch for linux/x86_64 is the CUDA build (it brings its CUDA libraries); the same
+# version the tests run on the CPU wheel.
+RUN pip install "torch==2.13.0" && pip install -c constraints.txt ".[worker]"
+USER ssad
+ENV SSAD_CACHE_DIR=/home/ssad/cache
+CMD ["python", "-m", "worker", "--device", "auto"]

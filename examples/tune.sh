@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Tune a detector through the REST API with curl: upload, create a job, poll, save scores.
+#   examples/tune.sh TRAIN TEST [OUT.csv]      (server: $SSAD_URL, default http://127.0.0.1:8000)
+# Try it with the bundled digits:  python examples/make_digits.py && examples/tune.sh \
+#   examples/data/digits_train.npz examples/data/digits_test.npz
+set -euo pipefail
+URL=${SSAD_URL:-http://127.0.0.1:8000}
+TRAIN=${1:?usage: tune.sh TRAIN TEST [OUT.csv]}
+TEST=${2:?usage: tune.sh TRAIN TEST [OUT.csv]}
+OUT=${3:-scores.csv}
+N_TRIALS=${N_TRIALS:-12}
+TRAIN_STEPS=${TRAIN_STEPS:-400}
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+
+post_file() {
+  local body
+  body=$(curl -sS -w '\n%{http_code}' -F "file=@$1" "$URL/v1/datasets")
+  if [ "$(tail -n1 <<<"$body")" != 201 ]; then echo "upload of $1 failed: $(head -n1 <<<"$body")" >&2; exit 1; fi
+  head -n1 <<<"$body" | field "['id']"
+}
+
+train_id=$(post_file "$TRAIN")
+test_id=$(post_file "$TEST")
+echo "train dataset $train_id, test dataset $test_id"
+
+job=$(curl -sS -f -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
+  -d "{\"train_dataset_id\": \"$train_id\", \"test_dataset_id\": \"$test_id\", \"n_trials\": $N_TRIALS, \"train_steps\": $TRAIN_STEPS}")
+job_id=$(field "['id']" <<<"$job")
+echo "job $job_id queued"
+
+while true; do
+  state=$(curl -sS -f "$URL/v1/jobs/$job_id")
+  status=$(field "['status']" <<<"$state")
+  done_=$(field "['progress']['trials_completed']" <<<"$state")
+  echo "  $status: $done_/$N_TRIALS trials"
+  case $status in
+    succeeded) break ;;
+    failed|cancelled) echo "job $status: $(field "['error']" <<<"$state")" >&2; exit 1 ;;
+  esac
+  sleep 5
+done
+echo "chosen: $(field "['best']" <<<"$state")"
+curl -sS -f "$URL/v1/jobs/$job_id/scores?format=csv" -o "$OUT"
+echo "scores written to $OUT"

@@ -1,0 +1,91 @@
+"""Shared helpers for the service tests: files to upload, an app client, a real worker."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def npz(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=arr)
+    return buf.getvalue()
+
+
+def png_zip(images: np.ndarray, names: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for img, name in zip(images, names, strict=True):
+            b = io.BytesIO()
+            Image.fromarray(img).save(b, format="PNG")
+            zf.writestr(name, b.getvalue())
+    return buf.getvalue()
+
+
+def client(db_url: str, **overrides: Any) -> TestClient:
+    settings = Settings(database_url=db_url, embedded_worker=False, **overrides)
+    return TestClient(create_app(settings))
+
+
+def upload(c: TestClient | httpx.Client, data: bytes, filename: str,
+           name: str | None = None) -> httpx.Response:
+    form = {"name": name} if name is not None else None
+    return c.post("/v1/datasets", files={"file": (filename, data)}, data=form)
+
+
+def tiny_job(train_id: str, test_id: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"train_dataset_id": train_id, "test_dataset_id": test_id,
+                            "n_trials": 3, "train_steps": 6, "batch_size": 8,
+                            "search_space": {"augmentations": ["invert", "flip", "rotate"]}}
+    body.update(extra)
+    return body
+
+
+def worker_env(db_url: str, tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "SSAD_DATABASE_URL": db_url, "SSAD_CACHE_DIR": str(tmp / "cache"),
+           "SSAD_HEARTBEAT_SECONDS": "0.5", "SSAD_POLL_SECONDS": "0.2",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update(extra)
+    return env
+
+
+def start_worker(db_url: str, tmp: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    log = open(tmp / f"worker-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - lives with the process
+    return subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu", *args],
+                            cwd=ROOT, env=worker_env(db_url, tmp, **env), stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 120, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(every)
+
+
+def job_status(c: TestClient, job_id: str) -> dict[str, Any]:
+    r = c.get(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body

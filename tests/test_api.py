@@ -1,0 +1,204 @@
+"""Every endpoint and its errors, through HTTP, on a real Postgres and on SQLite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select
+
+from service.models import Blob, Dataset, Job
+from tests.helpers import ROOT, client, npz, png_zip, tiny_job, upload
+
+RNG = np.random.default_rng(0)
+GREY = RNG.integers(0, 256, (20, 8, 8), dtype=np.uint8)
+RGB = RNG.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def api(db_url: str) -> Iterator[TestClient]:
+    with client(db_url, max_upload_bytes=200_000) as c:
+        yield c
+
+
+def assert_error(r, status: int, error: str, contains: str = "") -> None:  # type: ignore[no-untyped-def]
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] == error, body
+    assert contains in body["detail"], body
+
+
+def count(db_url: str, model: type) -> int:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(model)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_upload_get_list_delete(api: TestClient, db_url: str) -> None:
+    r = upload(api, npz(GREY), "train.npz")
+    assert r.status_code == 201, r.text
+    d = r.json()
+    assert (d["name"], d["n_samples"], d["channels"], d["height"], d["width"]) == (
+        "train.npz", 20, 1, 8, 8)
+    assert len(d["sha256"]) == 64 and d["size_bytes"] > 20 * 64
+    assert api.get(f"/v1/datasets/{d['id']}").json() == d
+    again = upload(api, npz(GREY), "copy.npz", name="same pixels").json()
+    assert again["sha256"] == d["sha256"] and again["id"] != d["id"]
+    assert count(db_url, Blob) == 1  # content-addressed: stored once
+    listing = api.get("/v1/datasets").json()
+    assert listing["total"] == 2 and {x["id"] for x in listing["items"]} == {d["id"], again["id"]}
+    assert api.delete(f"/v1/datasets/{d['id']}").status_code == 204
+    assert count(db_url, Blob) == 1  # still used by the copy
+    assert api.delete(f"/v1/datasets/{again['id']}").status_code == 204
+    assert count(db_url, Blob) == 0
+    assert_error(api.get(f"/v1/datasets/{d['id']}"), 404, "NotFound")
+    assert_error(api.delete(f"/v1/datasets/{d['id']}"), 404, "NotFound")
+
+
+def test_zip_upload_keeps_names_sorted(api: TestClient) -> None:
+    r = upload(api, png_zip(GREY[:3], ["c.png", "a.png", "b.png"]), "parts.zip")
+    assert r.status_code == 201, r.text
+    assert r.json()["n_samples"] == 3
+
+
+@pytest.mark.parametrize("data, filename, status, error, contains", [
+    (b"garbage", "x.npz", 422, "InvalidDataset", "not a valid .npz"),
+    (b"garbage", "x.txt", 422, "InvalidDataset", "unsupported file type"),
+    (npz(np.zeros((0, 8, 8), np.uint8)), "x.npz", 422, "InvalidDataset", "empty"),
+    (npz(np.full((2, 8, 8), np.nan, np.float32)), "x.npz", 422, "InvalidDataset", "NaN"),
+    (b"\x00" * 300_000, "big.npy", 413, "PayloadTooLarge", "limit"),
+])
+def test_bad_uploads_are_refused_and_store_nothing(
+    api: TestClient, db_url: str, data: bytes, filename: str, status: int, error: str,
+    contains: str,
+) -> None:
+    assert_error(upload(api, data, filename), status, error, contains)
+    assert count(db_url, Dataset) == 0 and count(db_url, Blob) == 0
+
+
+def test_upload_needs_a_file_and_a_sane_name(api: TestClient) -> None:
+    assert_error(api.post("/v1/datasets"), 422, "ValidationError", "file")
+    assert_error(upload(api, npz(GREY), "a.npz", name="../../etc/passwd"), 422,
+                 "InvalidRequest", "name")
+    assert_error(upload(api, npz(GREY), "a.npz", name="x" * 300), 422, "ValidationError")
+
+
+@pytest.fixture
+def pair(api: TestClient) -> tuple[str, str]:
+    train = upload(api, npz(GREY[:12]), "train.npz").json()["id"]
+    test = upload(api, npz(GREY[12:]), "test.npz").json()["id"]
+    return train, test
+
+
+def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[str, str],
+                                                 db_url: str) -> None:
+    r = api.post("/v1/jobs", json=tiny_job(*pair, objective="st-ssad", contamination=0.2))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["best"] is None and job["error"] is None
+    assert job["progress"] == {"n_trials": 3, "trials_completed": 0}
+    assert job["spec"]["objective"] == "st-ssad"
+    assert job["spec"]["search_space"] == {"augmentations": ["invert", "flip", "rotate"]}
+    assert api.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    assert api.get("/v1/jobs", params={"status": "queued"}).json()["total"] == 1
+    assert api.get("/v1/jobs", params={"status": "running"}).json()["total"] == 0
+    assert_error(api.get(f"/v1/jobs/{job['id']}/scores"), 409, "Conflict", "queued")
+    assert_error(api.get(f"/v1/jobs/{job['id']}/trials/0/scores"), 404, "NotFound")
+    assert api.get(f"/v1/jobs/{job['id']}/trials").json() == {"job_id": job["id"], "trials": []}
+    # A dataset a job uses cannot be deleted.
+    assert_error(api.delete(f"/v1/datasets/{pair[0]}"), 409, "Conflict", "used by a job")
+    c1 = api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert c1.status_code == 200 and c1.json()["status"] == "cancelled"
+    c2 = api.post(f"/v1/jobs/{job['id']}/cancel")  # idempotent
+    assert c2.status_code == 200 and c2.json()["status"] == "cancelled"
+    events = api.get(f"/v1/jobs/{job['id']}/events").json()["events"]
+    assert [e["status"] for e in events] == ["queued", "cancelled"]
+
+
+@pytest.mark.parametrize("change, status, error, contains", [
+    ({"train_dataset_id": "nope"}, 404, "NotFound", "train dataset"),
+    ({"n_trials": 0}, 422, "ValidationError", "n_trials"),
+    ({"n_trials": 10**9}, 422, "InvalidRequest", "at most"),
+    ({"train_steps": 10**9}, 422, "InvalidRequest", "at most"),
+    ({"objective": "auroc"}, 422, "ValidationError", "objective"),
+    ({"contamination": 1.0}, 422, "ValidationError", "contamination"),
+    ({"search_space": {"augmentations": ["teleport"]}}, 422, "InvalidRequest", "unknown"),
+    ({"search_space": {"augmentations": []}}, 422, "ValidationError", "augmentations"),
+    ({"search_space": {"patch_size": [0.3, 0.1]}}, 422, "InvalidRequest", "min <= max"),
+    ({"search_space": {"patch_size": [0.5, 2.0]}}, 422, "InvalidRequest", "patch_size"),
+    ({"search_space": {"augmentations": ["cutout"], "colour": 1}}, 422, "ValidationError",
+     "colour"),
+    ({"labels": [0, 1]}, 422, "ValidationError", "labels"),
+])
+def test_bad_job_requests(api: TestClient, pair: tuple[str, str], db_url: str,
+                          change: dict[str, object], status: int, error: str,
+                          contains: str) -> None:
+    assert_error(api.post("/v1/jobs", json={**tiny_job(*pair), **change}), status, error,
+                 contains)
+    assert count(db_url, Job) == 0
+
+
+def test_channel_mismatch_is_refused_at_creation(api: TestClient) -> None:
+    grey = upload(api, npz(GREY), "g.npz").json()["id"]
+    rgb = upload(api, npz(RGB), "c.npz").json()["id"]
+    assert_error(api.post("/v1/jobs", json=tiny_job(grey, rgb)), 422, "IncompatibleDatasets",
+                 "channel")
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(api: TestClient) -> None:
+    assert_error(api.get("/v1/jobs/nope"), 404, "NotFound", "nope")
+    assert_error(api.get("/v1/nothing"), 404, "NotFound")
+    assert_error(api.put("/v1/jobs"), 405, "MethodNotAllowed")
+    assert_error(api.post("/v1/jobs", content=b"{not json",
+                          headers={"content-type": "application/json"}), 422,
+                 "ValidationError")
+    assert_error(api.post("/v1/jobs/nope/cancel"), 404, "NotFound")
+
+
+def test_health_readiness_reference_and_openapi(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json()["status"] == "ready"
+    ref = api.get("/v1/augmentations").json()
+    assert "cutout" in ref["default_augmentations"] and ref["default_objective"] == "dsv"
+    spec = api.get("/openapi.json").json()
+    assert "ErrorResponse" in spec["components"]["schemas"]
+    create = spec["paths"]["/v1/jobs"]["post"]
+    assert {"404", "422"} <= set(create["responses"])
+    assert "example" in spec["components"]["schemas"]["JobCreate"]
+    docs = api.get("/docs")
+    assert docs.status_code == 200 and "/static/swagger/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()
+    js = api.get("/static/swagger/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+
+
+def test_readyz_is_503_on_an_unmigrated_database(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with client(f"sqlite:///{tmp_path / 'empty.db'}") as c:
+        assert_error(c.get("/readyz"), 503, "ServiceUnavailable", "alembic upgrade head")
+
+
+def test_the_api_process_never_imports_torch() -> None:
+    code = "import sys, service.app, service.__main__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_objective_names_match_the_worker_registry() -> None:
+    from typing import get_args
+
+    from service.jobs.schemas import ObjectiveName, ScorerName
+    from worker.core.objectives import OBJECTIVES
+    from worker.core.scoring import SCORERS
+
+    assert tuple(get_args(ObjectiveName)) == tuple(OBJECTIVES)
+    assert tuple(get_args(ScorerName)) == tuple(SCORERS)

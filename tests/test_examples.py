@@ -1,0 +1,53 @@
+"""The README's path for a new user: start the service, run the curl example."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import ROOT, wait_for
+
+
+def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "examples/make_digits.py", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SSAD_DATABASE_URL": f"sqlite:///{tmp_path / 'ssad.db'}",
+           "SSAD_PORT": str(port), "SSAD_CACHE_DIR": str(tmp_path / "cache"),
+           "SSAD_POLL_SECONDS": "0.2", "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "service.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout=60)
+        out = tmp_path / "scores.csv"
+        p = subprocess.run(
+            ["bash", str(ROOT / "examples/tune.sh"), str(tmp_path / "digits_train.npz"),
+             str(tmp_path / "digits_test.npz"), str(out)],
+            env={**env, "SSAD_URL": url, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
+            capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "succeeded" in p.stdout
+        rows = list(csv.DictReader(out.open()))
+        assert len(rows) > 20 and [int(r["index"]) for r in rows] == list(range(len(rows)))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    text = (tmp_path / "service.log").read_text(errors="replace")
+    assert "/docs" in text and "embedded worker started" in text

@@ -1,0 +1,164 @@
+"""Real worker processes against a real database: a full job, cancel, restart, fencing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from service.db import make_engine, session_factory
+from service.models import Job, JobTrial
+from tests.helpers import client, job_status, npz, start_worker, tiny_job, upload, wait_for
+from worker.manager import JobManager, LostLease
+
+
+@pytest.fixture
+def digit_files(digits: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[bytes, bytes, int]:
+    train, test, _ = digits
+    return npz(train[:60, 0]), npz(test[:40, 0]), 40
+
+
+def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
+                                   digit_files: tuple[bytes, bytes, int]) -> None:
+    train_b, test_b, n_test = digit_files
+    with client(db_url) as api:
+        tr = upload(api, train_b, "train.npz").json()["id"]
+        te = upload(api, test_b, "test.npz").json()["id"]
+        job = api.post("/v1/jobs", json=tiny_job(tr, te)).json()
+        worker = start_worker(db_url, tmp_path, "--max-jobs", "1")
+        assert worker.wait(timeout=240) == 0
+        done = job_status(api, job["id"])
+        assert done["status"] == "succeeded", done
+        assert done["attempt"] == 1 and done["progress"]["trials_completed"] == 3
+        trials = api.get(f"/v1/jobs/{job['id']}/trials").json()["trials"]
+        assert [t["augmentation"] for t in trials] == ["invert", "flip", "rotate"]
+        best = min(trials, key=lambda t: t["validation_loss"])
+        assert done["best"]["trial_number"] == best["number"]
+        assert done["best"]["validation_loss"] == best["validation_loss"]
+        scores = api.get(f"/v1/jobs/{job['id']}/scores").json()
+        assert scores["trial_number"] == best["number"]
+        assert [s["index"] for s in scores["scores"]] == list(range(n_test))
+        assert all(np.isfinite(s["score"]) for s in scores["scores"])
+        rows = list(csv.DictReader(io.StringIO(
+            api.get(f"/v1/jobs/{job['id']}/scores", params={"format": "csv"}).text)))
+        assert [float(r["score"]) for r in rows] == [s["score"] for s in scores["scores"]]
+        per_trial = api.get(f"/v1/jobs/{job['id']}/trials/0/scores").json()
+        assert len(per_trial["scores"]) == n_test
+        events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
+        assert events == ["queued", "running", "succeeded"]
+        from tests.test_api import assert_error
+        assert_error(api.post(f"/v1/jobs/{job['id']}/cancel"), 409, "Conflict", "succeeded")
+
+
+def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,
+                                             digit_files: tuple[bytes, bytes, int]) -> None:
+    train_b, test_b, _ = digit_files
+    with client(pg_url) as api:
+        tr = upload(api, train_b, "train.npz").json()["id"]
+        te = upload(api, test_b, "test.npz").json()["id"]
+        job = api.post("/v1/jobs", json=tiny_job(tr, te, train_steps=50_000)).json()
+        worker = start_worker(pg_url, tmp_path)
+        try:
+            wait_for(lambda: job_status(api, job["id"])["status"] == "running")
+            time.sleep(1.0)
+            assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["cancel_requested"]
+            final = wait_for(lambda: (s := job_status(api, job["id"]))["status"] == "cancelled"
+                             and s, timeout=30)
+            assert final["progress"]["trials_completed"] == 0
+            assert worker.poll() is None  # the worker survives and waits for more work
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+
+
+def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
+    pg_url: str, tmp_path: Path, digit_files: tuple[bytes, bytes, int],
+) -> None:
+    train_b, test_b, _ = digit_files
+    families = ["invert", "flip", "mask", "noise", "rotate"]
+    with client(pg_url) as api:
+        tr = upload(api, train_b, "train.npz").json()["id"]
+        te = upload(api, test_b, "test.npz").json()["id"]
+        job = api.post("/v1/jobs", json=tiny_job(
+            tr, te, n_trials=5, train_steps=60,
+            search_space={"augmentations": families})).json()
+        first = start_worker(pg_url, tmp_path, SSAD_LEASE_SECONDS="3")
+        wait_for(lambda: job_status(api, job["id"])["progress"]["trials_completed"] >= 2,
+                 timeout=240)
+        first.kill()  # SIGKILL mid-study: no chance to clean up
+        first.wait()
+        second = start_worker(pg_url, tmp_path, "--max-jobs", "1", SSAD_LEASE_SECONDS="3")
+        assert second.wait(timeout=300) == 0
+        done = job_status(api, job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 2, done
+        trials = api.get(f"/v1/jobs/{job['id']}/trials").json()["trials"]
+        by_first = {t["augmentation"] for t in trials if t["attempt"] == 1}
+        by_second = {t["augmentation"] for t in trials if t["attempt"] == 2}
+        assert len(by_first) >= 2
+        assert not by_first & by_second  # nothing the first worker finished was redone
+        assert by_first | by_second == set(families)
+        events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
+        assert events == ["queued", "running", "queued", "running", "succeeded"]
+
+
+def _job_row(url: str, train: str, test: str) -> str:
+    with client(url) as api:
+        return str(api.post("/v1/jobs", json=tiny_job(train, test)).json()["id"])
+
+
+def test_zombie_writes_are_fenced_and_attempts_are_capped(db_url: str) -> None:
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"]
+    engine = make_engine(db_url)
+    manager = JobManager(engine, lease_seconds=0.05, max_attempts=2)
+    try:
+        zombie = manager.claim_next_job("zombie")
+        assert zombie is not None and zombie.attempt == 1
+        assert manager.claim_next_job("other") is None  # nothing else queued
+        time.sleep(0.1)
+        assert manager.requeue_stale() == [job_id]
+        current = manager.claim_next_job("current")
+        assert current is not None and current.attempt == 2
+        with pytest.raises(LostLease):
+            manager.heartbeat(job_id, zombie.attempt)
+        with pytest.raises(LostLease):
+            manager.record_trial(job_id, zombie.attempt, 0, augmentation="invert", params={},
+                                 validation_loss=0.1, losses={}, timings={}, scores=[1.0])
+        with pytest.raises(LostLease):
+            manager.finish(job_id, zombie.attempt)
+        manager.record_trial(job_id, current.attempt, 0, augmentation="invert", params={},
+                             validation_loss=0.1, losses={"dsv": 0.1},
+                             timings={"total_s": 1.0}, scores=[1.0, 2.0])
+        with session_factory(engine)() as s:
+            assert [t.attempt for t in s.scalars(select(JobTrial))] == [2]
+        time.sleep(0.1)  # the current worker dies too: attempts are used up
+        manager.requeue_stale()
+        with session_factory(engine)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and job.status == "failed"
+            assert job.error is not None and "max_attempts=2" in job.error
+    finally:
+        engine.dispose()
+
+
+def test_a_job_that_cannot_run_fails_with_a_clear_reason(db_url: str, tmp_path: Path) -> None:
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"]
+        engine = make_engine(db_url)
+        with session_factory(engine)() as s:  # a spec no worker can run (e.g. older client)
+            s.execute(update(Job).where(Job.id == job_id).values(
+                spec={"n_trials": 1, "objective": "dsv"}))
+            s.commit()
+        engine.dispose()
+        worker = start_worker(db_url, tmp_path, "--max-jobs", "1")
+        assert worker.wait(timeout=120) == 0
+        done = job_status(api, job_id)
+        assert done["status"] == "failed" and "KeyError" in done["error"]
