@@ -1,0 +1,290 @@
+"""Service benchmarks, on a throwaway Postgres started here (same helper as the tests).
+
+    .venv/bin/python -m bench.service --out bench/results/service.json [--only api,upload,...]
+
+* api: p50/p99 latency of GET /v1/jobs/{id} and of GET /v1/jobs/{id}/scores with 10,000
+  scores, 50 concurrent clients on loopback, API (uvicorn, one process) on Postgres.
+* upload: MB/s ingesting a ~100 MB .npz through POST /v1/datasets, against numpy.load +
+  sha256 alone on the same file in the same run.
+* queue: 1,000 trivial jobs drained by 8 claimer processes: jobs/s, double claims.
+* overhead: one job's wall time through the service (API + worker process) against the same
+  study through the CLI on the same data and seed.
+Run it on a quiet machine; every comparison is made within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.tasks import DATA
+from service.db import make_engine
+from service.migrate import upgrade_head
+from tests.pg import PostgresServer
+from worker.manager import JobManager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Api:
+    """uvicorn serving the app on a free port, against ``db_url``."""
+
+    def __init__(self, db_url: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SSAD_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT),
+               "SSAD_MAX_UPLOAD_BYTES": str(400 * 1024**2)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+             "--port", str(self.port), "--log-level", "warning"],
+            cwd=workdir, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("API did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def npz_bytes(arr: np.ndarray, compressed: bool = False) -> bytes:
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, images=arr)
+    return buf.getvalue()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.array(xs), q))
+
+
+async def hammer(url: str, paths: list[str], clients: int, per_client: int
+                 ) -> dict[str, dict[str, float]]:
+    lat: dict[str, list[float]] = {p: [] for p in paths}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as c:
+        async def one(i: int) -> None:
+            for k in range(per_client):
+                path = paths[(i + k) % len(paths)]
+                t = time.perf_counter()
+                r = await c.get(path)
+                lat[path].append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
+        await asyncio.gather(*(one(i) for i in range(clients)))
+    return {p: {"n": len(v), "p50_ms": 1000 * percentile(v, 50),
+                "p99_ms": 1000 * percentile(v, 99)} for p, v in lat.items()}
+
+
+def bench_api(server: PostgresServer, work: Path) -> dict[str, Any]:
+    db = server.url(server.create_database())
+    upgrade_head(db)
+    api = Api(db, work)
+    try:
+        test = np.random.default_rng(0).integers(0, 256, (10_000, 8, 8), dtype=np.uint8)
+        with httpx.Client(base_url=api.url, timeout=120) as c:
+            ds = c.post("/v1/datasets", files={"file": ("t.npz", npz_bytes(test))}).json()["id"]
+            job = c.post("/v1/jobs", json={"train_dataset_id": ds, "test_dataset_id": ds,
+                                           "n_trials": 1}).json()["id"]
+        engine = make_engine(db)
+        manager = JobManager(engine)
+        claimed = manager.claim_next_job("bench")
+        assert claimed is not None
+        manager.record_trial(job, claimed.attempt, 0, augmentation="invert", params={},
+                             validation_loss=0.0, losses={"dsv": 0.0},
+                             timings={"total_s": 1.0},
+                             scores=np.random.default_rng(1).normal(size=10_000).tolist())
+        manager.finish(job, claimed.attempt)
+        engine.dispose()
+        paths = [f"/v1/jobs/{job}", f"/v1/jobs/{job}/scores"]
+        asyncio.run(hammer(api.url, paths, 10, 5))  # warm-up
+        job_lat = asyncio.run(hammer(api.url, paths[:1], 50, 40))
+        score_lat = asyncio.run(hammer(api.url, paths[1:], 50, 8))
+        return {"job": job_lat[paths[0]], "scores_10k": score_lat[paths[1]],
+                "clients": 50, "api_processes": 1}
+    finally:
+        api.stop()
+
+
+def bench_upload(server: PostgresServer, work: Path, repeats: int = 3) -> dict[str, Any]:
+    db = server.url(server.create_database())
+    upgrade_head(db)
+    api = Api(db, work)
+    try:
+        arr = np.random.default_rng(0).integers(0, 256, (25_000, 64, 64), dtype=np.uint8)
+        data = npz_bytes(arr)
+        path = work / "upload.npz"
+        path.write_bytes(data)
+        mb = len(data) / 1e6
+        baseline, service = [], []
+        with httpx.Client(base_url=api.url, timeout=600) as c:
+            for i in range(repeats):
+                t = time.perf_counter()
+                loaded = np.load(path, allow_pickle=False)["images"]
+                hashlib.sha256(loaded.tobytes()).hexdigest()
+                baseline.append(time.perf_counter() - t)
+                # Make each upload new content, so the blob is really stored each time.
+                data_i = npz_bytes(np.roll(arr, i + 1, axis=0))
+                t = time.perf_counter()
+                r = c.post("/v1/datasets", files={"file": ("big.npz", data_i)})
+                service.append(time.perf_counter() - t)
+                assert r.status_code == 201, r.text
+        b, s = statistics.median(baseline), statistics.median(service)
+        return {"file_mb": mb, "numpy_load_sha256_s": b, "upload_s": s,
+                "upload_mb_per_s": mb / s, "baseline_mb_per_s": mb / b, "ratio": s / b,
+                "repeats": repeats}
+    finally:
+        api.stop()
+
+
+CLAIMER = """
+import json, sys, time
+from service.db import make_engine
+from worker.manager import JobManager
+manager = JobManager(make_engine(sys.argv[1]))
+claimed = []
+while (job := manager.claim_next_job(sys.argv[2])) is not None:
+    manager.record_trial(job.id, job.attempt, 0, augmentation="invert", params={},
+                         validation_loss=0.0, losses={}, timings={"total_s": 0.0}, scores=[0.0])
+    manager.finish(job.id, job.attempt)
+    claimed.append(job.id)
+print(json.dumps(claimed))
+"""
+
+
+def bench_queue(server: PostgresServer, work: Path, n_jobs: int = 1000,
+                n_claimers: int = 8) -> dict[str, Any]:
+    db = server.url(server.create_database())
+    upgrade_head(db)
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(database_url=db))) as c:
+        ds = c.post("/v1/datasets", files={"file": ("a.npz", npz_bytes(
+            np.zeros((4, 8, 8), np.uint8)))}).json()["id"]
+        for _ in range(n_jobs):
+            c.post("/v1/jobs", json={"train_dataset_id": ds, "test_dataset_id": ds})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, db, f"c{i}"], env=env,
+                              stdout=subprocess.PIPE, text=True) for i in range(n_claimers)]
+    results = [json.loads(p.communicate()[0]) for p in procs]
+    wall = time.perf_counter() - t
+    claimed = [j for r in results for j in r]
+    return {"jobs": n_jobs, "claimers": n_claimers, "wall_s": wall,
+            "jobs_per_s": n_jobs / wall, "claimed": len(claimed),
+            "double_claims": len(claimed) - len(set(claimed)),
+            "per_claimer": [len(r) for r in results],
+            "note": "each job: claim, record one trial with one score, finish (3 transactions)"}
+
+
+def bench_overhead(server: PostgresServer, work: Path, n_trials: int, steps: int
+                   ) -> dict[str, Any]:
+    d = np.load(DATA / "mnist.npz")
+    train = d["x_train_subset"][d["y_train_subset"] == 3]
+    test = d["x_test"][:400]
+    tr, te = work / "train.npz", work / "test.npz"
+    tr.write_bytes(npz_bytes(train))
+    te.write_bytes(npz_bytes(test))
+    space = "cutout,rotate,noise,invert"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "worker.tune", "--train", str(tr), "--test", str(te),
+                    "--n-trials", str(n_trials), "--steps", str(steps), "--augmentations",
+                    space, "--quiet", "--device", "cpu"], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cli_s = time.perf_counter() - t
+
+    db = server.url(server.create_database())
+    upgrade_head(db)
+    api = Api(db, work)
+    env = {**os.environ, "SSAD_DATABASE_URL": db, "PYTHONPATH": str(ROOT),
+           "SSAD_POLL_SECONDS": "0.5", "SSAD_CACHE_DIR": str(work / "cache")}
+    worker = subprocess.Popen([sys.executable, "-m", "worker", "--device", "cpu",
+                               "--max-jobs", "1"], cwd=ROOT, env=env)
+    try:
+        time.sleep(8)  # let the worker import torch and start polling, as a running one has
+        with httpx.Client(base_url=api.url, timeout=120) as c:
+            t = time.perf_counter()
+            a = c.post("/v1/datasets", files={"file": ("train.npz", tr.read_bytes())}).json()
+            b = c.post("/v1/datasets", files={"file": ("test.npz", te.read_bytes())}).json()
+            job = c.post("/v1/jobs", json={
+                "train_dataset_id": a["id"], "test_dataset_id": b["id"], "n_trials": n_trials,
+                "train_steps": steps,
+                "search_space": {"augmentations": space.split(",")}}).json()["id"]
+            while (s := c.get(f"/v1/jobs/{job}").json())["status"] not in (
+                    "succeeded", "failed", "cancelled"):
+                time.sleep(0.25)
+            c.get(f"/v1/jobs/{job}/scores", params={"format": "csv"})
+            service_s = time.perf_counter() - t
+        worker.wait(timeout=60)
+        assert s["status"] == "succeeded", s
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        api.stop()
+    return {"n_trials": n_trials, "steps": steps, "n_train": len(train), "n_test": len(test),
+            "cli_s": cli_s, "service_s": service_s, "ratio": service_s / cli_s,
+            "note": "CLI time includes its Python/torch start-up; the service worker was "
+                    "already running; service time includes both uploads and the CSV fetch"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench/results/service.json")
+    ap.add_argument("--only", default="api,upload,queue,overhead")
+    ap.add_argument("--overhead-trials", type=int, default=4)
+    ap.add_argument("--overhead-steps", type=int, default=200)
+    args = ap.parse_args(argv)
+    wanted = args.only.split(",")
+    server = PostgresServer().start()
+    server.wait_ready()
+    results: dict[str, Any] = {"meta": {
+        "command": "python -m bench.service " + " ".join(argv or sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "postgres": "15 (local)"}}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            for name, fn in (("api", lambda: bench_api(server, work)),
+                             ("upload", lambda: bench_upload(server, work)),
+                             ("queue", lambda: bench_queue(server, work)),
+                             ("overhead", lambda: bench_overhead(
+                                 server, work, args.overhead_trials, args.overhead_steps))):
+                if name in wanted:
+                    results[name] = fn()
+                    print(name, json.dumps(results[name]), flush=True)
+    finally:
+        server.stop()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
