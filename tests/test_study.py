@@ -95,6 +95,23 @@ def test_restarted_study_keeps_finished_trials_and_reruns_the_interrupted_one(
     assert result.trials[0].result is None and result.trials[-1].result is not None
 
 
+def test_a_trial_stored_before_the_crash_is_completed_not_rerun(
+    data, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = SearchSpace.from_dict({"augmentations": ["invert", "flip"]})
+    settings = StudySettings(n_trials=2, search_space=space, train=TINY)
+    study = optuna.create_study(storage=storage, study_name="job-2")
+    orphan = study.ask()  # died after its result was stored by the caller
+    orphan.suggest_categorical("augmentation", list(space.augmentations))
+    ran: list[int] = []
+    result = run_study(data, settings, storage=storage, study_name="job-2",
+                       on_trial=lambda n, r: ran.append(n),
+                       recover=lambda n: -5.0 if n == orphan.number else None)
+    assert result.trials[0].state == "COMPLETE" and result.trials[0].validation_loss == -5.0
+    assert len(ran) == 1 and result.best.number == orphan.number
+
+
 def test_pruning_reports_intermediate_losses(data) -> None:  # type: ignore[no-untyped-def]
     settings = StudySettings(
         n_trials=6, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),

@@ -197,6 +197,13 @@ class JobManager:
                 best=None if best is None else _best_json(best),
                 best_trial_number=None if best is None else best.number))
 
+    def stored_trial_loss(self, job_id: str, number: int) -> float | None:
+        """The loss of a trial already stored for this job (a worker may have died after
+        storing it but before Optuna recorded it as complete)."""
+        with self._tx() as s:
+            return s.scalar(select(JobTrial.validation_loss).where(
+                JobTrial.job_id == job_id, JobTrial.number == number))
+
     @staticmethod
     def _best_trial(s: Session, job_id: str) -> JobTrial | None:
         return s.scalars(select(JobTrial).where(

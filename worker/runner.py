@@ -132,7 +132,8 @@ def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: 
 
         storage = optuna.storages.RDBStorage(optuna_storage_url(database_url))
         run_study(data, spec.study_settings(), storage=storage, study_name=f"job-{job.id}",
-                  on_trial=record, should_stop=hb.should_stop)
+                  on_trial=record, should_stop=hb.should_stop,
+                  recover=lambda number: manager.stored_trial_loss(job.id, number))
         manager.finish(job.id, job.attempt)
         return "succeeded"
     except (TrialInterrupted, LostLease):

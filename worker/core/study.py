@@ -153,12 +153,22 @@ def create_study(
     return study
 
 
-def rerun_interrupted_trials(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a process that died as FAIL, and queue their parameters
-    again so they are rerun. Only the holder of a study may call this (the service's job
-    lease guarantees one runner per study)."""
+def rerun_interrupted_trials(
+    study: optuna.Study, recover: Callable[[int], float | None] | None = None
+) -> list[int]:
+    """Settle trials left RUNNING by a process that died. If ``recover(number)`` knows the
+    trial's loss (the caller stored its result before dying), the trial is completed with
+    it; otherwise it is marked FAIL and its parameters are queued again, so it is rerun.
+    Only the holder of a study may call this (the service's job lease guarantees one runner
+    per study). Returns the numbers of the trials queued again."""
     interrupted = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    rerun = []
     for t in interrupted:
+        stored = recover(t.number) if recover is not None else None
+        if stored is not None:
+            study.tell(t.number, stored)
+            continue
+        rerun.append(t.number)
         study._storage.set_trial_system_attr(t._trial_id, "failed_reason",
                                              "interrupted: the process running it stopped")
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
@@ -166,7 +176,7 @@ def rerun_interrupted_trials(study: optuna.Study) -> list[int]:
         params = t.params or t.system_attrs.get("fixed_params") or {}
         if params:
             study.enqueue_trial(dict(params), skip_if_exists=False)
-    return [t.number for t in interrupted]
+    return rerun
 
 
 def _record(t: optuna.trial.FrozenTrial, result: TrialResult | None) -> TrialRecord:
@@ -186,6 +196,7 @@ def run_study(
     study_name: str | None = None,
     on_trial: Callable[[int, TrialResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    recover: Callable[[int], float | None] | None = None,
 ) -> StudyResult:
     """Run (or resume) the study until it holds ``n_trials`` finished trials.
 
@@ -194,7 +205,8 @@ def run_study(
     complete in the study but missing from its own tables; if it raises, the trial is
     failed and the study stops. ``should_stop()`` is checked between trials and at every
     training step; when it returns True the running trial's configuration is queued again
-    (a resumed study reruns it) and :class:`TrialInterrupted` propagates.
+    (a resumed study reruns it) and :class:`TrialInterrupted` propagates. ``recover`` is
+    passed to :func:`rerun_interrupted_trials` when a study is resumed.
 
     A trial whose loss is not finite is marked failed and the study goes on; the best trial
     is the completed one with the lowest loss.
@@ -232,7 +244,7 @@ def run_study(
             on_trial(trial.number, result)
         return result.validation_loss
 
-    rerun_interrupted_trials(study)
+    rerun_interrupted_trials(study, recover)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
