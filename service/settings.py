@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from urllib.parse import quote
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,7 +59,3 @@ def optuna_storage_url(database_url: str) -> str:
             {"options": f"-csearch_path={OPTUNA_SCHEMA}"}
         ).render_as_string(hide_password=False)
     raise ValueError(f"unsupported database {url.get_backend_name()!r}: use postgresql or sqlite")
-
-
-def quote_url_password(password: str) -> str:
-    return quote(password, safe="")

@@ -89,3 +89,12 @@ def job_status(c: TestClient, job_id: str) -> dict[str, Any]:
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
+
+
+def assert_error(r: httpx.Response, status: int, error: str, contains: str = "") -> None:
+    """The response is the project's one error shape, with this class and detail."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"}, body
+    assert body["error"] == error, body
+    assert contains in body["detail"], body

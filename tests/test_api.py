@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
 from service.models import Blob, Dataset, Job
-from tests.helpers import ROOT, client, npz, png_zip, tiny_job, upload
+from tests.helpers import ROOT, assert_error, client, npz, png_zip, tiny_job, upload
 
 RNG = np.random.default_rng(0)
 GREY = RNG.integers(0, 256, (20, 8, 8), dtype=np.uint8)
@@ -23,14 +23,6 @@ RGB = RNG.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
 def api(db_url: str) -> Iterator[TestClient]:
     with client(db_url, max_upload_bytes=200_000) as c:
         yield c
-
-
-def assert_error(r, status: int, error: str, contains: str = "") -> None:  # type: ignore[no-untyped-def]
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error", "detail"}, body
-    assert body["error"] == error, body
-    assert contains in body["detail"], body
 
 
 def count(db_url: str, model: type) -> int:

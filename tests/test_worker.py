@@ -14,7 +14,16 @@ from sqlalchemy import select, update
 
 from service.db import make_engine, session_factory
 from service.models import Job, JobTrial
-from tests.helpers import client, job_status, npz, start_worker, tiny_job, upload, wait_for
+from tests.helpers import (
+    assert_error,
+    client,
+    job_status,
+    npz,
+    start_worker,
+    tiny_job,
+    upload,
+    wait_for,
+)
 from worker.manager import JobManager, LostLease
 
 
@@ -52,7 +61,6 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         assert len(per_trial["scores"]) == n_test
         events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
         assert events == ["queued", "running", "succeeded"]
-        from tests.test_api import assert_error
         assert_error(api.post(f"/v1/jobs/{job['id']}/cancel"), 409, "Conflict", "succeeded")
 
 
@@ -105,11 +113,6 @@ def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
         assert by_first | by_second == set(families)
         events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
         assert events == ["queued", "running", "queued", "running", "succeeded"]
-
-
-def _job_row(url: str, train: str, test: str) -> str:
-    with client(url) as api:
-        return str(api.post("/v1/jobs", json=tiny_job(train, test)).json()["id"])
 
 
 def test_zombie_writes_are_fenced_and_attempts_are_capped(db_url: str) -> None:

@@ -5,7 +5,6 @@ write is one :class:`~worker.manager.JobManager` transaction, fenced by the atte
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -77,10 +76,6 @@ class ArrayCache:
             path.unlink(missing_ok=True)
             raise RuntimeError(f"cached array {path} does not match dataset {ref.id}")
         return arr
-
-    @staticmethod
-    def decode(data: bytes) -> np.ndarray:
-        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class HeartbeatThread(threading.Thread):
