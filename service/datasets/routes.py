@@ -44,13 +44,15 @@ def list_datasets(
     return DatasetList(items=[DatasetOut.model_validate(r) for r in rows], total=total)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404),
+            summary="Describe a dataset")
 def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
     return DatasetOut.model_validate(service.get_dataset(session, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses=error_responses(404, 409))
+               responses=error_responses(404, 409),
+               summary="Delete a dataset (409 while a job uses it)")
 def delete_dataset(session: SessionDep, dataset_id: str) -> Response:
     service.delete_dataset(session, dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -80,13 +80,15 @@ def cancel_job(session: SessionDep, job_id: str) -> JobOut:
     return job_out(service.cancel_job(session, job_id))
 
 
-@router.get("/{job_id}/trials", response_model=TrialList, responses=error_responses(404))
+@router.get("/{job_id}/trials", response_model=TrialList, responses=error_responses(404),
+            summary="Every stored trial: augmentation, parameters, losses, duration")
 def list_trials(session: SessionDep, job_id: str) -> TrialList:
     return TrialList(job_id=job_id,
                      trials=[trial_out(t) for t in service.list_trials(session, job_id)])
 
 
-@router.get("/{job_id}/events", response_model=EventList, responses=error_responses(404))
+@router.get("/{job_id}/events", response_model=EventList, responses=error_responses(404),
+            summary="The job's history: every status change, with its attempt")
 def list_events(session: SessionDep, job_id: str) -> EventList:
     return EventList(job_id=job_id, events=[
         EventOut(at=e.at, status=e.status, attempt=e.attempt, message=e.message)
@@ -121,7 +123,8 @@ def job_scores(session: SessionDep, job_id: str,
 
 
 @router.get("/{job_id}/trials/{number}/scores", response_model=ScoresOut,
-            responses={**_SCORES_DOC, **error_responses(404)})
+            responses={**_SCORES_DOC, **error_responses(404)},
+            summary="Anomaly scores of one finished trial, in test order")
 def trial_scores(session: SessionDep, job_id: str, number: int,
                  format: Literal["json", "csv"] = "json") -> Response:
     n, rows = service.scores(session, job_id, number)
