@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 from sqlalchemy import select, update
 
 from service.db import make_engine, session_factory
 from service.models import Job, JobTrial
+from service.settings import optuna_storage_url
 from tests.helpers import (
     assert_error,
     client,
@@ -62,6 +64,12 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
         assert events == ["queued", "running", "succeeded"]
         assert_error(api.post(f"/v1/jobs/{job['id']}/cancel"), 409, "Conflict", "succeeded")
+    # optuna-dashboard is pointed at this URL; the job's study must be there, complete.
+    study = optuna.load_study(study_name=f"job-{job['id']}",
+                              storage=optuna_storage_url(db_url.replace("+psycopg", "")
+                                                         if "postgresql" in db_url else db_url))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert study.best_value == done["best"]["validation_loss"]
 
 
 def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,
