@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows}, indent=1))
     print("| task | objective | true patch | learned patch | learned/true | AUROC |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['task']} | {r['objective']} | {r['true_patch_size']:.3f} | "
-              f"{r['learned_patch_size']:.3f} | {r['ratio_to_truth']:.2f} | {r['auroc']:.3f} |")
+    for row in rows:
+        print(f"| {row['task']} | {row['objective']} | {row['true_patch_size']:.3f} | "
+              f"{row['learned_patch_size']:.3f} | {row['ratio_to_truth']:.2f} | "
+              f"{row['auroc']:.3f} |")
     return 0
 
 
