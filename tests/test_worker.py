@@ -123,6 +123,30 @@ def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
         assert events == ["queued", "running", "queued", "running", "succeeded"]
 
 
+def test_sigterm_gives_the_job_back_and_another_worker_finishes_it(
+    db_url: str, tmp_path: Path, digit_files: tuple[bytes, bytes, int],
+) -> None:
+    train_b, test_b, _ = digit_files
+    with client(db_url) as api:
+        tr = upload(api, train_b, "train.npz").json()["id"]
+        te = upload(api, test_b, "test.npz").json()["id"]
+        job = api.post("/v1/jobs", json=tiny_job(tr, te, n_trials=2, train_steps=150)).json()
+        first = start_worker(db_url, tmp_path)
+        wait_for(lambda: job_status(api, job["id"])["status"] == "running")
+        time.sleep(1.0)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        released = job_status(api, job["id"])
+        assert released["status"] == "queued", released
+        events = api.get(f"/v1/jobs/{job['id']}/events").json()["events"]
+        assert events[-1]["message"] == "requeued: its worker is stopping"
+        second = start_worker(db_url, tmp_path, "--max-jobs", "1")
+        assert second.wait(timeout=240) == 0
+        done = job_status(api, job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 2
+        assert done["progress"]["trials_completed"] == 2
+
+
 def test_zombie_writes_are_fenced_and_attempts_are_capped(db_url: str) -> None:
     with client(db_url) as api:
         tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
