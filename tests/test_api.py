@@ -194,3 +194,20 @@ def test_objective_names_match_the_worker_registry() -> None:
 
     assert tuple(get_args(ObjectiveName)) == tuple(OBJECTIVES)
     assert tuple(get_args(ScorerName)) == tuple(SCORERS)
+
+
+def test_storing_the_same_blob_twice_is_a_no_op(db_url: str) -> None:
+    """What the loser of two simultaneous identical uploads does: nothing, no error."""
+    from service.datasets.repository import insert_blob, read_blob
+    from service.db import make_engine, session_factory
+
+    engine = make_engine(db_url)
+    try:
+        for expected in (True, False):
+            with session_factory(engine)() as s:
+                assert insert_blob(s, "ab" * 32, b"x" * 100) is expected
+                s.commit()
+        with session_factory(engine)() as s:
+            assert read_blob(s, "ab" * 32) == b"x" * 100
+    finally:
+        engine.dispose()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import delete, exists, func, or_, select
+from sqlalchemy import delete, exists, func, insert, or_, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from service.models import Blob, BlobChunk, Dataset, Job
+from service.models import Blob, BlobChunk, Dataset, Job, utcnow
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -28,11 +30,21 @@ def blob_exists(session: Session, sha256: str) -> bool:
     return session.get(Blob, sha256) is not None
 
 
-def insert_blob(session: Session, sha256: str, data: bytes) -> None:
+def insert_blob(session: Session, sha256: str, data: bytes) -> bool:
+    """Store a blob unless it exists. Two uploads of the same content racing each other
+    both succeed: the loser's INSERT ... ON CONFLICT DO NOTHING inserts nothing (on
+    Postgres it waits for the winner's commit), and only the winner writes the chunks."""
     chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
-    session.add(Blob(sha256=sha256, size_bytes=len(data), n_chunks=len(chunks)))
-    session.flush()
-    session.add_all(BlobChunk(sha256=sha256, index=i, data=c) for i, c in enumerate(chunks))
+    dialect = session.get_bind().dialect.name
+    insert_fn = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert_fn(Blob).values(sha256=sha256, size_bytes=len(data), n_chunks=len(chunks),
+                                  created_at=utcnow()).on_conflict_do_nothing(
+        index_elements=["sha256"]).returning(Blob.sha256)
+    if session.execute(stmt).scalar_one_or_none() is None:
+        return False
+    session.execute(insert(BlobChunk), [{"sha256": sha256, "index": i, "data": c}
+                                        for i, c in enumerate(chunks)])
+    return True
 
 
 def read_blob(session: Session, sha256: str) -> bytes | None:
