@@ -197,3 +197,36 @@ def test_a_job_that_cannot_run_fails_with_a_clear_reason(db_url: str, tmp_path: 
         assert worker.wait(timeout=120) == 0
         done = job_status(api, job_id)
         assert done["status"] == "failed" and "KeyError" in done["error"]
+
+
+def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path: Path,
+                                                           digits) -> None:  # type: ignore[no-untyped-def]
+    """run_job for an attempt that lost its lease mid-study: it returns "lost", and the job
+    (now held by another attempt) is left exactly as the current holder has it."""
+    import threading
+
+    import torch
+
+    from worker.runner import ArrayCache, run_job
+
+    train, test, _ = digits
+    with client(db_url) as api:
+        tr = upload(api, npz(train[:30, 0]), "a.npz").json()["id"]
+        te = upload(api, npz(test[:20, 0]), "b.npz").json()["id"]
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
+    engine = make_engine(db_url)
+    manager = JobManager(engine, lease_seconds=60)
+    zombie = manager.claim_next_job("zombie")
+    assert zombie is not None
+    with session_factory(engine)() as s:  # another worker took over (attempt 2)
+        s.execute(update(Job).where(Job.id == job_id).values(attempt=2))
+        s.commit()
+    outcome = run_job(zombie, manager, database_url=db_url, device=torch.device("cpu"),
+                      cache=ArrayCache(tmp_path / "cache"), heartbeat_seconds=30,
+                      stop=threading.Event())
+    assert outcome == "lost"
+    with session_factory(engine)() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "running" and job.attempt == 2
+        assert s.scalars(select(JobTrial)).all() == []
+    engine.dispose()

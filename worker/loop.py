@@ -42,8 +42,12 @@ def run_worker(manager: JobManager, *, database_url: str, device: str, cache_dir
             stop.wait(poll_seconds)
             continue
         log.info("job %s: attempt %d claimed", job.id, job.attempt)
-        outcome = run_job(job, manager, database_url=database_url, device=dev, cache=cache,
-                          heartbeat_seconds=heartbeat_seconds, stop=stop)
+        try:
+            outcome = run_job(job, manager, database_url=database_url, device=dev,
+                              cache=cache, heartbeat_seconds=heartbeat_seconds, stop=stop)
+        except Exception:  # e.g. the database went away while failing the job
+            log.exception("job %s: could not be ended; its lease will expire", job.id)
+            outcome = "abandoned"
         log.info("job %s: %s", job.id, outcome)
         ran += 1
     return ran

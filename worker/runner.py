@@ -131,15 +131,21 @@ def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: 
                   recover=lambda number: manager.stored_trial_loss(job.id, number))
         manager.finish(job.id, job.attempt)
         return "succeeded"
-    except (TrialInterrupted, LostLease):
-        if hb.lost.is_set():
+    except LostLease:
+        log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
+        return "lost"
+    except TrialInterrupted:
+        try:
+            if hb.lost.is_set():
+                raise LostLease(job.id)
+            if hb.cancelled.is_set() or manager.is_cancel_requested(job.id):
+                manager.mark_cancelled(job.id, job.attempt)
+                return "cancelled"
+            manager.release(job.id, job.attempt, "requeued: its worker is stopping")
+            return "released"
+        except LostLease:
             log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
             return "lost"
-        if hb.cancelled.is_set() or manager.is_cancel_requested(job.id):
-            manager.mark_cancelled(job.id, job.attempt)
-            return "cancelled"
-        manager.release(job.id, job.attempt, "requeued: its worker is stopping")
-        return "released"
     except Exception as exc:
         log.exception("job %s failed", job.id)
         try:
