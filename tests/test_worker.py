@@ -61,6 +61,11 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         assert [float(r["score"]) for r in rows] == [s["score"] for s in scores["scores"]]
         per_trial = api.get(f"/v1/jobs/{job['id']}/trials/0/scores").json()
         assert len(per_trial["scores"]) == n_test
+        again = api.get(f"/v1/jobs/{job['id']}/scores")  # served from the rendered cache
+        assert again.json() == scores and again.headers["etag"]
+        unchanged = api.get(f"/v1/jobs/{job['id']}/scores",
+                            headers={"If-None-Match": again.headers["etag"]})
+        assert unchanged.status_code == 304 and unchanged.content == b""
         events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
         assert events == ["queued", "running", "succeeded"]
         assert_error(api.post(f"/v1/jobs/{job['id']}/cancel"), 409, "Conflict", "succeeded")

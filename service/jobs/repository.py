@@ -68,11 +68,12 @@ def get_trial(session: Session, job_id: str, number: int) -> JobTrial | None:
 
 
 def trial_scores(session: Session, job_id: str, number: int) -> list[tuple[int, float]]:
-    rows = session.execute(
+    # Core on the session's connection: no ORM row bookkeeping for 10^4-10^5 rows.
+    result = session.connection().execute(
         select(TrialScore.index, TrialScore.score)
         .where(TrialScore.job_id == job_id, TrialScore.trial_number == number)
-        .order_by(TrialScore.index)).all()
-    return [(int(i), float(s)) for i, s in rows]
+        .order_by(TrialScore.index))
+    return [(i, s) for i, s in result.tuples()]
 
 
 def list_events(session: Session, job_id: str) -> Sequence[JobEvent]:

@@ -87,17 +87,20 @@ def list_trials(session: Session, job_id: str) -> Sequence[JobTrial]:
     return repo.list_trials(session, job_id)
 
 
-def scores(session: Session, job_id: str, trial_number: int | None
-           ) -> tuple[int, list[tuple[int, str, float]]]:
-    """(trial number, [(index, name, score)]) in test-set order: the job's chosen trial if
-    ``trial_number`` is None, else that trial's."""
+def chosen_trial(session: Session, job_id: str) -> int:
+    """The trial whose scores are the job's result (only once the job has succeeded)."""
     job = get_job(session, job_id)
-    if trial_number is None:
-        if job.best_trial_number is None or job.status != JobStatus.succeeded.value:
-            raise Conflict(f"job {job_id} is {job.status}; its scores are available once it "
-                           "has succeeded (per-trial scores: /trials/{number}/scores)")
-        trial_number = job.best_trial_number
-    elif repo.get_trial(session, job_id, trial_number) is None:
+    if job.best_trial_number is None or job.status != JobStatus.succeeded.value:
+        raise Conflict(f"job {job_id} is {job.status}; its scores are available once it "
+                       "has succeeded (per-trial scores: /trials/{number}/scores)")
+    return job.best_trial_number
+
+
+def scores(session: Session, job_id: str, trial_number: int
+           ) -> tuple[int, list[tuple[int, str, float]]]:
+    """(trial number, [(index, name, score)]) of a finished trial, in test-set order."""
+    job = get_job(session, job_id)
+    if repo.get_trial(session, job_id, trial_number) is None:
         raise NotFound(f"job {job_id} has no finished trial {trial_number}")
     test = dataset_repo.get_dataset(session, job.test_dataset_id)
     names = test.names if test is not None else []
