@@ -73,7 +73,7 @@ def trial_scores(session: Session, job_id: str, number: int) -> list[tuple[int, 
         select(TrialScore.index, TrialScore.score)
         .where(TrialScore.job_id == job_id, TrialScore.trial_number == number)
         .order_by(TrialScore.index))
-    return [(i, s) for i, s in result.tuples()]
+    return [(i, s) for i, s in result]
 
 
 def list_events(session: Session, job_id: str) -> Sequence[JobEvent]:
