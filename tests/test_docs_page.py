@@ -4,39 +4,28 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, free_port, wait_http_ok
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_swagger_ui_renders_offline(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "SSAD_DATABASE_URL": f"sqlite:///{tmp_path / 'd.db'}",
            "PYTHONPATH": str(ROOT)}
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:create_app",
                             "--factory", "--port", str(port), "--log-level", "warning"],
                            cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(up, timeout=60)
+        wait_http_ok(f"{url}/healthz")
         shot = tmp_path / "docs.png"
         common = [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-
-from tests.helpers import ROOT, wait_for
+from tests.helpers import ROOT, free_port, wait_http_ok
 
 
 def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "examples/make_digits.py", str(tmp_path)], cwd=ROOT,
                    check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "SSAD_DATABASE_URL": f"sqlite:///{tmp_path / 'ssad.db'}",
            "SSAD_PORT": str(port), "SSAD_CACHE_DIR": str(tmp_path / "cache"),
            "SSAD_POLL_SECONDS": "0.2", "PYTHONPATH": str(ROOT)}
@@ -27,15 +22,8 @@ def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
     server = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(ready, timeout=60)
+        wait_http_ok(f"{url}/readyz")
         out = tmp_path / "scores.csv"
         p = subprocess.run(
             ["bash", str(ROOT / "examples/tune.sh"), str(tmp_path / "digits_train.npz"),
