@@ -52,10 +52,6 @@ class PayloadTooLarge(AppError):
     status_code = 413
 
 
-class UnsupportedMediaType(AppError):
-    status_code = 415
-
-
 class ServiceUnavailable(AppError):
     status_code = 503
 

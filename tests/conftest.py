@@ -31,12 +31,6 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return zeros[:100], test, labels
 
 
-@pytest.fixture
-def images() -> torch.Tensor:
-    g = torch.Generator().manual_seed(123)
-    return torch.rand((16, 1, 32, 32), generator=g)
-
-
 # --------------------------------------------------------------------------- databases
 
 

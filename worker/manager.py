@@ -246,11 +246,6 @@ class JobManager:
                          lease_expires_at=None)
             self._event(s, job_id, JobStatus.queued.value, attempt, reason)
 
-    def counts(self) -> dict[str, int]:
-        with self._tx() as s:
-            rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-            return {str(k): int(v) for k, v in rows}
-
 
 def _best_json(t: JobTrial) -> dict[str, Any]:
     return {"augmentation": t.augmentation, "params": t.params,
