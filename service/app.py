@@ -10,14 +10,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from service import migrate
 from service.datasets.routes import router as datasets_router
 from service.db import make_engine, session_factory
-from service.errors import error_body, error_responses, install_error_handlers
+from service.errors import (
+    PayloadTooLarge,
+    ServiceUnavailable,
+    error_response,
+    error_responses,
+    install_error_handlers,
+)
 from service.jobs.routes import router as jobs_router
 from service.settings import Settings, get_settings
 from worker.search_space import (
@@ -61,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ssad-tune", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
+    head = migrate.head_revision()  # fixed for the life of the process; read once
     install_error_handlers(app)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
@@ -72,10 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-            return JSONResponse(error_body(
-                "PayloadTooLarge",
-                f"request body is larger than the limit of {settings.max_upload_bytes} bytes"),
-                413)
+            return error_response(PayloadTooLarge(
+                f"request body is larger than the limit of {settings.max_upload_bytes} bytes"))
         return await call_next(request)
 
     @app.get("/docs", include_in_schema=False)
@@ -92,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["operations"], responses=error_responses(503),
              summary="The database is reachable and migrated")
-    def readyz(request: Request) -> Any:
+    def readyz(request: Request) -> dict[str, Any]:
         engine = request.app.state.engine
         try:
             with engine.connect() as conn:
@@ -100,12 +105,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 current = migrate.current_revision(conn)
         except Exception as exc:
             log.warning("not ready: %s", exc)
-            return JSONResponse(error_body("ServiceUnavailable", "database unavailable"), 503)
-        if current != migrate.head_revision():
-            return JSONResponse(error_body(
-                "ServiceUnavailable",
-                f"database schema is at {current}, not {migrate.head_revision()}: "
-                "run `alembic upgrade head`"), 503)
+            raise ServiceUnavailable("database unavailable") from None
+        if current != head:
+            raise ServiceUnavailable(f"database schema is at {current}, not {head}: "
+                                     "run `alembic upgrade head`")
         return {"status": "ready", "schema": current}
 
     @app.get("/v1/augmentations", tags=["reference"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,10 +22,15 @@ class ErrorResponse(BaseModel):
 
 class AppError(Exception):
     status_code = 500
+    headers: ClassVar[dict[str, str] | None] = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class InternalError(AppError):
+    status_code = 500
 
 
 class NotFound(AppError):
@@ -54,6 +59,7 @@ class PayloadTooLarge(AppError):
 
 class ServiceUnavailable(AppError):
     status_code = 503
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "2"}
 
 
 _HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge",
@@ -62,6 +68,12 @@ _HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge",
 
 def error_body(error: str, detail: str) -> dict[str, str]:
     return {"error": error, "detail": detail}
+
+
+def error_response(exc: AppError) -> JSONResponse:
+    """The one rendering of an :class:`AppError` (also used outside exception handlers)."""
+    return JSONResponse(error_body(type(exc).__name__, exc.detail), exc.status_code,
+                        headers=exc.headers)
 
 
 def _format_validation(exc: RequestValidationError) -> str:
@@ -75,7 +87,7 @@ def _format_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(error_body(type(exc).__name__, exc.detail), exc.status_code)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,23 +102,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
-        return JSONResponse(error_body("ServiceUnavailable",
-                                       "the database is unavailable; retry shortly"), 503,
-                            headers={"Retry-After": "2"})
+        return error_response(ServiceUnavailable("the database is unavailable; retry shortly"))
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
-            return JSONResponse(error_body("ServiceUnavailable",
-                                           "the database connection was lost; retry"), 503,
-                                headers={"Retry-After": "2"})
+            return error_response(ServiceUnavailable("the database connection was lost; retry"))
         log.exception("database error")
-        return JSONResponse(error_body("InternalError", "internal database error"), 500)
+        return error_response(InternalError("internal database error"))
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body("InternalError", "internal server error"), 500)
+        return error_response(InternalError("internal server error"))
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
