@@ -21,7 +21,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,16 +35,11 @@ import numpy as np
 from bench.tasks import DATA
 from service.db import make_engine
 from service.migrate import upgrade_head
-from tests.pg import PostgresServer
+from tests.helpers import wait_http_ok
+from tests.pg import PostgresServer, free_port
 from worker.manager import JobManager
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Api:
@@ -60,14 +54,7 @@ class Api:
             [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
              "--port", str(self.port), "--log-level", "warning"],
             cwd=workdir, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("API did not start")
+        wait_http_ok(f"{self.url}/readyz")
 
     def stop(self) -> None:
         self.proc.terminate()

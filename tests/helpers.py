@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -99,12 +98,6 @@ def assert_error(r: httpx.Response, status: int, error: str, contains: str = "")
     assert set(body) == {"error", "detail"}, body
     assert body["error"] == error, body
     assert contains in body["detail"], body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http_ok(url: str, timeout: float = 60) -> None:

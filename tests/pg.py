@@ -28,7 +28,7 @@ def _pg_bin(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -38,7 +38,7 @@ class PostgresServer:
     def __init__(self) -> None:
         self.external = os.environ.get("SSAD_TEST_POSTGRES_URL")
         self.dir = Path(tempfile.mkdtemp(prefix="ssad-pg-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "ssad"
         self._as: list[str] = []
         if os.geteuid() == 0:  # initdb refuses to run as root

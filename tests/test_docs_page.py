@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_http_ok
+from tests.helpers import ROOT, wait_http_ok
+from tests.pg import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import ROOT, free_port, wait_http_ok
+from tests.helpers import ROOT, wait_http_ok
+from tests.pg import free_port
 
 
 def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
