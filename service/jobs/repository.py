@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -32,30 +33,32 @@ def list_jobs(session: Session, limit: int, offset: int, status: str | None
     return rows, session.scalar(count) or 0
 
 
-def cancel_if_queued(session: Session, job_id: str) -> bool:
-    """Queued → cancelled in one conditional statement (a worker may be claiming it)."""
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value)
-        .values(status=JobStatus.cancelled.value, finished_at=utcnow(), cancel_requested=True)
-        .returning(Job.attempt))
-    attempt = res.scalar_one_or_none()
+def _update_if_status(session: Session, job_id: str, current: JobStatus, values: dict[str, Any],
+                      event_status: JobStatus, message: str) -> bool:
+    """Update the job only if it is still ``current`` (one conditional statement: a worker
+    may be claiming or ending it concurrently), and append the event if it was."""
+    attempt = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == current.value)
+        .values(**values).returning(Job.attempt)).scalar_one_or_none()
     if attempt is None:
         return False
-    session.add(JobEvent(job_id=job_id, status=JobStatus.cancelled.value, attempt=attempt,
-                         message="cancelled before it started"))
+    session.add(JobEvent(job_id=job_id, status=event_status.value, attempt=attempt,
+                         message=message))
     return True
+
+
+def cancel_if_queued(session: Session, job_id: str) -> bool:
+    """Queued → cancelled."""
+    return _update_if_status(
+        session, job_id, JobStatus.queued,
+        {"status": JobStatus.cancelled.value, "finished_at": utcnow(), "cancel_requested": True},
+        JobStatus.cancelled, "cancelled before it started")
 
 
 def request_cancel_if_running(session: Session, job_id: str) -> bool:
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.running.value)
-        .values(cancel_requested=True).returning(Job.attempt))
-    attempt = res.scalar_one_or_none()
-    if attempt is None:
-        return False
-    session.add(JobEvent(job_id=job_id, status=JobStatus.running.value, attempt=attempt,
-                         message="cancel requested"))
-    return True
+    """Running → flagged; the worker sees it at its next heartbeat and ends the job."""
+    return _update_if_status(session, job_id, JobStatus.running, {"cancel_requested": True},
+                             JobStatus.running, "cancel requested")
 
 
 def list_trials(session: Session, job_id: str) -> Sequence[JobTrial]:
