@@ -50,6 +50,16 @@ def upload(c: TestClient | httpx.Client, data: bytes, filename: str,
     return c.post("/v1/datasets", files={"file": (filename, data)}, data=form)
 
 
+def upload_pair(c: TestClient | httpx.Client, train: bytes, test: bytes) -> tuple[str, str]:
+    """Upload a train and a test .npz; their dataset ids."""
+    ids = []
+    for data, filename in ((train, "train.npz"), (test, "test.npz")):
+        r = upload(c, data, filename)
+        assert r.status_code == 201, r.text
+        ids.append(str(r.json()["id"]))
+    return ids[0], ids[1]
+
+
 def tiny_job(train_id: str, test_id: str, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"train_dataset_id": train_id, "test_dataset_id": test_id,
                             "n_trials": 3, "train_steps": 6, "batch_size": 8,

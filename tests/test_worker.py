@@ -24,6 +24,7 @@ from tests.helpers import (
     start_worker,
     tiny_job,
     upload,
+    upload_pair,
     wait_for,
 )
 from worker.manager import JobManager, LostLease
@@ -39,8 +40,7 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
                                    digit_files: tuple[bytes, bytes, int]) -> None:
     train_b, test_b, n_test = digit_files
     with client(db_url) as api:
-        tr = upload(api, train_b, "train.npz").json()["id"]
-        te = upload(api, test_b, "test.npz").json()["id"]
+        tr, te = upload_pair(api, train_b, test_b)
         job = api.post("/v1/jobs", json=tiny_job(tr, te)).json()
         worker = start_worker(db_url, tmp_path, "--max-jobs", "1")
         assert worker.wait(timeout=240) == 0
@@ -81,8 +81,7 @@ def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,
                                              digit_files: tuple[bytes, bytes, int]) -> None:
     train_b, test_b, _ = digit_files
     with client(pg_url) as api:
-        tr = upload(api, train_b, "train.npz").json()["id"]
-        te = upload(api, test_b, "test.npz").json()["id"]
+        tr, te = upload_pair(api, train_b, test_b)
         job = api.post("/v1/jobs", json=tiny_job(tr, te, train_steps=50_000)).json()
         worker = start_worker(pg_url, tmp_path)
         try:
@@ -104,8 +103,7 @@ def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
     train_b, test_b, _ = digit_files
     families = ["invert", "flip", "mask", "noise", "rotate"]
     with client(pg_url) as api:
-        tr = upload(api, train_b, "train.npz").json()["id"]
-        te = upload(api, test_b, "test.npz").json()["id"]
+        tr, te = upload_pair(api, train_b, test_b)
         job = api.post("/v1/jobs", json=tiny_job(
             tr, te, n_trials=5, train_steps=60,
             search_space={"augmentations": families})).json()
@@ -133,8 +131,7 @@ def test_sigterm_gives_the_job_back_and_another_worker_finishes_it(
 ) -> None:
     train_b, test_b, _ = digit_files
     with client(db_url) as api:
-        tr = upload(api, train_b, "train.npz").json()["id"]
-        te = upload(api, test_b, "test.npz").json()["id"]
+        tr, te = upload_pair(api, train_b, test_b)
         job = api.post("/v1/jobs", json=tiny_job(tr, te, n_trials=2, train_steps=150)).json()
         first = start_worker(db_url, tmp_path)
         wait_for(lambda: job_status(api, job["id"])["status"] == "running")
@@ -216,8 +213,7 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
 
     train, test, _ = digits
     with client(db_url) as api:
-        tr = upload(api, npz(train[:30, 0]), "a.npz").json()["id"]
-        te = upload(api, npz(test[:20, 0]), "b.npz").json()["id"]
+        tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
         job_id = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
     engine = make_engine(db_url)
     manager = JobManager(engine, lease_seconds=60)
