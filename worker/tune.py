@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from worker.images import ImageDataError, ImageSet, load_path
-from worker.search_space import FAMILIES, SearchSpace
+from worker.search_space import (
+    DEFAULT_CONTAMINATION,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_SCORER,
+    FAMILIES,
+    OBJECTIVE_NAMES,
+    SCORER_NAMES,
+    SearchSpace,
+)
 
 EXIT_USAGE = 2
 
@@ -33,9 +41,7 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker.core.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
-    from worker.core.scoring import DEFAULT_SCORER, SCORERS
-    from worker.core.trial import DEFAULT_CONTAMINATION, TrainSettings
+    from worker.core.trial import TrainSettings
 
     d = TrainSettings()
     ap = argparse.ArgumentParser(
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train", required=True, help=".npz/.npy array, or folder/.zip of images")
     ap.add_argument("--test", required=True, help="same formats as --train")
     ap.add_argument("--n-trials", type=int, default=12, help="trials in the study (12)")
-    ap.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=sorted(OBJECTIVES),
+    ap.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=sorted(OBJECTIVE_NAMES),
                     help=f"validation loss to minimise ({DEFAULT_OBJECTIVE})")
     ap.add_argument("--augmentations", default="",
                     help="comma-separated families to search (default: all but cutdiff); "
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, default=d.width, help=f"encoder width ({d.width})")
     ap.add_argument("--image-size", type=int, default=None,
                     help="working size (auto: 32 up to 40 px, 64 up to 96 px, else 128)")
-    ap.add_argument("--scorer", default=DEFAULT_SCORER, choices=SCORERS)
+    ap.add_argument("--scorer", default=DEFAULT_SCORER, choices=SCORER_NAMES)
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     ap.add_argument("--backbone", default=None, help="local encoder weights file")
     ap.add_argument("--no-warm-start", action="store_true",
@@ -99,7 +105,7 @@ def _load(path: str, role: str) -> ImageSet:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    # Torch is imported only here, after argument and file checks, so errors are fast.
+    # Files are read and checked before the engine builds anything.
     train, test = _load(args.train, "--train"), _load(args.test, "--test")
     import optuna
 

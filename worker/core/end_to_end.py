@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from worker.core.augmentations import CutDiff, build_augmentation
 from worker.core.objectives import augmented_count, get_objective
 from worker.core.trial import (
-    DEFAULT_CONTAMINATION,
     PreparedData,
     TrainSettings,
     build_detector,
@@ -35,7 +34,7 @@ from worker.core.trial import (
     make_generator,
     seed_everything,
 )
-from worker.search_space import FAMILIES, ParamValue
+from worker.search_space import DEFAULT_CONTAMINATION, FAMILIES, ParamValue
 
 DIFFERENTIABLE = tuple(name for name, f in FAMILIES.items() if f.differentiable)
 

@@ -22,7 +22,6 @@ import optuna
 
 from worker.core.objectives import DEFAULT_OBJECTIVE, get_objective
 from worker.core.trial import (
-    DEFAULT_CONTAMINATION,
     PreparedData,
     TrainSettings,
     TrialInterrupted,
@@ -30,7 +29,13 @@ from worker.core.trial import (
     TrialResult,
     run_trial,
 )
-from worker.search_space import CategoricalParam, FloatParam, ParamValue, SearchSpace
+from worker.search_space import (
+    DEFAULT_CONTAMINATION,
+    CategoricalParam,
+    FloatParam,
+    ParamValue,
+    SearchSpace,
+)
 
 AUGMENTATION_KEY = "augmentation"
 
