@@ -148,7 +148,12 @@ def test_sixteen_bit_and_palette_pngs_decode() -> None:
     buf = io.BytesIO()
     pal.save(buf, format="PNG")
     out = load_bytes(zip_bytes({"p.png": buf.getvalue()}), "x.zip")
-    assert out.images.shape[1] in (1, 3)
+    assert out.images.shape[1] == 1  # a palette of greys stays grey
+    np.testing.assert_array_equal(out.images[0, 0], np.asarray(pal.convert("L")))
+    colour = Image.fromarray(np.stack([GREY[0], GREY[1], GREY[2]], axis=2)).convert("P")
+    buf = io.BytesIO()
+    colour.save(buf, format="PNG")
+    assert load_bytes(zip_bytes({"c.png": buf.getvalue()}), "x.zip").images.shape[1] == 3
 
 
 def test_folder_and_files(tmp_path: Path) -> None:

@@ -203,11 +203,12 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
                 arr16 = np.asarray(img, dtype=np.int64)
                 top = 65535 if arr16.max() > 255 else 255
                 return np.rint(np.clip(arr16, 0, top) * (255.0 / top)).astype(np.uint8)
-            if img.mode in ("L", "1", "LA") or (
-                img.mode == "P" and img.convert("RGB").getextrema() == ((0, 0), (0, 0), (0, 0))
-            ):
+            if img.mode in ("L", "1", "LA"):
                 return np.asarray(img.convert("L"), dtype=np.uint8)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if img.mode == "P" and (rgb == rgb[..., :1]).all():
+                return rgb[..., 0].copy()  # a palette of greys is a grey image
+            return rgb
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
 
