@@ -49,7 +49,7 @@ class Api:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SSAD_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT),
-               "SSAD_MAX_UPLOAD_BYTES": str(400 * 1024**2)}
+               "SSAD_MAX_UPLOAD_BYTES": str(400 * 1024**2), "SSAD_AUTH": "off"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
              "--port", str(self.port), "--log-level", "warning"],
@@ -188,7 +188,8 @@ def bench_queue(server: PostgresServer, work: Path, n_jobs: int = 1000,
     from service.app import create_app
     from service.settings import Settings
 
-    with TestClient(create_app(Settings(database_url=db))) as c:
+    settings = Settings(database_url=db, auth="off", max_active_jobs=n_jobs)
+    with TestClient(create_app(settings)) as c:
         ds = c.post("/v1/datasets", files={"file": ("a.npz", npz_bytes(
             np.zeros((4, 8, 8), np.uint8)))}).json()["id"]
         for _ in range(n_jobs):

@@ -1,13 +1,19 @@
-"""``python -m service``: the API, plus (by default) one embedded worker process.
+"""``python -m service`` (= ``ssad-tune serve``): the API, plus (by default) one embedded
+worker process.
 
 With no SSAD_DATABASE_URL this is the zero-setup embedded mode: a SQLite file in the
-working directory, migrated on start, and one worker. With a Postgres URL, run
-``alembic upgrade head`` first and start workers with ``python -m worker``.
+working directory, migrated on start, one worker, and no authentication unless SSAD_AUTH
+says otherwise (single user on one machine; said at start-up). With a Postgres URL, run
+``alembic upgrade head`` first, start workers with ``python -m worker``, and
+authentication is required (SSAD_AUTH=required, the default).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 import subprocess
 import sys
 
@@ -17,20 +23,44 @@ from service import migrate
 from service.settings import Settings
 
 
+def _stop_with_parent() -> None:
+    """In the embedded worker's process, before exec: get SIGTERM if the API process dies
+    (even by SIGKILL), so no worker outlives its server. Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _exit_cleanly(signum: int, _: object) -> None:
+    raise SystemExit(0)
+
+
 def main() -> int:
+    embedded = Settings().database_url.startswith("sqlite")
+    if embedded and "SSAD_AUTH" not in os.environ:
+        os.environ["SSAD_AUTH"] = "off"  # read by this process's Settings and uvicorn's app
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     log = logging.getLogger("ssad")
-    if settings.database_url.startswith("sqlite"):
+    if embedded:
         migrate.upgrade_head(settings.database_url)  # embedded mode owns its SQLite file
     worker = None
     if settings.embedded_worker:
         worker = subprocess.Popen([sys.executable, "-m", "worker",
-                                   "--device", settings.worker_device])
+                                   "--device", settings.worker_device],
+                                  preexec_fn=_stop_with_parent)
         log.info("embedded worker started (pid %d)", worker.pid)
+    # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; make that an
+    # exit through ``finally`` below, which stops the worker, not a death that orphans it.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     url = f"http://{settings.host}:{settings.port}"
-    print(f"ssad-tune API on {url} — docs: {url}/docs (no authentication: single-user mode)",
-          flush=True)
+    if settings.auth == "off":
+        auth = ("authentication OFF: single-user mode, anyone who can reach this port can "
+                "use it (set SSAD_AUTH=required to require API keys)")
+    else:
+        auth = ("authentication required: send `Authorization: Bearer <key>`; create keys "
+                "with `ssad-tune keys create --tenant NAME`")
+    print(f"ssad-tune API on {url} — docs: {url}/docs — {auth}", flush=True)
     try:
         uvicorn.run("service.app:create_app", factory=True, host=settings.host,
                     port=settings.port, log_level="info")

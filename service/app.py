@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
@@ -23,6 +24,7 @@ from service.errors import (
     error_response,
     error_responses,
     install_error_handlers,
+    use_error_shape_for_validation,
 )
 from service.jobs.routes import router as jobs_router
 from service.settings import Settings, get_settings
@@ -71,6 +73,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = use_error_shape_for_validation(get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     # Swagger UI from the installed package, not a CDN: the docs work air-gapped.
     app.mount("/static/swagger", StaticFiles(directory=swagger_assets_dir()), name="swagger")
 

@@ -4,9 +4,11 @@ commits on success and rolls back on any error."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -32,6 +34,26 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+def is_transient(exc: BaseException) -> bool:
+    """The database is unreachable or the connection dropped (a restart, a network blip):
+    worth retrying, unlike a constraint violation or a bug. Looks through the exception's
+    cause and context: Optuna re-raises storage errors as its own, and an error raised
+    while handling a lost connection (Optuna's ``tell`` does) is that outage too."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo and len(seen) < 16:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OperationalError | InterfaceError):
+            return True
+        if isinstance(e, DBAPIError) and e.connection_invalidated:
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
 
@@ -47,3 +69,9 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """``with session_scope(engine) as s:`` one transaction, for scripts and tools."""
+    yield from transaction(session_factory(engine))

@@ -1,15 +1,19 @@
-"""FastAPI dependencies: settings and the per-request transaction."""
+"""FastAPI dependencies: settings, the per-request transaction, and the caller's tenant."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.db import transaction
+from service.errors import Unauthorized
+from service.models import DEFAULT_TENANT_ID
 from service.settings import Settings
+from service.tenants import tenant_for_key
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -23,3 +27,31 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="An API key from `ssad-tune keys create --tenant NAME`, sent "
+                                "as `Authorization: Bearer <key>`")
+
+
+def get_tenant(settings: SettingsDep, session: SessionDep,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+               ) -> str:
+    """The id of the tenant making the request: from its API key, or the default tenant
+    when the server runs with ``SSAD_AUTH=off`` (single-user mode)."""
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    if credentials is None:
+        raise Unauthorized("this server needs an API key: send `Authorization: Bearer <key>` "
+                           "(an operator creates one with `ssad-tune keys create --tenant NAME`)")
+    tenant = tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        raise Unauthorized("unknown or revoked API key")
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+IdempotencyKeyDep = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+    description="Any unique string (e.g. a UUID): a retry with the same key and the same "
+                "request returns the first result instead of creating a second; the same key "
+                "with a different request is a 409. Kept for 24 hours.")]

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("ssad.api")
 
@@ -57,13 +58,31 @@ class PayloadTooLarge(AppError):
     status_code = 413
 
 
+class Unauthorized(AppError):
+    status_code = 401
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+
+
+class QuotaExceeded(AppError):
+    """The request is larger than the tenant's quota allows (retrying will not help)."""
+
+    status_code = 413
+
+
+class TooManyActiveJobs(AppError):
+    """The tenant has as many jobs queued or running as its quota allows (retry later)."""
+
+    status_code = 429
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "30"}
+
+
 class ServiceUnavailable(AppError):
     status_code = 503
     headers: ClassVar[dict[str, str] | None] = {"Retry-After": "2"}
 
 
-_HTTP_NAMES = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge",
-               415: "UnsupportedMediaType", 400: "BadRequest"}
+_HTTP_NAMES = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
+               413: "PayloadTooLarge", 415: "UnsupportedMediaType", 400: "BadRequest"}
 
 
 def error_body(error: str, detail: str) -> dict[str, str]:
@@ -94,10 +113,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body("ValidationError", _format_validation(exc)), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         name = _HTTP_NAMES.get(exc.status_code, "HTTPError")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route's methods; a path served by several
+            # routes (GET and DELETE /v1/datasets/{id}) allows all of theirs.
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
         return JSONResponse(error_body(name, str(exc.detail)), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
@@ -117,8 +141,38 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(InternalError("internal server error"))
 
 
+def allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.PARTIAL:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods
+
+
+def use_error_shape_for_validation(openapi: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents its own 422 body; ours is :class:`ErrorResponse`. Rewrite every
+    operation's 422 to it and drop FastAPI's validation schemas."""
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for ops in openapi.get("paths", {}).values():
+        for op in ops.values():
+            r422 = op.get("responses", {}).get("422")
+            if r422 is not None:
+                r422["content"] = {"application/json": {"schema": ref}}
+                if r422.get("description") == "Validation Error":
+                    r422["description"] = "Invalid input"
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["ErrorResponse"] = ErrorResponse.model_json_schema()
+    return openapi
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for the error codes a route can return."""
-    desc = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Too large",
-            415: "Unsupported media type", 422: "Invalid input", 503: "Database unavailable"}
+    desc = {400: "Bad request", 401: "Missing, unknown or revoked API key", 404: "Not found",
+            409: "Conflict", 413: "Too large for a limit or the tenant's quota",
+            415: "Unsupported media type", 422: "Invalid input",
+            429: "Too many active jobs for the tenant's quota; retry later",
+            503: "Database unavailable"}
     return {c: {"model": ErrorResponse, "description": desc.get(c, "Error")} for c in codes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     embedded_worker: bool = Field(True, description="python -m service also starts a worker")
+    auth: Literal["required", "off"] = Field(
+        "required", description="required: every /v1 request needs `Authorization: Bearer "
+        "<key>`; off: single-user mode, everything belongs to the default tenant")
     worker_device: str = "auto"
 
     max_upload_bytes: int = 512 * 1024**2
@@ -28,6 +32,10 @@ class Settings(BaseSettings):
     max_decoded_bytes: int = 2 * 1024**3
     max_trials_per_job: int = 500
     max_train_steps: int = 100_000
+    # Per-tenant quotas (a tenant's own row may override each): 429 / 413 beyond them.
+    max_active_jobs: int = 8
+    max_stored_bytes: int = 20 * 1024**3
+    idempotency_ttl_hours: float = 24.0
 
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0

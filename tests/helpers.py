@@ -40,6 +40,8 @@ def png_zip(images: np.ndarray, names: list[str]) -> bytes:
 
 
 def client(db_url: str, **overrides: Any) -> TestClient:
+    """An in-process client; single-user (``auth="off"``) unless ``auth="required"``."""
+    overrides.setdefault("auth", "off")
     settings = Settings(database_url=db_url, embedded_worker=False, **overrides)
     return TestClient(create_app(settings))
 

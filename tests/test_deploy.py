@@ -89,3 +89,14 @@ def test_dashboard_reads_the_optuna_schema() -> None:
 def test_embedded_mode_keeps_optuna_in_its_own_file(tmp_path: Path) -> None:
     assert optuna_storage_url(f"sqlite:///{tmp_path}/ssad.db") == \
         f"sqlite:///{tmp_path}/ssad-optuna.db"
+
+
+def test_the_deployment_requires_api_keys_and_can_make_them() -> None:
+    assert _env("api")["SSAD_AUTH"] == "required"
+    assert Settings.model_fields["auth"].default == "required"  # also without the line
+    from service.cli import parser
+
+    # The command the compose file's comment gives operators exists as written.
+    args = parser().parse_args(["keys", "create", "--tenant", "acme"])
+    assert args.tenant == "acme"
+    assert "ssad-tune keys create --tenant NAME" in (ROOT / "docker-compose.yml").read_text()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import ROOT, wait_http_ok
+from tests.helpers import ROOT, wait_for, wait_http_ok
 from tests.pg import free_port
 
 
@@ -40,3 +41,15 @@ def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
         server.wait(timeout=60)
     text = (tmp_path / "service.log").read_text(errors="replace")
     assert "/docs" in text and "embedded worker started" in text
+    assert "authentication OFF" in text  # embedded mode says so at start-up
+    # Stopping the server stops its embedded worker: nothing is left running.
+    found = re.search(r"embedded worker started \(pid (\d+)\)", text)
+    assert found is not None
+    wait_for(lambda: not running(int(found.group(1))), timeout=30)
+
+
+def running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return False

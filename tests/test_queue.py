@@ -29,7 +29,7 @@ print(json.dumps(claimed))
 
 def test_claimers_in_separate_processes_never_share_a_job(pg_url: str) -> None:
     n_jobs, n_claimers = 120, 6
-    with client(pg_url) as api:
+    with client(pg_url, max_active_jobs=n_jobs) as api:
         tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
         ids = {api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"] for _ in range(n_jobs)}
     procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, pg_url, f"c{i}"], cwd=ROOT,

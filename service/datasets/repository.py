@@ -14,15 +14,19 @@ from service.models import Blob, BlobChunk, Dataset, Job, utcnow
 CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:
+    """The tenant's dataset; another tenant's is None, exactly as a missing one."""
+    dataset = session.get(Dataset, dataset_id)
+    return dataset if dataset is not None and dataset.tenant_id == tenant_id else None
 
 
-def list_datasets(session: Session, limit: int, offset: int) -> tuple[Sequence[Dataset], int]:
+def list_datasets(session: Session, tenant_id: str, limit: int, offset: int
+                  ) -> tuple[Sequence[Dataset], int]:
     rows = session.scalars(
-        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).limit(limit)
-        .offset(offset)).all()
-    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
+        select(Dataset).where(Dataset.tenant_id == tenant_id)
+        .order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)).all()
+    total = session.scalar(select(func.count()).select_from(Dataset)
+                           .where(Dataset.tenant_id == tenant_id)) or 0
     return rows, total
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
-from service.deps import SessionDep, SettingsDep
+from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import PayloadTooLarge, error_responses
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -20,39 +20,47 @@ def read_limited(upload: UploadFile, limit: int) -> bytes:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses=error_responses(413, 422, 503),
+             responses=error_responses(400, 401, 409, 413, 422, 503),
              summary="Upload an image set (.npz, .npy, or .zip of PNG/JPEG)")
 def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
+    response: Response,
     file: Annotated[UploadFile, File(description=".npz (one array or key images/x), .npy, "
                                                  "or .zip of PNG/JPEG files")],
     name: Annotated[str | None, Form(max_length=255)] = None,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> DatasetOut:
     data = read_limited(file, settings.max_upload_bytes)
-    dataset = service.create_dataset(session, data, file.filename or "", name, settings)
+    dataset, replayed = service.create_dataset(session, tenant, data, file.filename or "", name,
+                                               settings, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return DatasetOut.model_validate(dataset)
 
 
-@router.get("", response_model=DatasetList, summary="List datasets, newest first")
+@router.get("", response_model=DatasetList, responses=error_responses(401),
+            summary="List your datasets, newest first")
 def list_datasets(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DatasetList:
-    rows, total = service.list_datasets(session, limit, offset)
+    rows, total = service.list_datasets(session, tenant, limit, offset)
     return DatasetList(items=[DatasetOut.model_validate(r) for r in rows], total=total)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404),
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(401, 404),
             summary="Describe a dataset")
-def get_dataset(session: SessionDep, dataset_id: str) -> DatasetOut:
-    return DatasetOut.model_validate(service.get_dataset(session, dataset_id))
+def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: str) -> DatasetOut:
+    return DatasetOut.model_validate(service.get_dataset(session, tenant, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses=error_responses(404, 409),
+               responses=error_responses(401, 404, 409),
                summary="Delete a dataset (409 while a job uses it)")
-def delete_dataset(session: SessionDep, dataset_id: str) -> Response:
-    service.delete_dataset(session, dataset_id)
+def delete_dataset(session: SessionDep, tenant: TenantDep, dataset_id: str) -> Response:
+    service.delete_dataset(session, tenant, dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -18,14 +18,16 @@ def insert_job(session: Session, job: Job, message: str) -> None:
                          message=message))
 
 
-def get_job(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    """The tenant's job; another tenant's is None, exactly as a missing one."""
+    job = session.get(Job, job_id)
+    return job if job is not None and job.tenant_id == tenant_id else None
 
 
-def list_jobs(session: Session, limit: int, offset: int, status: str | None
+def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None
               ) -> tuple[Sequence[Job], int]:
-    q = select(Job)
-    count = select(func.count()).select_from(Job)
+    q = select(Job).where(Job.tenant_id == tenant_id)
+    count = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id)
     if status:
         q, count = q.where(Job.status == status), count.where(Job.status == status)
     rows = session.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
-from service.deps import SessionDep, SettingsDep
+from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import error_responses
 from service.jobs import service
 from service.jobs.schemas import (
@@ -46,55 +46,61 @@ def job_out(job: Job) -> JobOut:
 def trial_out(t: JobTrial) -> TrialOut:
     return TrialOut(number=t.number, state=t.state, augmentation=t.augmentation,
                     params=t.params, validation_loss=t.validation_loss, losses=t.losses,
-                    duration_s=t.duration_s, attempt=t.attempt)
+                    duration_s=t.duration_s, attempt=t.attempt, error=t.error)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=error_responses(404, 422, 503), summary="Queue a tuning job")
-def create_job(session: SessionDep, settings: SettingsDep, body: JobCreate,
-               response: Response) -> JobOut:
-    job = service.create_job(session, body, settings)
+             responses=error_responses(401, 404, 409, 413, 422, 429, 503),
+             summary="Queue a tuning job")
+def create_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, body: JobCreate,
+               response: Response, idempotency_key: IdempotencyKeyDep = None) -> JobOut:
+    job, replayed = service.create_job(session, tenant, body, settings, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return job_out(job)
 
 
-@router.get("", response_model=JobList, summary="List jobs, newest first")
+@router.get("", response_model=JobList, responses=error_responses(401),
+            summary="List your jobs, newest first")
 def list_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
     status_: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                        Query(alias="status")] = None,
 ) -> JobList:
-    rows, total = service.list_jobs(session, limit, offset, status_)
+    rows, total = service.list_jobs(session, tenant, limit, offset, status_)
     return JobList(items=[job_out(j) for j in rows], total=total)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404),
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404),
             summary="A job's status, progress and best trial so far")
-def get_job(session: SessionDep, job_id: str) -> JobOut:
-    return job_out(service.get_job(session, job_id))
+def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    return job_out(service.get_job(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409),
+@router.post("/{job_id}/cancel", response_model=JobOut,
+             responses=error_responses(401, 404, 409),
              summary="Cancel a job (idempotent; 409 once it has succeeded or failed)")
-def cancel_job(session: SessionDep, job_id: str) -> JobOut:
-    return job_out(service.cancel_job(session, job_id))
+def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+    return job_out(service.cancel_job(session, tenant, job_id))
 
 
-@router.get("/{job_id}/trials", response_model=TrialList, responses=error_responses(404),
+@router.get("/{job_id}/trials", response_model=TrialList, responses=error_responses(401, 404),
             summary="Every stored trial: augmentation, parameters, losses, duration")
-def list_trials(session: SessionDep, job_id: str) -> TrialList:
-    return TrialList(job_id=job_id,
-                     trials=[trial_out(t) for t in service.list_trials(session, job_id)])
+def list_trials(session: SessionDep, tenant: TenantDep, job_id: str) -> TrialList:
+    return TrialList(job_id=job_id, trials=[
+        trial_out(t) for t in service.list_trials(session, tenant, job_id)])
 
 
-@router.get("/{job_id}/events", response_model=EventList, responses=error_responses(404),
+@router.get("/{job_id}/events", response_model=EventList, responses=error_responses(401, 404),
             summary="The job's history: every status change, with its attempt")
-def list_events(session: SessionDep, job_id: str) -> EventList:
+def list_events(session: SessionDep, tenant: TenantDep, job_id: str) -> EventList:
     return EventList(job_id=job_id, events=[
         EventOut(at=e.at, status=e.status, attempt=e.attempt, message=e.message)
-        for e in service.list_events(session, job_id)])
+        for e in service.list_events(session, tenant, job_id)])
 
 
 class RenderedScores:
@@ -143,14 +149,17 @@ def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
                       allow_nan=False, separators=(",", ":")).encode()
 
 
-def scores_response(session: Session, job_id: str, number: int | None, fmt: str,
-                    request: Request) -> Response:
+def scores_response(session: Session, tenant_id: str, job_id: str, number: int | None,
+                    fmt: str, request: Request) -> Response:
+    # Ownership first (one primary-key read), then the per-process cache of bodies.
     if number is None:
-        number = service.chosen_trial(session, job_id)
+        number = service.chosen_trial(session, tenant_id, job_id)
+    else:
+        service.get_job(session, tenant_id, job_id)
     key = (job_id, number, fmt)
     body = RENDERED.get(key)
     if body is None:
-        n, rows = service.scores(session, job_id, number)
+        n, rows = service.scores(session, tenant_id, job_id, number)
         body = render_scores(job_id, n, rows, fmt)
         RENDERED.put(key, body)
     etag = f'"{job_id}-{number}-{fmt}"'
@@ -166,16 +175,16 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/{job_id}/scores", response_model=ScoresOut,
-            responses={**_SCORES_DOC, **error_responses(404, 409)},
+            responses={**_SCORES_DOC, **error_responses(401, 404, 409)},
             summary="Anomaly score of every test image (the chosen trial), in test order")
-def job_scores(session: SessionDep, job_id: str, request: Request,
+def job_scores(session: SessionDep, tenant: TenantDep, job_id: str, request: Request,
                format: Literal["json", "csv"] = "json") -> Response:
-    return scores_response(session, job_id, None, format, request)
+    return scores_response(session, tenant, job_id, None, format, request)
 
 
 @router.get("/{job_id}/trials/{number}/scores", response_model=ScoresOut,
-            responses={**_SCORES_DOC, **error_responses(404)},
+            responses={**_SCORES_DOC, **error_responses(401, 404)},
             summary="Anomaly scores of one finished trial, in test order")
-def trial_scores(session: SessionDep, job_id: str, number: int, request: Request,
-                 format: Literal["json", "csv"] = "json") -> Response:
-    return scores_response(session, job_id, number, format, request)
+def trial_scores(session: SessionDep, tenant: TenantDep, job_id: str, number: int,
+                 request: Request, format: Literal["json", "csv"] = "json") -> Response:
+    return scores_response(session, tenant, job_id, number, format, request)

@@ -42,7 +42,9 @@ class JobCreate(BaseModel):
     objective: ObjectiveName = "dsv"
     contamination: float = Field(DEFAULT_CONTAMINATION, gt=0, lt=1,
                                  description="expected anomaly fraction of the test set")
-    train_steps: int = Field(400, ge=1, description="detector training steps per trial")
+    train_steps: int = Field(400, ge=1, le=100_000,
+                             description="detector training steps per trial (the server's "
+                                         "SSAD_MAX_TRAIN_STEPS may cap it lower)")
     batch_size: int = Field(64, ge=2, le=4096)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     scorer: ScorerName = "mahalanobis"
@@ -91,13 +93,14 @@ class JobList(BaseModel):
 
 class TrialOut(BaseModel):
     number: int
-    state: str
+    state: Literal["COMPLETE", "FAIL"]
     augmentation: str
     params: dict[str, Any]
     validation_loss: float | None
     losses: dict[str, float]
     duration_s: float
     attempt: int
+    error: str | None = Field(None, description="why a FAIL trial failed")
 
 
 class TrialList(BaseModel):

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service import idempotency, tenants
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
 from service.jobs import repository as repo
@@ -17,21 +18,30 @@ from service.settings import Settings
 from worker.search_space import SearchSpace
 
 
-def _dataset(session: Session, dataset_id: str, role: str) -> Dataset:
-    d = dataset_repo.get_dataset(session, dataset_id)
+def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
+    d = dataset_repo.get_dataset(session, tenant_id, dataset_id)
     if d is None:
         raise NotFound(f"{role} dataset {dataset_id} not found")
     return d
 
 
-def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
-    """Validate and enqueue: the job row and its first event in the caller's transaction."""
-    if request.n_trials > settings.max_trials_per_job:
-        raise InvalidRequest(f"n_trials must be at most {settings.max_trials_per_job}")
+def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate and enqueue: the job row and its first event in the caller's transaction.
+    Returns the job and whether it is a replay of an earlier request with the same
+    ``idempotency_key``."""
+    fp = ""
+    if idempotency_key is not None:
+        fp = idempotency.json_fingerprint(request.model_dump(mode="json"))
+        earlier = idempotency.replay(session, tenant_id, "jobs", idempotency_key, fp,
+                                     settings.idempotency_ttl_hours,
+                                     lambda i: repo.get_job(session, tenant_id, i))
+        if earlier is not None:
+            return earlier, True
     if request.train_steps > settings.max_train_steps:
         raise InvalidRequest(f"train_steps must be at most {settings.max_train_steps}")
-    train = _dataset(session, request.train_dataset_id, "train")
-    test = _dataset(session, request.test_dataset_id, "test")
+    train = _dataset(session, tenant_id, request.train_dataset_id, "train")
+    test = _dataset(session, tenant_id, request.test_dataset_id, "test")
     if train.channels != test.channels:
         raise IncompatibleDatasets(
             f"train dataset has {train.channels} channel(s) and test dataset has "
@@ -44,32 +54,36 @@ def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
             else request.search_space.model_dump(exclude_none=True))
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(str(exc)) from None
+    tenants.check_job(session, tenant_id, tenants.lock_tenant(session, tenant_id, settings),
+                      request.n_trials)
     spec: dict[str, Any] = request.model_dump()
     spec["search_space"] = space.to_dict()
-    job = Job(id=str(uuid.uuid4()), status=JobStatus.queued.value,
+    job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
               train_dataset_id=train.id, test_dataset_id=test.id, spec=spec,
               n_trials=request.n_trials, trials_completed=0, attempt=0,
               cancel_requested=False)
     repo.insert_job(session, job, "queued")
-    return job
+    if idempotency_key is not None:
+        idempotency.remember(session, tenant_id, "jobs", idempotency_key, fp, job.id)
+    return job, False
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = repo.get_job(session, job_id)
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = repo.get_job(session, tenant_id, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")
     return job
 
 
-def list_jobs(session: Session, limit: int, offset: int, status: str | None
+def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None
               ) -> tuple[Sequence[Job], int]:
-    return repo.list_jobs(session, limit, offset, status)
+    return repo.list_jobs(session, tenant_id, limit, offset, status)
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """Idempotent: a queued job is cancelled now; a running one at its worker's next check
     (between trials, or within a trial at the next heartbeat); a cancelled one stays so."""
-    job = get_job(session, job_id)
+    job = get_job(session, tenant_id, job_id)
     if job.status == JobStatus.cancelled.value:
         return job
     if job.status in (JobStatus.succeeded.value, JobStatus.failed.value):
@@ -82,32 +96,33 @@ def cancel_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def list_trials(session: Session, job_id: str) -> Sequence[JobTrial]:
-    get_job(session, job_id)
+def list_trials(session: Session, tenant_id: str, job_id: str) -> Sequence[JobTrial]:
+    get_job(session, tenant_id, job_id)
     return repo.list_trials(session, job_id)
 
 
-def chosen_trial(session: Session, job_id: str) -> int:
+def chosen_trial(session: Session, tenant_id: str, job_id: str) -> int:
     """The trial whose scores are the job's result (only once the job has succeeded)."""
-    job = get_job(session, job_id)
+    job = get_job(session, tenant_id, job_id)
     if job.best_trial_number is None or job.status != JobStatus.succeeded.value:
         raise Conflict(f"job {job_id} is {job.status}; its scores are available once it "
                        "has succeeded (per-trial scores: /trials/{number}/scores)")
     return job.best_trial_number
 
 
-def scores(session: Session, job_id: str, trial_number: int
+def scores(session: Session, tenant_id: str, job_id: str, trial_number: int
            ) -> tuple[int, list[tuple[int, str, float]]]:
     """(trial number, [(index, name, score)]) of a finished trial, in test-set order."""
-    job = get_job(session, job_id)
-    if repo.get_trial(session, job_id, trial_number) is None:
+    job = get_job(session, tenant_id, job_id)
+    trial = repo.get_trial(session, job_id, trial_number)
+    if trial is None or trial.state != "COMPLETE":
         raise NotFound(f"job {job_id} has no finished trial {trial_number}")
-    test = dataset_repo.get_dataset(session, job.test_dataset_id)
+    test = dataset_repo.get_dataset(session, tenant_id, job.test_dataset_id)
     names = test.names if test is not None else []
     rows = repo.trial_scores(session, job_id, trial_number)
     return trial_number, [(i, names[i] if i < len(names) else str(i), s) for i, s in rows]
 
 
-def list_events(session: Session, job_id: str) -> Sequence[JobEvent]:
-    get_job(session, job_id)
+def list_events(session: Session, tenant_id: str, job_id: str) -> Sequence[JobEvent]:
+    get_job(session, tenant_id, job_id)
     return repo.list_events(session, job_id)

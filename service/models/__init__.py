@@ -89,6 +89,52 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 _STATUS_CHECK = "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')"
 
 
+#: Owner of everything created without authentication (the embedded single-user mode) and
+#: of rows that existed before tenants did (migration 0002).
+DEFAULT_TENANT_ID = "00000000-0000-0000-0000-000000000000"
+DEFAULT_TENANT_NAME = "default"
+
+
+class Tenant(Base):
+    """Who owns datasets and jobs. Quotas left NULL take the service-wide defaults."""
+
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_trials_per_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored (keys are 256 random bits, so a fast hash is
+    enough); ``prefix`` is the key's first characters, to tell keys apart in listings."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class IdempotencyKey(Base):
+    """The first result of a POST sent with an ``Idempotency-Key`` header: a repeat with the
+    same request fingerprint gets the same resource back, a different one a 409."""
+
+    __tablename__ = "idempotency_keys"
+    tenant_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Blob(Base):
     """An uploaded image set's canonical bytes (uint8 (N, C, H, W) as .npy), stored once per
     sha256 and split into chunks so no row is huge."""
@@ -111,6 +157,7 @@ class BlobChunk(Base):
 class Dataset(Base):
     __tablename__ = "datasets"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36), ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64), ForeignKey("blobs.sha256"), index=True)
     n_samples: Mapped[int] = mapped_column(Integer)
@@ -129,6 +176,7 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36), ForeignKey("tenants.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
     train_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     test_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
@@ -176,6 +224,8 @@ class JobTrial(Base):
     losses: Mapped[dict[str, float]] = mapped_column(JSON)
     timings: Mapped[dict[str, float]] = mapped_column(JSON)
     duration_s: Mapped[float] = mapped_column(Float)
+    #: Why a FAIL trial failed (e.g. the device ran out of memory); None when COMPLETE.
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -1,0 +1,159 @@
+"""``ssad-tune``: one command for operators.
+
+    ssad-tune serve                         the API (+ embedded worker on SQLite)
+    ssad-tune worker [--device cuda:0]      one worker
+    ssad-tune migrate                       alembic upgrade head on SSAD_DATABASE_URL
+    ssad-tune keys create --tenant NAME     a new API key (printed once; stored hashed)
+    ssad-tune keys list | keys revoke ID
+    ssad-tune tenants list | tenants quota NAME [--active-jobs N] [--stored-bytes B]
+                                            [--trials-per-job T]   (-1: back to default)
+
+Every command reads the database from SSAD_DATABASE_URL (default: ./ssad.db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.orm import Session
+
+from service.errors import AppError
+from service.settings import Settings
+
+
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    from service.db import make_engine, session_scope
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as s:
+            yield s
+    finally:
+        engine.dispose()
+
+
+def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    from service import tenants
+
+    with _session(settings) as s:
+        key, plain = tenants.create_key(s, args.tenant)
+        key_id = key.id
+    print(plain)
+    print(f"key {key_id} for tenant {args.tenant!r}: shown once, store it now; "
+          f"revoke with `ssad-tune keys revoke {key_id[:8]}`", file=sys.stderr)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    from service import tenants
+
+    with _session(settings) as s:
+        for key, tenant in tenants.list_keys(s):
+            state = "revoked " + key.revoked_at.isoformat() if key.revoked_at else "active"
+            print(f"{key.id}  {key.prefix}…  tenant={tenant}  "
+                  f"created={key.created_at.isoformat()}  {state}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from service import tenants
+
+    with _session(settings) as s:
+        key = tenants.revoke_key(s, args.key_id)
+        print(f"key {key.id} revoked")
+    return 0
+
+
+def _tenants_list(args: argparse.Namespace, settings: Settings) -> int:
+    from service import tenants
+
+    def show(v: int | None, default: int) -> str:
+        return f"{default} (default)" if v is None else str(v)
+
+    with _session(settings) as s:
+        for t in tenants.list_tenants(s):
+            print(f"{t.name}  id={t.id}"
+                  f"  active_jobs={show(t.max_active_jobs, settings.max_active_jobs)}"
+                  f"  stored_bytes={show(t.max_stored_bytes, settings.max_stored_bytes)}"
+                  f"  trials_per_job={show(t.max_trials_per_job, settings.max_trials_per_job)}")
+    return 0
+
+
+def _tenants_quota(args: argparse.Namespace, settings: Settings) -> int:
+    from service import tenants
+
+    with _session(settings) as s:
+        tenants.set_quotas(s, args.name, max_active_jobs=args.active_jobs,
+                           max_stored_bytes=args.stored_bytes,
+                           max_trials_per_job=args.trials_per_job)
+    return _tenants_list(args, settings)
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from service import migrate
+
+    migrate.upgrade_head(settings.database_url)
+    print("database at", migrate.head_revision())
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from service.__main__ import main as serve
+
+    return serve()
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.__main__ import main as worker
+
+    return worker(args.rest)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ssad-tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the API").set_defaults(fn=_serve)
+    w = sub.add_parser("worker", help="run one worker (options: python -m worker --help)")
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+    w.set_defaults(fn=_worker)
+    sub.add_parser("migrate", help="upgrade the database schema").set_defaults(fn=_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)
+    c = keys.add_parser("create", help="create a key (and the tenant if new)")
+    c.add_argument("--tenant", required=True)
+    c.set_defaults(fn=_keys_create)
+    keys.add_parser("list", help="list keys (never the keys themselves)").set_defaults(
+        fn=_keys_list)
+    r = keys.add_parser("revoke", help="revoke a key by id (or its first 8+ characters)")
+    r.add_argument("key_id")
+    r.set_defaults(fn=_keys_revoke)
+
+    ten = sub.add_parser("tenants", help="tenants and quotas").add_subparsers(
+        dest="action", required=True)
+    ten.add_parser("list", help="tenants and their quotas").set_defaults(fn=_tenants_list)
+    q = ten.add_parser("quota", help="set a tenant's quotas (-1: back to the default)")
+    q.add_argument("name")
+    q.add_argument("--active-jobs", type=int)
+    q.add_argument("--stored-bytes", type=int)
+    q.add_argument("--trials-per-job", type=int)
+    q.set_defaults(fn=_tenants_quota)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace, Settings], int] = args.fn
+    try:
+        return fn(args, Settings())
+    except AppError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
