@@ -56,17 +56,27 @@ class PostgresServer:
         subprocess.run([*self._as, _pg_bin("initdb"), "-D", str(self.data), "-A", "trust",
                         "-U", self.user, "-E", "UTF8", "--no-sync"],
                        check=True, capture_output=True)
+        self.resume()
+        return self
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run([*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), *args],
+                       check=True, capture_output=True, timeout=90)
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown: clients are disconnected), keeping its data."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the (initialised) server on its port, and wait until it accepts clients."""
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        subprocess.run([*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), "-o", opts,
-                        "-l", str(self.dir / "log"), "-w", "-t", "60", "start"],
-                       check=True, capture_output=True)
-        return self
+        self._pg_ctl("-o", opts, "-l", str(self.dir / "log"), "-w", "-t", "60", "start")
 
     def stop(self) -> None:
         if not self.external:
             subprocess.run([*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), "-m",
-                            "immediate", "stop"], capture_output=True)
+                            "immediate", "stop"], capture_output=True, timeout=90)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def url(self, database: str, driver: str = "postgresql+psycopg") -> str:

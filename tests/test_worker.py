@@ -123,7 +123,14 @@ def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
         assert not by_first & by_second  # nothing the first worker finished was redone
         assert by_first | by_second == set(families)
         events = [e["status"] for e in api.get(f"/v1/jobs/{job['id']}/events").json()["events"]]
-        assert events == ["queued", "running", "queued", "running", "succeeded"]
+        assert events == ["queued", "running", "queued", "running", "succeeded"]  # one result
+        # In the study, a trial the kill interrupted is FAIL with its reason (and was rerun).
+        study = optuna.load_study(study_name=f"job-{job['id']}",
+                                  storage=optuna_storage_url(pg_url))
+        states = [t.state for t in study.trials]
+        assert states.count(optuna.trial.TrialState.COMPLETE) == 5
+        assert all(t.system_attrs.get("failed_reason", "").startswith("interrupted")
+                   for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
 
 
 def test_sigterm_gives_the_job_back_and_another_worker_finishes_it(
@@ -177,10 +184,11 @@ def test_zombie_writes_are_fenced_and_attempts_are_capped(db_url: str) -> None:
             assert [t.attempt for t in s.scalars(select(JobTrial))] == [2]
         time.sleep(0.1)  # the current worker dies too: attempts are used up
         manager.requeue_stale()
-        with session_factory(engine)() as s:
-            job = s.get(Job, job_id)
-            assert job is not None and job.status == "failed"
-            assert job.error is not None and "max_attempts=2" in job.error
+        with client(db_url) as api:  # the reason, as the user sees it
+            job = job_status(api, job_id)
+            assert job["status"] == "failed" and job["attempt"] == 2
+            assert "stopped responding 2 time(s)" in job["error"]
+            assert "max_attempts=2" in job["error"]
     finally:
         engine.dispose()
 

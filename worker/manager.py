@@ -9,18 +9,20 @@ Torch-free.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.datasets.repository import read_blob
-from service.db import session_factory, transaction
+from service.db import is_transient, session_factory, transaction
 from service.models import (
     Dataset,
     Job,
@@ -64,6 +66,34 @@ class Heartbeat:
     cancel_requested: bool
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def retry_transient(method: Callable[Concatenate[JobManager, P], R]
+                    ) -> Callable[Concatenate[JobManager, P], R]:
+    """Retry a manager call while the database is unreachable (e.g. Postgres restarting),
+    with backoff, for up to the lease: beyond it the job is someone else's anyway. Every
+    decorated call is one transaction that is safe to repeat."""
+
+    @functools.wraps(method)
+    def wrapper(self: JobManager, *args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.25
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: database unavailable (%s); retrying in %.1fs",
+                            method.__name__, type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
+
+
 def _ref(d: Dataset) -> DatasetRef:
     return DatasetRef(d.id, d.sha256, d.n_samples, d.channels, d.height, d.width)
 
@@ -73,6 +103,7 @@ class JobManager:
         self.engine = engine
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
+        self.retry_seconds = lease_seconds
         self._sessions = session_factory(engine)
 
     @contextmanager
@@ -161,10 +192,12 @@ class JobManager:
                                lease_expires_at=now + self.lease)
             return Heartbeat(cancel_requested=job.cancel_requested)
 
+    @retry_transient
     def is_cancel_requested(self, job_id: str) -> bool:
         with self._tx() as s:
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
+    @retry_transient
     def load_blob(self, sha256: str) -> bytes:
         with self._tx() as s:
             data = read_blob(s, sha256)
@@ -172,15 +205,19 @@ class JobManager:
             raise LookupError(f"dataset blob {sha256} is missing")
         return data
 
+    @retry_transient
     def record_trial(
         self, job_id: str, attempt: int, number: int, *, augmentation: str,
         params: Mapping[str, Any], validation_loss: float, losses: Mapping[str, float],
         timings: Mapping[str, float], scores: Sequence[float],
     ) -> None:
-        """Store one finished trial, its scores and the job's progress in one transaction."""
+        """Store one finished trial, its scores and the job's progress in one transaction.
+        A repeat (a retry after the commit's acknowledgement was lost) stores nothing."""
         now = utcnow()
         with self._tx() as s:
             self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
+            if s.get(JobTrial, (job_id, number)) is not None:
+                return
             s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="COMPLETE",
                            augmentation=augmentation, params=dict(params),
                            validation_loss=validation_loss, losses=dict(losses),
@@ -189,14 +226,34 @@ class JobManager:
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
                 for i, v in enumerate(scores)])
-            best = self._best_trial(s, job_id)
-            completed = s.scalar(select(func.count()).select_from(JobTrial)
-                                 .where(JobTrial.job_id == job_id)) or 0
-            s.execute(update(Job).where(Job.id == job_id).values(
-                trials_completed=completed,
-                best=None if best is None else _best_json(best),
-                best_trial_number=None if best is None else best.number))
+            self._update_progress(s, job_id)
 
+    @retry_transient
+    def record_failed_trial(self, job_id: str, attempt: int, number: int, *,
+                            augmentation: str, params: Mapping[str, Any], reason: str) -> None:
+        """Store a trial that could not finish (state FAIL) with its reason."""
+        now = utcnow()
+        with self._tx() as s:
+            self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
+            if s.get(JobTrial, (job_id, number)) is not None:
+                return
+            s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="FAIL",
+                           augmentation=augmentation, params=dict(params),
+                           validation_loss=None, losses={}, timings={}, duration_s=0.0,
+                           error=reason[:4000]))
+            self._event(s, job_id, JobStatus.running.value, attempt,
+                        f"trial {number} failed: {reason}"[:4000])
+
+    def _update_progress(self, s: Session, job_id: str) -> None:
+        best = self._best_trial(s, job_id)
+        completed = s.scalar(select(func.count()).select_from(JobTrial).where(
+            JobTrial.job_id == job_id, JobTrial.state == "COMPLETE")) or 0
+        s.execute(update(Job).where(Job.id == job_id).values(
+            trials_completed=completed,
+            best=None if best is None else _best_json(best),
+            best_trial_number=None if best is None else best.number))
+
+    @retry_transient
     def stored_trial_loss(self, job_id: str, number: int) -> float | None:
         """The loss of a trial already stored for this job (a worker may have died after
         storing it but before Optuna recorded it as complete)."""
@@ -212,6 +269,7 @@ class JobManager:
 
     # ------------------------------------------------------------------ endings
 
+    @retry_transient
     def finish(self, job_id: str, attempt: int) -> None:
         """The best stored trial (lowest loss) becomes the result: written once, fenced."""
         with self._tx() as s:
@@ -226,12 +284,14 @@ class JobManager:
                         f"best trial {best.number}: {best.augmentation} "
                         f"(loss {best.validation_loss:.4g})")
 
+    @retry_transient
     def fail(self, job_id: str, attempt: int, reason: str) -> None:
         with self._tx() as s:
             self._fenced(s, job_id, attempt, status=JobStatus.failed.value,
                          finished_at=utcnow(), error=reason[:4000], lease_expires_at=None)
             self._event(s, job_id, JobStatus.failed.value, attempt, reason[:4000])
 
+    @retry_transient
     def mark_cancelled(self, job_id: str, attempt: int) -> None:
         with self._tx() as s:
             self._fenced(s, job_id, attempt, status=JobStatus.cancelled.value,
@@ -239,6 +299,7 @@ class JobManager:
             self._event(s, job_id, JobStatus.cancelled.value, attempt,
                         "cancelled while running")
 
+    @retry_transient
     def release(self, job_id: str, attempt: int, reason: str) -> None:
         """Give a job back to the queue (the worker is stopping); its trials are kept."""
         with self._tx() as s:

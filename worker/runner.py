@@ -16,6 +16,7 @@ import numpy as np
 import optuna
 import torch
 
+from service.db import is_transient
 from service.settings import optuna_storage_url
 from worker.core.study import StudySettings, run_study
 from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
@@ -125,10 +126,18 @@ def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: 
             log.info("job %s: trial %d %s loss=%.4f (%.1fs)", job.id, number, r.augmentation,
                      r.validation_loss, r.timings["total_s"])
 
-        storage = optuna.storages.RDBStorage(optuna_storage_url(database_url))
+        def record_failure(number: int, family: str, params: dict[str, Any], reason: str) -> None:
+            manager.record_failed_trial(job.id, job.attempt, number, augmentation=family,
+                                        params=params, reason=reason)
+            log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
+
+        # pool_pre_ping: after a database restart, pooled connections are replaced, not used.
+        storage = optuna.storages.RDBStorage(optuna_storage_url(database_url),
+                                             engine_kwargs={"pool_pre_ping": True})
         run_study(data, spec.study_settings(), storage=storage, study_name=f"job-{job.id}",
                   on_trial=record, should_stop=hb.should_stop,
-                  recover=lambda number: manager.stored_trial_loss(job.id, number))
+                  recover=lambda number: manager.stored_trial_loss(job.id, number),
+                  on_fail=record_failure)
         manager.finish(job.id, job.attempt)
         return "succeeded"
     except LostLease:
@@ -147,6 +156,15 @@ def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: 
             log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
             return "lost"
     except Exception as exc:
+        if is_transient(exc):
+            # The database went away under Optuna or a write outlived its retries: give the
+            # job back (its stored trials are kept) rather than fail it for an outage.
+            log.warning("job %s: database unavailable (%s); giving the job back", job.id, exc)
+            try:
+                manager.release(job.id, job.attempt, "requeued: the database was unavailable")
+            except LostLease:
+                return "lost"
+            return "released"
         log.exception("job %s failed", job.id)
         try:
             manager.fail(job.id, job.attempt, f"{type(exc).__name__}: {exc}")

@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import optuna
@@ -27,6 +27,7 @@ from worker.core.trial import (
     TrialInterrupted,
     TrialPruned,
     TrialResult,
+    out_of_memory_reason,
     run_trial,
 )
 from worker.search_space import (
@@ -59,6 +60,11 @@ class StudySettings:
             raise ValueError("contamination must be in (0, 1)")
         if self.pruning and not self.train.eval_every:
             raise ValueError("pruning needs train.eval_every > 0 (intermediate losses)")
+
+
+class TrialFailed(Exception):
+    """One trial could not finish (device out of memory, a non-finite loss); the study marks
+    it FAIL with this reason and goes on."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,7 @@ def run_study(
     on_trial: Callable[[int, TrialResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     recover: Callable[[int], float | None] | None = None,
+    on_fail: Callable[[int, str, dict[str, ParamValue], str], None] | None = None,
 ) -> StudyResult:
     """Run (or resume) the study until it holds ``n_trials`` finished trials.
 
@@ -213,11 +220,22 @@ def run_study(
     (a resumed study reruns it) and :class:`TrialInterrupted` propagates. ``recover`` is
     passed to :func:`rerun_interrupted_trials` when a study is resumed.
 
-    A trial whose loss is not finite is marked failed and the study goes on; the best trial
-    is the completed one with the lowest loss.
+    A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
+    with its reason (``on_fail(number, family, params, reason)``) and the study goes on; it
+    counts against ``n_trials``. Any other exception ends the study. The best trial is the
+    completed one with the lowest loss.
     """
     study = create_study(settings, storage, study_name)
     results: dict[int, TrialResult] = {}
+    failures: list[str] = []
+
+    def fail(trial: optuna.Trial, family: str, params: dict[str, ParamValue],
+             reason: str) -> NoReturn:
+        trial.set_user_attr("error", reason)
+        failures.append(f"trial {trial.number} ({family}): {reason}")
+        if on_fail is not None:
+            on_fail(trial.number, family, params, reason)
+        raise TrialFailed(reason)
 
     def objective(trial: optuna.Trial) -> float:
         family, params = sample_configuration(trial, settings.search_space)
@@ -240,23 +258,33 @@ def run_study(
         except TrialInterrupted:
             study.enqueue_trial(dict(trial.params), skip_if_exists=False)
             raise
-        trial.set_user_attr("losses", result.losses)
-        trial.set_user_attr("timings", result.timings)
-        results[trial.number] = result
+        except Exception as exc:
+            reason = out_of_memory_reason(exc)
+            if reason is None:
+                raise
+            fail(trial, family, params, reason)
         if not math.isfinite(result.validation_loss):
-            return float("nan")  # Optuna marks the trial FAIL and goes on
+            fail(trial, family, params, f"the validation loss is not finite "
+                                        f"({result.validation_loss})")
+        # The caller's copy first: if the study's storage fails next, the result survives
+        # and a resumed study completes this trial from it (``recover``).
         if on_trial is not None:
             on_trial(trial.number, result)
+        results[trial.number] = result
+        trial.set_user_attr("losses", result.losses)
+        trial.set_user_attr("timings", result.timings)
         return result.validation_loss
 
     rerun_interrupted_trials(study, recover)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, gc_after_trial=False)
+        study.optimize(objective, n_trials=remaining, gc_after_trial=False,
+                       catch=(TrialFailed,))
     trials = [_record(t, results.get(t.number)) for t in study.get_trials(deepcopy=False)]
     complete = [t for t in trials if t.state == "COMPLETE" and t.validation_loss is not None]
     if not complete:
-        raise RuntimeError("no trial completed: every trial failed or was pruned")
+        detail = f"; first failure: {failures[0]}" if failures else ""
+        raise RuntimeError(f"no trial completed: every trial failed or was pruned{detail}")
     best = min(complete, key=lambda t: (t.validation_loss, t.number))
     return StudyResult(best=best, trials=trials, study_name=study.study_name)

@@ -34,6 +34,22 @@ class TrialInterrupted(Exception):
     """Raised when ``should_stop`` says so (job cancelled, worker stopping, lease lost)."""
 
 
+def out_of_memory_reason(exc: BaseException) -> str | None:
+    """A user-facing reason if ``exc`` is the device (or host) running out of memory, after
+    releasing the allocator's cached blocks so the next trial starts clean; else None."""
+    text = str(exc)
+    oom = (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+           or (isinstance(exc, RuntimeError) and ("out of memory" in text
+                                                  or "can't allocate memory" in text)))
+    if not oom:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return (f"out of memory ({first}); a smaller batch_size, fewer or smaller images, or a "
+            "device with more memory would fit")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How one detector is trained and evaluated. Defaults are sized for a 2-core CPU: see the

@@ -1,0 +1,272 @@
+"""Faults a production deployment meets: the device running out of memory, Postgres
+restarting under a running job and a serving API, the API killed mid-request. Real
+processes, a real Postgres server, real signals; see docs/reliability.md."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from service import migrate
+from service.db import make_engine, session_scope
+from service.models import Blob, BlobChunk, Dataset, Job, JobTrial
+from tests.helpers import (
+    ROOT,
+    client,
+    job_status,
+    npz,
+    start_worker,
+    tiny_job,
+    upload_pair,
+    wait_for,
+    wait_http_ok,
+)
+from tests.pg import PostgresServer, free_port
+from worker.core import study as study_module
+from worker.manager import JobManager
+from worker.runner import ArrayCache, run_job
+
+# --------------------------------------------------------------------------- device OOM
+
+
+def oom_on(trials: Callable[[int], bool]) -> Callable[..., Any]:
+    """run_trial, except that the trials chosen raise the error CUDA raises when the
+    device is full (trial number = seed - settings.seed; the jobs here use seed 0)."""
+    real = study_module.run_trial
+
+    def run_trial(*args: Any, **kwargs: Any) -> Any:
+        if trials(kwargs["seed"]):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB "
+                                         "(GPU 0; 79.15 GiB total capacity)")
+        return real(*args, **kwargs)
+
+    return run_trial
+
+
+def run_one_job(db_url: str, tmp_path: Path, digits: Any) -> tuple[str, str]:
+    train, test, _ = digits
+    with client(db_url) as api:
+        tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
+    engine = make_engine(db_url)
+    manager = JobManager(engine, lease_seconds=60)
+    claimed = manager.claim_next_job("oom-test")
+    assert claimed is not None
+    outcome = run_job(claimed, manager, database_url=db_url, device=torch.device("cpu"),
+                      cache=ArrayCache(tmp_path / "cache"), heartbeat_seconds=30,
+                      stop=threading.Event())
+    engine.dispose()
+    return job_id, outcome
+
+
+def test_a_trial_out_of_device_memory_fails_alone(db_url: str, tmp_path: Path, digits: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study_module, "run_trial", oom_on(lambda seed: seed == 1))
+    job_id, outcome = run_one_job(db_url, tmp_path, digits)
+    assert outcome == "succeeded"
+    with client(db_url) as api:
+        job = job_status(api, job_id)
+        trials = api.get(f"/v1/jobs/{job_id}/trials").json()["trials"]
+        events = api.get(f"/v1/jobs/{job_id}/events").json()["events"]
+        assert api.get(f"/v1/jobs/{job_id}/trials/1/scores").status_code == 404
+    assert job["status"] == "succeeded" and job["progress"]["trials_completed"] == 2
+    states = {t["number"]: (t["state"], t["error"]) for t in trials}
+    assert states[0] == ("COMPLETE", None) and states[2] == ("COMPLETE", None)
+    assert states[1][0] == "FAIL" and "out of memory" in states[1][1]
+    assert "batch_size" in states[1][1]  # says what to change
+    assert job["best"]["trial_number"] in (0, 2)
+    assert any("trial 1 failed: out of memory" in (e["message"] or "") for e in events)
+
+
+def test_a_job_whose_every_trial_runs_out_of_memory_fails_clearly(
+        db_url: str, tmp_path: Path, digits: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(study_module, "run_trial", oom_on(lambda seed: True))
+    job_id, outcome = run_one_job(db_url, tmp_path, digits)
+    assert outcome == "failed"
+    with client(db_url) as api:
+        job = job_status(api, job_id)
+        trials = api.get(f"/v1/jobs/{job_id}/trials").json()["trials"]
+    assert job["status"] == "failed" and "out of memory" in job["error"]
+    assert [t["state"] for t in trials] == ["FAIL"] * 3
+
+
+# --------------------------------------------------------------------------- Postgres down
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A server of this test's own: it is stopped and started again mid-test."""
+    if os.environ.get("SSAD_TEST_POSTGRES_URL"):
+        pytest.skip("needs a Postgres server the test may restart")
+    server = PostgresServer().start()
+    server.wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = open(tmp_path / f"api-{port}.log", "wb")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+         "--port", str(port), "--log-level", "warning"], cwd=ROOT, stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "SSAD_DATABASE_URL": db_url, "SSAD_AUTH": "off",
+             "PYTHONPATH": str(ROOT), **env})
+    url = f"http://127.0.0.1:{port}"
+    wait_http_ok(f"{url}/healthz")
+    return proc, url
+
+
+def test_postgres_restart_under_a_running_job_and_a_serving_api(
+        own_postgres: PostgresServer, tmp_path: Path, digits: Any) -> None:
+    db_url = own_postgres.url(own_postgres.create_database())
+    migrate.upgrade_head(db_url)
+    train, test, _ = digits
+    api, url = start_api(db_url, tmp_path)
+    worker = start_worker(db_url, tmp_path, SSAD_LEASE_SECONDS="30")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            tr, te = upload_pair(c, npz(train[:60, 0]), npz(test[:40, 0]))
+            job_id = c.post("/v1/jobs", json=tiny_job(tr, te, n_trials=4, train_steps=40)
+                            ).json()["id"]
+            wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json()["progress"][
+                "trials_completed"] >= 1, timeout=120)
+
+            own_postgres.pause()  # the outage starts
+            down = c.get(f"/v1/jobs/{job_id}")
+            assert down.status_code == 503, down.text
+            assert down.json()["error"] == "ServiceUnavailable" and down.headers["retry-after"]
+            assert c.get("/readyz").status_code == 503
+            assert c.get("/healthz").status_code == 200  # the process itself is fine
+            time.sleep(3)  # the worker's heartbeats fail meanwhile
+            own_postgres.resume()
+
+            wait_for(lambda: c.get("/readyz").status_code == 200, timeout=30)  # by itself
+            done = wait_for(lambda: (j := c.get(f"/v1/jobs/{job_id}").json())["status"]
+                            in ("succeeded", "failed") and j, timeout=240)
+            assert done["status"] == "succeeded", done
+            trials = c.get(f"/v1/jobs/{job_id}/trials").json()["trials"]
+            assert sum(t["state"] == "COMPLETE" for t in trials) == 4
+            assert c.get(f"/v1/jobs/{job_id}/scores").status_code == 200
+        worker.terminate()
+        assert worker.wait(timeout=60) == 0
+    finally:
+        for p in (api, worker):
+            if p.poll() is None:
+                p.kill()
+
+
+# --------------------------------------------------------------------------- API killed
+
+
+def counts(db_url: str) -> dict[str, int]:
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            return {m.__tablename__: int(s.scalar(select(func.count()).select_from(m)) or 0)
+                    for m in (Dataset, Blob, BlobChunk, Job, JobTrial)}
+    finally:
+        engine.dispose()
+
+
+def wait_for_lock_wait(server: PostgresServer, database: str) -> None:
+    """Until one backend of ``database`` is blocked on a lock (the API mid-transaction)."""
+    def blocked() -> bool:
+        with server.admin() as conn:
+            return bool(conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND wait_event_type = 'Lock'", (database,)).fetchone()[0])  # type: ignore[index]
+
+    wait_for(blocked, timeout=30)
+
+
+def test_api_killed_mid_upload_and_mid_transaction_leaves_nothing_half_written(
+        postgres: PostgresServer, pg_template: str, tmp_path: Path, digits: Any) -> None:
+    database = postgres.create_database(pg_template)
+    db_url = postgres.url(database)
+    train, test, _ = digits
+    api, url = start_api(db_url, tmp_path)
+    port = int(url.rsplit(":", 1)[1])
+    # 1. Killed while the body is still arriving: half of a 3 MB upload sent.
+    body = npz(np.random.default_rng(0).integers(0, 255, (3000, 32, 32), dtype=np.uint8))
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"big.npz\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+                     f"form-data; boundary={boundary}\r\nContent-Length: "
+                     f"{len(head) + len(body) + len(tail)}\r\n\r\n".encode()
+                     + head + body[: len(body) // 2])
+        time.sleep(0.5)
+        api.send_signal(signal.SIGKILL)
+        api.wait(timeout=10)
+    assert counts(db_url) == {"datasets": 0, "blobs": 0, "blob_chunks": 0, "jobs": 0,
+                              "job_trials": 0}
+
+    # 2. Killed inside the upload's transaction: the blob and its chunks are written, the
+    # dataset row waits on a lock the test holds, and the API dies there.
+    api, url = start_api(db_url, tmp_path)
+    import psycopg
+
+    locker = psycopg.connect(postgres.url(database, "postgresql"))
+    locker.execute("LOCK TABLE datasets IN EXCLUSIVE MODE")
+    sender = threading.Thread(target=lambda: _post_quietly(
+        f"{url}/v1/datasets", files={"file": ("t.npz", npz(train[:50, 0]))}), daemon=True)
+    sender.start()
+    wait_for_lock_wait(postgres, database)
+    api.send_signal(signal.SIGKILL)
+    api.wait(timeout=10)
+    locker.rollback()
+    locker.close()
+    assert counts(db_url)["blobs"] == 0 and counts(db_url)["blob_chunks"] == 0
+    assert counts(db_url)["datasets"] == 0
+
+    # 3. Killed inside a job creation's transaction (the job row waits on a lock).
+    api, url = start_api(db_url, tmp_path)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        tr, te = upload_pair(c, npz(train[:30, 0]), npz(test[:20, 0]))
+    locker = psycopg.connect(postgres.url(database, "postgresql"))
+    locker.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
+    sender = threading.Thread(target=lambda: _post_quietly(
+        f"{url}/v1/jobs", json=tiny_job(tr, te)), daemon=True)
+    sender.start()
+    wait_for_lock_wait(postgres, database)
+    api.send_signal(signal.SIGKILL)
+    api.wait(timeout=10)
+    locker.rollback()
+    locker.close()
+    after = counts(db_url)
+    assert after["jobs"] == 0 and after["datasets"] == 2
+    # ... and a restarted API serves on, with nothing half-written visible.
+    api, url = start_api(db_url, tmp_path)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/v1/jobs").json()["total"] == 0
+            assert c.get("/v1/datasets").json()["total"] == 2
+            assert c.post("/v1/jobs", json=tiny_job(tr, te)).status_code == 202
+    finally:
+        api.kill()
+
+
+def _post_quietly(url: str, **kwargs: Any) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the server is killed under this request
+        httpx.post(url, timeout=60, **kwargs)
