@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.engine --out bench/results/engine.json
 	$(BIN)/python -m bench.cost --out bench/results/cost.json
 	$(BIN)/python -m bench.service --out bench/results/service.json
+	$(BIN)/python -m bench.faults --out bench/results/faults.json
 
 clean:
 	rm -rf $(VENV) examples/data .mypy_cache .ruff_cache .ssad-cache ssad.db ssad-optuna.db

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tune a detector through the REST API with curl: upload, create a job, poll, save scores.
-#   examples/tune.sh TRAIN TEST [OUT.csv]      (server: $SSAD_URL, default http://127.0.0.1:8000)
+#   examples/tune.sh TRAIN TEST [OUT.csv]      (server: $SSAD_URL, default http://127.0.0.1:8000;
+#                                               API key, if the server needs one: $SSAD_API_KEY)
 # Try it with the bundled digits:  python examples/make_digits.py && examples/tune.sh \
 #   examples/data/digits_train.npz examples/data/digits_test.npz
 set -euo pipefail
@@ -11,10 +12,13 @@ OUT=${3:-scores.csv}
 N_TRIALS=${N_TRIALS:-12}
 TRAIN_STEPS=${TRAIN_STEPS:-400}
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+AUTH=()
+if [ -n "${SSAD_API_KEY:-}" ]; then AUTH=(-H "Authorization: Bearer $SSAD_API_KEY"); fi
+api() { curl -sS "${AUTH[@]}" "$@"; }
 
 post_file() {
   local body
-  body=$(curl -sS -w '\n%{http_code}' -F "file=@$1" "$URL/v1/datasets")
+  body=$(api -w '\n%{http_code}' -F "file=@$1" "$URL/v1/datasets")
   if [ "$(tail -n1 <<<"$body")" != 201 ]; then echo "upload of $1 failed: $(head -n1 <<<"$body")" >&2; exit 1; fi
   head -n1 <<<"$body" | field "['id']"
 }
@@ -23,13 +27,15 @@ train_id=$(post_file "$TRAIN")
 test_id=$(post_file "$TEST")
 echo "train dataset $train_id, test dataset $test_id"
 
-job=$(curl -sS -f -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
+# The Idempotency-Key makes a retry of this request (e.g. after a timeout) safe.
+job=$(api -f -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
+  -H "Idempotency-Key: tune-$train_id-$test_id-$N_TRIALS-$TRAIN_STEPS" \
   -d "{\"train_dataset_id\": \"$train_id\", \"test_dataset_id\": \"$test_id\", \"n_trials\": $N_TRIALS, \"train_steps\": $TRAIN_STEPS}")
 job_id=$(field "['id']" <<<"$job")
 echo "job $job_id queued"
 
 while true; do
-  state=$(curl -sS -f "$URL/v1/jobs/$job_id")
+  state=$(api -f "$URL/v1/jobs/$job_id")
   status=$(field "['status']" <<<"$state")
   done_=$(field "['progress']['trials_completed']" <<<"$state")
   echo "  $status: $done_/$N_TRIALS trials"
@@ -40,5 +46,5 @@ while true; do
   sleep 5
 done
 echo "chosen: $(field "['best']" <<<"$state")"
-curl -sS -f "$URL/v1/jobs/$job_id/scores?format=csv" -o "$OUT"
+api -f "$URL/v1/jobs/$job_id/scores?format=csv" -o "$OUT"
 echo "scores written to $OUT"

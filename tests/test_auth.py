@@ -208,3 +208,28 @@ def test_keys_cli(tmp_path, db_url: str) -> None:  # type: ignore[no-untyped-def
         assert api.get("/v1/jobs", headers=bearer(key)).status_code == 401
     quota = cli("tenants", "quota", "acme", "--active-jobs", "3")
     assert quota.returncode == 0 and "active_jobs=3" in quota.stdout
+
+
+def test_concurrent_requests_with_one_idempotency_key_create_one_job(pg_url: str) -> None:
+    """Six clients send the same keyed request at once: one job is created; every answer is
+    that job (202) or a 409 asking to retry, and the retries all get that job."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    with client(pg_url) as api:
+        ds = upload(api, npz(GREY), "a.npz").json()["id"]
+        barrier = Barrier(6)
+
+        def send(_: int) -> tuple[int, str | None]:
+            barrier.wait()
+            r = api.post("/v1/jobs", json=tiny_job(ds, ds), headers={"Idempotency-Key": "race"})
+            return r.status_code, r.json().get("id")
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(send, range(6)))
+        created = {i for code, i in answers if code == 202}
+        assert len(created) == 1, answers
+        assert all(code in (202, 409) for code, _ in answers), answers
+        retry = api.post("/v1/jobs", json=tiny_job(ds, ds), headers={"Idempotency-Key": "race"})
+        assert retry.status_code == 202 and retry.json()["id"] in created
+    assert count(pg_url, Job) == 1

@@ -9,28 +9,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import pytest
+
 from tests.helpers import ROOT, wait_for, wait_http_ok
 from tests.pg import free_port
 
 
-def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
+@pytest.mark.parametrize("auth", ["default", "required"])
+def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
     subprocess.run([sys.executable, "examples/make_digits.py", str(tmp_path)], cwd=ROOT,
                    check=True, capture_output=True)
     port = free_port()
     env = {**os.environ, "SSAD_DATABASE_URL": f"sqlite:///{tmp_path / 'ssad.db'}",
            "SSAD_PORT": str(port), "SSAD_CACHE_DIR": str(tmp_path / "cache"),
            "SSAD_POLL_SECONDS": "0.2", "PYTHONPATH": str(ROOT)}
+    env.pop("SSAD_AUTH", None)
+    client_env = dict(env)
+    if auth == "required":
+        env["SSAD_AUTH"] = "required"
+        subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+        made = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create",
+                               "--tenant", "me"], cwd=ROOT, env=env, check=True,
+                              capture_output=True, text=True)
+        client_env["SSAD_API_KEY"] = made.stdout.strip()
     log = open(tmp_path / "service.log", "wb")  # noqa: SIM115
     server = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http_ok(f"{url}/readyz")
+        if auth == "required":
+            assert httpx.get(f"{url}/v1/jobs").status_code == 401
         out = tmp_path / "scores.csv"
         p = subprocess.run(
             ["bash", str(ROOT / "examples/tune.sh"), str(tmp_path / "digits_train.npz"),
              str(tmp_path / "digits_test.npz"), str(out)],
-            env={**env, "SSAD_URL": url, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
+            env={**client_env, "SSAD_URL": url, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
             capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "succeeded" in p.stdout
@@ -41,7 +57,8 @@ def test_embedded_service_and_curl_example(tmp_path: Path) -> None:
         server.wait(timeout=60)
     text = (tmp_path / "service.log").read_text(errors="replace")
     assert "/docs" in text and "embedded worker started" in text
-    assert "authentication OFF" in text  # embedded mode says so at start-up
+    # Embedded mode says at start-up whether it authenticates.
+    assert ("authentication OFF" if auth == "default" else "authentication required") in text
     # Stopping the server stops its embedded worker: nothing is left running.
     found = re.search(r"embedded worker started \(pid (\d+)\)", text)
     assert found is not None
