@@ -1,5 +1,7 @@
 """``ssad-tune``: one command for operators.
 
+    ssad-tune tune TRAIN TEST [-o scores.csv]   upload, tune, follow, save the scores
+                                            (server: --url / SSAD_URL; key: SSAD_API_KEY)
     ssad-tune serve                         the API (+ embedded worker on SQLite)
     ssad-tune worker [--device cuda:0]      one worker
     ssad-tune migrate                       alembic upgrade head on SSAD_DATABASE_URL
@@ -8,15 +10,17 @@
     ssad-tune tenants list | tenants quota NAME [--active-jobs N] [--stored-bytes B]
                                             [--trials-per-job T]   (-1: back to default)
 
-Every command reads the database from SSAD_DATABASE_URL (default: ./ssad.db).
+Every command but ``tune`` reads the database from SSAD_DATABASE_URL (default: ./ssad.db).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -113,10 +117,44 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return worker(args.rest)
 
 
+def _tune(args: argparse.Namespace, settings: Settings) -> int:
+    from service import client
+
+    options: dict[str, object] = {"n_trials": args.n_trials}
+    for name in ("objective", "train_steps", "contamination", "seed", "batch_size"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    space: dict[str, object] = {}
+    if args.augmentations:
+        space["augmentations"] = args.augmentations.split(",")
+    if args.patch_size:
+        space["patch_size"] = args.patch_size
+    if space:
+        options["search_space"] = space
+    return client.tune(Path(args.train), Path(args.test), Path(args.out), url=args.url,
+                       api_key=os.environ.get("SSAD_API_KEY"), job_options=options)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ssad-tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tune", help="tune on a server: upload TRAIN and TEST, follow the "
+                                    "job, write the scores CSV")
+    t.add_argument("train", help=".npz, .npy or .zip of PNG/JPEG (unlabeled, mostly normal)")
+    t.add_argument("test", help="the images to score (unlabeled)")
+    t.add_argument("-o", "--out", default="scores.csv", help="scores CSV (index,name,score)")
+    t.add_argument("--url", default=os.environ.get("SSAD_URL", "http://127.0.0.1:8000"),
+                   help="server (default $SSAD_URL or http://127.0.0.1:8000)")
+    t.add_argument("--n-trials", type=int, default=12)
+    t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
+    t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
+    t.add_argument("--objective")
+    t.add_argument("--train-steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--contamination", type=float)
+    t.add_argument("--seed", type=int)
+    t.set_defaults(fn=_tune)
     sub.add_parser("serve", help="run the API").set_defaults(fn=_serve)
     w = sub.add_parser("worker", help="run one worker (options: python -m worker --help)")
     w.add_argument("rest", nargs=argparse.REMAINDER)

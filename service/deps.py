@@ -33,23 +33,42 @@ bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
                                 "as `Authorization: Bearer <key>`")
 
 
-def get_tenant(settings: SettingsDep, session: SessionDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-               ) -> str:
-    """The id of the tenant making the request: from its API key, or the default tenant
-    when the server runs with ``SSAD_AUTH=off`` (single-user mode)."""
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _tenant(settings: Settings, credentials: HTTPAuthorizationCredentials | None,
+            session: Session | None, request: Request) -> str:
     if settings.auth == "off":
         return DEFAULT_TENANT_ID
     if credentials is None:
         raise Unauthorized("this server needs an API key: send `Authorization: Bearer <key>` "
                            "(an operator creates one with `ssad-tune keys create --tenant NAME`)")
-    tenant = tenant_for_key(session, credentials.credentials)
+    if session is None:
+        with request.app.state.session_factory() as own:
+            tenant = tenant_for_key(own, credentials.credentials)
+    else:
+        tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
         raise Unauthorized("unknown or revoked API key")
     return tenant
 
 
+def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
+               credentials: CredentialsDep) -> str:
+    """The id of the tenant making the request: from its API key, or the default tenant
+    when the server runs with ``SSAD_AUTH=off`` (single-user mode)."""
+    return _tenant(settings, credentials, session, request)
+
+
+def get_tenant_without_session(request: Request, settings: SettingsDep,
+                               credentials: CredentialsDep) -> str:
+    """As :func:`get_tenant`, with a session of its own that is closed at once: for
+    long-lived responses (streams) that must not hold the request's transaction open."""
+    return _tenant(settings, credentials, None, request)
+
+
 TenantDep = Annotated[str, Depends(get_tenant)]
+StreamTenantDep = Annotated[str, Depends(get_tenant_without_session)]
 IdempotencyKeyDep = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
     description="Any unique string (e.g. a UUID): a retry with the same key and the same "

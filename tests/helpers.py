@@ -121,3 +121,25 @@ def wait_http_ok(url: str, timeout: float = 60) -> None:
             return False
 
     wait_for(ok, timeout=timeout)
+
+
+def finish_job_with_scores(db_url: str, job_id: str,
+                           trials: list[tuple[str, dict[str, Any], float, list[float]]]) -> None:
+    """Play the worker's part for a queued job without training: claim it, store each
+    ``(augmentation, params, loss, scores)`` as a finished trial, and finish it (the
+    worker's own JobManager calls, so what the API reads is what a worker writes)."""
+    from service.db import make_engine
+    from worker.manager import JobManager
+
+    engine = make_engine(db_url)
+    try:
+        manager = JobManager(engine)
+        claimed = manager.claim_next_job("test-helper")
+        assert claimed is not None and claimed.id == job_id
+        for number, (family, params, loss, scores) in enumerate(trials):
+            manager.record_trial(job_id, claimed.attempt, number, augmentation=family,
+                                 params=params, validation_loss=loss, losses={"dsv": loss},
+                                 timings={"total_s": 1.0 + number}, scores=scores)
+        manager.finish(job_id, claimed.attempt)
+    finally:
+        engine.dispose()

@@ -1,16 +1,27 @@
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.deps import (
+    IdempotencyKeyDep,
+    SessionDep,
+    SettingsDep,
+    StreamTenantDep,
+    TenantDep,
+)
 from service.errors import error_responses
 from service.jobs import service
 from service.jobs.schemas import (
@@ -22,6 +33,7 @@ from service.jobs.schemas import (
     JobOut,
     Progress,
     ScoresOut,
+    ThresholdOut,
     TrialList,
     TrialOut,
 )
@@ -188,3 +200,69 @@ def job_scores(session: SessionDep, tenant: TenantDep, job_id: str, request: Req
 def trial_scores(session: SessionDep, tenant: TenantDep, job_id: str, number: int,
                  request: Request, format: Literal["json", "csv"] = "json") -> Response:
     return scores_response(session, tenant, job_id, number, format, request)
+
+
+@router.get("/{job_id}/threshold", response_model=ThresholdOut,
+            responses=error_responses(401, 404, 409),
+            summary="A suggested threshold (no labels) and the images it flags")
+def job_threshold(session: SessionDep, tenant: TenantDep, job_id: str,
+                  rule: Literal["mad", "contamination"] | None = None) -> ThresholdOut:
+    """Two label-free rules on the chosen trial's scores: `mad` (suggested: median + 3.5
+    scaled MADs, set by the bulk of normal images) and `contamination` (the top fraction the
+    job was told to expect). `flagged` follows `rule` (default: the suggested one)."""
+    return ThresholdOut.model_validate(service.threshold(session, tenant, job_id, rule))
+
+
+STREAM_POLL_SECONDS = 0.5
+STREAM_KEEPALIVE_SECONDS = 15.0
+STREAM_MAX_SECONDS = 3600.0
+
+
+def _progress_key(j: JobOut) -> tuple[Any, ...]:
+    best = j.best.validation_loss if j.best else None
+    return (j.status, j.progress.trials_completed, best, j.attempt, j.cancel_requested)
+
+
+@router.get("/{job_id}/stream", responses={
+    200: {"content": {"text/event-stream": {"example": (
+        'event: progress\ndata: {"id": "3f1c…", "status": "running", '
+        '"progress": {"n_trials": 12, "trials_completed": 5}, ...}\n\n')}},
+        "description": "Server-sent events: `progress` (the job, as GET /v1/jobs/{id}) "
+                       "whenever it changes, then `end` once it has ended"},
+    **error_responses(401, 404)},
+    summary="Live progress as server-sent events (used by `ssad-tune tune`)")
+async def stream_job(request: Request, tenant: StreamTenantDep, job_id: str) -> StreamingResponse:
+    factory = request.app.state.session_factory
+
+    def read() -> JobOut:
+        with factory() as s:
+            return job_out(service.get_job(s, tenant, job_id))
+
+    first = await run_in_threadpool(read)  # 404 before the stream starts
+
+    async def events() -> AsyncIterator[str]:
+        job, last_key = first, None
+        started = last_sent = time.monotonic()
+        while True:
+            key = _progress_key(job)
+            if key != last_key:
+                yield f"event: progress\ndata: {job.model_dump_json()}\n\n"
+                last_key, last_sent = key, time.monotonic()
+            if job.status in ("succeeded", "failed", "cancelled"):
+                yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n"
+                return
+            if time.monotonic() - started > STREAM_MAX_SECONDS:
+                return  # clients reconnect (EventSource does by itself)
+            if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+            try:
+                job = await run_in_threadpool(read)
+            except Exception:  # the database blinked: say nothing, try again
+                continue
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -130,3 +130,28 @@ class EventOut(BaseModel):
 class EventList(BaseModel):
     job_id: str
     events: list[EventOut]
+
+
+class ThresholdRule(BaseModel):
+    rule: Literal["mad", "contamination"]
+    threshold: float
+    n_flagged: int
+    description: str
+
+
+class ThresholdOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "job_id": "3f1c…", "trial_number": 4, "suggested_rule": "mad", "rule": "mad",
+        "rules": [{"rule": "mad", "threshold": 41.2, "n_flagged": 17,
+                   "description": "median + 3.5 x 1.4826 x MAD of the scores"},
+                  {"rule": "contamination", "threshold": 37.9, "n_flagged": 20,
+                   "description": "the top 0.1 of the test set (20 of 200 images)"}],
+        "flagged": [{"index": 12, "name": "part_0012.png", "score": 88.1}]}})
+
+    job_id: str
+    trial_number: int
+    suggested_rule: Literal["mad", "contamination"]
+    rule: Literal["mad", "contamination"] = Field(description="the rule `flagged` follows")
+    rules: list[ThresholdRule]
+    flagged: list[ScoreItem] = Field(description="images above the rule's threshold, "
+                                                 "most anomalous first")

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from service import idempotency, tenants
@@ -13,9 +14,10 @@ from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
+from service.jobs.threshold import SUGGESTED_RULE, thresholds
 from service.models import TERMINAL, Dataset, Job, JobEvent, JobStatus, JobTrial
 from service.settings import Settings
-from worker.search_space import SearchSpace
+from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -126,3 +128,20 @@ def scores(session: Session, tenant_id: str, job_id: str, trial_number: int
 def list_events(session: Session, tenant_id: str, job_id: str) -> Sequence[JobEvent]:
     get_job(session, tenant_id, job_id)
     return repo.list_events(session, job_id)
+
+
+def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None
+              ) -> dict[str, Any]:
+    """Both label-free thresholds on the job's scores, and the images above ``rule``'s
+    (default: the suggested rule)."""
+    number = chosen_trial(session, tenant_id, job_id)
+    job = get_job(session, tenant_id, job_id)
+    _, rows = scores(session, tenant_id, job_id, number)
+    values = np.array([s for _, _, s in rows], dtype=np.float64)
+    found = thresholds(values, float(job.spec.get("contamination", DEFAULT_CONTAMINATION)))
+    rule = rule or SUGGESTED_RULE
+    chosen = found[rule]
+    flagged = sorted((r for r in rows if r[2] > chosen.threshold), key=lambda r: -r[2])
+    return {"job_id": job_id, "trial_number": number, "suggested_rule": SUGGESTED_RULE,
+            "rule": rule, "rules": [vars(t) for t in found.values()],
+            "flagged": [{"index": i, "name": n, "score": v} for i, n, v in flagged]}

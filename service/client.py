@@ -1,0 +1,223 @@
+"""``ssad-tune tune TRAIN TEST``: the HTTP client for people at a terminal.
+
+Uploads both files, creates the job, follows its progress live (server-sent events, with a
+progress bar: trials done / total, best loss so far, elapsed, ETA), then writes the scores
+CSV and prints the chosen configuration and the suggested threshold. Talks to any server:
+``--url`` or ``SSAD_URL``; the API key comes from ``SSAD_API_KEY``. Every creating request
+carries an ``Idempotency-Key``, so the client retries connection errors and 503s without
+ever creating a second dataset or job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(Exception):
+    """What to tell the user (the server's error detail, or why it could not be reached)."""
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None, *, timeout: float = 300.0,
+                 retries: int = 5) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries = retries
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, retried on connection errors and 503 (with the same headers, so a
+        keyed POST is replayed, not repeated); any other error becomes a ClientError."""
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt == self.retries:
+                    raise ClientError(f"cannot reach {self.http.base_url}: {exc}") from None
+            else:
+                if r.status_code != 503 or attempt == self.retries:
+                    if r.status_code >= 400:
+                        raise ClientError(_detail(r))
+                    return r
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+        raise AssertionError("unreachable")
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        with path.open("rb") as f:
+            data = f.read()
+        r = self.request("POST", "/v1/datasets", files={"file": (path.name, data)},
+                         headers={"Idempotency-Key": f"upload-{uuid.uuid4()}"})
+        return dict(r.json())
+
+    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.request("POST", "/v1/jobs", json=body,
+                         headers={"Idempotency-Key": f"job-{uuid.uuid4()}"})
+        return dict(r.json())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/v1/jobs/{job_id}").json())
+
+    def follow(self, job_id: str, poll_seconds: float = 2.0) -> Iterator[dict[str, Any]]:
+        """The job each time it changes, until it ends: server-sent events, reconnecting
+        when the stream drops, and polling if the server cannot stream."""
+        while True:
+            try:
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/stream",
+                                      timeout=httpx.Timeout(30.0, read=60.0)) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        raise ClientError(_detail(r))
+                    for event, data in _sse(r.iter_lines()):
+                        if event == "progress":
+                            job = json.loads(data)
+                            yield job
+                            if job["status"] in TERMINAL:
+                                return
+                        elif event == "end":
+                            return
+            except (httpx.TransportError, httpx.HTTPStatusError):
+                pass  # the stream dropped (server restarting?): pick up the state again
+            job = self.job(job_id)
+            yield job
+            if job["status"] in TERMINAL:
+                return
+            time.sleep(poll_seconds)
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+        return f"{r.status_code} {body.get('error', '')}: {body.get('detail', r.text)}"
+    except ValueError:
+        return f"{r.status_code}: {r.text[:200]}"
+
+
+def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs from a text/event-stream."""
+    event, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+def fmt_duration(seconds: float) -> str:
+    whole = round(seconds)
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """One line, redrawn in place on a terminal; a new line per change otherwise."""
+
+    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+        self.out, self.clock = out, clock
+        self.tty = out.isatty()
+        self.start: float | None = None
+        self.done_at_start = 0
+        self.last = ""
+
+    def line(self, job: dict[str, Any]) -> str:
+        done, total = job["progress"]["trials_completed"], job["progress"]["n_trials"]
+        if job["status"] == "running" and self.start is None:
+            self.start, self.done_at_start = self.clock(), done
+        elapsed = 0.0 if self.start is None else self.clock() - self.start
+        width = 20
+        filled = int(width * done / total) if total else 0
+        bar = "#" * filled + "-" * (width - filled)
+        best = job.get("best")
+        best_s = (f"best {best['validation_loss']:.4f} ({best['augmentation']})"
+                  if best else "best -")
+        ran = done - self.done_at_start
+        eta = (f"ETA {fmt_duration(elapsed / ran * (total - done))}"
+               if ran > 0 and job["status"] == "running" else "ETA -")
+        return (f"[{bar}] {done}/{total} trials  {best_s}  {job['status']}  "
+                f"elapsed {fmt_duration(elapsed)}  {eta}")
+
+    def update(self, job: dict[str, Any]) -> None:
+        text = self.line(job)
+        if text == self.last:
+            return
+        self.last = text
+        if self.tty:
+            self.out.write("\r\x1b[2K" + text)
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.last:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
+         job_options: dict[str, Any], stream: TextIO = sys.stderr) -> int:
+    """The whole round trip; returns the process exit code."""
+    for p in (train, test):
+        if not p.is_file():
+            print(f"error: {p}: no such file", file=sys.stderr)
+            return 2
+    client = Client(url, api_key)
+    try:
+        tr = client.upload(train)
+        te = client.upload(test)
+        print(f"uploaded {train.name}: {tr['n_samples']} images ({tr['id']}); "
+              f"{test.name}: {te['n_samples']} images ({te['id']})", file=stream)
+        created = client.create_job({"train_dataset_id": tr["id"], "test_dataset_id": te["id"],
+                                     **job_options})
+        job_id = created["id"]
+        print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
+        bar = Progress(stream)
+        job = created
+        for job in client.follow(job_id):
+            bar.update(job)
+        bar.finish()
+        if job["status"] != "succeeded":
+            print(f"job {job['status']}: {job.get('error') or ''}", file=sys.stderr)
+            return 1
+        csv = client.request("GET", f"/v1/jobs/{job_id}/scores",
+                             params={"format": "csv"}).content
+        out.write_bytes(csv)
+        best = job["best"]
+        thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
+        rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
+        print(f"chosen: {best['augmentation']} {json.dumps(best['params'])} "
+              f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
+              file=stream)
+        print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
+              f"{rule['n_flagged']} of {te['n_samples']} test images", file=stream)
+        print(f"scores written to {out}", file=stream)
+        return 0
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def default_url() -> str:
+    return os.environ.get("SSAD_URL", "http://127.0.0.1:8000")

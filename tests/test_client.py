@@ -1,0 +1,119 @@
+"""``ssad-tune tune`` against a real server (uvicorn + a worker process on Postgres, keys
+required), the live progress stream it follows, and its progress line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.client import Progress, _sse, fmt_duration
+from service.db import make_engine, session_scope
+from service.tenants import create_key
+from tests.helpers import ROOT, npz, start_worker, tiny_job, upload_pair
+from tests.test_faults import start_api
+
+
+def make_key(db_url: str) -> str:
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            return create_key(s, "cli-user")[1]
+    finally:
+        engine.dispose()
+
+
+def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> None:
+    train, test, _ = digits
+    (tmp_path / "train.npz").write_bytes(npz(train[:60, 0]))
+    (tmp_path / "test.npz").write_bytes(npz(test[:40, 0]))
+    key = make_key(pg_url)
+    api, url = start_api(pg_url, tmp_path, SSAD_AUTH="required")
+    worker = start_worker(pg_url, tmp_path)
+    try:
+        env = {**os.environ, "SSAD_URL": url, "SSAD_API_KEY": key, "PYTHONPATH": str(ROOT)}
+        out = tmp_path / "scores.csv"
+        p = subprocess.run(
+            [sys.executable, "-m", "service.cli", "tune", str(tmp_path / "train.npz"),
+             str(tmp_path / "test.npz"), "-o", str(out), "--n-trials", "3",
+             "--train-steps", "30", "--augmentations", "invert,flip,rotate"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        lines = p.stderr.splitlines()
+        bars = [line for line in lines if line.startswith("[")]
+        assert bars[-1].startswith("[" + "#" * 20 + "] 3/3 trials  best ")
+        assert "succeeded" in bars[-1]
+        assert any("running" in b and "ETA" in b for b in bars)  # followed live
+        assert any(line.startswith("chosen: ") for line in lines)
+        assert any(line.startswith("suggested threshold (mad)") for line in lines)
+        rows = list(csv.DictReader(out.open()))
+        assert [int(r["index"]) for r in rows] == list(range(40))
+        # Without the key, the same command is refused with the server's reason.
+        env.pop("SSAD_API_KEY")
+        refused = subprocess.run(
+            [sys.executable, "-m", "service.cli", "tune", str(tmp_path / "train.npz"),
+             str(tmp_path / "test.npz")], cwd=tmp_path, env=env, capture_output=True,
+            text=True, timeout=60)
+        assert refused.returncode == 1 and "401 Unauthorized" in refused.stderr
+    finally:
+        for proc in (worker, api):
+            proc.kill()
+            proc.wait()
+
+
+def test_stream_sends_progress_until_the_end(pg_url: str, tmp_path: Path, digits: Any) -> None:
+    train, test, _ = digits
+    api, url = start_api(pg_url, tmp_path)
+    worker = None
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            tr, te = upload_pair(c, npz(train[:60, 0]), npz(test[:40, 0]))
+            job = c.post("/v1/jobs", json=tiny_job(tr, te, train_steps=30)).json()["id"]
+            worker = start_worker(pg_url, tmp_path)
+            events = []
+            with c.stream("GET", f"/v1/jobs/{job}/stream", timeout=120) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                events = list(_sse(r.iter_lines()))
+            assert c.get("/v1/jobs/00000000-0000-0000-0000-000000000000/stream"
+                         ).status_code == 404
+        kinds = [e for e, _ in events]
+        assert kinds[-1] == "end" and set(kinds[:-1]) == {"progress"}
+        seen = [json.loads(d) for e, d in events if e == "progress"]
+        assert seen[0]["status"] in ("queued", "running")
+        assert seen[-1]["status"] == "succeeded"
+        done = [j["progress"]["trials_completed"] for j in seen]
+        assert done == sorted(done) and done[-1] == 3 and len(set(done)) >= 3  # live steps
+    finally:
+        for proc in (worker, api):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+def test_progress_line_and_eta() -> None:
+    now = [100.0]
+    out = io.StringIO()
+    bar = Progress(out, clock=lambda: now[0])
+
+    def job(status: str, done: int, best: float | None = None) -> dict[str, Any]:
+        return {"status": status, "progress": {"n_trials": 4, "trials_completed": done},
+                "best": None if best is None else {"validation_loss": best,
+                                                    "augmentation": "rotate"}}
+
+    bar.update(job("queued", 0))
+    bar.update(job("running", 0))
+    now[0] = 130.0
+    bar.update(job("running", 1, -0.25))
+    text = out.getvalue().splitlines()
+    assert text[0] == "[--------------------] 0/4 trials  best -  queued  elapsed 0s  ETA -"
+    assert text[-1] == ("[#####---------------] 1/4 trials  best -0.2500 (rotate)  running  "
+                        "elapsed 30s  ETA 1m30s")
+    assert fmt_duration(3725) == "1h02m05s"
