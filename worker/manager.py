@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.datasets.repository import read_blob
 from service.db import is_transient, session_factory, transaction
 from service.models import (
+    MODEL_ARTIFACT,
+    MODEL_CONTENT_TYPE,
     Dataset,
     Job,
+    JobArtifact,
     JobEvent,
     JobStatus,
     JobTrial,
@@ -209,10 +212,12 @@ class JobManager:
     def record_trial(
         self, job_id: str, attempt: int, number: int, *, augmentation: str,
         params: Mapping[str, Any], validation_loss: float, losses: Mapping[str, float],
-        timings: Mapping[str, float], scores: Sequence[float],
+        timings: Mapping[str, float], scores: Sequence[float], model: bytes | None = None,
     ) -> None:
-        """Store one finished trial, its scores and the job's progress in one transaction.
-        A repeat (a retry after the commit's acknowledgement was lost) stores nothing."""
+        """Store one finished trial, its scores and the job's progress in one transaction;
+        if it is the best trial so far, ``model`` (its detector) becomes the job's ``model``
+        artifact. A repeat (a retry after the commit's acknowledgement was lost) stores
+        nothing."""
         now = utcnow()
         with self._tx() as s:
             self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
@@ -226,7 +231,12 @@ class JobManager:
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
                 for i, v in enumerate(scores)])
-            self._update_progress(s, job_id)
+            best = self._update_progress(s, job_id)
+            if model is not None and best is not None and best.number == number:
+                self._put_artifact(s, job_id, MODEL_ARTIFACT, MODEL_CONTENT_TYPE, model,
+                                   {"trial_number": number, "augmentation": augmentation,
+                                    "params": dict(params),
+                                    "validation_loss": validation_loss})
 
     @retry_transient
     def record_failed_trial(self, job_id: str, attempt: int, number: int, *,
@@ -244,7 +254,28 @@ class JobManager:
             self._event(s, job_id, JobStatus.running.value, attempt,
                         f"trial {number} failed: {reason}"[:4000])
 
-    def _update_progress(self, s: Session, job_id: str) -> None:
+    @staticmethod
+    def _put_artifact(s: Session, job_id: str, name: str, content_type: str, data: bytes,
+                      meta: Mapping[str, Any]) -> None:
+        s.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id,
+                                            JobArtifact.name == name))
+        s.add(JobArtifact(job_id=job_id, name=name, content_type=content_type, data=data,
+                          meta=dict(meta)))
+
+    @retry_transient
+    def store_artifact(self, job_id: str, attempt: int, name: str, content_type: str,
+                       data: bytes, meta: Mapping[str, Any]) -> None:
+        with self._tx() as s:
+            self._fenced(s, job_id, attempt, heartbeat_at=utcnow())
+            self._put_artifact(s, job_id, name, content_type, data, meta)
+
+    @retry_transient
+    def load_artifact(self, job_id: str, name: str) -> tuple[bytes, dict[str, Any]] | None:
+        with self._tx() as s:
+            row = s.get(JobArtifact, (job_id, name))
+            return None if row is None else (row.data, dict(row.meta))
+
+    def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
         best = self._best_trial(s, job_id)
         completed = s.scalar(select(func.count()).select_from(JobTrial).where(
             JobTrial.job_id == job_id, JobTrial.state == "COMPLETE")) or 0
@@ -252,6 +283,7 @@ class JobManager:
             trials_completed=completed,
             best=None if best is None else _best_json(best),
             best_trial_number=None if best is None else best.number))
+        return best
 
     @retry_transient
     def stored_trial_loss(self, job_id: str, number: int) -> float | None:

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ import optuna
 import torch
 
 from service.db import is_transient
+from service.models import MODEL_ARTIFACT
 from service.settings import optuna_storage_url
+from worker.core.export import ScoringModel
+from worker.core.pictures import augmentation_sample
 from worker.core.study import StudySettings, run_study
 from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
 from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
@@ -107,6 +111,42 @@ class HeartbeatThread(threading.Thread):
         return self.cancelled.is_set() or self.lost.is_set() or self.worker_stop.is_set()
 
 
+def store_augmentation_sample(manager: JobManager, job: ClaimedJob, train: torch.Tensor,
+                              family: str | None, params: dict[str, Any], seed: int) -> None:
+    """The chosen augmentation on a few train images, as the job's ``augmentation.png``.
+    A picture is not worth failing a finished study over: errors are logged."""
+    if family is None:
+        return
+    try:
+        png = augmentation_sample(train, family, params, seed=seed)
+    except Exception:
+        log.exception("job %s: could not render the augmentation sample", job.id)
+        return
+    manager.store_artifact(job.id, job.attempt, "augmentation.png", "image/png", png,
+                           {"augmentation": family, "params": params})
+
+
+def score_new_data(job: ClaimedJob, manager: JobManager, cache: ArrayCache,
+                   device: torch.device) -> None:
+    """A scoring job: the source job's stored detector scores the job's dataset; the scores
+    are stored as the job's only trial (number 0), so they read like any job's."""
+    source = str(job.spec["source_job_id"])
+    stored = manager.load_artifact(source, MODEL_ARTIFACT)
+    if stored is None:
+        raise LookupError(f"job {source} has no stored detector")
+    data, meta = stored
+    model = ScoringModel.from_bytes(data)
+    t = time.perf_counter()
+    scores = model.score(cache.load(job.test, manager), device)
+    manager.record_trial(job.id, job.attempt, 0, augmentation=str(meta["augmentation"]),
+                         params=dict(meta["params"]),
+                         validation_loss=float(meta["validation_loss"]), losses={},
+                         timings={"total_s": time.perf_counter() - t},
+                         scores=scores.tolist())
+    log.info("job %s: scored %d images with job %s's detector (trial %s)", job.id,
+             len(scores), source, meta.get("trial_number"))
+
+
 def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: torch.device,
             cache: ArrayCache, heartbeat_seconds: float, stop: threading.Event) -> str:
     """Run ``job`` to an end state; returns what happened (for logs and tests)."""
@@ -116,13 +156,18 @@ def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: 
         if manager.is_cancel_requested(job.id):
             manager.mark_cancelled(job.id, job.attempt)
             return "cancelled"
+        if job.spec.get("kind") == "score":
+            score_new_data(job, manager, cache, device)
+            manager.finish(job.id, job.attempt)
+            return "succeeded"
         spec = JobSpec.from_spec(dict(job.spec))
         data = prepare(cache.load(job.train, manager), cache.load(job.test, manager), device)
 
         def record(number: int, r: TrialResult) -> None:
             manager.record_trial(job.id, job.attempt, number, augmentation=r.augmentation,
                                  params=r.params, validation_loss=r.validation_loss,
-                                 losses=r.losses, timings=r.timings, scores=r.scores.tolist())
+                                 losses=r.losses, timings=r.timings, scores=r.scores.tolist(),
+                                 model=None if r.model is None else r.model.to_bytes())
             log.info("job %s: trial %d %s loss=%.4f (%.1fs)", job.id, number, r.augmentation,
                      r.validation_loss, r.timings["total_s"])
 
@@ -134,10 +179,13 @@ def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: 
         # pool_pre_ping: after a database restart, pooled connections are replaced, not used.
         storage = optuna.storages.RDBStorage(optuna_storage_url(database_url),
                                              engine_kwargs={"pool_pre_ping": True})
-        run_study(data, spec.study_settings(), storage=storage, study_name=f"job-{job.id}",
-                  on_trial=record, should_stop=hb.should_stop,
-                  recover=lambda number: manager.stored_trial_loss(job.id, number),
-                  on_fail=record_failure)
+        result = run_study(data, spec.study_settings(), storage=storage,
+                           study_name=f"job-{job.id}", on_trial=record,
+                           should_stop=hb.should_stop,
+                           recover=lambda number: manager.stored_trial_loss(job.id, number),
+                           on_fail=record_failure)
+        store_augmentation_sample(manager, job, data.train, result.best.augmentation,
+                                  result.best.params, spec.seed)
         manager.finish(job.id, job.attempt)
         return "succeeded"
     except LostLease:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Job, JobEvent, JobStatus, JobTrial, TrialScore, utcnow
+from service.models import Job, JobArtifact, JobEvent, JobStatus, JobTrial, TrialScore, utcnow
 
 
 def insert_job(session: Session, job: Job, message: str) -> None:
@@ -84,3 +84,12 @@ def trial_scores(session: Session, job_id: str, number: int) -> list[tuple[int, 
 def list_events(session: Session, job_id: str) -> Sequence[JobEvent]:
     return session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                            .order_by(JobEvent.id)).all()
+
+
+def has_artifact(session: Session, job_id: str, name: str) -> bool:
+    return bool(session.scalar(select(exists().where(JobArtifact.job_id == job_id,
+                                                     JobArtifact.name == name))))
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> JobArtifact | None:
+    return session.get(JobArtifact, (job_id, name))

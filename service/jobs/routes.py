@@ -32,6 +32,7 @@ from service.jobs.schemas import (
     JobList,
     JobOut,
     Progress,
+    ScoreRequest,
     ScoresOut,
     ThresholdOut,
     TrialList,
@@ -47,7 +48,8 @@ def job_out(job: Job) -> JobOut:
     if job.best is not None and job.best_trial_number is not None:
         best = Best(trial_number=job.best_trial_number, **job.best)
     return JobOut(
-        id=job.id, status=job.status,
+        id=job.id, kind="score" if job.spec.get("kind") == "score" else "tune",
+        status=job.status,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed),
         best=best, error=job.error, attempt=job.attempt, cancel_requested=job.cancel_requested,
@@ -266,3 +268,45 @@ async def stream_job(request: Request, tenant: StreamTenantDep, job_id: str) -> 
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/{job_id}/score", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=error_responses(401, 404, 409, 413, 422, 429, 503),
+             summary="Score new images with a finished job's chosen detector")
+def score_new_data(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                   job_id: str, body: ScoreRequest, response: Response,
+                   idempotency_key: IdempotencyKeyDep = None) -> JobOut:
+    """Queues a scoring job (`kind: "score"`): a worker loads the detector the tuning job
+    chose (its weights and its scorer, fitted on the train set) and scores the dataset
+    with it, exactly as it scored the job's test set. Follow it like any job; its scores are
+    at `GET /v1/jobs/{new id}/scores`."""
+    job, replayed = service.create_score_job(session, tenant, job_id, body.dataset_id,
+                                             settings, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job)
+
+
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}},
+                                               "description": "a PNG image"}}
+
+
+@router.get("/{job_id}/plots/{name}.png", response_class=Response,
+            responses={**_PNG, **error_responses(401, 404, 409)},
+            summary="Pictures: trials, scores, top (most anomalous images), augmentation")
+def job_plot(session: SessionDep, tenant: TenantDep, job_id: str,
+             name: Literal["trials", "scores", "top", "augmentation"],
+             k: Annotated[int, Query(ge=1, le=64, description="images in `top`")] = 16,
+             ) -> Response:
+    """* `trials`: validation loss of every finished trial against its patch size (local
+      families) or strength, coloured by family; the chosen trial starred. Any time.
+    * `scores`: histogram of the test scores with both label-free thresholds.
+    * `top`: the `k` most anomalous test images with their names and scores.
+    * `augmentation`: train images and what the chosen augmentation makes of them.
+
+    `scores` and `top` need a succeeded job (409 before); `augmentation` is rendered by the
+    worker when a tuning job succeeds."""
+    png = service.plot(session, tenant, job_id, name, k)
+    return Response(png, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=60"})

@@ -72,6 +72,9 @@ class JobOut(BaseModel):
         "error": None, "attempt": 1}})
 
     id: str
+    kind: Literal["tune", "score"] = Field(
+        "tune", description="tune: a study over augmentations; score: new images scored "
+                            "with a finished job's detector (POST /v1/jobs/{id}/score)")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     created_at: datetime
     started_at: datetime | None
@@ -155,3 +158,11 @@ class ThresholdOut(BaseModel):
     rules: list[ThresholdRule]
     flagged: list[ScoreItem] = Field(description="images above the rule's threshold, "
                                                  "most anomalous first")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "dataset_id": "9a1d3c4e-6f70-4b8a-9c1d-2e3f4a5b6c7d"}})
+
+    dataset_id: str = Field(max_length=64, description="the new images (POST /v1/datasets); "
+                                                       "grey or RGB like the job's train set")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -12,10 +13,19 @@ from sqlalchemy.orm import Session
 from service import idempotency, tenants
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
+from service.jobs import plots
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, thresholds
-from service.models import TERMINAL, Dataset, Job, JobEvent, JobStatus, JobTrial
+from service.models import (
+    MODEL_ARTIFACT,
+    TERMINAL,
+    Dataset,
+    Job,
+    JobEvent,
+    JobStatus,
+    JobTrial,
+)
 from service.settings import Settings
 from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace
 
@@ -23,7 +33,7 @@ from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
     d = dataset_repo.get_dataset(session, tenant_id, dataset_id)
     if d is None:
-        raise NotFound(f"{role} dataset {dataset_id} not found")
+        raise NotFound(f"{role} dataset {dataset_id} not found".replace("  ", " ").strip())
     return d
 
 
@@ -145,3 +155,77 @@ def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None
     return {"job_id": job_id, "trial_number": number, "suggested_rule": SUGGESTED_RULE,
             "rule": rule, "rules": [vars(t) for t in found.values()],
             "flagged": [{"index": i, "name": n, "score": v} for i, n, v in flagged]}
+
+
+
+def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_id: str,
+                     settings: Settings, idempotency_key: str | None = None
+                     ) -> tuple[Job, bool]:
+    """Queue scoring ``dataset_id`` with the detector job ``source_id`` chose."""
+    fp = ""
+    if idempotency_key is not None:
+        fp = idempotency.json_fingerprint({"source": source_id, "dataset_id": dataset_id})
+        earlier = idempotency.replay(session, tenant_id, "score", idempotency_key, fp,
+                                     settings.idempotency_ttl_hours,
+                                     lambda i: repo.get_job(session, tenant_id, i))
+        if earlier is not None:
+            return earlier, True
+    source = get_job(session, tenant_id, source_id)
+    if source.spec.get("kind") == "score":
+        raise InvalidRequest(f"job {source_id} is itself a scoring job; score with the "
+                             "tuning job it came from")
+    if source.status != JobStatus.succeeded.value:
+        raise Conflict(f"job {source_id} is {source.status}; new data can be scored once it "
+                       "has succeeded")
+    if not repo.has_artifact(session, source_id, MODEL_ARTIFACT):
+        raise Conflict(f"job {source_id} has no stored detector (it finished before "
+                       "detectors were kept); run it again to score new data")
+    dataset = _dataset(session, tenant_id, dataset_id, "")
+    train = _dataset(session, tenant_id, source.train_dataset_id, "train")
+    if dataset.channels != train.channels:
+        raise IncompatibleDatasets(
+            f"the detector was trained on {train.channels}-channel images and dataset "
+            f"{dataset_id} has {dataset.channels}: both must be grey or both RGB")
+    tenants.check_job(session, tenant_id, tenants.lock_tenant(session, tenant_id, settings), 1)
+    job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
+              train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
+              spec={"kind": "score", "source_job_id": source_id, "n_trials": 1,
+                    "dataset_id": dataset.id,
+                    "contamination": source.spec.get("contamination", DEFAULT_CONTAMINATION)},
+              n_trials=1, trials_completed=0, attempt=0, cancel_requested=False)
+    repo.insert_job(session, job, f"queued: score with job {source_id}'s detector")
+    if idempotency_key is not None:
+        idempotency.remember(session, tenant_id, "score", idempotency_key, fp, job.id)
+    return job, False
+
+
+def _images(session: Session, tenant_id: str, dataset_id: str) -> np.ndarray:
+    dataset = _dataset(session, tenant_id, dataset_id, "test")
+    data = dataset_repo.read_blob(session, dataset.sha256)
+    if data is None:
+        raise NotFound(f"dataset {dataset_id} has no stored images")
+    return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
+    """One of the job's pictures, as PNG bytes (see service/jobs/plots.py)."""
+    job = get_job(session, tenant_id, job_id)
+    if name == "trials":
+        rows = [(t.number, t.augmentation, t.params, t.validation_loss)
+                for t in repo.list_trials(session, job_id)
+                if t.state == "COMPLETE" and t.validation_loss is not None]
+        return plots.trials_png(rows, job.best_trial_number)
+    if name == "augmentation":
+        art = repo.get_artifact(session, job_id, "augmentation.png")
+        if art is None:
+            raise NotFound(f"job {job_id} has no augmentation sample (it is rendered when "
+                           "a tuning job succeeds)")
+        return art.data
+    number = chosen_trial(session, tenant_id, job_id)
+    _, rows3 = scores(session, tenant_id, job_id, number)
+    values = np.array([v for _, _, v in rows3], dtype=np.float64)
+    if name == "scores":
+        found = thresholds(values, float(job.spec.get("contamination", DEFAULT_CONTAMINATION)))
+        return plots.scores_png(values, found, SUGGESTED_RULE)
+    top = sorted(rows3, key=lambda r: -r[2])[:k]
+    return plots.top_png(_images(session, tenant_id, job.test_dataset_id), top)

@@ -241,3 +241,23 @@ class TrialScore(Base):
     trial_number: Mapped[int] = mapped_column(Integer, primary_key=True)
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
     score: Mapped[float] = mapped_column(Float)
+
+
+#: The artifact holding a job's chosen detector (worker/core/export.py's format).
+MODEL_ARTIFACT = "model"
+MODEL_CONTENT_TYPE = "application/vnd.ssad-tune.detector+torch"
+
+
+class JobArtifact(Base):
+    """A file a worker produced for a job: the chosen detector (``model``, a torch file of
+    tensors only, loaded with ``weights_only=True``) or a picture (``augmentation.png``).
+    ``meta`` describes it (e.g. the trial it came from)."""
+
+    __tablename__ = "job_artifacts"
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    content_type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -8,6 +8,28 @@ from sklearn.covariance import LedoitWolf
 from worker.search_space import DEFAULT_SCORER, SCORER_NAMES
 
 
+def mahalanobis_fit(train_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(location, precision) of a Gaussian fitted on the train embeddings with Ledoit–Wolf
+    shrinkage; kept with a stored detector, so new data is scored exactly like the test."""
+    x = np.asarray(train_embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got {x.shape}")
+    if len(x) < 2:
+        raise ValueError("the Mahalanobis scorer needs at least two train embeddings")
+    lw = LedoitWolf(assume_centered=False).fit(x)
+    return np.asarray(lw.location_), np.asarray(lw.precision_)
+
+
+def mahalanobis_apply(location: np.ndarray, precision: np.ndarray,
+                      test_embeddings: np.ndarray) -> np.ndarray:
+    z = np.asarray(test_embeddings, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != location.shape[0]:
+        raise ValueError(f"embeddings must be 2-D of width {location.shape[0]}, got {z.shape}")
+    diff = z - location
+    d2 = np.einsum("ij,jk,ik->i", diff, precision, diff)
+    return np.asarray(np.sqrt(np.clip(d2, 0.0, None)))
+
+
 def mahalanobis_scores(train_embeddings: np.ndarray, test_embeddings: np.ndarray) -> np.ndarray:
     """Mahalanobis distance of each test embedding to a Gaussian fitted on the train
     embeddings with Ledoit–Wolf shrinkage (the CutPaste / DSV scorer)."""
@@ -15,14 +37,10 @@ def mahalanobis_scores(train_embeddings: np.ndarray, test_embeddings: np.ndarray
     z = np.asarray(test_embeddings, dtype=np.float64)
     if x.ndim != 2 or z.ndim != 2 or x.shape[1] != z.shape[1]:
         raise ValueError(f"embeddings must be 2-D with equal width, got {x.shape}, {z.shape}")
-    if len(x) < 2:
-        raise ValueError("the Mahalanobis scorer needs at least two train embeddings")
-    lw = LedoitWolf(assume_centered=False).fit(x)
-    diff = z - lw.location_
-    d2 = np.einsum("ij,jk,ik->i", diff, lw.precision_, diff)
-    return np.sqrt(np.clip(d2, 0.0, None))
+    return mahalanobis_apply(*mahalanobis_fit(x), z)
 
 
 SCORERS = SCORER_NAMES
 
-__all__ = ["DEFAULT_SCORER", "SCORERS", "mahalanobis_scores"]
+__all__ = ["DEFAULT_SCORER", "SCORERS", "mahalanobis_apply", "mahalanobis_fit",
+           "mahalanobis_scores"]

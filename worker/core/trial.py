@@ -21,8 +21,9 @@ from torch import Tensor
 
 from worker.core.augmentations import build_augmentation
 from worker.core.detector import Detector, DetectorConfig
+from worker.core.export import ScoringModel
 from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
-from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_scores
+from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_apply, mahalanobis_fit
 from worker.search_space import DEFAULT_CONTAMINATION, ParamValue
 
 
@@ -150,6 +151,9 @@ class TrialResult:
     n_x: int
     n_y: int
     seed: int
+    #: The trained detector and its scorer fit (to score new data later); None if the
+    #: caller asked not to keep it.
+    model: ScoringModel | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -280,6 +284,7 @@ def run_trial(
         n_x=len(x_idx),
         n_y=len(y_idx),
         seed=seed,
+        model=evaluation.model,
     )
 
 
@@ -288,6 +293,7 @@ class Evaluation:
     losses: dict[str, float]
     scores: np.ndarray
     timings: dict[str, float]
+    model: ScoringModel | None = None
 
 
 def evaluate(
@@ -315,12 +321,15 @@ def evaluate(
 
     t_score = time.perf_counter()
     if scorer == "mahalanobis":
-        scores = mahalanobis_scores(x.cpu().numpy(), z.cpu().numpy())
+        location, precision = mahalanobis_fit(x.cpu().numpy())
+        scores = mahalanobis_apply(location, precision, z.cpu().numpy())
+        kept = ScoringModel.capture(model, scorer, location, precision)
     else:
         scores = augmented_logits(model, data.test).cpu().numpy().astype(np.float64)
+        kept = ScoringModel.capture(model, scorer)
     score_s = time.perf_counter() - t_score
     return Evaluation(losses, scores,
-                      {"embed_s": embed_s, "loss_s": loss_s, "score_s": score_s})
+                      {"embed_s": embed_s, "loss_s": loss_s, "score_s": score_s}, kept)
 
 
 @torch.no_grad()
