@@ -19,7 +19,7 @@ import sys
 
 import uvicorn
 
-from service import migrate
+from service import logs, migrate
 from service.settings import Settings
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     if embedded and "SSAD_AUTH" not in os.environ:
         os.environ["SSAD_AUTH"] = "off"  # read by this process's Settings and uvicorn's app
     settings = Settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_format)
     log = logging.getLogger("ssad")
     if embedded:
         migrate.upgrade_head(settings.database_url)  # embedded mode owns its SQLite file

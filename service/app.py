@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from service import migrate
@@ -27,6 +28,7 @@ from service.errors import (
     use_error_shape_for_validation,
 )
 from service.jobs.routes import router as jobs_router
+from service.metrics import Metrics
 from service.settings import Settings, get_settings
 from worker.search_space import (
     DEFAULT_AUGMENTATIONS,
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings.database_url)
         app.state.engine = engine
         app.state.session_factory = session_factory(engine)
+        app.state.metrics = Metrics(engine)
         yield
         engine.dispose()
 
@@ -121,6 +124,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ServiceUnavailable(f"database schema is at {current}, not {head}: "
                                      "run `alembic upgrade head`")
         return {"status": "ready", "schema": current}
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"example": (
+                 "# HELP ssad_queue_depth Jobs waiting for a worker\n"
+                 "# TYPE ssad_queue_depth gauge\nssad_queue_depth 3.0\n")}},
+                 "description": "Prometheus text exposition format"}},
+             summary="Prometheus metrics: jobs, queue, trials, workers, uploads")
+    def metrics(request: Request) -> PlainTextResponse:
+        body = generate_latest(request.app.state.metrics.registry)
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/augmentations", tags=["reference"],
              summary="Augmentation families, their hyperparameters and ranges")

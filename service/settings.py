@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_stored_bytes: int = 20 * 1024**3
     idempotency_ttl_hours: float = 24.0
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one object per line, with the job id on a worker's lines")
+
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     max_attempts: int = 3

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from service import logs
 from service.db import make_engine
 from service.settings import Settings
 from worker.loop import run_worker
@@ -21,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (CUDA if present), cpu, cuda or cuda:N")
     ap.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(settings.log_format)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     stop = threading.Event()
 

@@ -18,6 +18,7 @@ import optuna
 import torch
 
 from service.db import is_transient
+from service.logs import current_job, job_context
 from service.models import MODEL_ARTIFACT
 from service.settings import optuna_storage_url
 from worker.core.export import ScoringModel
@@ -97,6 +98,7 @@ class HeartbeatThread(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
+        current_job.set(self.job.id)  # this thread's log lines name the job too
         while not self.done.wait(self.interval):
             try:
                 if self.manager.heartbeat(self.job.id, self.job.attempt).cancel_requested:
@@ -149,7 +151,15 @@ def score_new_data(job: ClaimedJob, manager: JobManager, cache: ArrayCache,
 
 def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: torch.device,
             cache: ArrayCache, heartbeat_seconds: float, stop: threading.Event) -> str:
-    """Run ``job`` to an end state; returns what happened (for logs and tests)."""
+    """Run ``job`` to an end state; returns what happened (for logs and tests). Every log
+    line written meanwhile carries the job's id."""
+    with job_context(job.id):
+        return _run_job(job, manager, database_url=database_url, device=device, cache=cache,
+                        heartbeat_seconds=heartbeat_seconds, stop=stop)
+
+
+def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: torch.device,
+             cache: ArrayCache, heartbeat_seconds: float, stop: threading.Event) -> str:
     hb = HeartbeatThread(manager, job, heartbeat_seconds, stop)
     hb.start()
     try:

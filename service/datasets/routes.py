@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
 from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
-from service.errors import PayloadTooLarge, error_responses
+from service.errors import AppError, PayloadTooLarge, error_responses
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -26,15 +26,23 @@ def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
+    request: Request,
     response: Response,
     file: Annotated[UploadFile, File(description=".npz (one array or key images/x), .npy, "
                                                  "or .zip of PNG/JPEG files")],
     name: Annotated[str | None, Form(max_length=255)] = None,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> DatasetOut:
-    data = read_limited(file, settings.max_upload_bytes)
-    dataset, replayed = service.create_dataset(session, tenant, data, file.filename or "", name,
-                                               settings, idempotency_key)
+    metrics = request.app.state.metrics
+    try:
+        data = read_limited(file, settings.max_upload_bytes)
+        metrics.upload_bytes.inc(len(data))
+        dataset, replayed = service.create_dataset(session, tenant, data, file.filename or "",
+                                                   name, settings, idempotency_key)
+    except AppError:
+        metrics.uploads.labels("refused").inc()
+        raise
+    metrics.uploads.labels("replayed" if replayed else "created").inc()
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return DatasetOut.model_validate(dataset)
