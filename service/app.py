@@ -105,11 +105,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_css_url="/static/swagger/swagger-ui.css",
             swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
-    @app.get("/healthz", tags=["operations"], summary="The process is up")
+    @app.get("/healthz", tags=["operations"], summary="The process is up",
+             responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], responses=error_responses(503),
+    @app.get("/readyz", tags=["operations"],
+             responses={200: {"content": {"application/json": {"example": {
+                 "status": "ready", "schema": "0003"}}}}, **error_responses(503)},
              summary="The database is reachable and migrated")
     def readyz(request: Request) -> dict[str, Any]:
         engine = request.app.state.engine
@@ -136,6 +139,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/augmentations", tags=["reference"],
+             responses={200: {"content": {"application/json": {"example": {
+                 "families": describe()[:1], "default_augmentations": list(
+                     DEFAULT_AUGMENTATIONS),
+                 "objectives": list(OBJECTIVE_NAMES),
+                 "default_objective": DEFAULT_OBJECTIVE}}}}},
              summary="Augmentation families, their hyperparameters and ranges")
     def augmentations() -> dict[str, Any]:
         return {"families": describe(), "default_augmentations": list(DEFAULT_AUGMENTATIONS),

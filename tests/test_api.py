@@ -211,3 +211,27 @@ def test_storing_the_same_blob_twice_is_a_no_op(db_url: str) -> None:
             assert read_blob(s, "ab" * 32) == b"x" * 100
     finally:
         engine.dispose()
+
+
+def test_every_operation_documents_an_example(api: TestClient) -> None:
+    """/docs shows an example for every request body and every success response."""
+    spec = api.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def has_example(content: dict[str, object]) -> bool:
+        schema = content.get("schema", {})
+        assert isinstance(schema, dict)
+        if "$ref" in schema:
+            schema = schemas[str(schema["$ref"]).rsplit("/", 1)[-1]]
+        return any(k in content or k in schema for k in ("example", "examples"))
+
+    missing = []
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            bodies = [("request", c) for c in
+                      op.get("requestBody", {}).get("content", {}).values()]
+            bodies += [(code, c) for code, r in op["responses"].items()
+                       if code.startswith("2") for c in r.get("content", {}).values()]
+            missing += [f"{method.upper()} {path} {what}" for what, c in bodies
+                        if not has_example(c)]
+    assert missing == [], missing

@@ -21,7 +21,10 @@ def read_limited(upload: UploadFile, limit: int) -> bytes:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
              responses=error_responses(400, 401, 409, 413, 422, 503),
-             summary="Upload an image set (.npz, .npy, or .zip of PNG/JPEG)")
+             summary="Upload an image set (.npz, .npy, or .zip of PNG/JPEG)",
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {
+                 "example": {"file": "(the file's bytes, e.g. curl -F file=@train.npz)",
+                             "name": "line-3 train"}}}}})
 def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,

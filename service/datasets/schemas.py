@@ -23,5 +23,10 @@ class DatasetOut(BaseModel):
 
 
 class DatasetList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"items": [{
+        "id": "0b6f9c1e-2a51-4c1e-9a4e-5f3d2b7c8a10", "name": "digits_train.npz",
+        "n_samples": 120, "channels": 1, "height": 8, "width": 8, "sha256": "9f2c…",
+        "size_bytes": 7808, "created_at": "2026-11-29T12:00:00Z"}], "total": 1}})
+
     items: list[DatasetOut]
     total: int

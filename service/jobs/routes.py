@@ -64,7 +64,7 @@ def trial_out(t: JobTrial) -> TrialOut:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=error_responses(401, 404, 409, 413, 422, 429, 503),
+             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
              summary="Queue a tuning job")
 def create_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, body: JobCreate,
                response: Response, idempotency_key: IdempotencyKeyDep = None) -> JobOut:
@@ -225,7 +225,7 @@ def _progress_key(j: JobOut) -> tuple[Any, ...]:
     return (j.status, j.progress.trials_completed, best, j.attempt, j.cancel_requested)
 
 
-@router.get("/{job_id}/stream", responses={
+@router.get("/{job_id}/stream", response_class=StreamingResponse, responses={
     200: {"content": {"text/event-stream": {"example": (
         'event: progress\ndata: {"id": "3f1c…", "status": "running", '
         '"progress": {"n_trials": 12, "trials_completed": 5}, ...}\n\n')}},
@@ -271,7 +271,7 @@ async def stream_job(request: Request, tenant: StreamTenantDep, job_id: str) -> 
 
 
 @router.post("/{job_id}/score", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=error_responses(401, 404, 409, 413, 422, 429, 503),
+             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
              summary="Score new images with a finished job's chosen detector")
 def score_new_data(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                    job_id: str, body: ScoreRequest, response: Response,
@@ -288,8 +288,9 @@ def score_new_data(session: SessionDep, settings: SettingsDep, tenant: TenantDep
     return job_out(job)
 
 
-_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}},
-                                               "description": "a PNG image"}}
+_PNG: dict[int | str, dict[str, Any]] = {200: {
+    "content": {"image/png": {"example": "(PNG bytes: open the URL in a browser)"}},
+    "description": "a PNG image"}}
 
 
 @router.get("/{job_id}/plots/{name}.png", response_class=Response,

@@ -90,6 +90,18 @@ class JobOut(BaseModel):
 
 
 class JobList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"items": [{
+        "id": "3f1c…", "kind": "tune", "status": "succeeded",
+        "created_at": "2026-11-29T12:00:00Z", "started_at": "2026-11-29T12:00:01Z",
+        "finished_at": "2026-11-29T12:09:40Z", "progress": {"n_trials": 12,
+                                                            "trials_completed": 12},
+        "best": {"augmentation": "cutout", "params": {"patch_size": 0.04, "aspect": 1.0,
+                                                      "fill": "zero"},
+                 "validation_loss": -0.61, "trial_number": 7},
+        "error": None, "attempt": 1, "cancel_requested": False,
+        "train_dataset_id": "0b6f…", "test_dataset_id": "7d0e…", "spec": {"n_trials": 12}}],
+        "total": 1}})
+
     items: list[JobOut]
     total: int
 
@@ -107,6 +119,16 @@ class TrialOut(BaseModel):
 
 
 class TrialList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"job_id": "3f1c…", "trials": [
+        {"number": 0, "state": "COMPLETE", "augmentation": "cutout",
+         "params": {"patch_size": 0.05, "aspect": 1.0, "fill": "zero"},
+         "validation_loss": -0.42, "losses": {"dsv": -0.42, "mmd": 0.03}, "duration_s": 41.8,
+         "attempt": 1, "error": None},
+        {"number": 1, "state": "FAIL", "augmentation": "cutpaste", "params": {},
+         "validation_loss": None, "losses": {}, "duration_s": 0.0, "attempt": 1,
+         "error": "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); a "
+                  "smaller batch_size … would fit"}]}})
+
     job_id: str
     trials: list[TrialOut]
 
@@ -118,6 +140,11 @@ class ScoreItem(BaseModel):
 
 
 class ScoresOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "job_id": "3f1c…", "trial_number": 7, "scores": [
+            {"index": 0, "name": "part_0000.png", "score": 3.12},
+            {"index": 1, "name": "part_0001.png", "score": 9.87}]}})
+
     job_id: str
     trial_number: int
     scores: list[ScoreItem]
@@ -131,6 +158,14 @@ class EventOut(BaseModel):
 
 
 class EventList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"job_id": "3f1c…", "events": [
+        {"at": "2026-11-29T12:00:00Z", "status": "queued", "attempt": 0,
+         "message": "queued"},
+        {"at": "2026-11-29T12:00:01Z", "status": "running", "attempt": 1,
+         "message": "claimed by gpu-3:4121:a1b2c3"},
+        {"at": "2026-11-29T12:09:40Z", "status": "succeeded", "attempt": 1,
+         "message": "best trial 7: cutout (loss -0.61)"}]}})
+
     job_id: str
     events: list[EventOut]
 
