@@ -52,6 +52,21 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
         assert "succeeded" in p.stdout
         rows = list(csv.DictReader(out.open()))
         assert len(rows) > 20 and [int(r["index"]) for r in rows] == list(range(len(rows)))
+        if auth == "required":  # the Python client example, against the same server
+            work = tmp_path / "client"
+            work.mkdir()
+            py = subprocess.run(
+                [sys.executable, str(ROOT / "examples/client.py"),
+                 str(tmp_path / "digits_train.npz"), str(tmp_path / "digits_test.npz"),
+                 str(tmp_path / "digits_test.npz")],
+                cwd=work, env={**client_env, "SSAD_URL": url, "N_TRIALS": "2",
+                               "TRAIN_STEPS": "8"},
+                capture_output=True, text=True, timeout=300)
+            assert py.returncode == 0, py.stdout + py.stderr
+            assert f"scored {len(rows)} new images" in py.stdout
+            assert "succeeded: 2/2 trials" in py.stdout
+            assert (work / "top.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert len((work / "scores.csv").read_text().splitlines()) == len(rows) + 1
     finally:
         server.terminate()
         server.wait(timeout=60)

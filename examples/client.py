@@ -1,0 +1,87 @@
+"""A Python client for ssad-tune, with httpx: upload, tune, follow, read the results, score
+new images with the chosen detector.
+
+    python examples/client.py TRAIN TEST [NEW]      (server: $SSAD_URL; key: $SSAD_API_KEY)
+
+Try it on the bundled digits: python examples/make_digits.py && python examples/client.py \
+    examples/data/digits_train.npz examples/data/digits_test.npz examples/data/digits_test.npz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+
+N_TRIALS = int(os.environ.get("N_TRIALS", "12"))
+TRAIN_STEPS = int(os.environ.get("TRAIN_STEPS", "400"))
+
+
+def follow(c: httpx.Client, job_id: str) -> dict:
+    """Print the job's progress from its server-sent events until it ends."""
+    job: dict = {}
+    with c.stream("GET", f"/v1/jobs/{job_id}/stream", timeout=None) as r:
+        r.raise_for_status()
+        event = ""
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "progress":
+                job = json.loads(line[5:])
+                best = job["best"]["validation_loss"] if job["best"] else None
+                print(f"  {job['status']}: {job['progress']['trials_completed']}/"
+                      f"{job['progress']['n_trials']} trials, best loss {best}")
+    return job
+
+
+def main(train: str, test: str, new: str | None = None) -> int:
+    key = os.environ.get("SSAD_API_KEY")
+    c = httpx.Client(base_url=os.environ.get("SSAD_URL", "http://127.0.0.1:8000"),
+                     headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300)
+
+    def upload(path: str) -> str:
+        # An Idempotency-Key makes retrying this request safe: no duplicate dataset.
+        r = c.post("/v1/datasets", files={"file": (Path(path).name, Path(path).read_bytes())},
+                   headers={"Idempotency-Key": str(uuid.uuid4())})
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+    train_id, test_id = upload(train), upload(test)
+    r = c.post("/v1/jobs", json={"train_dataset_id": train_id, "test_dataset_id": test_id,
+                                 "n_trials": N_TRIALS, "train_steps": TRAIN_STEPS},
+               headers={"Idempotency-Key": str(uuid.uuid4())})
+    r.raise_for_status()
+    job_id = r.json()["id"]
+    print(f"job {job_id}")
+    job = follow(c, job_id)
+    if job["status"] != "succeeded":
+        print(f"job {job['status']}: {job['error']}", file=sys.stderr)
+        return 1
+    print("chosen:", job["best"])
+
+    threshold = c.get(f"/v1/jobs/{job_id}/threshold").json()
+    print(f"flagged by the {threshold['rule']} rule:",
+          [f["name"] for f in threshold["flagged"]][:10])
+    Path("top.png").write_bytes(c.get(f"/v1/jobs/{job_id}/plots/top.png").content)
+    Path("scores.csv").write_text(c.get(f"/v1/jobs/{job_id}/scores",
+                                        params={"format": "csv"}).text)
+    print("wrote scores.csv and top.png")
+
+    if new:  # score more images later with the same detector
+        r = c.post(f"/v1/jobs/{job_id}/score", json={"dataset_id": upload(new)})
+        r.raise_for_status()
+        scored = follow(c, r.json()["id"])
+        scores = c.get(f"/v1/jobs/{scored['id']}/scores").json()["scores"]
+        print(f"scored {len(scores)} new images; highest:",
+              max(scores, key=lambda s: s["score"]))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    sys.exit(main(*sys.argv[1:]))
