@@ -4,6 +4,8 @@
 
 * api: p50/p99 latency of GET /v1/jobs/{id} and of GET /v1/jobs/{id}/scores with 10,000
   scores, 50 concurrent clients on loopback, API (uvicorn, one process) on Postgres.
+* auth: p50/p99 of GET /v1/jobs/{id} with API keys required against auth off, one client
+  and 50, alternating the two servers three times (the cost of the key lookup).
 * upload: MB/s ingesting a ~100 MB .npz through POST /v1/datasets, against numpy.load +
   sha256 alone on the same file in the same run.
 * queue: 1,000 trivial jobs drained by 8 claimer processes: jobs/s, double claims.
@@ -45,11 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class Api:
     """uvicorn serving the app on a free port, against ``db_url``."""
 
-    def __init__(self, db_url: str, workdir: Path) -> None:
+    def __init__(self, db_url: str, workdir: Path, auth: str = "off") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "SSAD_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT),
-               "SSAD_MAX_UPLOAD_BYTES": str(400 * 1024**2), "SSAD_AUTH": "off"}
+               "SSAD_MAX_UPLOAD_BYTES": str(400 * 1024**2), "SSAD_AUTH": auth}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
              "--port", str(self.port), "--log-level", "warning"],
@@ -72,11 +74,12 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.array(xs), q))
 
 
-async def hammer(url: str, paths: list[str], clients: int, per_client: int
-                 ) -> dict[str, dict[str, float]]:
+async def hammer(url: str, paths: list[str], clients: int, per_client: int,
+                 headers: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     lat: dict[str, list[float]] = {p: [] for p in paths}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as c:
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60,
+                                 headers=headers) as c:
         async def one(i: int) -> None:
             for k in range(per_client):
                 path = paths[(i + k) % len(paths)]
@@ -131,6 +134,54 @@ def bench_api(server: PostgresServer, work: Path) -> dict[str, Any]:
                 "note": "client and server share the machine's 2 cores"}
     finally:
         api.stop()
+
+
+def bench_auth(server: PostgresServer, work: Path, rounds: int = 3) -> dict[str, Any]:
+    """GET /v1/jobs/{id} with API keys required against the same with auth off (two API
+    processes on one database), alternating them `rounds` times; medians over rounds."""
+    from service.db import session_scope
+    from service.tenants import create_key
+
+    db = server.url(server.create_database())
+    upgrade_head(db)
+    engine = make_engine(db)
+    with session_scope(engine) as s:
+        key = create_key(s, "bench")[1]
+    engine.dispose()
+    keyed = {"Authorization": f"Bearer {key}"}
+    off, on = Api(db, work), Api(db, work, auth="required")
+    try:
+        paths = {}
+        for name, api, headers in (("off", off, {}), ("on", on, keyed)):
+            with httpx.Client(base_url=api.url, timeout=60, headers=headers) as c:
+                ds = c.post("/v1/datasets", files={"file": ("t.npz", npz_bytes(
+                    np.zeros((4, 8, 8), np.uint8)))}).json()["id"]
+                job = c.post("/v1/jobs", json={"train_dataset_id": ds, "test_dataset_id": ds,
+                                               "n_trials": 1}).json()["id"]
+            paths[name] = [f"/v1/jobs/{job}"]
+
+        def run(name: str, clients: int, per_client: int) -> dict[str, float]:
+            api, headers = (off, None) if name == "off" else (on, keyed)
+            return asyncio.run(hammer(api.url, paths[name], clients, per_client,
+                                      headers))[paths[name][0]]
+
+        run("off", 10, 5)  # warm-up
+        run("on", 10, 5)
+        runs: dict[str, list[dict[str, float]]] = {}
+        for _ in range(rounds):
+            for name in ("off", "on"):
+                runs.setdefault(f"{name}_1_client", []).append(run(name, 1, 300))
+                runs.setdefault(f"{name}_50_clients", []).append(run(name, 50, 40))
+        out: dict[str, Any] = {k: {m: statistics.median(r[m] for r in v)
+                                   for m in ("p50_ms", "p99_ms")} for k, v in runs.items()}
+        for n in ("1_client", "50_clients"):
+            out[f"p50_ratio_on_off_{n}"] = out[f"on_{n}"]["p50_ms"] / out[f"off_{n}"]["p50_ms"]
+        out["rounds"] = rounds
+        out["note"] = "one API process each, on the same 2 cores as the client"
+        return out
+    finally:
+        off.stop()
+        on.stop()
 
 
 def bench_upload(server: PostgresServer, work: Path, repeats: int = 3) -> dict[str, Any]:
@@ -261,7 +312,7 @@ def bench_overhead(server: PostgresServer, work: Path, n_trials: int, steps: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/results/service.json")
-    ap.add_argument("--only", default="api,upload,queue,overhead")
+    ap.add_argument("--only", default="api,auth,upload,queue,overhead")
     ap.add_argument("--overhead-trials", type=int, default=4)
     ap.add_argument("--overhead-steps", type=int, default=200)
     args = ap.parse_args(argv)
@@ -275,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             for name, fn in (("api", lambda: bench_api(server, work)),
+                             ("auth", lambda: bench_auth(server, work)),
                              ("upload", lambda: bench_upload(server, work)),
                              ("queue", lambda: bench_queue(server, work)),
                              ("overhead", lambda: bench_overhead(
