@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,14 +132,30 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-    """One line, redrawn in place on a terminal; a new line per change otherwise."""
+    """One line, redrawn in place on a terminal (and every second, so elapsed time and the
+    ETA move between trials); a new line per change otherwise."""
 
-    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic,
+                 tick_seconds: float | None = 1.0) -> None:
         self.out, self.clock = out, clock
         self.tty = out.isatty()
         self.start: float | None = None
         self.done_at_start = 0
         self.last = ""
+        self.job: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if self.tty and tick_seconds:
+            self._ticker = threading.Thread(target=self._tick, args=(tick_seconds,),
+                                            daemon=True)
+            self._ticker.start()
+
+    def _tick(self, every: float) -> None:
+        while not self._stop.wait(every):
+            with self._lock:
+                if self.job is not None:
+                    self._draw(self.job)
 
     def line(self, job: dict[str, Any]) -> str:
         done, total = job["progress"]["trials_completed"], job["progress"]["n_trials"]
@@ -158,6 +175,11 @@ class Progress:
                 f"elapsed {fmt_duration(elapsed)}  {eta}")
 
     def update(self, job: dict[str, Any]) -> None:
+        with self._lock:
+            self.job = job
+            self._draw(job)
+
+    def _draw(self, job: dict[str, Any]) -> None:
         text = self.line(job)
         if text == self.last:
             return
@@ -169,6 +191,9 @@ class Progress:
         self.out.flush()
 
     def finish(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
         if self.tty and self.last:
             self.out.write("\n")
             self.out.flush()

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,25 @@ def test_progress_line_and_eta() -> None:
     assert text[-1] == ("[#####---------------] 1/4 trials  best -0.2500 (rotate)  running  "
                         "elapsed 30s  ETA 1m30s")
     assert fmt_duration(3725) == "1h02m05s"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_line_is_redrawn_in_place_and_keeps_ticking() -> None:
+    now = [0.0]
+    out = FakeTerminal()
+    bar = Progress(out, clock=lambda: now[0], tick_seconds=0.01)
+    bar.update({"status": "running", "progress": {"n_trials": 4, "trials_completed": 0},
+                "best": None})
+    now[0] = 65.0  # no event from the server: the ticker still moves the clock
+    wait = time.monotonic() + 5
+    while "elapsed 1m05s" not in out.getvalue() and time.monotonic() < wait:
+        time.sleep(0.01)
+    bar.finish()
+    text = out.getvalue()
+    assert "elapsed 1m05s" in text
+    assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn with \r
+    assert "\r\x1b[2K[" in text
