@@ -1,4 +1,4 @@
-"""``ssad-tune``: one command for operators.
+""""``ssad-tune``: one command for users and operators."
 
     ssad-tune tune TRAIN TEST [-o scores.csv]   upload, tune, follow, save the scores
                                             (server: --url / SSAD_URL; key: SSAD_API_KEY)
@@ -155,8 +155,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
     t.set_defaults(fn=_tune)
-    sub.add_parser("serve", help="run the API").set_defaults(fn=_serve)
-    w = sub.add_parser("worker", help="run one worker (options: python -m worker --help)")
+    sub.add_parser("serve", help="run the API (settings: SSAD_* variables, see the README)"
+                   ).set_defaults(fn=_serve)
+    w = sub.add_parser("worker", add_help=False,  # --help goes to the worker's own parser
+                       help="run one worker (options: ssad-tune worker --help)")
     w.add_argument("rest", nargs=argparse.REMAINDER)
     w.set_defaults(fn=_worker)
     sub.add_parser("migrate", help="upgrade the database schema").set_defaults(fn=_migrate)
@@ -184,6 +186,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # every option, --help included, is the worker's own
+        from worker.__main__ import main as worker
+
+        return worker(argv[1:])
     args = parser().parse_args(argv)
     fn: Callable[[argparse.Namespace, Settings], int] = args.fn
     try:

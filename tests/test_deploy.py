@@ -100,3 +100,12 @@ def test_the_deployment_requires_api_keys_and_can_make_them() -> None:
     args = parser().parse_args(["keys", "create", "--tenant", "acme"])
     assert args.tenant == "acme"
     assert "ssad-tune keys create --tenant NAME" in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_ssad_tune_worker_passes_its_options_to_the_worker() -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "service.cli", "worker", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--device" in p.stdout and "--max-jobs" in p.stdout

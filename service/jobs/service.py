@@ -33,7 +33,8 @@ from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
     d = dataset_repo.get_dataset(session, tenant_id, dataset_id)
     if d is None:
-        raise NotFound(f"{role} dataset {dataset_id} not found".replace("  ", " ").strip())
+        raise NotFound(f"{role} dataset {dataset_id} not found" if role
+                       else f"dataset {dataset_id} not found")
     return d
 
 
