@@ -111,12 +111,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return serve()
 
 
-def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.__main__ import main as worker
-
-    return worker(args.rest)
-
-
 def _tune(args: argparse.Namespace, settings: Settings) -> int:
     from service import client
 
@@ -157,10 +151,8 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_tune)
     sub.add_parser("serve", help="run the API (settings: SSAD_* variables, see the README)"
                    ).set_defaults(fn=_serve)
-    w = sub.add_parser("worker", add_help=False,  # --help goes to the worker's own parser
-                       help="run one worker (options: ssad-tune worker --help)")
-    w.add_argument("rest", nargs=argparse.REMAINDER)
-    w.set_defaults(fn=_worker)
+    # Listed for --help only: main() hands `worker ...` to the worker's own parser.
+    sub.add_parser("worker", help="run one worker (options: ssad-tune worker --help)")
     sub.add_parser("migrate", help="upgrade the database schema").set_defaults(fn=_migrate)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)

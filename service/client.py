@@ -11,7 +11,6 @@ ever creating a second dataset or job.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -242,7 +241,3 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         return 1
     finally:
         client.close()
-
-
-def default_url() -> str:
-    return os.environ.get("SSAD_URL", "http://127.0.0.1:8000")

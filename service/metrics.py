@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
@@ -74,7 +73,7 @@ class DatabaseCollector(Collector):
         yield jobs
         yield GaugeMetricFamily("ssad_queue_depth", "Jobs waiting for a worker",
                                 value=by_status.get(JobStatus.queued.value, 0))
-        age = 0.0 if oldest is None else (now - _aware(oldest)).total_seconds()
+        age = 0.0 if oldest is None else (now - oldest).total_seconds()
         yield GaugeMetricFamily("ssad_queue_oldest_age_seconds",
                                 "How long the oldest queued job has waited (0: none)",
                                 value=max(0.0, age))
@@ -83,7 +82,7 @@ class DatabaseCollector(Collector):
                                labels=["worker"])
         for worker, at in beats:
             if worker is not None and at is not None:
-                hb.add_metric([worker], max(0.0, (now - _aware(at)).total_seconds()))
+                hb.add_metric([worker], max(0.0, (now - at).total_seconds()))
         yield hb
         yield GaugeMetricFamily("ssad_workers_busy", "Workers running a job",
                                 value=sum(1 for w, _ in beats if w is not None))
@@ -98,11 +97,6 @@ class DatabaseCollector(Collector):
         hist.add_metric([], [(str(b), c) for b, c in zip(TRIAL_BUCKETS, counts, strict=True)]
                         + [("+Inf", total)], sum_value=total_s)
         yield hist
-
-
-def _aware(dt: datetime) -> datetime:
-    """UTCDateTime makes these aware; aggregates over it may come back naive on SQLite."""
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
 class Metrics:

@@ -218,10 +218,8 @@ class JobManager:
         if it is the best trial so far, ``model`` (its detector) becomes the job's ``model``
         artifact. A repeat (a retry after the commit's acknowledgement was lost) stores
         nothing."""
-        now = utcnow()
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
-            if s.get(JobTrial, (job_id, number)) is not None:
+            if not self._fenced_new_trial(s, job_id, attempt, number):
                 return
             s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="COMPLETE",
                            augmentation=augmentation, params=dict(params),
@@ -242,10 +240,8 @@ class JobManager:
     def record_failed_trial(self, job_id: str, attempt: int, number: int, *,
                             augmentation: str, params: Mapping[str, Any], reason: str) -> None:
         """Store a trial that could not finish (state FAIL) with its reason."""
-        now = utcnow()
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
-            if s.get(JobTrial, (job_id, number)) is not None:
+            if not self._fenced_new_trial(s, job_id, attempt, number):
                 return
             s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="FAIL",
                            augmentation=augmentation, params=dict(params),
@@ -253,6 +249,13 @@ class JobManager:
                            error=reason[:4000]))
             self._event(s, job_id, JobStatus.running.value, attempt,
                         f"trial {number} failed: {reason}"[:4000])
+
+    def _fenced_new_trial(self, s: Session, job_id: str, attempt: int, number: int) -> bool:
+        """Renew the lease (or LostLease); False if trial ``number`` is already stored (a
+        retried write whose first commit did land)."""
+        now = utcnow()
+        self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
+        return s.get(JobTrial, (job_id, number)) is None
 
     @staticmethod
     def _put_artifact(s: Session, job_id: str, name: str, content_type: str, data: bytes,

@@ -16,7 +16,7 @@ from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFo
 from service.jobs import plots
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
-from service.jobs.threshold import SUGGESTED_RULE, thresholds
+from service.jobs.threshold import SUGGESTED_RULE, Threshold, thresholds
 from service.models import (
     MODEL_ARTIFACT,
     TERMINAL,
@@ -141,22 +141,29 @@ def list_events(session: Session, tenant_id: str, job_id: str) -> Sequence[JobEv
     return repo.list_events(session, job_id)
 
 
-def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None
-              ) -> dict[str, Any]:
-    """Both label-free thresholds on the job's scores, and the images above ``rule``'s
-    (default: the suggested rule)."""
+def _chosen_scores(session: Session, tenant_id: str, job_id: str
+                   ) -> tuple[Job, int, list[tuple[int, str, float]], dict[str, Threshold]]:
+    """The succeeded job, its chosen trial, that trial's (index, name, score) rows, and
+    both label-free thresholds on them."""
     number = chosen_trial(session, tenant_id, job_id)
     job = get_job(session, tenant_id, job_id)
     _, rows = scores(session, tenant_id, job_id, number)
     values = np.array([s for _, _, s in rows], dtype=np.float64)
     found = thresholds(values, float(job.spec.get("contamination", DEFAULT_CONTAMINATION)))
+    return job, number, rows, found
+
+
+def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None
+              ) -> dict[str, Any]:
+    """Both label-free thresholds on the job's scores, and the images above ``rule``'s
+    (default: the suggested rule)."""
+    _, number, rows, found = _chosen_scores(session, tenant_id, job_id)
     rule = rule or SUGGESTED_RULE
     chosen = found[rule]
     flagged = sorted((r for r in rows if r[2] > chosen.threshold), key=lambda r: -r[2])
     return {"job_id": job_id, "trial_number": number, "suggested_rule": SUGGESTED_RULE,
             "rule": rule, "rules": [vars(t) for t in found.values()],
             "flagged": [{"index": i, "name": n, "score": v} for i, n, v in flagged]}
-
 
 
 def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_id: str,
@@ -212,21 +219,19 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
     """One of the job's pictures, as PNG bytes (see service/jobs/plots.py)."""
     job = get_job(session, tenant_id, job_id)
     if name == "trials":
-        rows = [(t.number, t.augmentation, t.params, t.validation_loss)
-                for t in repo.list_trials(session, job_id)
-                if t.state == "COMPLETE" and t.validation_loss is not None]
-        return plots.trials_png(rows, job.best_trial_number)
+        points = [(t.number, t.augmentation, t.params, t.validation_loss)
+                  for t in repo.list_trials(session, job_id)
+                  if t.state == "COMPLETE" and t.validation_loss is not None]
+        return plots.trials_png(points, job.best_trial_number)
     if name == "augmentation":
         art = repo.get_artifact(session, job_id, "augmentation.png")
         if art is None:
             raise NotFound(f"job {job_id} has no augmentation sample (it is rendered when "
                            "a tuning job succeeds)")
         return art.data
-    number = chosen_trial(session, tenant_id, job_id)
-    _, rows3 = scores(session, tenant_id, job_id, number)
-    values = np.array([v for _, _, v in rows3], dtype=np.float64)
+    _, _, rows, found = _chosen_scores(session, tenant_id, job_id)
     if name == "scores":
-        found = thresholds(values, float(job.spec.get("contamination", DEFAULT_CONTAMINATION)))
+        values = np.array([v for _, _, v in rows], dtype=np.float64)
         return plots.scores_png(values, found, SUGGESTED_RULE)
-    top = sorted(rows3, key=lambda r: -r[2])[:k]
+    top = sorted(rows, key=lambda r: -r[2])[:k]
     return plots.top_png(_images(session, tenant_id, job.test_dataset_id), top)

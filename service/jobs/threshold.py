@@ -25,7 +25,6 @@ import numpy as np
 
 MAD_Z = 3.5
 MAD_SCALE = 1.4826  # MAD of a normal distribution × this = its standard deviation
-RULES = ("mad", "contamination")
 SUGGESTED_RULE = "mad"
 
 
