@@ -118,8 +118,9 @@ def list_events(session: SessionDep, tenant: TenantDep, job_id: str) -> EventLis
 
 
 class RenderedScores:
-    """Rendered score bodies, per API process. Safe to cache: a finished trial's scores are
-    written once and never change (the job's chosen trial is fixed once it succeeds)."""
+    """Rendered score bodies and score pictures, per API process. Safe to cache: a finished
+    trial's scores are written once and never change (the job's chosen trial is fixed once
+    it succeeds)."""
 
     def __init__(self, max_bytes: int = 256 * 1024**2) -> None:
         self.max_bytes = max_bytes
@@ -308,6 +309,16 @@ def job_plot(session: SessionDep, tenant: TenantDep, job_id: str,
 
     `scores` and `top` need a succeeded job (409 before); `augmentation` is rendered by the
     worker when a tuning job succeeds."""
-    png = service.plot(session, tenant, job_id, name, k)
+    if name in ("scores", "top"):
+        # Drawn from a succeeded job's fixed scores (and, for `top`, its whole test set read
+        # from the database): render once per process, like the score bodies.
+        number = service.chosen_trial(session, tenant, job_id)  # ownership, 409 if not done
+        key = (job_id, number, f"{name}.png?k={k}" if name == "top" else f"{name}.png")
+        png = RENDERED.get(key)
+        if png is None:
+            png = service.plot(session, tenant, job_id, name, k)
+            RENDERED.put(key, png)
+    else:
+        png = service.plot(session, tenant, job_id, name, k)
     return Response(png, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=60"})
