@@ -34,7 +34,7 @@ from sklearn.datasets import load_digits
 from service.migrate import upgrade_head
 from service.settings import optuna_storage_url
 from tests.helpers import npz, wait_for, wait_http_ok, worker_env
-from tests.pg import PostgresServer, free_port
+from tests.pg import PostgresServer, free_port, running_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["invert", "flip", "mask", "noise", "rotate", "cutout"]
@@ -167,24 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.faults " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "postgres": "15 (local)"},
         "sigkill": [], "pg_restart": []}
-    server = PostgresServer().start()
-    server.wait_ready()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for i in range(args.repeats):
-                for name in ("sigkill", "pg_restart"):
-                    db = server.url(server.create_database())
-                    upgrade_head(db)
-                    stack = Stack(db, Path(tmp))
-                    try:
-                        r = (drill_sigkill(stack, files, args.steps) if name == "sigkill"
-                             else drill_pg_restart(stack, server, files, args.steps))
-                    finally:
-                        stack.stop()
-                    results[name].append(r)
-                    print(name, i, json.dumps(r), flush=True)
-    finally:
-        server.stop()
+    with running_postgres() as server, tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for name in ("sigkill", "pg_restart"):
+                db = server.url(server.create_database())
+                upgrade_head(db)
+                stack = Stack(db, Path(tmp))
+                try:
+                    r = (drill_sigkill(stack, files, args.steps) if name == "sigkill"
+                         else drill_pg_restart(stack, server, files, args.steps))
+                finally:
+                    stack.stop()
+                results[name].append(r)
+                print(name, i, json.dumps(r), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

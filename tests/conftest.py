@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service import migrate
-from tests.pg import PostgresServer
+from tests.pg import PostgresServer, running_postgres
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -36,12 +36,8 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer().start()
-    server.wait_ready()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

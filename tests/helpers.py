@@ -143,3 +143,36 @@ def finish_job_with_scores(db_url: str, job_id: str,
         manager.finish(job_id, claimed.attempt)
     finally:
         engine.dispose()
+
+
+def row_counts(db_url: str, *models: type) -> dict[str, int]:
+    """Rows in each model's table, by table name (what a test says was or was not stored)."""
+    from sqlalchemy import func, select
+
+    from service.db import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return {m.__tablename__: int(conn.execute(  # type: ignore[attr-defined]
+                select(func.count()).select_from(m)).scalar_one()) for m in models}
+    finally:
+        engine.dispose()
+
+
+def count(db_url: str, model: type) -> int:
+    return row_counts(db_url, model)[model.__tablename__]  # type: ignore[attr-defined]
+
+
+def run_in_process(job: Any, manager: Any, db_url: str, tmp: Path) -> str:
+    """worker.runner.run_job on CPU in this process (to inject faults or play a zombie);
+    its outcome: "succeeded", "failed", "lost", ..."""
+    import threading
+
+    import torch
+
+    from worker.runner import ArrayCache, run_job
+
+    return run_job(job, manager, database_url=db_url, device=torch.device("cpu"),
+                   cache=ArrayCache(tmp / "cache"), heartbeat_seconds=30,
+                   stop=threading.Event())

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -105,3 +107,14 @@ class PostgresServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A started server, ready for clients, stopped (and its files removed) afterwards."""
+    server = PostgresServer().start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, func, select
 
 from service.models import Blob, Dataset, Job
-from tests.helpers import ROOT, assert_error, client, npz, png_zip, tiny_job, upload
+from tests.helpers import ROOT, assert_error, client, count, npz, png_zip, tiny_job, upload
 
 RNG = np.random.default_rng(0)
 GREY = RNG.integers(0, 256, (20, 8, 8), dtype=np.uint8)
@@ -23,15 +22,6 @@ RGB = RNG.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
 def api(db_url: str) -> Iterator[TestClient]:
     with client(db_url, max_upload_bytes=200_000) as c:
         yield c
-
-
-def count(db_url: str, model: type) -> int:
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(model)).scalar_one())
-    finally:
-        engine.dispose()
 
 
 def test_upload_get_list_delete(api: TestClient, db_url: str) -> None:

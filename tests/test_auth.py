@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from service import tenants
 from service.db import make_engine, session_scope
 from service.models import ApiKey, Blob, Dataset, IdempotencyKey, Job
-from tests.helpers import ROOT, assert_error, client, npz, tiny_job, upload
+from tests.helpers import ROOT, assert_error, client, count, npz, tiny_job, upload
 
 GREY = np.random.default_rng(0).integers(0, 255, (6, 8, 8), dtype=np.uint8)
 
@@ -24,15 +24,6 @@ def make_key(db_url: str, tenant: str) -> str:
     try:
         with session_scope(engine) as s:
             return tenants.create_key(s, tenant)[1]
-    finally:
-        engine.dispose()
-
-
-def count(db_url: str, model: type) -> int:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(model)).scalar_one())
     finally:
         engine.dispose()
 

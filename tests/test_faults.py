@@ -20,26 +20,26 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import func, select
 
 from service import migrate
-from service.db import make_engine, session_scope
+from service.db import make_engine
 from service.models import Blob, BlobChunk, Dataset, Job, JobTrial
 from tests.helpers import (
     ROOT,
     client,
     job_status,
     npz,
+    row_counts,
+    run_in_process,
     start_worker,
     tiny_job,
     upload_pair,
     wait_for,
     wait_http_ok,
 )
-from tests.pg import PostgresServer, free_port
+from tests.pg import PostgresServer, free_port, running_postgres
 from worker.core import study as study_module
 from worker.manager import JobManager
-from worker.runner import ArrayCache, run_job
 
 # --------------------------------------------------------------------------- device OOM
 
@@ -67,9 +67,7 @@ def run_one_job(db_url: str, tmp_path: Path, digits: Any) -> tuple[str, str]:
     manager = JobManager(engine, lease_seconds=60)
     claimed = manager.claim_next_job("oom-test")
     assert claimed is not None
-    outcome = run_job(claimed, manager, database_url=db_url, device=torch.device("cpu"),
-                      cache=ArrayCache(tmp_path / "cache"), heartbeat_seconds=30,
-                      stop=threading.Event())
+    outcome = run_in_process(claimed, manager, db_url, tmp_path)
     engine.dispose()
     return job_id, outcome
 
@@ -113,12 +111,8 @@ def own_postgres() -> Iterator[PostgresServer]:
     """A server of this test's own: it is stopped and started again mid-test."""
     if os.environ.get("SSAD_TEST_POSTGRES_URL"):
         pytest.skip("needs a Postgres server the test may restart")
-    server = PostgresServer().start()
-    server.wait_ready()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -178,13 +172,7 @@ def test_postgres_restart_under_a_running_job_and_a_serving_api(
 
 
 def counts(db_url: str) -> dict[str, int]:
-    engine = make_engine(db_url)
-    try:
-        with session_scope(engine) as s:
-            return {m.__tablename__: int(s.scalar(select(func.count()).select_from(m)) or 0)
-                    for m in (Dataset, Blob, BlobChunk, Job, JobTrial)}
-    finally:
-        engine.dispose()
+    return row_counts(db_url, Dataset, Blob, BlobChunk, Job, JobTrial)
 
 
 def wait_for_lock_wait(server: PostgresServer, database: str) -> None:
@@ -225,18 +213,8 @@ def test_api_killed_mid_upload_and_mid_transaction_leaves_nothing_half_written(
     # 2. Killed inside the upload's transaction: the blob and its chunks are written, the
     # dataset row waits on a lock the test holds, and the API dies there.
     api, url = start_api(db_url, tmp_path)
-    import psycopg
-
-    locker = psycopg.connect(postgres.url(database, "postgresql"))
-    locker.execute("LOCK TABLE datasets IN EXCLUSIVE MODE")
-    sender = threading.Thread(target=lambda: _post_quietly(
-        f"{url}/v1/datasets", files={"file": ("t.npz", npz(train[:50, 0]))}), daemon=True)
-    sender.start()
-    wait_for_lock_wait(postgres, database)
-    api.send_signal(signal.SIGKILL)
-    api.wait(timeout=10)
-    locker.rollback()
-    locker.close()
+    kill_inside_transaction(api, postgres, database, "datasets", f"{url}/v1/datasets",
+                            files={"file": ("t.npz", npz(train[:50, 0]))})
     assert counts(db_url)["blobs"] == 0 and counts(db_url)["blob_chunks"] == 0
     assert counts(db_url)["datasets"] == 0
 
@@ -244,16 +222,8 @@ def test_api_killed_mid_upload_and_mid_transaction_leaves_nothing_half_written(
     api, url = start_api(db_url, tmp_path)
     with httpx.Client(base_url=url, timeout=30) as c:
         tr, te = upload_pair(c, npz(train[:30, 0]), npz(test[:20, 0]))
-    locker = psycopg.connect(postgres.url(database, "postgresql"))
-    locker.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
-    sender = threading.Thread(target=lambda: _post_quietly(
-        f"{url}/v1/jobs", json=tiny_job(tr, te)), daemon=True)
-    sender.start()
-    wait_for_lock_wait(postgres, database)
-    api.send_signal(signal.SIGKILL)
-    api.wait(timeout=10)
-    locker.rollback()
-    locker.close()
+    kill_inside_transaction(api, postgres, database, "jobs", f"{url}/v1/jobs",
+                            json=tiny_job(tr, te))
     after = counts(db_url)
     assert after["jobs"] == 0 and after["datasets"] == 2
     # ... and a restarted API serves on, with nothing half-written visible.
@@ -265,6 +235,21 @@ def test_api_killed_mid_upload_and_mid_transaction_leaves_nothing_half_written(
             assert c.post("/v1/jobs", json=tiny_job(tr, te)).status_code == 202
     finally:
         api.kill()
+
+
+def kill_inside_transaction(api: subprocess.Popen[bytes], server: PostgresServer,
+                            database: str, table: str, url: str, **post: Any) -> None:
+    """POST to the API while the test holds a lock on ``table``, so the request's
+    transaction stops at its write there; SIGKILL the API in that state, then let go."""
+    import psycopg
+
+    with psycopg.connect(server.url(database, "postgresql")) as locker:
+        locker.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+        threading.Thread(target=_post_quietly, args=(url,), kwargs=post, daemon=True).start()
+        wait_for_lock_wait(server, database)
+        api.send_signal(signal.SIGKILL)
+        api.wait(timeout=10)
+        locker.rollback()
 
 
 def _post_quietly(url: str, **kwargs: Any) -> None:

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import func, select
 
-from service.db import make_engine
 from service.models import Blob, BlobChunk, Dataset, Job
-from tests.helpers import assert_error, client, npz, upload
+from tests.helpers import assert_error, client, npz, row_counts, upload
 from tests.test_images import npy_bytes, png_bytes, zip_bytes
 
 GREY = np.random.default_rng(1).integers(0, 256, (6, 8, 8), dtype=np.uint8)
@@ -95,14 +93,7 @@ def api(db_url: str) -> Iterator[TestClient]:
 
 
 def stored(db_url: str) -> dict[str, int]:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return {m.__tablename__: int(conn.execute(
-                select(func.count()).select_from(m)).scalar_one())
-                for m in (Dataset, Blob, BlobChunk, Job)}
-    finally:
-        engine.dispose()
+    return row_counts(db_url, Dataset, Blob, BlobChunk, Job)
 
 
 def still_healthy(api: TestClient) -> None:

@@ -21,6 +21,7 @@ from tests.helpers import (
     client,
     job_status,
     npz,
+    run_in_process,
     start_worker,
     tiny_job,
     upload,
@@ -213,12 +214,6 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
                                                            digits) -> None:  # type: ignore[no-untyped-def]
     """run_job for an attempt that lost its lease mid-study: it returns "lost", and the job
     (now held by another attempt) is left exactly as the current holder has it."""
-    import threading
-
-    import torch
-
-    from worker.runner import ArrayCache, run_job
-
     train, test, _ = digits
     with client(db_url) as api:
         tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
@@ -230,9 +225,7 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
     with session_factory(engine)() as s:  # another worker took over (attempt 2)
         s.execute(update(Job).where(Job.id == job_id).values(attempt=2))
         s.commit()
-    outcome = run_job(zombie, manager, database_url=db_url, device=torch.device("cpu"),
-                      cache=ArrayCache(tmp_path / "cache"), heartbeat_seconds=30,
-                      stop=threading.Event())
+    outcome = run_in_process(zombie, manager, db_url, tmp_path)
     assert outcome == "lost"
     with session_factory(engine)() as s:
         job = s.get(Job, job_id)
