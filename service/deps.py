@@ -25,7 +25,10 @@ def get_session(request: Request) -> Iterator[Session]:
     yield from transaction(request.app.state.session_factory)
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit runs when the route function returns, before the response
+# starts. With the default ("request") FastAPI runs the code after `yield` once the response
+# has been sent, so a 201 could name a row that a crash or a failed commit then lost.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
