@@ -19,6 +19,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
+from tests.pg import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,22 @@ def assert_error(r: httpx.Response, status: int, error: str, contains: str = "")
     assert set(body) == {"error", "detail"}, body
     assert body["error"] == error, body
     assert contains in body["detail"], body
+
+
+def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The API as its own uvicorn process on a free port (auth off unless ``env`` says),
+    ready to serve; the process and its base URL."""
+    port = free_port()
+    log = open(tmp_path / f"api-{port}.log", "wb")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+         "--port", str(port), "--log-level", "warning"], cwd=ROOT, stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "SSAD_DATABASE_URL": db_url, "SSAD_AUTH": "off",
+             "PYTHONPATH": str(ROOT), **env})
+    url = f"http://127.0.0.1:{port}"
+    wait_http_ok(f"{url}/healthz")
+    return proc, url
 
 
 def wait_http_ok(url: str, timeout: float = 60) -> None:

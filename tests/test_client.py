@@ -18,8 +18,7 @@ import httpx
 from service.client import Progress, _sse, fmt_duration
 from service.db import make_engine, session_scope
 from service.tenants import create_key
-from tests.helpers import ROOT, npz, start_worker, tiny_job, upload_pair
-from tests.test_faults import start_api
+from tests.helpers import ROOT, npz, start_api, start_worker, tiny_job, upload_pair
 
 
 def make_key(db_url: str) -> str:

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,19 +24,18 @@ from service import migrate
 from service.db import make_engine
 from service.models import Blob, BlobChunk, Dataset, Job, JobTrial
 from tests.helpers import (
-    ROOT,
     client,
     job_status,
     npz,
     row_counts,
     run_in_process,
+    start_api,
     start_worker,
     tiny_job,
     upload_pair,
     wait_for,
-    wait_http_ok,
 )
-from tests.pg import PostgresServer, free_port, running_postgres
+from tests.pg import PostgresServer, running_postgres
 from worker.core import study as study_module
 from worker.manager import JobManager
 
@@ -113,20 +111,6 @@ def own_postgres() -> Iterator[PostgresServer]:
         pytest.skip("needs a Postgres server the test may restart")
     with running_postgres() as server:
         yield server
-
-
-def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    log = open(tmp_path / f"api-{port}.log", "wb")  # noqa: SIM115 - lives with the process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-         "--port", str(port), "--log-level", "warning"], cwd=ROOT, stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "SSAD_DATABASE_URL": db_url, "SSAD_AUTH": "off",
-             "PYTHONPATH": str(ROOT), **env})
-    url = f"http://127.0.0.1:{port}"
-    wait_http_ok(f"{url}/healthz")
-    return proc, url
 
 
 def test_postgres_restart_under_a_running_job_and_a_serving_api(
