@@ -68,3 +68,61 @@ def test_strength_is_the_patch_size_or_the_place_in_the_range() -> None:
     assert name is not None and where is not None and 0 <= where <= 1
     assert strength("invert", {}) == (None, None)
     assert strength("no-such-family", {}) == (None, None)
+
+
+def test_optuna_pictures_of_the_study(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """history and slice are Optuna's own pictures of the job's trials; importances need a
+    one-family job (with several families only the family is common to every trial)."""
+    scores = list(RNG.normal(1, 0.2, 30))
+    several = [("cutout", {"patch_size": 0.02, "fill": "zero", "aspect": 1.0}, -0.2, scores),
+               ("cutout", {"patch_size": 0.2, "fill": "zero", "aspect": 1.0}, -0.4, scores),
+               ("cutpaste", {"patch_size": 0.05}, -0.3, scores),
+               ("rotate", {"angle": 90.0}, -0.1, scores)]
+    one = [("cutout", {"patch_size": p, "fill": f, "aspect": 1.0}, loss, scores)
+           for p, f, loss in ((0.01, "zero", 0.1), (0.03, "noise", -0.2), (0.1, "zero", -0.5),
+                              (0.3, "noise", -0.1), (0.05, "zero", -0.3), (0.2, "noise", 0.0))]
+    with client(db_url) as api:
+        ds = upload(api, npz(np.moveaxis(TEST, 1, -1)), "parts.npz").json()["id"]
+        jobs = [api.post("/v1/jobs", json=tiny_job(ds, ds, seed=i)).json()["id"]
+                for i in range(2)]
+        for name in ("history", "slice", "importances"):  # nothing finished yet
+            assert_error(api.get(f"/v1/jobs/{jobs[0]}/plots/{name}.png"), 409, "Conflict")
+        finish_job_with_scores(db_url, jobs[0], several)
+        finish_job_with_scores(db_url, jobs[1], one)
+        history = png(api.get(f"/v1/jobs/{jobs[0]}/plots/history.png"))
+        sliced = png(api.get(f"/v1/jobs/{jobs[0]}/plots/slice.png"))
+        assert busy(history) and busy(sliced)
+        assert sliced.width > history.width  # one panel per local family: cutout, cutpaste
+        assert_error(api.get(f"/v1/jobs/{jobs[0]}/plots/importances.png"), 409, "Conflict",
+                     "two parameters")
+        importances = png(api.get(f"/v1/jobs/{jobs[1]}/plots/importances.png"))
+        assert busy(importances)
+        one_panel = png(api.get(f"/v1/jobs/{jobs[1]}/plots/trials.png"))
+        two_panels = png(api.get(f"/v1/jobs/{jobs[0]}/plots/trials.png"))
+        assert one_panel.width < two_panels.width  # no empty "other augmentations" panel
+        for img, name in ((history, "history"), (sliced, "slice"),
+                          (importances, "importances"), (one_panel, "trials-one-family")):
+            img.save(tmp_path / f"{name}.png")  # to look at: pytest --basetemp
+
+
+def test_study_of_mirrors_the_worker_parameter_names() -> None:
+    from service.jobs.plots import patch_size_params, study_of
+
+    trials = [(0, "cutout", {"patch_size": 0.05, "fill": "zero"}, -0.1),
+              (1, "rotate", {"angle": 90.0}, 0.2)]
+    study = study_of(trials)
+    assert [t.params for t in study.trials] == [
+        {"augmentation": "cutout", "cutout.patch_size": 0.05, "cutout.fill": "zero"},
+        {"augmentation": "rotate", "rotate.angle": 90.0}]
+    assert [t.value for t in study.trials] == [-0.1, 0.2]
+    assert patch_size_params(trials) == ["cutout.patch_size"]
+
+
+def test_optuna_pictures_leave_the_process_style_alone() -> None:
+    import matplotlib
+
+    from service.jobs.plots import history_png
+
+    before = dict(matplotlib.rcParams)
+    history_png([(0, "rotate", {"angle": 90.0}, 0.1), (1, "invert", {}, -0.2)])
+    assert dict(matplotlib.rcParams) == before

@@ -296,13 +296,18 @@ _PNG: dict[int | str, dict[str, Any]] = {200: {
 
 @router.get("/{job_id}/plots/{name}.png", response_class=Response,
             responses={**_PNG, **error_responses(401, 404, 409)},
-            summary="Pictures: trials, scores, top (most anomalous images), augmentation")
+            summary="Pictures: trials, history, slice, importances, scores, top, augmentation")
 def job_plot(session: SessionDep, tenant: TenantDep, job_id: str,
-             name: Literal["trials", "scores", "top", "augmentation"],
+             name: Literal["trials", "history", "slice", "importances", "scores", "top",
+                           "augmentation"],
              k: Annotated[int, Query(ge=1, le=64, description="images in `top`")] = 16,
              ) -> Response:
     """* `trials`: validation loss of every finished trial against its patch size (local
       families) or strength, coloured by family; the chosen trial starred. Any time.
+    * `history`, `slice`, `importances`: Optuna's own pictures of the study (each trial's
+      loss and the best so far; loss against patch size, one panel per local family;
+      hyperparameter importances, for a job that searched one family). Once a trial has
+      finished (409 before).
     * `scores`: histogram of the test scores with both label-free thresholds.
     * `top`: the `k` most anomalous test images with their names and scores.
     * `augmentation`: train images and what the chosen augmentation makes of them.

@@ -215,14 +215,27 @@ def _images(session: Session, tenant_id: str, dataset_id: str) -> np.ndarray:
     return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
 
 
+STUDY_PLOTS = {"history": plots.history_png, "slice": plots.slice_png,
+               "importances": plots.importances_png}
+
+
 def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
     """One of the job's pictures, as PNG bytes (see service/jobs/plots.py)."""
     job = get_job(session, tenant_id, job_id)
-    if name == "trials":
-        points = [(t.number, t.augmentation, t.params, t.validation_loss)
+    if name in STUDY_PLOTS or name == "trials":
+        points = [(t.number, t.augmentation or "", t.params, t.validation_loss)
                   for t in repo.list_trials(session, job_id)
                   if t.state == "COMPLETE" and t.validation_loss is not None]
-        return plots.trials_png(points, job.best_trial_number)
+        if name == "trials":
+            return plots.trials_png(points, job.best_trial_number)
+        if not points:
+            raise Conflict(f"job {job_id} has no finished trial yet to draw its {name}")
+        if name == "importances" and len(plots.importance_params(points)) < 2:
+            raise Conflict(
+                "importances need at least two parameters that every trial has; with several "
+                "augmentation families only the family is common to all trials (use a job "
+                "that searches one family, or the `slice` picture)")
+        return STUDY_PLOTS[name](points)
     if name == "augmentation":
         art = repo.get_artifact(session, job_id, "augmentation.png")
         if art is None:
