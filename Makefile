@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU wheel of torch these machines carry; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install run tune test lint bench clean
+.PHONY: install run tune test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ tune: examples/data/digits_train.npz
 
 test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The developers' fast lane: no Postgres, no server or worker processes, no real training
+# (markers set in tests/conftest.py). `make test` runs everything.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m "not postgres and not server and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -76,3 +76,32 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Postgres only (for what SQLite cannot show, e.g. concurrent claimers)."""
     return fresh_database("postgres", request, tmp_path)
+
+
+# --------------------------------------------------------------------------- lanes
+
+POSTGRES_FIXTURES = {"postgres", "pg_template", "pg_url", "own_postgres"}
+# Modules whose tests start processes (API, workers, the CLI, alembic, a browser) or train
+# detectors for real: the fast lane leaves them to `make test`.
+SERVER_MODULES = {"test_acknowledged", "test_cli", "test_client", "test_deploy",
+                  "test_docs_page", "test_examples", "test_faults", "test_migrations",
+                  "test_operations", "test_queue", "test_scoring", "test_worker"}
+SLOW_MODULES = {"test_end_to_end", "test_study", "test_trial"}
+SERVER_TESTS = {"test_keys_cli", "test_the_api_process_never_imports_torch"}  # subprocesses
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the Postgres server (``postgres``), starts processes
+    (``server``) or trains for real (``slow``), so the fast lane (``make test-fast``) can
+    leave them out; ``make test`` runs everything."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("db_url") == "postgres"
+        if names & POSTGRES_FIXTURES or on_postgres:
+            item.add_marker(pytest.mark.postgres)
+        module = item.path.stem
+        if module in SERVER_MODULES or item.name.split("[")[0] in SERVER_TESTS:
+            item.add_marker(pytest.mark.server)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -13,11 +13,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 
 from tests.helpers import npz, start_api, tiny_job, upload, upload_pair
-
-pytestmark = pytest.mark.server
 
 # No quota gets in the way of a loop of creations (the quotas have tests of their own).
 UNLIMITED = {"SSAD_MAX_ACTIVE_JOBS": "100000"}
