@@ -25,7 +25,8 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
            "SSAD_PORT": str(port), "SSAD_CACHE_DIR": str(tmp_path / "cache"),
            "SSAD_POLL_SECONDS": "0.2", "PYTHONPATH": str(ROOT)}
     env.pop("SSAD_AUTH", None)
-    client_env = dict(env)
+    # The clients find the server from SSAD_PORT alone, as `serve` does (no SSAD_URL).
+    client_env = {k: v for k, v in env.items() if k != "SSAD_URL"}
     if auth == "required":
         env["SSAD_AUTH"] = "required"
         subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
@@ -46,7 +47,7 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
         p = subprocess.run(
             ["bash", str(ROOT / "examples/tune.sh"), str(tmp_path / "digits_train.npz"),
              str(tmp_path / "digits_test.npz"), str(out)],
-            env={**client_env, "SSAD_URL": url, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
+            env={**client_env, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
             capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "succeeded" in p.stdout
@@ -59,11 +60,11 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
                 [sys.executable, str(ROOT / "examples/client.py"),
                  str(tmp_path / "digits_train.npz"), str(tmp_path / "digits_test.npz"),
                  str(tmp_path / "digits_test.npz")],
-                cwd=work, env={**client_env, "SSAD_URL": url, "N_TRIALS": "2",
-                               "TRAIN_STEPS": "8"},
+                cwd=work, env={**client_env, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
                 capture_output=True, text=True, timeout=300)
             assert py.returncode == 0, py.stdout + py.stderr
             assert f"scored {len(rows)} new images" in py.stdout
+            assert "flagged against job" in py.stdout
             assert "succeeded: 2/2 trials" in py.stdout
             assert (work / "top.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert len((work / "scores.csv").read_text().splitlines()) == len(rows) + 1
@@ -85,3 +86,16 @@ def running(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("command", [["bash", "examples/tune.sh"],
+                                     [sys.executable, "examples/client.py"]])
+def test_examples_say_how_to_point_them_at_the_server(command: list[str]) -> None:
+    port = free_port()  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "SSAD_URL"}
+    p = subprocess.run([*command, "train.npz", "test.npz"], cwd=ROOT,
+                       env={**env, "SSAD_PORT": str(port)}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1
+    assert f"cannot reach the server at http://127.0.0.1:{port}" in p.stderr
+    assert "SSAD_URL" in p.stderr and "SSAD_PORT" in p.stderr
