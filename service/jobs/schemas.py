@@ -189,7 +189,8 @@ class ThresholdRule(BaseModel):
 
 class ThresholdOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
-        "job_id": "3f1c…", "trial_number": 4, "suggested_rule": "mad", "rule": "mad",
+        "job_id": "3f1c…", "trial_number": 4, "reference": "tuning",
+        "reference_job_id": "3f1c…", "suggested_rule": "mad", "rule": "mad",
         "rules": [{"rule": "mad", "threshold": 41.2, "n_flagged": 17,
                    "description": "median + 3.5 x 1.4826 x MAD of the scores"},
                   {"rule": "contamination", "threshold": 37.9, "n_flagged": 20,
