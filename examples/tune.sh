@@ -50,7 +50,11 @@ while true; do
   echo "  $status: $done_/$N_TRIALS trials"
   case $status in
     succeeded) break ;;
-    failed|cancelled) echo "job $status: $(field "['error']" <<<"$state")" >&2; exit 1 ;;
+    failed|cancelled)  # its error, and its last event (e.g. "cancelled while running")
+      why=$(api -f "$URL/v1/jobs/$job_id/events" | field "['events'][-1]['message']")
+      err=$(field "['error'] or ''" <<<"$state")
+      echo "job $status: ${err:+$err; }last event: $why" >&2
+      exit 1 ;;
   esac
   sleep 5
 done
