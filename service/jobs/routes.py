@@ -115,14 +115,15 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                responses=error_responses(401, 404, 409, 422),
                summary="Delete an ended job and everything it stored (409 while it runs)")
-def delete_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> Response:
+def delete_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+               job_id: JobId) -> Response:
     """Deletes the job, its trials, scores, events and artifacts (its detector, pictures).
     Only once it has ended (succeeded, failed or cancelled): cancel a queued or running job
     first (`POST /v1/jobs/{id}/cancel`) and wait until it is `cancelled`. A tuning job whose
     scoring jobs are still queued or running is kept until they end. Once no job uses a
     dataset, the dataset can be deleted. The job's Optuna study (`job-<id>` in the Optuna
     storage) is kept; `optuna delete-study` removes it."""
-    service.delete_job(session, tenant, job_id)
+    service.delete_job(session, tenant, job_id, settings)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

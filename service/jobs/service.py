@@ -94,7 +94,7 @@ def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status:
     return repo.list_jobs(session, tenant_id, limit, offset, status, kind)
 
 
-def delete_job(session: Session, tenant_id: str, job_id: str) -> None:
+def delete_job(session: Session, tenant_id: str, job_id: str, settings: Settings) -> None:
     """Delete an ended job with everything it stored (trials, scores, events, artifacts:
     the foreign keys cascade). A queued or running job is a 409 (cancel it first, and wait
     for ``cancelled``: a worker may still be writing); so is a tuning job whose scoring jobs
@@ -104,6 +104,9 @@ def delete_job(session: Session, tenant_id: str, job_id: str) -> None:
         hint = (" (cancel requested: wait until it is cancelled)" if job.cancel_requested
                 else ": cancel it first (POST /v1/jobs/{id}/cancel)")
         raise Conflict(f"job {job_id} is {job.status}; only an ended job can be deleted{hint}")
+    # Serialised with create_score_job (same lock): no scoring job can be queued on this
+    # job's detector between the check below and the delete.
+    tenants.lock_tenant(session, tenant_id, settings)
     active = repo.active_score_jobs(session, job_id)
     if active:
         raise Conflict(f"job {job_id}'s detector is in use by scoring job(s) "
@@ -249,6 +252,9 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
                                      lambda i: repo.get_job(session, tenant_id, i))
         if earlier is not None:
             return earlier, True
+    # The tenant's lock before reading the source: a concurrent DELETE of it (which takes
+    # the lock too) has then either happened (404 below) or waits and sees this job.
+    quotas = tenants.lock_tenant(session, tenant_id, settings)
     source = get_job(session, tenant_id, source_id)
     if source.spec.get("kind") == "score":
         raise InvalidRequest(f"job {source_id} is itself a scoring job; score with the "
@@ -265,7 +271,7 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
         raise IncompatibleDatasets(
             f"the detector was trained on {train.channels}-channel images and dataset "
             f"{dataset_id} has {dataset.channels}: both must be grey or both RGB")
-    tenants.check_job(session, tenant_id, tenants.lock_tenant(session, tenant_id, settings), 1)
+    tenants.check_job(session, tenant_id, quotas, 1)
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
               train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
               spec={"kind": "score", "source_job_id": source_id, "n_trials": 1,
