@@ -76,8 +76,10 @@ def main(train: str, test: str, new: str | None = None) -> int:
     job_id = r.json()["id"]
     print(f"job {job_id}")
     job = follow(c, job_id)
-    if job["status"] != "succeeded":
-        print(f"job {job['status']}: {job['error']}", file=sys.stderr)
+    if job["status"] != "succeeded":  # why: its error, and its last event
+        last = c.get(f"/v1/jobs/{job_id}/events").json()["events"][-1]["message"]
+        print(f"job {job['status']}: {job['error'] or ''} (last event: {last})",
+              file=sys.stderr)
         return 1
     print("chosen:", job["best"])
 
