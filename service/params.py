@@ -32,9 +32,6 @@ Limit = Annotated[int, Query(ge=1, le=1000, description="at most this many items
 Offset = Annotated[int, Query(ge=0, le=MAX_INT32, description="skip this many items")]
 
 
-_DECLARED: dict[int, frozenset[str]] = {}
-
-
 def _query_names(dependant: Dependant) -> set[str]:
     names = {f.alias for f in dependant.query_params}
     for sub in dependant.dependencies:
@@ -43,12 +40,15 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 
 def declared_query_params(route: Any) -> frozenset[str]:
-    """The query parameters a route (its function and its dependencies) declares."""
-    key = id(route)
-    if key not in _DECLARED:
+    """The query parameters a route (its function and its dependencies) declares; worked
+    out once and kept on the route itself (routes are unhashable, and an ``id()`` could be
+    reused by another app's route)."""
+    names: frozenset[str] | None = getattr(route, "_ssad_query_params", None)
+    if names is None:
         dependant = getattr(route, "dependant", None)
-        _DECLARED[key] = frozenset(_query_names(dependant) if dependant is not None else ())
-    return _DECLARED[key]
+        names = frozenset(_query_names(dependant) if dependant is not None else ())
+        route._ssad_query_params = names
+    return names
 
 
 def reject_unknown_query_params(request: Request) -> None:
