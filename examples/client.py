@@ -1,7 +1,10 @@
 """A Python client for ssad-tune, with httpx: upload, tune, follow, read the results, score
 new images with the chosen detector.
 
-    python examples/client.py TRAIN TEST [NEW]      (server: $SSAD_URL; key: $SSAD_API_KEY)
+    python examples/client.py TRAIN TEST [NEW]
+
+The server: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT (what `ssad-tune serve` listens on),
+else http://127.0.0.1:8000. The API key, if the server needs one: $SSAD_API_KEY.
 
 Try it on the bundled digits: python examples/make_digits.py && python examples/client.py \
     examples/data/digits_train.npz examples/data/digits_test.npz examples/data/digits_test.npz
@@ -19,6 +22,14 @@ import httpx
 
 N_TRIALS = int(os.environ.get("N_TRIALS", "12"))
 TRAIN_STEPS = int(os.environ.get("TRAIN_STEPS", "400"))
+
+
+def server_url() -> str:
+    if os.environ.get("SSAD_URL"):
+        return os.environ["SSAD_URL"]
+    host = os.environ.get("SSAD_HOST") or "127.0.0.1"
+    host = "127.0.0.1" if host == "0.0.0.0" else host  # a wildcard bind: this machine
+    return f"http://{host}:{os.environ.get('SSAD_PORT') or 8000}"
 
 
 def follow(c: httpx.Client, job_id: str) -> dict:
@@ -40,8 +51,15 @@ def follow(c: httpx.Client, job_id: str) -> dict:
 
 def main(train: str, test: str, new: str | None = None) -> int:
     key = os.environ.get("SSAD_API_KEY")
-    c = httpx.Client(base_url=os.environ.get("SSAD_URL", "http://127.0.0.1:8000"),
-                     headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=300)
+    url = server_url()
+    c = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"} if key else {},
+                     timeout=300)
+    try:
+        c.get("/healthz").raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the server at {url} ({exc}): is it running? Point this "
+              "script at it with SSAD_URL=URL (or SSAD_HOST and SSAD_PORT)", file=sys.stderr)
+        return 1
 
     def upload(path: str) -> str:
         # An Idempotency-Key makes retrying this request safe: no duplicate dataset.
@@ -58,8 +76,10 @@ def main(train: str, test: str, new: str | None = None) -> int:
     job_id = r.json()["id"]
     print(f"job {job_id}")
     job = follow(c, job_id)
-    if job["status"] != "succeeded":
-        print(f"job {job['status']}: {job['error']}", file=sys.stderr)
+    if job["status"] != "succeeded":  # why: its error, and its last event
+        last = c.get(f"/v1/jobs/{job_id}/events").json()["events"][-1]["message"]
+        print(f"job {job['status']}: {job['error'] or ''} (last event: {last})",
+              file=sys.stderr)
         return 1
     print("chosen:", job["best"])
 
@@ -78,6 +98,11 @@ def main(train: str, test: str, new: str | None = None) -> int:
         scores = c.get(f"/v1/jobs/{scored['id']}/scores").json()["scores"]
         print(f"scored {len(scores)} new images; highest:",
               max(scores, key=lambda s: s["score"]))
+        # Judged against the tuning job's threshold (its test set is the reference), so
+        # even a handful of new images is flagged when it stands out.
+        judged = c.get(f"/v1/jobs/{scored['id']}/threshold").json()
+        print(f"flagged against job {judged['reference_job_id']}'s threshold:",
+              [f["name"] for f in judged["flagged"]][:10])
     return 0
 
 

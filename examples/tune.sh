@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Tune a detector through the REST API with curl: upload, create a job, poll, save scores.
-#   examples/tune.sh TRAIN TEST [OUT.csv]      (server: $SSAD_URL, default http://127.0.0.1:8000;
-#                                               API key, if the server needs one: $SSAD_API_KEY)
+#   examples/tune.sh TRAIN TEST [OUT.csv]
+# The server: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT (what `ssad-tune serve` listens on),
+# else http://127.0.0.1:8000. The API key, if the server needs one: $SSAD_API_KEY.
 # Try it with the bundled digits:  python examples/make_digits.py && examples/tune.sh \
 #   examples/data/digits_train.npz examples/data/digits_test.npz
 set -euo pipefail
-URL=${SSAD_URL:-http://127.0.0.1:8000}
+HOST=${SSAD_HOST:-127.0.0.1}
+if [ "$HOST" = 0.0.0.0 ]; then HOST=127.0.0.1; fi  # a wildcard bind address: this machine
+URL=${SSAD_URL:-http://$HOST:${SSAD_PORT:-8000}}
 TRAIN=${1:?usage: tune.sh TRAIN TEST [OUT.csv]}
 TEST=${2:?usage: tune.sh TRAIN TEST [OUT.csv]}
 OUT=${3:-scores.csv}
@@ -15,6 +18,12 @@ field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 AUTH=()
 if [ -n "${SSAD_API_KEY:-}" ]; then AUTH=(-H "Authorization: Bearer $SSAD_API_KEY"); fi
 api() { curl -sS "${AUTH[@]}" "$@"; }
+
+if ! curl -sS -o /dev/null "$URL/healthz"; then
+  echo "cannot reach the server at $URL: is it running? Point this script at it with" \
+       "SSAD_URL=URL (or SSAD_HOST and SSAD_PORT)" >&2
+  exit 1
+fi
 
 post_file() {
   local body
@@ -41,7 +50,11 @@ while true; do
   echo "  $status: $done_/$N_TRIALS trials"
   case $status in
     succeeded) break ;;
-    failed|cancelled) echo "job $status: $(field "['error']" <<<"$state")" >&2; exit 1 ;;
+    failed|cancelled)  # its error, and its last event (e.g. "cancelled while running")
+      why=$(api -f "$URL/v1/jobs/$job_id/events" | field "['events'][-1]['message']")
+      err=$(field "['error'] or ''" <<<"$state")
+      echo "job $status: ${err:+$err; }last event: $why" >&2
+      exit 1 ;;
   esac
   sleep 5
 done

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, PlainTextResponse
@@ -19,6 +19,7 @@ from sqlalchemy import text
 from service import migrate
 from service.datasets.routes import router as datasets_router
 from service.db import make_engine, session_factory
+from service.deps import StreamTenantDep
 from service.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
@@ -29,6 +30,7 @@ from service.errors import (
 )
 from service.jobs.routes import router as jobs_router
 from service.metrics import Metrics
+from service.params import reject_unknown_query_params
 from service.settings import Settings, get_settings
 from worker.search_space import (
     DEFAULT_AUGMENTATIONS,
@@ -143,9 +145,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                  "families": describe()[:1], "default_augmentations": list(
                      DEFAULT_AUGMENTATIONS),
                  "objectives": list(OBJECTIVE_NAMES),
-                 "default_objective": DEFAULT_OBJECTIVE}}}}},
+                 "default_objective": DEFAULT_OBJECTIVE}}}},
+                 **error_responses(401, 422)},
+             dependencies=[Depends(reject_unknown_query_params)],
              summary="Augmentation families, their hyperparameters and ranges")
-    def augmentations() -> dict[str, Any]:
+    def augmentations(_: StreamTenantDep) -> dict[str, Any]:
+        # Like all of /v1, behind the key when auth is on (one rule for operators and
+        # gateways); the tenant's own short session: nothing here needs a transaction.
         return {"families": describe(), "default_augmentations": list(DEFAULT_AUGMENTATIONS),
                 "objectives": list(OBJECTIVE_NAMES), "default_objective": DEFAULT_OBJECTIVE}
 

@@ -1,7 +1,8 @@
 """"``ssad-tune``: one command for users and operators."
 
     ssad-tune tune TRAIN TEST [-o scores.csv]   upload, tune, follow, save the scores
-                                            (server: --url / SSAD_URL; key: SSAD_API_KEY)
+                                            (server: --url, SSAD_URL or SSAD_HOST/SSAD_PORT;
+                                            key: SSAD_API_KEY)
     ssad-tune serve                         the API (+ embedded worker on SQLite)
     ssad-tune worker [--device cuda:0]      one worker
     ssad-tune migrate                       alembic upgrade head on SSAD_DATABASE_URL
@@ -125,7 +126,8 @@ def _tune(args: argparse.Namespace, settings: Settings) -> int:
         space["patch_size"] = args.patch_size
     if space:
         options["search_space"] = space
-    return client.tune(Path(args.train), Path(args.test), Path(args.out), url=args.url,
+    return client.tune(Path(args.train), Path(args.test), Path(args.out),
+                       url=args.url or client.default_url(),
                        api_key=os.environ.get("SSAD_API_KEY"), job_options=options)
 
 
@@ -138,8 +140,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("train", help=".npz, .npy or .zip of PNG/JPEG (unlabeled, mostly normal)")
     t.add_argument("test", help="the images to score (unlabeled)")
     t.add_argument("-o", "--out", default="scores.csv", help="scores CSV (index,name,score)")
-    t.add_argument("--url", default=os.environ.get("SSAD_URL", "http://127.0.0.1:8000"),
-                   help="server (default $SSAD_URL or http://127.0.0.1:8000)")
+    t.add_argument("--url", default=None,
+                   help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
+                        "`serve` uses them, else http://127.0.0.1:8000)")
     t.add_argument("--n-trials", type=int, default=12)
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))

@@ -3,25 +3,43 @@
 Uploads both files, creates the job, follows its progress live (server-sent events, with a
 progress bar: trials done / total, best loss so far, elapsed, ETA), then writes the scores
 CSV and prints the chosen configuration and the suggested threshold. Talks to any server:
-``--url`` or ``SSAD_URL``; the API key comes from ``SSAD_API_KEY``. Every creating request
-carries an ``Idempotency-Key``, so the client retries connection errors and 503s without
-ever creating a second dataset or job.
+``--url``, else ``SSAD_URL``, else ``SSAD_HOST``/``SSAD_PORT`` (the variables ``ssad-tune
+serve`` reads), else http://127.0.0.1:8000; the API key comes from ``SSAD_API_KEY``. Every
+creating request carries an ``Idempotency-Key``, so the client retries connection errors
+and 503s without ever creating a second dataset or job.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+WHERE = ("point the client at the server with --url URL or SSAD_URL=URL (or SSAD_HOST and "
+         "SSAD_PORT, as given to `ssad-tune serve`)")
+
+
+def default_url(env: Mapping[str, str] = os.environ) -> str:
+    """The server to talk to: ``SSAD_URL``; else ``SSAD_HOST``/``SSAD_PORT``, the address
+    ``ssad-tune serve`` listens on (a wildcard bind address means this machine); else
+    http://127.0.0.1:8000."""
+    if env.get("SSAD_URL"):
+        return env["SSAD_URL"]
+    host = env.get("SSAD_HOST") or DEFAULT_HOST
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    return f"http://{host}:{env.get('SSAD_PORT') or DEFAULT_PORT}"
 
 
 class ClientError(Exception):
@@ -34,6 +52,7 @@ class Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries = retries
+        self.reached = False  # has any request got an answer from the server yet?
 
     def close(self) -> None:
         self.http.close()
@@ -46,9 +65,14 @@ class Client:
             try:
                 r = self.http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if attempt == self.retries:
-                    raise ClientError(f"cannot reach {self.http.base_url}: {exc}") from None
+                # Nothing listening before the server ever answered: a wrong address, not a
+                # restart to wait out. Say so at once instead of after a minute of retries.
+                never = not self.reached and isinstance(exc, httpx.ConnectError)
+                if attempt == self.retries or never:
+                    raise ClientError(f"cannot reach the server at {self.http.base_url} "
+                                      f"({exc}); is it running? {WHERE}") from None
             else:
+                self.reached = True
                 if r.status_code != 503 or attempt == self.retries:
                     if r.status_code >= 400:
                         raise ClientError(_detail(r))
@@ -198,6 +222,38 @@ class Progress:
             self.out.flush()
 
 
+def why_it_ended(client: Client, job: dict[str, Any]) -> str:
+    """The job's error, else its last event's message (a cancelled job has no error: its
+    events say who ended it and when)."""
+    if job.get("error"):
+        return str(job["error"])
+    events = client.request("GET", f"/v1/jobs/{job['id']}/events").json()["events"]
+    reason = next((e["message"] for e in reversed(events) if e.get("message")), None)
+    if job["status"] == "cancelled" and job.get("cancel_requested"):
+        reason = f"{reason or 'cancelled'} (a cancel was requested: POST /v1/jobs/{{id}}/cancel)"
+    return reason or "no reason recorded"
+
+
+def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
+                             stream: TextIO) -> bool:
+    """For a job that ended without succeeding: write the scores of its best finished
+    trial, if any, to ``out``, and say plainly what they are."""
+    best = job.get("best")
+    done, total = job["progress"]["trials_completed"], job["progress"]["n_trials"]
+    if not best:
+        print(f"no trial finished ({done} of {total}): no scores to save", file=stream)
+        return False
+    n = best["trial_number"]
+    csv = client.request("GET", f"/v1/jobs/{job['id']}/trials/{n}/scores",
+                         params={"format": "csv"}).content
+    out.write_bytes(csv)
+    print(f"note: the job {job['status']} after {done} of {total} trials; {out} holds the "
+          f"scores of the best trial that finished (trial {n}: {best['augmentation']} "
+          f"{json.dumps(best['params'])}, validation loss {best['validation_loss']:.4f}), "
+          "not of a completed study", file=stream)
+    return True
+
+
 def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
          job_options: dict[str, Any], stream: TextIO = sys.stderr) -> int:
     """The whole round trip; returns the process exit code."""
@@ -217,11 +273,18 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
         bar = Progress(stream)
         job = created
-        for job in client.follow(job_id):
-            bar.update(job)
+        try:
+            for job in client.follow(job_id):
+                bar.update(job)
+        except KeyboardInterrupt:
+            bar.finish()
+            print(f"\nstopped following; job {job_id} goes on on the server (cancel it: "
+                  f"POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel)", file=sys.stderr)
+            return 130
         bar.finish()
         if job["status"] != "succeeded":
-            print(f"job {job['status']}: {job.get('error') or ''}", file=sys.stderr)
+            print(f"job {job['status']}: {why_it_ended(client, job)}", file=sys.stderr)
+            save_best_finished_trial(client, job, out, stream)
             return 1
         csv = client.request("GET", f"/v1/jobs/{job_id}/scores",
                              params={"format": "csv"}).content

@@ -64,9 +64,11 @@ class Unauthorized(AppError):
 
 
 class QuotaExceeded(AppError):
-    """The request is larger than the tenant's quota allows (retrying will not help)."""
+    """The request would take the tenant over one of its quotas (stored bytes, trials per
+    job): refused, and retrying will not help. 403, not 413: the request itself may be small;
+    413 is kept for bodies over the upload limit."""
 
-    status_code = 413
+    status_code = 403
 
 
 class TooManyActiveJobs(AppError):
@@ -119,7 +121,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette names only the first route's methods; a path served by several
             # routes (GET and DELETE /v1/datasets/{id}) allows all of theirs.
-            headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
+            headers["Allow"] = ", ".join(sorted(allowed_methods(request))) or headers.get(
+                "Allow", "")
         return JSONResponse(error_body(name, str(exc.detail)), exc.status_code,
                             headers=headers or None)
 
@@ -141,12 +144,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(InternalError("internal server error"))
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> set[str]:
+    """The methods some route serves at the request's path. Asked of each route with a fresh
+    scope per method: included routers are one opaque route each (FastAPI >= 0.16x), and the
+    request's own scope already carries the routing state of the failed match."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.PARTIAL:
-            methods |= set(getattr(route, "methods", None) or ())
+    for method in _METHODS:
+        scope = {"type": "http", "method": method, "path": request.scope["path"],
+                 "root_path": request.scope.get("root_path", "")}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            methods.add(method)
     return methods
 
 
@@ -171,7 +181,8 @@ def use_error_shape_for_validation(openapi: dict[str, Any]) -> dict[str, Any]:
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for the error codes a route can return."""
     desc = {400: "Bad request", 401: "Missing, unknown or revoked API key", 404: "Not found",
-            409: "Conflict", 413: "Too large for a limit or the tenant's quota",
+            403: "Over one of the tenant's quotas (stored bytes, trials per job)",
+            409: "Conflict", 413: "Request body over the upload limit",
             415: "Unsupported media type", 422: "Invalid input",
             429: "Too many active jobs for the tenant's quota; retry later",
             503: "Database unavailable"}

@@ -10,8 +10,28 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.models import Blob, Dataset, Job
-from tests.helpers import ROOT, assert_error, client, count, npz, png_zip, tiny_job, upload
+from service.models import (
+    MODEL_ARTIFACT,
+    Blob,
+    Dataset,
+    Job,
+    JobArtifact,
+    JobEvent,
+    JobTrial,
+    TrialScore,
+)
+from tests.helpers import (
+    ROOT,
+    assert_error,
+    client,
+    count,
+    finish_job_with_scores,
+    npz,
+    png_zip,
+    row_counts,
+    tiny_job,
+    upload,
+)
 
 RNG = np.random.default_rng(0)
 GREY = RNG.integers(0, 256, (20, 8, 8), dtype=np.uint8)
@@ -96,20 +116,61 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
     assert_error(api.get(f"/v1/jobs/{job['id']}/scores"), 409, "Conflict", "queued")
     assert_error(api.get(f"/v1/jobs/{job['id']}/trials/0/scores"), 404, "NotFound")
     assert api.get(f"/v1/jobs/{job['id']}/trials").json() == {"job_id": job["id"], "trials": []}
-    # A dataset a job uses cannot be deleted.
+    # A dataset a job uses cannot be deleted; nor can a queued job.
     assert_error(api.delete(f"/v1/datasets/{pair[0]}"), 409, "Conflict", "used by a job")
+    assert_error(api.delete(f"/v1/jobs/{job['id']}"), 409, "Conflict", "cancel it first")
     c1 = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert c1.status_code == 200 and c1.json()["status"] == "cancelled"
     c2 = api.post(f"/v1/jobs/{job['id']}/cancel")  # idempotent
     assert c2.status_code == 200 and c2.json()["status"] == "cancelled"
     events = api.get(f"/v1/jobs/{job['id']}/events").json()["events"]
     assert [e["status"] for e in events] == ["queued", "cancelled"]
+    # The 409 said what to do: delete the (ended) job, then the dataset goes.
+    assert_error(api.delete(f"/v1/datasets/{pair[0]}"), 409, "Conflict",
+                 "DELETE /v1/jobs/{id}")
+    assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert_error(api.get(f"/v1/jobs/{job['id']}"), 404, "NotFound")
+    assert_error(api.delete(f"/v1/jobs/{job['id']}"), 404, "NotFound")
+    assert count(db_url, JobEvent) == 0
+    assert api.delete(f"/v1/datasets/{pair[0]}").status_code == 204
+    assert api.delete(f"/v1/datasets/{pair[1]}").status_code == 204
+
+
+def test_deleting_a_finished_job_removes_all_it_stored(api: TestClient, pair: tuple[str, str],
+                                                       db_url: str) -> None:
+    keep = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    gone = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    api.post(f"/v1/jobs/{keep}/cancel")
+    finish_job_with_scores(db_url, gone, [("invert", {}, 0.5, [1.0] * 8),
+                                          ("flip", {}, 0.2, [2.0] * 8)])
+    from service.db import make_engine, session_scope
+
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:  # what a worker stores beside trials: the detector
+        s.add(JobArtifact(job_id=gone, name=MODEL_ARTIFACT, content_type="x", data=b"w",
+                          meta={}))
+    engine.dispose()
+    tables = (JobTrial, TrialScore, JobEvent, JobArtifact)
+    before = row_counts(db_url, *tables)
+    assert before == {"job_trials": 2, "trial_scores": 16, "job_events": 5,
+                      "job_artifacts": 1}, before
+    assert api.get(f"/v1/jobs/{gone}/scores?format=csv").status_code == 200
+    r = api.delete(f"/v1/jobs/{gone}")
+    assert r.status_code == 204 and r.content == b""
+    assert row_counts(db_url, *tables) == {"job_trials": 0, "trial_scores": 0,
+                                           "job_events": 2, "job_artifacts": 0}
+    for path in ("", "/scores", "/trials", "/events", "/threshold"):
+        assert_error(api.get(f"/v1/jobs/{gone}{path}"), 404, "NotFound")
+    assert [j["id"] for j in api.get("/v1/jobs").json()["items"]] == [keep]
+    assert_error(api.delete(f"/v1/datasets/{pair[0]}"), 409, "Conflict", keep)
 
 
 @pytest.mark.parametrize("change, status, error, contains", [
     ({"train_dataset_id": "nope"}, 404, "NotFound", "train dataset"),
     ({"n_trials": 0}, 422, "ValidationError", "n_trials"),
-    ({"n_trials": 10**9}, 413, "QuotaExceeded", "trials per job"),
+    ({"n_trials": 10**9}, 403, "QuotaExceeded", "trials per job"),
+    ({"train_dataset_id": "\u0000"}, 422, "ValidationError", "train_dataset_id"),
+    ({"test_dataset_id": "x" * 65}, 422, "ValidationError", "test_dataset_id"),
     ({"train_steps": 10**9}, 422, "ValidationError", "train_steps"),
     ({"objective": "auroc"}, 422, "ValidationError", "objective"),
     ({"contamination": 1.0}, 422, "ValidationError", "contamination"),
@@ -139,11 +200,121 @@ def test_channel_mismatch_is_refused_at_creation(api: TestClient) -> None:
 def test_unknown_routes_and_methods_use_the_error_shape(api: TestClient) -> None:
     assert_error(api.get("/v1/jobs/nope"), 404, "NotFound", "nope")
     assert_error(api.get("/v1/nothing"), 404, "NotFound")
-    assert_error(api.put("/v1/jobs"), 405, "MethodNotAllowed")
+    r = api.put("/v1/jobs")
+    assert_error(r, 405, "MethodNotAllowed")
+    assert r.headers["allow"] == "GET, POST"
+    assert api.put("/v1/datasets/x").headers["allow"] == "DELETE, GET"
+    assert api.patch("/v1/jobs/x").headers["allow"] == "DELETE, GET"
+    assert api.get("/v1/jobs/x/cancel").headers["allow"] == "POST"
     assert_error(api.post("/v1/jobs", content=b"{not json",
                           headers={"content-type": "application/json"}), 422,
                  "ValidationError")
     assert_error(api.post("/v1/jobs/nope/cancel"), 404, "NotFound")
+
+
+@pytest.mark.parametrize("method, path, where", [
+    # Postgres refuses a NUL in text, and bigint (or int4) cannot hold these: each used to
+    # be a 500. Now refused before any query runs, naming the parameter.
+    ("GET", "/v1/datasets/%00", "dataset_id"),
+    ("DELETE", "/v1/datasets/a%00b", "dataset_id"),
+    ("GET", "/v1/jobs/%00", "job_id"),
+    ("GET", "/v1/jobs/" + "x" * 65, "job_id"),
+    ("POST", "/v1/jobs/%01/cancel", "job_id"),
+    ("GET", "/v1/jobs?offset=9223372036854775808", "offset"),
+    ("GET", "/v1/jobs?offset=2147483648", "offset"),
+    ("GET", "/v1/datasets?offset=9223372036854775808", "offset"),
+    ("GET", "/v1/jobs/j/trials/99999999999999999999/scores", "number"),
+    ("GET", "/v1/jobs/j/trials/2147483648/scores", "number"),
+    ("GET", "/v1/jobs/j/trials/-1/scores", "number"),
+])
+def test_malformed_ids_and_out_of_range_integers_are_422(api: TestClient, method: str,
+                                                        path: str, where: str) -> None:
+    assert_error(api.request(method, path), 422, "ValidationError", where)
+
+
+def test_score_request_with_a_nul_id_is_422(api: TestClient) -> None:
+    assert_error(api.post("/v1/jobs/j/score", json={"dataset_id": "\u0000"}), 422,
+                 "ValidationError", "dataset_id")
+
+
+def test_unknown_query_parameters_are_refused_by_name(api: TestClient,
+                                                      pair: tuple[str, str]) -> None:
+    assert_error(api.get("/v1/jobs", params={"stauts": "failed"}), 422, "InvalidRequest",
+                 "unknown query parameter 'stauts' (this endpoint takes: include, kind, limit, "
+                 "offset, status)")
+    assert_error(api.get("/v1/datasets", params={"page": 2, "x": 1}), 422, "InvalidRequest",
+                 "'page', 'x'")
+    assert_error(api.get(f"/v1/datasets/{pair[0]}", params={"verbose": 1}), 422,
+                 "InvalidRequest", "takes: none")
+    assert_error(api.get("/v1/augmentations", params={"q": 1}), 422, "InvalidRequest", "'q'")
+    assert api.get("/v1/jobs", params={"status": "queued", "limit": 5}).status_code == 200
+
+
+def test_a_tuning_job_is_kept_while_its_scoring_jobs_run(api: TestClient,
+                                                        pair: tuple[str, str],
+                                                        db_url: str) -> None:
+    from service.db import make_engine, session_scope
+
+    tune = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    finish_job_with_scores(db_url, tune, [("invert", {}, 0.5, [1.0] * 8)])
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        s.add(JobArtifact(job_id=tune, name=MODEL_ARTIFACT, content_type="x", data=b"w",
+                          meta={}))
+    engine.dispose()
+    score = api.post(f"/v1/jobs/{tune}/score", json={"dataset_id": pair[1]}).json()["id"]
+    assert_error(api.delete(f"/v1/jobs/{tune}"), 409, "Conflict", score)  # needs the detector
+    api.post(f"/v1/jobs/{score}/cancel")
+    assert api.delete(f"/v1/jobs/{tune}").status_code == 204
+    assert_error(api.post(f"/v1/jobs/{tune}/score", json={"dataset_id": pair[1]}), 404,
+                 "NotFound")
+    assert [j["id"] for j in api.get("/v1/jobs").json()["items"]] == [score]
+
+
+def test_job_list_filters_by_kind_and_leaves_out_specs_unless_asked(
+        api: TestClient, pair: tuple[str, str], db_url: str) -> None:
+    from service.db import make_engine, session_scope
+
+    tune = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    finish_job_with_scores(db_url, tune, [("invert", {}, 0.5, [1.0] * 8)])
+    engine = make_engine(db_url)
+    with session_scope(engine) as s:
+        s.add(JobArtifact(job_id=tune, name=MODEL_ARTIFACT, content_type="x", data=b"w",
+                          meta={}))
+    engine.dispose()
+    score = api.post(f"/v1/jobs/{tune}/score", json={"dataset_id": pair[1]}).json()["id"]
+
+    def ids(**params: str) -> list[str]:
+        r = api.get("/v1/jobs", params=params)
+        assert r.status_code == 200, r.text
+        return [j["id"] for j in r.json()["items"]]
+
+    assert ids() == [score, tune]
+    assert ids(kind="tune") == [tune] and ids(kind="score") == [score]
+    assert api.get("/v1/jobs", params={"kind": "score"}).json()["total"] == 1
+    assert ids(kind="score", status="succeeded") == []
+    assert_error(api.get("/v1/jobs", params={"kind": "train"}), 422, "ValidationError", "kind")
+    items = api.get("/v1/jobs").json()["items"]
+    assert all(j["spec"] is None for j in items)
+    assert {j["kind"] for j in items} == {"tune", "score"}
+    full = api.get("/v1/jobs", params={"include": "spec"}).json()["items"]
+    assert [j["spec"] for j in full] == [api.get(f"/v1/jobs/{j}").json()["spec"]
+                                         for j in (score, tune)]
+    assert api.get(f"/v1/jobs/{tune}").json()["spec"]["n_trials"] == 3  # one job: in full
+
+
+def test_csv_scores_are_an_attachment_with_a_name(api: TestClient, pair: tuple[str, str],
+                                                  db_url: str) -> None:
+    job = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    finish_job_with_scores(db_url, job, [("invert", {}, 0.5, [1.0] * 8),
+                                         ("flip", {}, 0.7, [2.0] * 8)])
+    r = api.get(f"/v1/jobs/{job}/scores", params={"format": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert r.headers["content-disposition"] == f'attachment; filename="{job}-scores.csv"'
+    r = api.get(f"/v1/jobs/{job}/trials/1/scores", params={"format": "csv"})
+    assert r.headers["content-disposition"] == (
+        f'attachment; filename="{job}-trial-1-scores.csv"')
+    assert "content-disposition" not in api.get(f"/v1/jobs/{job}/scores").headers  # JSON
 
 
 def test_health_readiness_reference_and_openapi(api: TestClient) -> None:

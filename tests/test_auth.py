@@ -47,9 +47,12 @@ def test_requests_need_a_valid_unrevoked_key(api: TestClient, db_url: str) -> No
                  "Unauthorized")
     key = make_key(db_url, "acme")
     assert api.get("/v1/datasets", headers=bearer(key)).status_code == 200
-    # Operations and reference endpoints stay open (probes, the docs page).
-    for path in ("/healthz", "/readyz", "/v1/augmentations", "/openapi.json"):
+    # Operations endpoints stay open (probes, the docs page); all of /v1 needs the key.
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
         assert api.get(path).status_code == 200, path
+    assert_error(api.get("/v1/augmentations"), 401, "Unauthorized", "Bearer")
+    assert "cutout" in api.get("/v1/augmentations", headers=bearer(key)).json()[
+        "default_augmentations"]
     engine = make_engine(db_url)
     with session_scope(engine) as s:  # only the hash is stored
         row = s.scalars(select(ApiKey)).one()
@@ -67,7 +70,8 @@ def test_another_tenants_data_is_not_found(api: TestClient, db_url: str) -> None
                          ("GET", f"/v1/jobs/{job}"), ("POST", f"/v1/jobs/{job}/cancel"),
                          ("GET", f"/v1/jobs/{job}/trials"), ("GET", f"/v1/jobs/{job}/events"),
                          ("GET", f"/v1/jobs/{job}/scores"),
-                         ("GET", f"/v1/jobs/{job}/trials/0/scores")]:
+                         ("GET", f"/v1/jobs/{job}/trials/0/scores"),
+                         ("DELETE", f"/v1/jobs/{job}")]:
         r = api.request(method, path, headers=b)
         assert_error(r, 404, "NotFound")  # never 403: no existence leak
         # ... and the same answer as for an id that exists nowhere.
@@ -98,12 +102,12 @@ def test_quotas_per_tenant(db_url: str) -> None:
         ds = upload_as(api, a, "a.npz")
         upload_as(api, a, "b.npz")
         r = api.post("/v1/datasets", files={"file": ("c.npz", npz(GREY))}, headers=a)
-        assert_error(r, 413, "QuotaExceeded", "quota")
+        assert_error(r, 403, "QuotaExceeded", "quota")
         assert count(db_url, Dataset) == 2
         upload_as(api, b, "c.npz")  # the other tenant's quota is its own
 
         assert_error(api.post("/v1/jobs", json=tiny_job(ds, ds, n_trials=6), headers=a),
-                     413, "QuotaExceeded", "trials per job")
+                     403, "QuotaExceeded", "trials per job")
         ids = [api.post("/v1/jobs", json=tiny_job(ds, ds), headers=a).json()["id"]
                for _ in range(2)]
         r = api.post("/v1/jobs", json=tiny_job(ds, ds), headers=a)

@@ -9,15 +9,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
-from service.client import Progress, _sse, fmt_duration
+from service.client import Progress, _sse, default_url, fmt_duration
 from service.db import make_engine, session_scope
 from service.tenants import create_key
 from tests.helpers import ROOT, npz, start_api, start_worker, tiny_job, upload_pair, wait_for
+from tests.pg import free_port
 
 
 def make_key(db_url: str) -> str:
@@ -137,3 +140,69 @@ def test_on_a_terminal_the_line_is_redrawn_in_place_and_keeps_ticking() -> None:
     assert "elapsed 1m05s" in text
     assert text.count("\n") == 1 and text.endswith("\n")  # one line, redrawn with \r
     assert "\r\x1b[2K[" in text
+
+
+def test_the_server_address_comes_from_the_variables_serve_reads() -> None:
+    assert default_url({}) == "http://127.0.0.1:8000"
+    assert default_url({"SSAD_PORT": "8123"}) == "http://127.0.0.1:8123"
+    assert default_url({"SSAD_HOST": "gpu-box", "SSAD_PORT": "9000"}) == "http://gpu-box:9000"
+    assert default_url({"SSAD_HOST": "0.0.0.0", "SSAD_PORT": "9000"}) == (
+        "http://127.0.0.1:9000")  # a wildcard bind address: this machine
+    assert default_url({"SSAD_HOST": "::1"}) == "http://[::1]:8000"
+    assert default_url({"SSAD_URL": "https://ssad.example", "SSAD_PORT": "1"}) == (
+        "https://ssad.example")
+
+
+def test_an_unreachable_server_is_reported_at_once_with_how_to_point_elsewhere(
+        tmp_path: Path) -> None:
+    (tmp_path / "a.npz").write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "SSAD_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    env.pop("SSAD_URL", None)
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "service.cli", "tune", "a.npz", "a.npz"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert f"cannot reach the server at http://127.0.0.1:{port}" in p.stderr  # SSAD_PORT
+    assert "--url" in p.stderr and "SSAD_URL" in p.stderr
+    # No minute of retries against an address where nothing ever answered.
+    assert time.monotonic() - started < 60
+
+
+def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
+        pg_url: str, tmp_path: Path) -> None:
+    from worker.manager import JobManager
+
+    (tmp_path / "train.npz").write_bytes(npz(np.zeros((6, 8, 8), np.uint8)))
+    (tmp_path / "test.npz").write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
+    api, url = start_api(pg_url, tmp_path)
+    out = tmp_path / "scores.csv"
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "tune", "train.npz", "test.npz", "-o", str(out),
+         "--n-trials", "5", "--url", url], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    engine = make_engine(pg_url)
+    try:
+        manager = JobManager(engine)
+        # Play the worker: claim the CLI's job, finish two trials, then a cancel arrives.
+        claimed = wait_for(lambda: manager.claim_next_job("test-worker"), timeout=60)
+        for number, loss in enumerate((0.5, 0.2)):
+            manager.record_trial(claimed.id, claimed.attempt, number, augmentation="rotate",
+                                 params={"angle": 90.0 * (number + 1)}, validation_loss=loss,
+                                 losses={"dsv": loss}, timings={"total_s": 1.0},
+                                 scores=[float(number + i) for i in range(4)])
+        assert httpx.post(f"{url}/v1/jobs/{claimed.id}/cancel").status_code == 200
+        manager.mark_cancelled(claimed.id, claimed.attempt)
+        _, stderr = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        engine.dispose()
+        api.kill()
+        api.wait()
+    assert cli.returncode == 1, stderr
+    assert "job cancelled: cancelled while running (a cancel was requested" in stderr
+    assert "the job cancelled after 2 of 5 trials" in stderr
+    assert "best trial that finished (trial 1: rotate" in stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [float(r["score"]) for r in rows] == [1.0, 2.0, 3.0, 4.0]  # trial 1's scores

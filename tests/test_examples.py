@@ -25,7 +25,8 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
            "SSAD_PORT": str(port), "SSAD_CACHE_DIR": str(tmp_path / "cache"),
            "SSAD_POLL_SECONDS": "0.2", "PYTHONPATH": str(ROOT)}
     env.pop("SSAD_AUTH", None)
-    client_env = dict(env)
+    # The clients find the server from SSAD_PORT alone, as `serve` does (no SSAD_URL).
+    client_env = {k: v for k, v in env.items() if k != "SSAD_URL"}
     if auth == "required":
         env["SSAD_AUTH"] = "required"
         subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
@@ -46,7 +47,7 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
         p = subprocess.run(
             ["bash", str(ROOT / "examples/tune.sh"), str(tmp_path / "digits_train.npz"),
              str(tmp_path / "digits_test.npz"), str(out)],
-            env={**client_env, "SSAD_URL": url, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
+            env={**client_env, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
             capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "succeeded" in p.stdout
@@ -59,11 +60,11 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
                 [sys.executable, str(ROOT / "examples/client.py"),
                  str(tmp_path / "digits_train.npz"), str(tmp_path / "digits_test.npz"),
                  str(tmp_path / "digits_test.npz")],
-                cwd=work, env={**client_env, "SSAD_URL": url, "N_TRIALS": "2",
-                               "TRAIN_STEPS": "8"},
+                cwd=work, env={**client_env, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
                 capture_output=True, text=True, timeout=300)
             assert py.returncode == 0, py.stdout + py.stderr
             assert f"scored {len(rows)} new images" in py.stdout
+            assert "flagged against job" in py.stdout
             assert "succeeded: 2/2 trials" in py.stdout
             assert (work / "top.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert len((work / "scores.csv").read_text().splitlines()) == len(rows) + 1
@@ -85,3 +86,46 @@ def running(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("command", [["bash", "examples/tune.sh"],
+                                     [sys.executable, "examples/client.py"]])
+def test_examples_say_how_to_point_them_at_the_server(command: list[str]) -> None:
+    port = free_port()  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "SSAD_URL"}
+    p = subprocess.run([*command, "train.npz", "test.npz"], cwd=ROOT,
+                       env={**env, "SSAD_PORT": str(port)}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1
+    assert f"cannot reach the server at http://127.0.0.1:{port}" in p.stderr
+    assert "SSAD_URL" in p.stderr and "SSAD_PORT" in p.stderr
+
+
+def test_tune_sh_says_why_a_job_was_cancelled(pg_url: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    from service.db import make_engine
+    from tests.helpers import npz, start_api
+    from worker.manager import JobManager
+
+    for name in ("train.npz", "test.npz"):
+        (tmp_path / name).write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
+    api, url = start_api(pg_url, tmp_path)
+    script = subprocess.Popen(["bash", str(ROOT / "examples/tune.sh"), "train.npz", "test.npz"],
+                              cwd=tmp_path, env={**os.environ, "SSAD_URL": url},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    engine = make_engine(pg_url)
+    try:
+        manager = JobManager(engine)
+        claimed = wait_for(lambda: manager.claim_next_job("test-worker"), timeout=60)
+        assert httpx.post(f"{url}/v1/jobs/{claimed.id}/cancel").status_code == 200
+        manager.mark_cancelled(claimed.id, claimed.attempt)
+        _, stderr = script.communicate(timeout=60)
+    finally:
+        if script.poll() is None:
+            script.kill()
+        engine.dispose()
+        api.kill()
+        api.wait()
+    assert script.returncode == 1
+    assert "job cancelled: last event: cancelled while running" in stderr

@@ -44,6 +44,8 @@ def test_score_new_data_with_the_chosen_detector(pg_url: str, tmp_path: Path,
         api.headers.update(a)
         tr, te = upload_pair(api, npz(train[:60, 0]), npz(test[:40, 0]))
         fresh = upload(api, npz(test[40:, 0]), "new.npz").json()["id"]
+        noise = np.random.default_rng(0).integers(0, 256, (1, 8, 8), dtype=np.uint8)
+        odd = upload(api, npz(noise), "noise.npz").json()["id"]
         job = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
         assert_error(api.post(f"/v1/jobs/{job}/score", json={"dataset_id": fresh}), 409,
                      "Conflict", "once it has succeeded")
@@ -66,8 +68,16 @@ def test_score_new_data_with_the_chosen_detector(pg_url: str, tmp_path: Path,
             replay = api.post(f"/v1/jobs/{job}/score", json={"dataset_id": fresh},
                               headers={"Idempotency-Key": "score-1"})
             assert replay.json()["id"] == new["id"]
-            for j in (again.json()["id"], new["id"]):
+            # One image of pure noise, scored alone: flagged by the tuning job's threshold
+            # (the batch-only rule has no bulk to judge a single score against).
+            alone = api.post(f"/v1/jobs/{job}/score", json={"dataset_id": odd}).json()["id"]
+            for j in (again.json()["id"], new["id"], alone):
                 wait_for(lambda j=j: job_status(api, j)["status"] == "succeeded", timeout=120)
+            judged = api.get(f"/v1/jobs/{alone}/threshold").json()
+            assert judged["reference_job_id"] == job
+            assert [f["name"] for f in judged["flagged"]] == ["0"], judged
+            assert api.get(f"/v1/jobs/{alone}/threshold",
+                           params={"reference": "batch"}).json()["flagged"] == []
             rescored = api.get(f"/v1/jobs/{again.json()['id']}/scores").json()["scores"]
             np.testing.assert_allclose([r["score"] for r in rescored],
                                        [r["score"] for r in tuned["scores"]], rtol=1e-6)

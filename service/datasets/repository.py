@@ -62,9 +62,11 @@ def read_blob(session: Session, sha256: str) -> bytes | None:
     return b"".join(parts)
 
 
-def dataset_in_use(session: Session, dataset_id: str) -> bool:
-    return bool(session.scalar(select(exists().where(
-        or_(Job.train_dataset_id == dataset_id, Job.test_dataset_id == dataset_id)))))
+def jobs_using_dataset(session: Session, dataset_id: str, limit: int = 5) -> list[str]:
+    """Ids of (at most ``limit``) jobs that train on or score ``dataset_id``."""
+    return list(session.scalars(select(Job.id).where(
+        or_(Job.train_dataset_id == dataset_id, Job.test_dataset_id == dataset_id))
+        .order_by(Job.created_at).limit(limit)).all())
 
 
 def delete_dataset(session: Session, dataset: Dataset) -> None:

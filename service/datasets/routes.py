@@ -2,14 +2,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
 
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
 from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import AppError, PayloadTooLarge, error_responses
+from service.params import DatasetId, Limit, Offset, reject_unknown_query_params
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"],
+                   dependencies=[Depends(reject_unknown_query_params)])
 
 
 def read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -20,7 +22,7 @@ def read_limited(upload: UploadFile, limit: int) -> bytes:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses=error_responses(400, 401, 409, 413, 422, 503),
+             responses=error_responses(400, 401, 403, 409, 413, 422, 503),
              summary="Upload an image set (.npz, .npy, or .zip of PNG/JPEG)",
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {
                  "example": {"file": "(the file's bytes, e.g. curl -F file=@train.npz)",
@@ -51,27 +53,27 @@ def upload_dataset(
     return DatasetOut.model_validate(dataset)
 
 
-@router.get("", response_model=DatasetList, responses=error_responses(401),
+@router.get("", response_model=DatasetList, responses=error_responses(401, 422),
             summary="List your datasets, newest first")
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> DatasetList:
     rows, total = service.list_datasets(session, tenant, limit, offset)
     return DatasetList(items=[DatasetOut.model_validate(r) for r in rows], total=total)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(401, 404),
-            summary="Describe a dataset")
-def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: str) -> DatasetOut:
+@router.get("/{dataset_id}", response_model=DatasetOut,
+            responses=error_responses(401, 404, 422), summary="Describe a dataset")
+def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: DatasetId) -> DatasetOut:
     return DatasetOut.model_validate(service.get_dataset(session, tenant, dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses=error_responses(401, 404, 409),
-               summary="Delete a dataset (409 while a job uses it)")
-def delete_dataset(session: SessionDep, tenant: TenantDep, dataset_id: str) -> Response:
+               responses=error_responses(401, 404, 409, 422),
+               summary="Delete a dataset (409 while a job uses it: delete the job first)")
+def delete_dataset(session: SessionDep, tenant: TenantDep, dataset_id: DatasetId) -> Response:
     service.delete_dataset(session, tenant, dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -91,7 +91,9 @@ def list_datasets(session: Session, tenant_id: str, limit: int, offset: int
 
 def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> None:
     dataset = get_dataset(session, tenant_id, dataset_id)
-    if repo.dataset_in_use(session, dataset_id):
-        raise Conflict(f"dataset {dataset_id} is used by a job; delete the job's results "
-                       "first or keep the dataset")
+    using = repo.jobs_using_dataset(session, dataset_id)
+    if using:
+        raise Conflict(f"dataset {dataset_id} is used by a job ({', '.join(using)}"
+                       f"{', ...' if len(using) >= 5 else ''}): delete the jobs that use it "
+                       "first (DELETE /v1/jobs/{id}, once each has ended) or keep the dataset")
     repo.delete_dataset(session, dataset)

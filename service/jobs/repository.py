@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Job, JobArtifact, JobEvent, JobStatus, JobTrial, TrialScore, utcnow
+from service.models import (
+    TERMINAL,
+    Job,
+    JobArtifact,
+    JobEvent,
+    JobStatus,
+    JobTrial,
+    TrialScore,
+    utcnow,
+)
 
 
 def insert_job(session: Session, job: Job, message: str) -> None:
@@ -24,12 +33,23 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return job if job is not None and job.tenant_id == tenant_id else None
 
 
-def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None
-              ) -> tuple[Sequence[Job], int]:
+def _kind_is(kind: str) -> Any:
+    """Scoring jobs say so in their spec (``kind: "score"``); every other job is a tuning
+    job."""
+    spec_kind = Job.spec["kind"].as_string()
+    if kind == "score":
+        return spec_kind == "score"
+    return or_(spec_kind.is_(None), spec_kind != "score")
+
+
+def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None,
+              kind: str | None = None) -> tuple[Sequence[Job], int]:
     q = select(Job).where(Job.tenant_id == tenant_id)
     count = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id)
     if status:
         q, count = q.where(Job.status == status), count.where(Job.status == status)
+    if kind:
+        q, count = q.where(_kind_is(kind)), count.where(_kind_is(kind))
     rows = session.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit)
                            .offset(offset)).all()
     return rows, session.scalar(count) or 0
@@ -61,6 +81,25 @@ def request_cancel_if_running(session: Session, job_id: str) -> bool:
     """Running → flagged; the worker sees it at its next heartbeat and ends the job."""
     return _update_if_status(session, job_id, JobStatus.running, {"cancel_requested": True},
                              JobStatus.running, "cancel requested")
+
+
+def active_score_jobs(session: Session, job_id: str) -> list[str]:
+    """Ids of the scoring jobs still queued or running with ``job_id``'s detector."""
+    return list(session.scalars(select(Job.id).where(
+        _kind_is("score"), Job.spec["source_job_id"].as_string() == job_id,
+        Job.status.in_([JobStatus.queued.value, JobStatus.running.value]))).all())
+
+
+def delete_ended_job(session: Session, job_id: str) -> bool:
+    """Delete the job if it has ended (one conditional statement; a job never leaves an
+    ended status, so no worker can be writing to it). Its events, trials, their scores and
+    its artifacts go with it: every child table's foreign key is ON DELETE CASCADE (SQLite
+    enforces them with ``PRAGMA foreign_keys=ON``, service/db.py)."""
+    deleted = session.execute(delete(Job).where(
+        Job.id == job_id, Job.status.in_([s.value for s in TERMINAL]))
+        .returning(Job.id)).scalar_one_or_none()
+    session.expire_all()  # the ORM's copy of the row (and its children) is gone
+    return deleted is not None
 
 
 def list_trials(session: Session, job_id: str) -> Sequence[JobTrial]:

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
@@ -31,6 +31,7 @@ from service.jobs.schemas import (
     JobCreate,
     JobList,
     JobOut,
+    JobSummary,
     Progress,
     ScoreRequest,
     ScoresOut,
@@ -39,22 +40,32 @@ from service.jobs.schemas import (
     TrialOut,
 )
 from service.models import Job, JobTrial
+from service.params import JobId, Limit, Offset, TrialNumber, reject_unknown_query_params
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"],
+                   dependencies=[Depends(reject_unknown_query_params)])
 
 
 def job_out(job: Job) -> JobOut:
+    return JobOut(**_job_fields(job), spec=job.spec)
+
+
+def job_summary(job: Job, include_spec: bool) -> JobSummary:
+    """A list item: the job without its spec (the request it was created with) unless asked."""
+    return JobSummary(**_job_fields(job), spec=job.spec if include_spec else None)
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
     best = None
     if job.best is not None and job.best_trial_number is not None:
         best = Best(trial_number=job.best_trial_number, **job.best)
-    return JobOut(
+    return dict(
         id=job.id, kind="score" if job.spec.get("kind") == "score" else "tune",
         status=job.status,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed),
         best=best, error=job.error, attempt=job.attempt, cancel_requested=job.cancel_requested,
-        train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id,
-        spec=job.spec)
+        train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id)
 
 
 def trial_out(t: JobTrial) -> TrialOut:
@@ -64,7 +75,7 @@ def trial_out(t: JobTrial) -> TrialOut:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
+             responses=error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
              summary="Queue a tuning job")
 def create_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, body: JobCreate,
                response: Response, idempotency_key: IdempotencyKeyDep = None) -> JobOut:
@@ -75,43 +86,66 @@ def create_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, bo
     return job_out(job)
 
 
-@router.get("", response_model=JobList, responses=error_responses(401),
-            summary="List your jobs, newest first")
+@router.get("", response_model=JobList, responses=error_responses(401, 422),
+            summary="List your jobs, newest first (summaries: no spec unless ?include=spec)")
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
     status_: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                        Query(alias="status")] = None,
+    kind: Annotated[Literal["tune", "score"] | None,
+                    Query(description="only tuning jobs, or only scoring jobs")] = None,
+    include: Annotated[Literal["spec"] | None,
+                       Query(description="`spec`: each item carries its job's spec (the "
+                                         "request it was created with), as GET "
+                                         "/v1/jobs/{id} does")] = None,
 ) -> JobList:
-    rows, total = service.list_jobs(session, tenant, limit, offset, status_)
-    return JobList(items=[job_out(j) for j in rows], total=total)
+    rows, total = service.list_jobs(session, tenant, limit, offset, status_, kind)
+    return JobList(items=[job_summary(j, include == "spec") for j in rows], total=total)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404),
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422),
             summary="A job's status, progress and best trial so far")
-def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+def get_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
     return job_out(service.get_job(session, tenant, job_id))
 
 
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses=error_responses(401, 404, 409, 422),
+               summary="Delete an ended job and everything it stored (409 while it runs)")
+def delete_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+               job_id: JobId) -> Response:
+    """Deletes the job, its trials, scores, events and artifacts (its detector, pictures).
+    Only once it has ended (succeeded, failed or cancelled): cancel a queued or running job
+    first (`POST /v1/jobs/{id}/cancel`) and wait until it is `cancelled`. A tuning job whose
+    scoring jobs are still queued or running is kept until they end. Once no job uses a
+    dataset, the dataset can be deleted. The job's Optuna study (`job-<id>` in the Optuna
+    storage) is kept; `optuna delete-study` removes it."""
+    service.delete_job(session, tenant, job_id, settings)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.post("/{job_id}/cancel", response_model=JobOut,
-             responses=error_responses(401, 404, 409),
+             responses=error_responses(401, 404, 409, 422),
              summary="Cancel a job (idempotent; 409 once it has succeeded or failed)")
-def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+def cancel_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
     return job_out(service.cancel_job(session, tenant, job_id))
 
 
-@router.get("/{job_id}/trials", response_model=TrialList, responses=error_responses(401, 404),
+@router.get("/{job_id}/trials", response_model=TrialList,
+            responses=error_responses(401, 404, 422),
             summary="Every stored trial: augmentation, parameters, losses, duration")
-def list_trials(session: SessionDep, tenant: TenantDep, job_id: str) -> TrialList:
+def list_trials(session: SessionDep, tenant: TenantDep, job_id: JobId) -> TrialList:
     return TrialList(job_id=job_id, trials=[
         trial_out(t) for t in service.list_trials(session, tenant, job_id)])
 
 
-@router.get("/{job_id}/events", response_model=EventList, responses=error_responses(401, 404),
+@router.get("/{job_id}/events", response_model=EventList,
+            responses=error_responses(401, 404, 422),
             summary="The job's history: every status change, with its attempt")
-def list_events(session: SessionDep, tenant: TenantDep, job_id: str) -> EventList:
+def list_events(session: SessionDep, tenant: TenantDep, job_id: JobId) -> EventList:
     return EventList(job_id=job_id, events=[
         EventOut(at=e.at, status=e.status, attempt=e.attempt, message=e.message)
         for e in service.list_events(session, tenant, job_id)])
@@ -167,6 +201,7 @@ def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
 def scores_response(session: Session, tenant_id: str, job_id: str, number: int | None,
                     fmt: str, request: Request) -> Response:
     # Ownership first (one primary-key read), then the per-process cache of bodies.
+    chosen = number is None
     if number is None:
         number = service.chosen_trial(session, tenant_id, job_id)
     else:
@@ -179,6 +214,9 @@ def scores_response(session: Session, tenant_id: str, job_id: str, number: int |
         RENDERED.put(key, body)
     etag = f'"{job_id}-{number}-{fmt}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+    if fmt == "csv":  # a browser or `curl -OJ` saves it under a name that says what it is
+        name = f"{job_id}-scores.csv" if chosen else f"{job_id}-trial-{number}-scores.csv"
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=MEDIA[fmt], headers=headers)
@@ -190,30 +228,42 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/{job_id}/scores", response_model=ScoresOut,
-            responses={**_SCORES_DOC, **error_responses(401, 404, 409)},
+            responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the chosen trial), in test order")
-def job_scores(session: SessionDep, tenant: TenantDep, job_id: str, request: Request,
+def job_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, request: Request,
                format: Literal["json", "csv"] = "json") -> Response:
     return scores_response(session, tenant, job_id, None, format, request)
 
 
 @router.get("/{job_id}/trials/{number}/scores", response_model=ScoresOut,
-            responses={**_SCORES_DOC, **error_responses(401, 404)},
+            responses={**_SCORES_DOC, **error_responses(401, 404, 422)},
             summary="Anomaly scores of one finished trial, in test order")
-def trial_scores(session: SessionDep, tenant: TenantDep, job_id: str, number: int,
+def trial_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, number: TrialNumber,
                  request: Request, format: Literal["json", "csv"] = "json") -> Response:
     return scores_response(session, tenant, job_id, number, format, request)
 
 
 @router.get("/{job_id}/threshold", response_model=ThresholdOut,
-            responses=error_responses(401, 404, 409),
+            responses=error_responses(401, 404, 409, 422),
             summary="A suggested threshold (no labels) and the images it flags")
-def job_threshold(session: SessionDep, tenant: TenantDep, job_id: str,
-                  rule: Literal["mad", "contamination"] | None = None) -> ThresholdOut:
-    """Two label-free rules on the chosen trial's scores: `mad` (suggested: median + 3.5
-    scaled MADs, set by the bulk of normal images) and `contamination` (the top fraction the
-    job was told to expect). `flagged` follows `rule` (default: the suggested one)."""
-    return ThresholdOut.model_validate(service.threshold(session, tenant, job_id, rule))
+def job_threshold(
+    session: SessionDep, tenant: TenantDep, job_id: JobId,
+    rule: Literal["mad", "contamination"] | None = None,
+    reference: Annotated[Literal["tuning", "batch"] | None, Query(
+        description="which scores set the threshold: `tuning` (default), the tuning job's "
+                    "test set; `batch`, this job's own scores")] = None,
+) -> ThresholdOut:
+    """Two label-free rules: `mad` (suggested: median + 3.5 scaled MADs, set by the bulk of
+    normal images) and `contamination` (the top fraction the job was told to expect).
+    `flagged` lists this job's images above `rule`'s threshold (default: the suggested one).
+
+    The threshold comes from the tuning job's chosen scores on its test set (`reference=
+    tuning`, the default). For a tuning job that is its own scores; a scoring job (`POST
+    /v1/jobs/{id}/score`) is judged against the job it came from, so scoring a handful of
+    images flags the ones that stand out from that reference. `reference=batch` recomputes
+    both rules from this job's scores alone (meaningful only for a large batch)."""
+    return ThresholdOut.model_validate(
+        service.threshold(session, tenant, job_id, rule, reference or "tuning"))
 
 
 STREAM_POLL_SECONDS = 0.5
@@ -232,9 +282,10 @@ def _progress_key(j: JobOut) -> tuple[Any, ...]:
         '"progress": {"n_trials": 12, "trials_completed": 5}, ...}\n\n')}},
         "description": "Server-sent events: `progress` (the job, as GET /v1/jobs/{id}) "
                        "whenever it changes, then `end` once it has ended"},
-    **error_responses(401, 404)},
+    **error_responses(401, 404, 422)},
     summary="Live progress as server-sent events (used by `ssad-tune tune`)")
-async def stream_job(request: Request, tenant: StreamTenantDep, job_id: str) -> StreamingResponse:
+async def stream_job(request: Request, tenant: StreamTenantDep,
+                     job_id: JobId) -> StreamingResponse:
     factory = request.app.state.session_factory
 
     def read() -> JobOut:
@@ -272,15 +323,16 @@ async def stream_job(request: Request, tenant: StreamTenantDep, job_id: str) -> 
 
 
 @router.post("/{job_id}/score", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
+             responses=error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
              summary="Score new images with a finished job's chosen detector")
 def score_new_data(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
-                   job_id: str, body: ScoreRequest, response: Response,
+                   job_id: JobId, body: ScoreRequest, response: Response,
                    idempotency_key: IdempotencyKeyDep = None) -> JobOut:
     """Queues a scoring job (`kind: "score"`): a worker loads the detector the tuning job
     chose (its weights and its scorer, fitted on the train set) and scores the dataset
     with it, exactly as it scored the job's test set. Follow it like any job; its scores are
-    at `GET /v1/jobs/{new id}/scores`."""
+    at `GET /v1/jobs/{new id}/scores`, and `GET /v1/jobs/{new id}/threshold` flags them
+    against this job's threshold."""
     job, replayed = service.create_score_job(session, tenant, job_id, body.dataset_id,
                                              settings, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -295,9 +347,9 @@ _PNG: dict[int | str, dict[str, Any]] = {200: {
 
 
 @router.get("/{job_id}/plots/{name}.png", response_class=Response,
-            responses={**_PNG, **error_responses(401, 404, 409)},
+            responses={**_PNG, **error_responses(401, 404, 409, 422)},
             summary="Pictures: trials, history, slice, importances, scores, top, augmentation")
-def job_plot(session: SessionDep, tenant: TenantDep, job_id: str,
+def job_plot(session: SessionDep, tenant: TenantDep, job_id: JobId,
              name: Literal["trials", "history", "slice", "importances", "scores", "top",
                            "augmentation"],
              k: Annotated[int, Query(ge=1, le=64, description="images in `top`")] = 16,

@@ -5,6 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.params import ID_DESCRIPTION, ID_PATTERN
 from worker.search_space import DEFAULT_CONTAMINATION
 
 ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
@@ -35,8 +36,8 @@ class JobCreate(BaseModel):
                                          "patch_size": [0.01, 0.3]},
         "objective": "dsv", "contamination": 0.1, "train_steps": 400, "seed": 0}})
 
-    train_dataset_id: str = Field(max_length=64)
-    test_dataset_id: str = Field(max_length=64)
+    train_dataset_id: str = Field(max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
+    test_dataset_id: str = Field(max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
     n_trials: int = Field(12, ge=1, description="trials in the study")
     search_space: SearchSpaceIn | None = None
     objective: ObjectiveName = "dsv"
@@ -89,6 +90,15 @@ class JobOut(BaseModel):
     spec: dict[str, Any]
 
 
+class JobSummary(JobOut):
+    """A job as ``GET /v1/jobs`` lists it: every field of :class:`JobOut`, with ``spec``
+    null unless the list was asked for it (``?include=spec``)."""
+
+    spec: dict[str, Any] | None = Field(  # type: ignore[assignment]
+        None, description="the job's spec: only with ?include=spec (always on GET "
+                          "/v1/jobs/{id})")
+
+
 class JobList(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"items": [{
         "id": "3f1c…", "kind": "tune", "status": "succeeded",
@@ -99,10 +109,10 @@ class JobList(BaseModel):
                                                       "fill": "zero"},
                  "validation_loss": -0.61, "trial_number": 7},
         "error": None, "attempt": 1, "cancel_requested": False,
-        "train_dataset_id": "0b6f…", "test_dataset_id": "7d0e…", "spec": {"n_trials": 12}}],
+        "train_dataset_id": "0b6f…", "test_dataset_id": "7d0e…", "spec": None}],
         "total": 1}})
 
-    items: list[JobOut]
+    items: list[JobSummary]
     total: int
 
 
@@ -179,7 +189,8 @@ class ThresholdRule(BaseModel):
 
 class ThresholdOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
-        "job_id": "3f1c…", "trial_number": 4, "suggested_rule": "mad", "rule": "mad",
+        "job_id": "3f1c…", "trial_number": 4, "reference": "tuning",
+        "reference_job_id": "3f1c…", "suggested_rule": "mad", "rule": "mad",
         "rules": [{"rule": "mad", "threshold": 41.2, "n_flagged": 17,
                    "description": "median + 3.5 x 1.4826 x MAD of the scores"},
                   {"rule": "contamination", "threshold": 37.9, "n_flagged": 20,
@@ -188,6 +199,11 @@ class ThresholdOut(BaseModel):
 
     job_id: str
     trial_number: int
+    reference: Literal["tuning", "batch"] = Field(
+        "batch", description="tuning: the thresholds come from the tuning job's chosen scores "
+                            "on its test set; batch: from this job's own scores")
+    reference_job_id: str | None = Field(
+        None, description="the job whose scores set the thresholds")
     suggested_rule: Literal["mad", "contamination"]
     rule: Literal["mad", "contamination"] = Field(description="the rule `flagged` follows")
     rules: list[ThresholdRule]
@@ -199,5 +215,6 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
         "dataset_id": "9a1d3c4e-6f70-4b8a-9c1d-2e3f4a5b6c7d"}})
 
-    dataset_id: str = Field(max_length=64, description="the new images (POST /v1/datasets); "
-                                                       "grey or RGB like the job's train set")
+    dataset_id: str = Field(max_length=64, pattern=ID_PATTERN,
+                            description="the new images (POST /v1/datasets); "
+                                        "grey or RGB like the job's train set")

@@ -1,4 +1,5 @@
-"""Job rules: validate a request, enqueue it with its first event, read results, cancel."""
+"""Job rules: validate a request, enqueue it with its first event, read results, cancel,
+delete."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFo
 from service.jobs import plots
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
-from service.jobs.threshold import SUGGESTED_RULE, Threshold, thresholds
+from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 from service.models import (
     MODEL_ARTIFACT,
     TERMINAL,
@@ -88,9 +89,30 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None
-              ) -> tuple[Sequence[Job], int]:
-    return repo.list_jobs(session, tenant_id, limit, offset, status)
+def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None,
+              kind: str | None = None) -> tuple[Sequence[Job], int]:
+    return repo.list_jobs(session, tenant_id, limit, offset, status, kind)
+
+
+def delete_job(session: Session, tenant_id: str, job_id: str, settings: Settings) -> None:
+    """Delete an ended job with everything it stored (trials, scores, events, artifacts:
+    the foreign keys cascade). A queued or running job is a 409 (cancel it first, and wait
+    for ``cancelled``: a worker may still be writing); so is a tuning job whose scoring jobs
+    are still queued or running (they load its detector). The Optuna study stays."""
+    job = get_job(session, tenant_id, job_id)
+    if job.status not in TERMINAL:
+        hint = (" (cancel requested: wait until it is cancelled)" if job.cancel_requested
+                else ": cancel it first (POST /v1/jobs/{id}/cancel)")
+        raise Conflict(f"job {job_id} is {job.status}; only an ended job can be deleted{hint}")
+    # Serialised with create_score_job (same lock): no scoring job can be queued on this
+    # job's detector between the check below and the delete.
+    tenants.lock_tenant(session, tenant_id, settings)
+    active = repo.active_score_jobs(session, job_id)
+    if active:
+        raise Conflict(f"job {job_id}'s detector is in use by scoring job(s) "
+                       f"{', '.join(active)}, still queued or running: cancel them or wait")
+    if not repo.delete_ended_job(session, job_id):
+        raise Conflict(f"job {job_id} changed while being deleted; retry")
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
@@ -141,27 +163,79 @@ def list_events(session: Session, tenant_id: str, job_id: str) -> Sequence[JobEv
     return repo.list_events(session, job_id)
 
 
-def _chosen_scores(session: Session, tenant_id: str, job_id: str
-                   ) -> tuple[Job, int, list[tuple[int, str, float]], dict[str, Threshold]]:
-    """The succeeded job, its chosen trial, that trial's (index, name, score) rows, and
-    both label-free thresholds on them."""
+def _contamination(job: Job) -> float:
+    return float(job.spec.get("contamination", DEFAULT_CONTAMINATION))
+
+
+def _chosen_rows(session: Session, tenant_id: str, job_id: str
+                 ) -> tuple[Job, int, list[tuple[int, str, float]]]:
+    """The succeeded job, its chosen trial and that trial's (index, name, score) rows."""
     number = chosen_trial(session, tenant_id, job_id)
     job = get_job(session, tenant_id, job_id)
     _, rows = scores(session, tenant_id, job_id, number)
-    values = np.array([s for _, _, s in rows], dtype=np.float64)
-    found = thresholds(values, float(job.spec.get("contamination", DEFAULT_CONTAMINATION)))
-    return job, number, rows, found
+    return job, number, rows
 
 
-def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None
-              ) -> dict[str, Any]:
-    """Both label-free thresholds on the job's scores, and the images above ``rule``'s
-    (default: the suggested rule)."""
-    _, number, rows, found = _chosen_scores(session, tenant_id, job_id)
+def _values(rows: list[tuple[int, str, float]]) -> np.ndarray:
+    return np.array([s for _, _, s in rows], dtype=np.float64)
+
+
+def reference_thresholds(session: Session, tenant_id: str, source_id: str
+                         ) -> dict[str, Any]:
+    """Both thresholds of a succeeded tuning job, on its chosen scores (its test set): the
+    normal reference new images are judged against. Plain data, kept in a scoring job's
+    spec when it is created (the tuning job's scores never change once it has succeeded,
+    and the scoring job stays interpretable if the tuning job is deleted later)."""
+    source, number, rows = _chosen_rows(session, tenant_id, source_id)
+    found = thresholds(_values(rows), _contamination(source))
+    return {"job_id": source_id, "trial_number": number, "n_scores": len(rows),
+            "rules": {name: {"threshold": t.threshold,
+                             "description": f"{t.description}, on job {source_id}'s test set"}
+                      for name, t in found.items()}}
+
+
+def _thresholds_for(session: Session, tenant_id: str, job: Job, values: np.ndarray,
+                    reference: str) -> tuple[dict[str, Threshold], str]:
+    """The thresholds that judge ``job``'s scores ``values``, and the job they came from."""
+    if reference == "batch" or job.spec.get("kind") != "score":
+        # A tuning job's own test set is its reference: "tuning" and "batch" coincide.
+        return thresholds(values, _contamination(job)), job.id
+    ref = job.spec.get("threshold_reference")
+    if ref is None:  # a scoring job queued before references were kept: read it now
+        source_id = str(job.spec["source_job_id"])
+        if repo.get_job(session, tenant_id, source_id) is None:
+            raise Conflict(f"job {job.id} was scored with job {source_id}, which has been "
+                           "deleted, so its threshold is gone: ask for ?reference=batch")
+        ref = reference_thresholds(session, tenant_id, source_id)
+    rules = {name: (float(r["threshold"]), str(r["description"]))
+             for name, r in ref["rules"].items()}
+    return apply_thresholds(values, rules), str(ref["job_id"])
+
+
+def _chosen_scores(session: Session, tenant_id: str, job_id: str, reference: str = "tuning"
+                   ) -> tuple[Job, int, list[tuple[int, str, float]], dict[str, Threshold],
+                              str]:
+    """The succeeded job, its chosen trial, that trial's (index, name, score) rows, both
+    label-free thresholds that judge them (see :func:`threshold`), and the job that set
+    them."""
+    job, number, rows = _chosen_rows(session, tenant_id, job_id)
+    found, reference_job = _thresholds_for(session, tenant_id, job, _values(rows), reference)
+    return job, number, rows, found, reference_job
+
+
+def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None,
+              reference: str = "tuning") -> dict[str, Any]:
+    """Both label-free thresholds and the job's images above ``rule``'s (default: the
+    suggested rule). ``reference="tuning"``: the thresholds come from the tuning job's
+    chosen scores (for a scoring job, the job it scored with; a handful of new images is
+    judged against that job's test set); ``"batch"``: from this job's scores alone."""
+    _, number, rows, found, reference_job = _chosen_scores(session, tenant_id, job_id,
+                                                           reference)
     rule = rule or SUGGESTED_RULE
     chosen = found[rule]
     flagged = sorted((r for r in rows if r[2] > chosen.threshold), key=lambda r: -r[2])
-    return {"job_id": job_id, "trial_number": number, "suggested_rule": SUGGESTED_RULE,
+    return {"job_id": job_id, "trial_number": number, "reference": reference,
+            "reference_job_id": reference_job, "suggested_rule": SUGGESTED_RULE,
             "rule": rule, "rules": [vars(t) for t in found.values()],
             "flagged": [{"index": i, "name": n, "score": v} for i, n, v in flagged]}
 
@@ -178,6 +252,9 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
                                      lambda i: repo.get_job(session, tenant_id, i))
         if earlier is not None:
             return earlier, True
+    # The tenant's lock before reading the source: a concurrent DELETE of it (which takes
+    # the lock too) has then either happened (404 below) or waits and sees this job.
+    quotas = tenants.lock_tenant(session, tenant_id, settings)
     source = get_job(session, tenant_id, source_id)
     if source.spec.get("kind") == "score":
         raise InvalidRequest(f"job {source_id} is itself a scoring job; score with the "
@@ -194,12 +271,14 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
         raise IncompatibleDatasets(
             f"the detector was trained on {train.channels}-channel images and dataset "
             f"{dataset_id} has {dataset.channels}: both must be grey or both RGB")
-    tenants.check_job(session, tenant_id, tenants.lock_tenant(session, tenant_id, settings), 1)
+    tenants.check_job(session, tenant_id, quotas, 1)
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
               train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
               spec={"kind": "score", "source_job_id": source_id, "n_trials": 1,
                     "dataset_id": dataset.id,
-                    "contamination": source.spec.get("contamination", DEFAULT_CONTAMINATION)},
+                    "contamination": source.spec.get("contamination", DEFAULT_CONTAMINATION),
+                    "threshold_reference": reference_thresholds(session, tenant_id,
+                                                                source_id)},
               n_trials=1, trials_completed=0, attempt=0, cancel_requested=False)
     repo.insert_job(session, job, f"queued: score with job {source_id}'s detector")
     if idempotency_key is not None:
@@ -242,9 +321,8 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
             raise NotFound(f"job {job_id} has no augmentation sample (it is rendered when "
                            "a tuning job succeeds)")
         return art.data
-    _, _, rows, found = _chosen_scores(session, tenant_id, job_id)
+    _, _, rows, found, _ = _chosen_scores(session, tenant_id, job_id)
     if name == "scores":
-        values = np.array([v for _, _, v in rows], dtype=np.float64)
-        return plots.scores_png(values, found, SUGGESTED_RULE)
+        return plots.scores_png(_values(rows), found, SUGGESTED_RULE)
     top = sorted(rows, key=lambda r: -r[2])[:k]
     return plots.top_png(_images(session, tenant_id, job.test_dataset_id), top)

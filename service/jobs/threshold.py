@@ -15,6 +15,11 @@ Two rules, both computed from the scores alone:
 
 Neither rule looks at labels; which one to trust is the user's call, and the response
 reports both.
+
+A scoring job's images are judged by the thresholds of the tuning job it came from (computed
+on that job's test set, its normal reference): a batch of a few images has no bulk of its
+own, so rules computed on the batch alone would flag nothing (or, for ``contamination``, a
+fixed count whatever the images). :func:`apply_thresholds` counts new scores against them.
 """
 
 from __future__ import annotations
@@ -56,6 +61,14 @@ def contamination_threshold(scores: np.ndarray, contamination: float) -> Thresho
     return Threshold("contamination", thr, int(np.sum(scores > thr)),
                      f"the top {contamination:g} of the test set ({k} of {n} images), the "
                      "fraction the job was told to expect")
+
+
+def apply_thresholds(scores: np.ndarray, rules: dict[str, tuple[float, str]]
+                     ) -> dict[str, Threshold]:
+    """Thresholds set elsewhere (rule name → (threshold, description)), with the number of
+    ``scores`` above each."""
+    return {name: Threshold(name, thr, int(np.sum(scores > thr)), description)
+            for name, (thr, description) in rules.items()}
 
 
 def thresholds(scores: np.ndarray, contamination: float) -> dict[str, Threshold]:
