@@ -203,6 +203,21 @@ def test_npz_member_is_checked_from_its_header_before_decompressing() -> None:
     np.testing.assert_array_equal(ok.images[:, 0], GREY[:2, :8, :8])
 
 
+def test_arrays_are_converted_a_batch_at_a_time_without_a_second_copy() -> None:
+    rng = np.random.default_rng(5)
+    floats = rng.random((1024, 64, 64, 3), dtype=np.float32)  # 50 MB in, 12.6 MB out
+    expected = np.rint(floats * 255).astype(np.uint8).transpose(0, 3, 1, 2)
+    for data, name in ((npy_bytes(floats), "x.npy"), (npz_bytes(images=floats), "x.npz")):
+        out = load_bytes(data, name)
+        np.testing.assert_array_equal(out.images, expected)
+        # Before: the member's bytes, a BytesIO copy, the loaded array, then the output.
+        assert peak_traced(lambda d=data, n=name: load_bytes(d, n)) < 0.75 * floats.nbytes
+    bad = floats.copy()
+    bad[900, 1, 1, 1] = 2.0  # in a late batch
+    with pytest.raises(ImageDataError, match="must lie in"):
+        load_bytes(npy_bytes(bad), "x.npy")
+
+
 def test_npy_length_must_match_its_header() -> None:
     data = npy_bytes(GREY)
     with pytest.raises(ImageDataError, match="longer than its header"):

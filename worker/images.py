@@ -217,6 +217,36 @@ def _read_exactly(fp: IO[bytes], header: NpyHeader, what: str) -> np.ndarray:
 
 
 READ_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024  # input converted at a time (float temporaries are a few x)
+
+
+def _read_images(fp: IO[bytes], header: NpyHeader, what: str, limits: Limits) -> np.ndarray:
+    """The array's images as uint8 (N, C, H, W), read (exactly ``header.nbytes``, then
+    the stream must end) and converted a batch of images at a time into the one output
+    array: no copy of the whole input is ever held beside it."""
+    if header.fortran:  # column-major: images are not contiguous in the stream
+        return array_to_uint8(_read_exactly(fp, header, what), limits)
+    out = np.empty((header.n, header.c, header.h, header.w), np.uint8)
+    per_image = header.nbytes // header.n
+    batch = max(1, BATCH_BYTES // max(1, per_image))
+    total = header.nbytes
+    for start in range(0, header.n, batch):
+        k = min(batch, header.n - start)
+        buf = np.empty((k, *header.shape[1:]), dtype=header.dtype)
+        view = buf.reshape(-1).view(np.uint8).data
+        pos = 0
+        while pos < len(view):
+            got = fp.readinto(view[pos:])  # type: ignore[attr-defined]
+            if not got:
+                raise ImageDataError(
+                    f"{what} is truncated: its data ends after {start * per_image + pos} of "
+                    f"the {total} bytes its header declares")
+            pos += got
+        out[start:start + k] = array_to_uint8(buf, limits)
+    if fp.read(1):
+        raise ImageDataError(f"{what} is longer than its header declares ({total} bytes of "
+                             "data): it is corrupt or not one array")
+    return out
 
 
 @dataclass(frozen=True)
@@ -279,8 +309,7 @@ def _read_npy(fp: IO[bytes], limits: Limits) -> NpyFile | ImageSet:
     names = _index_names(header.n)
     if header.canonical:
         return NpyFile(fp, data_at, (header.n, header.c, header.h, header.w), names)
-    arr = _read_exactly(fp, header, ".npy array")
-    return ImageSet(array_to_uint8(arr, limits), names)
+    return ImageSet(_read_images(fp, header, ".npy array", limits), names)
 
 
 def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
@@ -314,12 +343,11 @@ def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
                     raise ImageDataError(
                         f"{what} holds {info.file_size - data_at} bytes of data, its header "
                         f"declares {header.nbytes}: it is corrupt or not one array")
-                arr = _read_exactly(member, header, what)
+                return _read_images(member, header, what, limits)
         except ImageDataError:
             raise
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error) as exc:
             raise ImageDataError(f"corrupt {what}: {exc}") from None
-    return array_to_uint8(arr, limits)
 
 
 # ------------------------------------------------------------------------- image files
