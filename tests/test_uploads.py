@@ -172,6 +172,8 @@ def test_many_concurrent_uploads_on_a_small_pool(pg_url: str, tmp_path: Path) ->
                 assert "Retry-After" in r.headers
             else:
                 assert r.status_code == 201, r.text
+        print(f"60 uploads: {statuses.count(201)} x 201, {statuses.count(503)} x 503; "
+              f"/healthz max {max(health):.3f} s over {len(health)} probes")
         assert len(statuses) == 60
         assert statuses.count(201) >= 1
         assert count(pg_url, Dataset) == statuses.count(201)
