@@ -18,6 +18,9 @@ from service.errors import AppError, PayloadTooLarge, error_responses
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
+LOCATION = {"description": "/v1/datasets/{id}", "schema": {"type": "string"}}
+
+
 def upload_size(upload: UploadFile) -> int:
     upload.file.seek(0, 2)
     size = upload.file.tell()
@@ -26,9 +29,13 @@ def upload_size(upload: UploadFile) -> int:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses={200: {"model": DatasetOut, "description": (
-                 "The same content with the same name was uploaded before: that dataset, "
-                 "with `Dataset-Existing: true`")},
+             responses={
+                 201: {"description": "Created", "headers": {"Location": LOCATION}},
+                 200: {"model": DatasetOut, "description": (
+                     "The same content with the same name was uploaded before: that "
+                     "dataset, with `Dataset-Existing: true`"),
+                     "headers": {"Location": LOCATION, "Dataset-Existing": {
+                         "description": "true", "schema": {"type": "string"}}}},
                  **error_responses(400, 401, 409, 413, 422, 503)},
              summary="Upload an image set (.npz, .npy, or .zip of PNG/JPEG)",
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {
