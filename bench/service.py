@@ -6,8 +6,11 @@
   scores, 50 concurrent clients on loopback, API (uvicorn, one process) on Postgres.
 * auth: p50/p99 of GET /v1/jobs/{id} with API keys required against auth off, one client
   and 50, alternating the two servers three times (the cost of the key lookup).
-* upload: MB/s ingesting a ~100 MB .npz through POST /v1/datasets, against numpy.load +
-  sha256 alone on the same file in the same run.
+* upload: a 236 MB uint8 .npy and a 102 MB .npz through POST /v1/datasets: seconds against
+  numpy.load + sha256 alone on the same file, and the API process's peak RSS above its RSS
+  before the upload, against the file size (medians over repeats).
+* hostile: the API's peak RSS for a .npz of 1 GiB of zeros behind an 8x8 header, a
+  9000x9000 PNG and a zip of six (each refused with a 4xx).
 * queue: 1,000 trivial jobs drained by 8 claimer processes: jobs/s, double claims.
 * overhead: one job's wall time through the service (API + worker process) against the same
   study through the CLI on the same data and seed.
@@ -184,33 +187,143 @@ def bench_auth(server: PostgresServer, work: Path, rounds: int = 3) -> dict[str,
         on.stop()
 
 
+def rss_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def reset_peak(pid: int) -> None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux, own process)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def measured_upload(api: Api, c: httpx.Client, path: Path, filename: str
+                    ) -> tuple[httpx.Response, float, int, int]:
+    """POST ``path``; (response, seconds, RSS before in bytes, peak RSS during in bytes) of
+    the API process. The body is streamed from the file, so the client's memory is not
+    in the way."""
+    pid = api.proc.pid
+    reset_peak(pid)
+    before = rss_kb(pid, "VmRSS") * 1024
+    t = time.perf_counter()
+    with path.open("rb") as f:
+        r = c.post("/v1/datasets", files={"file": (filename, f)})
+    s = time.perf_counter() - t
+    return r, s, before, rss_kb(pid, "VmHWM") * 1024
+
+
 def bench_upload(server: PostgresServer, work: Path, repeats: int = 3) -> dict[str, Any]:
+    """Upload memory and throughput: a 236 MB uint8 .npy (already in the stored layout) and
+    a 102 MB uncompressed .npz of uint8 (N, H, W, 3) (decoded and transposed), each new
+    content per repeat. Peak RSS of the API process during the upload, above its RSS
+    before it, against the file size; time against numpy.load + sha256 of the same file."""
     db = server.url(server.create_database())
     upgrade_head(db)
     api = Api(db, work)
+    out: dict[str, Any] = {"repeats": repeats}
     try:
-        arr = np.random.default_rng(0).integers(0, 256, (25_000, 64, 64), dtype=np.uint8)
-        data = npz_bytes(arr)
-        path = work / "upload.npz"
-        path.write_bytes(data)
-        mb = len(data) / 1e6
-        baseline, service = [], []
+        rng = np.random.default_rng(0)
+        cases = {"npy_236mb_uint8_nhw": ((57_600, 64, 64), ".npy"),
+                 "npz_102mb_uint8_nhwc3": ((8_333, 64, 64, 3), ".npz")}
         with httpx.Client(base_url=api.url, timeout=600) as c:
-            for i in range(repeats):
-                t = time.perf_counter()
-                loaded = np.load(path, allow_pickle=False)["images"]
-                hashlib.sha256(loaded.tobytes()).hexdigest()
-                baseline.append(time.perf_counter() - t)
-                # Make each upload new content, so the blob is really stored each time.
-                data_i = npz_bytes(np.roll(arr, i + 1, axis=0))
-                t = time.perf_counter()
-                r = c.post("/v1/datasets", files={"file": ("big.npz", data_i)})
-                service.append(time.perf_counter() - t)
-                assert r.status_code == 201, r.text
-        b, s = statistics.median(baseline), statistics.median(service)
-        return {"file_mb": mb, "numpy_load_sha256_s": b, "upload_s": s,
-                "upload_mb_per_s": mb / s, "baseline_mb_per_s": mb / b, "ratio": s / b,
-                "repeats": repeats}
+            for label, (shape, suffix) in cases.items():
+                arr = rng.integers(0, 256, shape, dtype=np.uint8)
+                baseline, service, peaks, befores, absolute = [], [], [], [], []
+                size = 0
+                for i in range(repeats):
+                    # New content each time, so the blob is really stored each time.
+                    arr[0, 0, 0] = i
+                    path = work / f"upload{suffix}"
+                    if suffix == ".npy":
+                        np.save(path, arr)
+                    else:
+                        path.write_bytes(npz_bytes(arr))
+                    size = path.stat().st_size
+                    t = time.perf_counter()
+                    loaded = np.load(path, allow_pickle=False)
+                    if suffix == ".npz":
+                        loaded = loaded["images"]
+                    hashlib.sha256(loaded.data).hexdigest()
+                    baseline.append(time.perf_counter() - t)
+                    del loaded
+                    r, s, before, peak = measured_upload(api, c, path, f"big{suffix}")
+                    assert r.status_code == 201, r.text
+                    service.append(s)
+                    peaks.append(peak - before)
+                    befores.append(before)
+                    absolute.append(peak)
+                b, s = statistics.median(baseline), statistics.median(service)
+                extra = statistics.median(peaks)
+                out[label] = {
+                    "file_mb": size / 1e6, "numpy_load_sha256_s": b, "upload_s": s,
+                    "upload_mb_per_s": size / 1e6 / s, "baseline_mb_per_s": size / 1e6 / b,
+                    "ratio": s / b, "api_rss_before_mb": statistics.median(befores) / 1e6,
+                    "api_peak_above_before_mb": extra / 1e6,
+                    "peak_above_before_over_file": extra / size,
+                    "api_peak_mb": statistics.median(absolute) / 1e6,
+                    "api_peak_over_file": statistics.median(absolute) / size}
+                del arr
+        return out
+    finally:
+        api.stop()
+
+
+def hostile_files(work: Path) -> dict[str, tuple[Path, str]]:
+    """The issue's hostile uploads: a .npz member of 1 GiB of zeros behind an 8x8 header,
+    a 9000x9000 PNG (79 KB), and a zip of six of them."""
+    import zipfile
+
+    from PIL import Image
+
+    files: dict[str, tuple[Path, str]] = {}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (1, 8, 8)})
+    bomb = work / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf, \
+            zf.open("images.npy", "w", force_zip64=True) as member:
+        member.write(b"\x93NUMPY" + header.getvalue()[6:])
+        zeros = bytes(16 * 1024**2)
+        for _ in range(64):
+            member.write(zeros)
+    files["npz_1gib_zeros_behind_8x8_header"] = (bomb, "bomb.npz")
+    png = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(png, format="PNG", optimize=True)
+    big = work / "big.png"
+    big.write_bytes(png.getvalue())
+    files["png_9000x9000"] = (big, "big.png")
+    six = work / "six.zip"
+    with zipfile.ZipFile(six, "w") as zf:
+        for i in range(6):
+            zf.writestr(f"{i}.png", png.getvalue())
+    files["zip_of_six_9000x9000_pngs"] = (six, "six.zip")
+    return files
+
+
+def bench_hostile(server: PostgresServer, work: Path, repeats: int = 3) -> dict[str, Any]:
+    """Peak RSS of the API process (default limits) for each hostile upload; medians."""
+    db = server.url(server.create_database())
+    upgrade_head(db)
+    api = Api(db, work)
+    out: dict[str, Any] = {"repeats": repeats}
+    try:
+        with httpx.Client(base_url=api.url, timeout=600) as c:
+            for label, (path, filename) in hostile_files(work).items():
+                peaks, statuses, secs, absolute = [], [], [], []
+                for _ in range(repeats):
+                    r, s, before, peak = measured_upload(api, c, path, filename)
+                    peaks.append(peak - before)
+                    absolute.append(peak)
+                    statuses.append(r.status_code)
+                    secs.append(s)
+                out[label] = {"file_bytes": path.stat().st_size, "statuses": statuses,
+                              "api_peak_above_before_mb": statistics.median(peaks) / 1e6,
+                              "api_peak_mb": statistics.median(absolute) / 1e6,
+                              "seconds": statistics.median(secs),
+                              "api_rss_after_mb": rss_kb(api.proc.pid, "VmRSS") * 1024 / 1e6}
+        return out
     finally:
         api.stop()
 
@@ -312,7 +425,7 @@ def bench_overhead(server: PostgresServer, work: Path, n_trials: int, steps: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/results/service.json")
-    ap.add_argument("--only", default="api,auth,upload,queue,overhead")
+    ap.add_argument("--only", default="api,auth,upload,hostile,queue,overhead")
     ap.add_argument("--overhead-trials", type=int, default=4)
     ap.add_argument("--overhead-steps", type=int, default=200)
     args = ap.parse_args(argv)
@@ -328,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn in (("api", lambda: bench_api(server, work)),
                              ("auth", lambda: bench_auth(server, work)),
                              ("upload", lambda: bench_upload(server, work)),
+                             ("hostile", lambda: bench_hostile(server, work)),
                              ("queue", lambda: bench_queue(server, work)),
                              ("overhead", lambda: bench_overhead(
                                  server, work, args.overhead_trials, args.overhead_steps))):

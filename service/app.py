@@ -4,17 +4,19 @@ validated against the plain data in :mod:`worker.search_space`."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import migrate
 from service.datasets.routes import router as datasets_router
@@ -53,6 +55,58 @@ Every error is `{"error": "<ClassName>", "detail": "<what to fix>"}`.
 """
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` (+ 64 KiB for the multipart envelope) with 413
+    in the error shape: at once when Content-Length says so, else (chunked bodies) as soon
+    as the bytes received pass it, so that nothing beyond the limit is read or spooled."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.allowed = limit + 65536
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = BodyTooLarge(self.limit)
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.allowed:
+                await error_response(PayloadTooLarge(too_large.detail))(scope, receive, send)
+                return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.allowed:
+                    # FastAPI re-raises HTTPExceptions from body parsing; the handler
+                    # renders it as PayloadTooLarge.
+                    raise too_large
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await error_response(PayloadTooLarge(too_large.detail))(scope, receive, send)
+
+
 def swagger_assets_dir() -> str:
     import swagger_ui_bundle
 
@@ -64,7 +118,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
+        pool = {} if settings.database_url.startswith("sqlite") else {
+            "pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow,
+            "pool_timeout": settings.db_pool_timeout_seconds}
+        engine = make_engine(settings.database_url, **pool)
         app.state.engine = engine
         app.state.session_factory = session_factory(engine)
         app.state.metrics = Metrics(engine)
@@ -90,14 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Swagger UI from the installed package, not a CDN: the docs work air-gapped.
     app.mount("/static/swagger", StaticFiles(directory=swagger_assets_dir()), name="swagger")
 
-    @app.middleware("http")
-    async def limit_body(request: Request,
-                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-            return error_response(PayloadTooLarge(
-                f"request body is larger than the limit of {settings.max_upload_bytes} bytes"))
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -109,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["operations"], summary="The process is up",
              responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # async: never waits for a worker thread
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"],

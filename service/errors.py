@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -131,6 +132,12 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("database unavailable: %s", exc.orig)
         return error_response(ServiceUnavailable("the database is unavailable; retry shortly"))
 
+    @app.exception_handler(PoolTimeout)
+    async def _pool_exhausted(_: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("database connection pool exhausted: %s", exc)
+        return error_response(ServiceUnavailable(
+            "all database connections are busy; retry shortly"))
+
     @app.exception_handler(DBAPIError)
     async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
@@ -185,5 +192,5 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
             409: "Conflict", 413: "Request body over the upload limit",
             415: "Unsupported media type", 422: "Invalid input",
             429: "Too many active jobs for the tenant's quota; retry later",
-            503: "Database unavailable"}
+            503: "Database unavailable or busy; retry after Retry-After seconds"}
     return {c: {"model": ErrorResponse, "description": desc.get(c, "Error")} for c in codes}

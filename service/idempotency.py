@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,6 +24,21 @@ T = TypeVar("T")
 
 def fingerprint(*parts: bytes) -> str:
     h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "big"))
+        h.update(p)
+    return h.hexdigest()
+
+
+def fingerprint_file(file: IO[bytes], *parts: bytes) -> str:
+    """:func:`fingerprint` of (the file's bytes, *parts), read in pieces."""
+    file.seek(0, 2)
+    size = file.tell()
+    file.seek(0)
+    h = hashlib.sha256()
+    h.update(size.to_bytes(8, "big"))
+    while piece := file.read(8 * 1024 * 1024):
+        h.update(piece)
     for p in parts:
         h.update(len(p).to_bytes(8, "big"))
         h.update(p)

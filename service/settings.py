@@ -25,6 +25,11 @@ class Settings(BaseSettings):
         "required", description="required: every /v1 request needs `Authorization: Bearer "
         "<key>`; off: single-user mode, everything belongs to the default tenant")
     worker_device: str = "auto"
+    # The API's connection pool (Postgres): a request that waits longer than the timeout
+    # for a connection gets 503 with Retry-After.
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
+    db_pool_timeout_seconds: float = 10.0
 
     max_upload_bytes: int = 512 * 1024**2
     max_images: int = 200_000

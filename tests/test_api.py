@@ -366,7 +366,7 @@ def test_storing_the_same_blob_twice_is_a_no_op(db_url: str) -> None:
     try:
         for expected in (True, False):
             with session_factory(engine)() as s:
-                assert insert_blob(s, "ab" * 32, b"x" * 100) is expected
+                assert insert_blob(s, "ab" * 32, 100, [b"x" * 100]) is expected
                 s.commit()
         with session_factory(engine)() as s:
             assert read_blob(s, "ab" * 32) == b"x" * 100

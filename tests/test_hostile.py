@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.models import Blob, BlobChunk, Dataset, Job
 from tests.helpers import assert_error, client, npz, row_counts, upload
-from tests.test_images import npy_bytes, png_bytes, zip_bytes
+from tests.test_images import npy_bytes, npy_member_zip, png_bytes, raw_zip, zip_bytes
 
 GREY = np.random.default_rng(1).integers(0, 256, (6, 8, 8), dtype=np.uint8)
 LIMIT = 400_000  # upload bytes; decoded bytes are capped at 4 MB below
@@ -72,9 +72,12 @@ HOSTILE_UPLOADS = [
     ("zip entry with an absolute path", absolute_zip(), "x.zip", 422, "unsafe path"),
     ("header declaring gigantic dimensions", gigantic_header(), "x.npy", 422, "limit"),
     ("zero images", npz(np.zeros((0, 8, 8), np.uint8)), "x.npz", 422, "empty"),
-    ("mixed image sizes in a zip", zip_bytes({"a.png": png_bytes(GREY[0]),
-                                              "b.png": png_bytes(np.zeros((9, 9), np.uint8))}),
-     "x.zip", 422, "size"),
+    ("npz member longer than its header (zeros behind an 8x8 header)",
+     npy_member_zip((1, 8, 8), bytes(32 * 1024**2)), "x.npz", 422, "header declares 64"),
+    ("npy longer than its header", npy_bytes(GREY) + bytes(1000), "x.npy", 422,
+     "longer than its header"),
+    ("zip entry with a NUL name", raw_zip(b"\x00.png"), "x.zip", 422, "NUL"),
+    ("zip entry with a NUL in its name", raw_zip(b"a\x00b.png"), "x.zip", 422, "NUL"),
     ("NaN floats", npz(np.full((2, 8, 8), np.nan, np.float32)), "x.npz", 422, "NaN"),
     ("infinite floats", npz(np.full((2, 8, 8), np.inf, np.float32)), "x.npz", 422, "infinity"),
     ("out-of-range floats", npz(np.full((2, 8, 8), 7.5, np.float32)), "x.npz", 422, "must lie in"),

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import tracemalloc
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from worker.images import ImageDataError, Limits, array_to_uint8, load_bytes, load_path
+from worker.images import (
+    ImageDataError,
+    ImageSet,
+    Limits,
+    NpyFile,
+    array_to_uint8,
+    load_bytes,
+    load_path,
+    npy_header,
+    read_upload,
+)
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -134,10 +147,144 @@ def test_zip_of_pngs_keeps_sorted_names_and_mixes_grey_into_rgb() -> None:
     np.testing.assert_array_equal(out.images[1].transpose(1, 2, 0), rgb)
 
 
-def test_zip_with_mixed_sizes_is_refused() -> None:
-    data = zip_bytes({"a.png": png_bytes(GREY[0]), "b.png": png_bytes(GREY[0][:6])})
-    with pytest.raises(ImageDataError, match="differ in size"):
-        load_bytes(data, "x.zip")
+def test_zip_with_mixed_sizes_is_resized_to_the_most_common_size() -> None:
+    small = GREY[0][:6, :5]
+    data = zip_bytes({"a.png": png_bytes(small), "b.png": png_bytes(GREY[1]),
+                      "c.png": png_bytes(GREY[2])})
+    out = load_bytes(data, "x.zip")
+    assert out.images.shape == (3, 1, 12, 10)
+    assert out.resized_from == ((6, 5, 1),)
+    np.testing.assert_array_equal(out.images[1:, 0], GREY[1:3])  # the common size: as is
+    expected = np.asarray(Image.fromarray(small).resize((10, 12), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(out.images[0, 0], expected)
+    # A tie: the first image's size (by name) wins.
+    tie = load_bytes(zip_bytes({"a.png": png_bytes(small), "b.png": png_bytes(GREY[1])}),
+                     "x.zip")
+    assert tie.images.shape == (2, 1, 6, 5) and tie.resized_from == ((12, 10, 1),)
+    assert load_bytes(zip_bytes({"a.png": png_bytes(GREY[0])}), "x.zip").resized_from == ()
+
+
+def npy_member_zip(header_shape: tuple[int, ...], data: bytes) -> bytes:
+    """A .npz whose one member is a uint8 .npy header for ``header_shape`` and then
+    ``data`` (which may disagree with the header), deflated."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": header_shape})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("images.npy", header.getvalue() + data)
+    return buf.getvalue()
+
+
+def peak_traced(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated (numpy and Python) while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(ImageDataError):
+            fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_npz_member_is_checked_from_its_header_before_decompressing() -> None:
+    # 64 MB of zeros behind an 8x8 header (the issue's bomb, smaller): refused, and the
+    # zeros are never decompressed.
+    bomb = npy_member_zip((1, 8, 8), bytes(64 * 1024**2))
+    with pytest.raises(ImageDataError, match="header declares 64"):
+        load_bytes(bomb, "x.npz")
+    assert peak_traced(lambda: load_bytes(bomb, "x.npz")) < 8 * 1024**2
+    # A header declaring more than the limits: refused before reading any data.
+    with pytest.raises(ImageDataError, match="limit"):
+        load_bytes(npy_member_zip((10**7, 64, 64), b""), "x.npz")
+    with pytest.raises(ImageDataError, match="header declares 128"):
+        load_bytes(npy_member_zip((2, 8, 8), bytes(64)), "x.npz")  # shorter
+    ok = load_bytes(npy_member_zip((2, 8, 8), GREY[:2, :8, :8].tobytes()), "x.npz")
+    np.testing.assert_array_equal(ok.images[:, 0], GREY[:2, :8, :8])
+
+
+def test_arrays_are_converted_a_batch_at_a_time_without_a_second_copy() -> None:
+    rng = np.random.default_rng(5)
+    floats = rng.random((1024, 64, 64, 3), dtype=np.float32)  # 50 MB in, 12.6 MB out
+    expected = np.rint(floats * 255).astype(np.uint8).transpose(0, 3, 1, 2)
+    for data, name in ((npy_bytes(floats), "x.npy"), (npz_bytes(images=floats), "x.npz")):
+        out = load_bytes(data, name)
+        np.testing.assert_array_equal(out.images, expected)
+        # Before: the member's bytes, a BytesIO copy, the loaded array, then the output.
+        assert peak_traced(lambda d=data, n=name: load_bytes(d, n)) < 0.75 * floats.nbytes
+    bad = floats.copy()
+    bad[900, 1, 1, 1] = 2.0  # in a late batch
+    with pytest.raises(ImageDataError, match="must lie in"):
+        load_bytes(npy_bytes(bad), "x.npy")
+
+
+def test_npy_length_must_match_its_header() -> None:
+    data = npy_bytes(GREY)
+    with pytest.raises(ImageDataError, match="longer than its header"):
+        load_bytes(data + b"\x00" * 10, "x.npy")
+    with pytest.raises(ImageDataError, match="truncated"):
+        load_bytes(data[:-1], "x.npy")
+
+
+def test_canonical_npy_is_streamed_not_loaded_and_stored_as_numpy_saves_it() -> None:
+    for arr in (GREY, GREY[:, None], GREY[..., None]):
+        out = read_upload(io.BytesIO(npy_bytes(arr)), "x.npy")
+        assert isinstance(out, NpyFile) and out.shape == (5, 1, 12, 10)
+        stored = npy_header(out.shape) + b"".join(out.read_data())
+        assert stored == npy_bytes(np.ascontiguousarray(GREY[:, None]))
+    rgb = np.repeat(GREY[..., None], 3, axis=3)  # (N, H, W, 3): loaded and transposed
+    assert isinstance(read_upload(io.BytesIO(npy_bytes(rgb)), "x.npy"), ImageSet)
+    fortran = np.asfortranarray(GREY)
+    out2 = read_upload(io.BytesIO(npy_bytes(fortran)), "x.npy")
+    assert isinstance(out2, ImageSet)
+    np.testing.assert_array_equal(out2.images[:, 0], GREY)
+
+
+def big_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def test_image_size_is_checked_from_the_header_before_decoding() -> None:
+    png = big_png(6000)  # 36 M pixels, a few KB compressed
+    limits = Limits(max_pixels_per_image=1024 * 1024)
+    with pytest.raises(ImageDataError, match="6000x6000 = 36000000 pixels"):
+        load_bytes(png, "x.png", limits)
+    assert peak_traced(lambda: load_bytes(png, "x.png", limits)) < 4 * 1024**2
+    six = zip_bytes({f"{i}.png": png for i in range(6)})
+    with pytest.raises(ImageDataError, match="pixels"):
+        load_bytes(six, "x.zip", limits)
+    assert peak_traced(lambda: load_bytes(six, "x.zip", limits)) < 4 * 1024**2
+    # Each image within the per-image limit, together over the decoded-bytes limit.
+    limits = Limits(max_pixels_per_image=40_000_000, max_total_bytes=100_000_000)
+    with pytest.raises(ImageDataError, match="bytes decoded"):
+        load_bytes(six, "x.zip", limits)
+    assert peak_traced(lambda: load_bytes(six, "x.zip", limits)) < 4 * 1024**2
+
+
+def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
+    """A zip with one PNG entry whose stored name is ``entry_name`` (any bytes)."""
+    placeholder = b"Q" * len(entry_name)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(placeholder.decode(), png_bytes(GREY[0]))
+    data = buf.getvalue().replace(placeholder, entry_name)
+    if utf8_flag:  # set general purpose bit 11 (UTF-8 names) in both headers
+        data = data.replace(b"PK\x03\x04\x14\x00\x00\x00", b"PK\x03\x04\x14\x00\x00\x08")
+        data = data.replace(b"PK\x01\x02\x14\x03\x14\x00\x00\x00",
+                            b"PK\x01\x02\x14\x03\x14\x00\x00\x08")
+    return data
+
+
+@pytest.mark.parametrize("name, utf8, message", [
+    (b"\x00.png", False, "empty name or a NUL"),
+    (b"a\x00b.png", False, "empty name or a NUL"),
+    (b"\xff\xfe.png", True, "not a valid zip"),
+])
+def test_zip_entries_with_bad_names_are_refused(name: bytes, utf8: bool, message: str) -> None:
+    with pytest.raises(ImageDataError, match=message):
+        load_bytes(raw_zip(name, utf8), "x.zip")
 
 
 def test_sixteen_bit_and_palette_pngs_decode() -> None:

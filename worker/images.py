@@ -3,21 +3,25 @@
 Torch-free so that the API can validate uploads with the same code. Accepted inputs:
 
 * ``.npy``: one array; ``.npz``: one array, or the key ``images`` or ``x``;
-* a folder or a ``.zip`` of PNG/JPEG files (sorted by name; names are kept).
+* a folder or a ``.zip`` of PNG/JPEG files (sorted by name; names are kept); images of
+  different sizes are resized to the most common size (see :func:`_stack_images`).
 
 Arrays may be (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 (or another integer type with
 values in 0..255) or float in [0, 1]. Nothing is ever unpickled (``allow_pickle=False``), and
-array headers and zip entry sizes are checked before anything large is allocated.
+array headers, image headers and zip entry sizes are checked before anything large is
+allocated or decoded; an array is read up to the size its header declares and no further.
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
+from zlib import error as zlib_error
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -59,6 +63,8 @@ DEFAULT_LIMITS = Limits()
 class ImageSet:
     images: np.ndarray  # uint8, (N, C, H, W)
     names: list[str]
+    # (height, width, count) of the images that were resized to the set's size
+    resized_from: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -70,6 +76,9 @@ class ImageSet:
     def shape(self) -> tuple[int, int, int, int]:
         n, c, h, w = self.images.shape
         return int(n), int(c), int(h), int(w)
+
+    def load(self) -> ImageSet:
+        return self
 
 
 # ------------------------------------------------------------------------- arrays
@@ -131,41 +140,182 @@ def array_to_uint8(arr: np.ndarray, limits: Limits = DEFAULT_LIMITS) -> np.ndarr
     return np.ascontiguousarray(arr)
 
 
-def _read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The header ``np.save`` writes for a C-order uint8 array of ``shape``: the stored
+    (canonical) form's first bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.dtype(np.uint8).str, "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)})
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    n: int
+    c: int
+    h: int
+    w: int
+    layout: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def canonical(self) -> bool:
+        """The data bytes are already the stored uint8 (N, C, H, W) C-order bytes."""
+        return (self.dtype == np.uint8 and not self.fortran
+                and (self.layout != "NHWC" or self.c == 1))
+
+
+def _read_npy_header(fp: IO[bytes], limits: Limits) -> NpyHeader:
+    """Read and check a .npy header from a stream (nothing after it is read)."""
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise ImageDataError(f"unsupported .npy format version {version}")
     except ImageDataError:
         raise
     except Exception as exc:  # numpy raises ValueError/EOFError for corrupt headers
         raise ImageDataError(f"not a valid .npy array: {exc}") from None
-    return tuple(int(s) for s in shape), np.dtype(dtype)
-
-
-def _load_npy(fp: IO[bytes], limits: Limits) -> np.ndarray:
-    shape, dtype = _read_npy_header(fp)
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
     _check_dtype(dtype)
-    n, c, h, w, _ = _layout(shape)
+    n, c, h, w, layout = _layout(shape)
     limits.check_shape(n, c, h, w)
-    if n * c * h * w * dtype.itemsize > limits.max_total_bytes * 8:
-        raise ImageDataError("array is too large")
+    header = NpyHeader(shape, dtype, bool(fortran), n, c, h, w, layout)
+    if header.nbytes > limits.max_total_bytes * 8:
+        raise ImageDataError(f"array of {header.nbytes} bytes is too large")
+    return header
+
+
+def _read_exactly(fp: IO[bytes], header: NpyHeader, what: str) -> np.ndarray:
+    """Read the array's data (exactly ``header.nbytes``, no more) into a new array, then
+    check that the stream ends there."""
+    shape = header.shape[::-1] if header.fortran else header.shape
+    arr = np.empty(shape, dtype=header.dtype)
+    view = arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
+    pos, total = 0, header.nbytes
+    while pos < total:
+        got = fp.readinto(view[pos:pos + READ_BYTES])  # type: ignore[attr-defined]
+        if not got:
+            raise ImageDataError(f"{what} is truncated: its data ends after {pos} of the "
+                                 f"{total} bytes its header declares")
+        pos += got
+    if fp.read(1):
+        raise ImageDataError(f"{what} is longer than its header declares ({total} bytes of "
+                             "data): it is corrupt or not one array")
+    return arr.T if header.fortran else arr
+
+
+READ_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024  # input converted at a time (float temporaries are a few x)
+
+
+def _read_images(fp: IO[bytes], header: NpyHeader, what: str, limits: Limits) -> np.ndarray:
+    """The array's images as uint8 (N, C, H, W), read (exactly ``header.nbytes``, then
+    the stream must end) and converted a batch of images at a time into the one output
+    array: no copy of the whole input is ever held beside it."""
+    if header.fortran:  # column-major: images are not contiguous in the stream
+        return array_to_uint8(_read_exactly(fp, header, what), limits)
+    out = np.empty((header.n, header.c, header.h, header.w), np.uint8)
+    per_image = header.nbytes // header.n
+    batch = max(1, BATCH_BYTES // max(1, per_image))
+    total = header.nbytes
+    for start in range(0, header.n, batch):
+        k = min(batch, header.n - start)
+        buf = np.empty((k, *header.shape[1:]), dtype=header.dtype)
+        view = buf.reshape(-1).view(np.uint8).data
+        pos = 0
+        while pos < len(view):
+            got = fp.readinto(view[pos:])  # type: ignore[attr-defined]
+            if not got:
+                raise ImageDataError(
+                    f"{what} is truncated: its data ends after {start * per_image + pos} of "
+                    f"the {total} bytes its header declares")
+            pos += got
+        out[start:start + k] = array_to_uint8(buf, limits)
+    if fp.read(1):
+        raise ImageDataError(f"{what} is longer than its header declares ({total} bytes of "
+                             "data): it is corrupt or not one array")
+    return out
+
+
+@dataclass(frozen=True)
+class NpyFile:
+    """A .npy upload whose data is already the stored uint8 (N, C, H, W) bytes: it is
+    checked (header, exact length) but never loaded; its bytes are streamed from ``fp``."""
+
+    fp: IO[bytes]
+    offset: int
+    shape: tuple[int, int, int, int]
+    names: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        n, c, h, w = self.shape
+        return n * c * h * w
+
+    def read_data(self) -> Iterator[bytes]:
+        self.fp.seek(self.offset)
+        left = self.nbytes
+        while left:
+            piece = self.fp.read(min(READ_BYTES, left))
+            if not piece:
+                raise ImageDataError("the upload changed while it was read")
+            left -= len(piece)
+            yield piece
+
+    def load(self) -> ImageSet:
+        self.fp.seek(self.offset)
+        arr = np.empty(self.shape, np.uint8)
+        view = arr.reshape(-1).data
+        pos = 0
+        while pos < self.nbytes:
+            got = self.fp.readinto(view[pos:])  # type: ignore[attr-defined]
+            if not got:
+                raise ImageDataError("the upload changed while it was read")
+            pos += got
+        return ImageSet(arr, self.names)
+
+
+def _file_size(fp: IO[bytes]) -> int:
+    here = fp.tell()
+    fp.seek(0, io.SEEK_END)
+    size = fp.tell()
+    fp.seek(here)
+    return size
+
+
+def _read_npy(fp: IO[bytes], limits: Limits) -> NpyFile | ImageSet:
+    """A seekable .npy: checked from its header and its length before anything large is
+    allocated; the stored layout already is streamed, anything else loaded and converted."""
+    size = _file_size(fp)
     fp.seek(0)
-    try:
-        arr = np.load(fp, allow_pickle=False)
-    except Exception as exc:
-        raise ImageDataError(f"cannot read .npy array: {exc}") from None
-    return array_to_uint8(arr, limits)
+    header = _read_npy_header(fp, limits)
+    data_at = fp.tell()
+    if size - data_at != header.nbytes:
+        what = "truncated" if size - data_at < header.nbytes else "longer than its header declares"
+        raise ImageDataError(f".npy array is {what}: {size - data_at} bytes of data, its "
+                             f"header declares {header.nbytes}")
+    names = _index_names(header.n)
+    if header.canonical:
+        return NpyFile(fp, data_at, (header.n, header.c, header.h, header.w), names)
+    return ImageSet(_read_images(fp, header, ".npy array", limits), names)
 
 
-def _load_npz(data: bytes, limits: Limits) -> np.ndarray:
+def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+        zf = zipfile.ZipFile(fp)
+    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as exc:
         raise ImageDataError(f"not a valid .npz file: {exc}") from None
     with zf:
         members = {PurePosixPath(i.filename).stem: i for i in zf.infolist()
@@ -182,61 +332,134 @@ def _load_npz(data: bytes, limits: Limits) -> np.ndarray:
                     f"'images' or 'x'"
                 )
         info = members[key]
-        if info.file_size > limits.max_total_bytes * 8:
-            raise ImageDataError(f"array {key!r} is too large ({info.file_size} bytes)")
+        what = f".npz member {key!r}"
         try:
-            with zf.open(info) as fp:
-                return _load_npy(io.BytesIO(fp.read()), limits)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ImageDataError(f"corrupt .npz member {key!r}: {exc}") from None
+            with zf.open(info) as member:
+                # The header first, from the stream: nothing beyond it is decompressed
+                # unless it passes the limits and the member's declared size agrees.
+                header = _read_npy_header(member, limits)
+                data_at = member.tell()
+                if info.file_size - data_at != header.nbytes:
+                    raise ImageDataError(
+                        f"{what} holds {info.file_size - data_at} bytes of data, its header "
+                        f"declares {header.nbytes}: it is corrupt or not one array")
+                return _read_images(member, header, what, limits)
+        except ImageDataError:
+            raise
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error) as exc:
+            raise ImageDataError(f"corrupt {what}: {exc}") from None
 
 
 # ------------------------------------------------------------------------- image files
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
-def _decode_image(data: bytes, name: str) -> np.ndarray:
-    """One PNG/JPEG as an (H, W) or (H, W, 3) uint8 array."""
+
+def _palette_is_grey(img: Image.Image) -> bool:
+    """Whether a palette image's palette holds only greys (read without decoding)."""
+    try:
+        pal = img.palette
+        if pal is None:
+            return False
+        data = bytes(pal.palette)
+        step = len(pal.mode)
+        if pal.mode not in ("RGB", "RGBA") or not data:
+            return False
+        return all(data[i] == data[i + 1] == data[i + 2] for i in range(0, len(data), step))
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class _Header:
+    name: str
+    height: int
+    width: int
+    colour: bool
+
+
+def _image_header(data: bytes, name: str, limits: Limits) -> _Header:
+    """The image's size and colour from its header alone (nothing decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            mode = img.mode
+            colour = mode not in GREY_MODES and not (mode == "P" and _palette_is_grey(img))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            SyntaxError) as exc:
+        raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
+    if h < 1 or w < 1 or h * w > limits.max_pixels_per_image:
+        raise ImageDataError(f"image {name!r} is {w}x{h} = {w * h} pixels, outside the limit "
+                             f"of 1..{limits.max_pixels_per_image} pixels per image")
+    return _Header(name, h, w, colour)
+
+
+def _decode_image(data: bytes, name: str, colour: bool, size: tuple[int, int]) -> np.ndarray:
+    """One PNG/JPEG as an (H, W) uint8 array, or (H, W, 3) if ``colour``, resized to
+    ``size`` = (H, W) if it differs."""
+    h, w = size
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr16 = np.asarray(img, dtype=np.int64)
                 top = 65535 if arr16.max() > 255 else 255
-                return np.rint(np.clip(arr16, 0, top) * (255.0 / top)).astype(np.uint8)
-            if img.mode in ("L", "1", "LA"):
-                return np.asarray(img.convert("L"), dtype=np.uint8)
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            if img.mode == "P" and (rgb == rgb[..., :1]).all():
-                return rgb[..., 0].copy()  # a palette of greys is a grey image
-            return rgb
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                out = Image.fromarray(
+                    np.rint(np.clip(arr16, 0, top) * (255.0 / top)).astype(np.uint8))
+            elif img.mode in ("L", "1", "LA"):
+                out = img.convert("L")
+            else:
+                out = img.convert("RGB")
+            if colour and out.mode != "RGB":
+                out = out.convert("RGB")
+            elif not colour and out.mode != "L":
+                out = out.convert("L")  # a palette of greys is a grey image
+            if out.size != (w, h):
+                out = out.resize((w, h), Image.Resampling.BILINEAR)
+            return np.asarray(out, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            SyntaxError) as exc:
         raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
 
 
-def _stack_images(items: Iterable[tuple[str, bytes]], limits: Limits) -> ImageSet:
-    names: list[str] = []
-    decoded: list[np.ndarray] = []
-    for name, data in sorted(items, key=lambda t: t[0]):
-        arr = _decode_image(data, name)
-        if decoded and arr.shape[:2] != decoded[0].shape[:2]:
-            raise ImageDataError(
-                f"images differ in size: {names[0]!r} is {decoded[0].shape[1]}x"
-                f"{decoded[0].shape[0]}, {name!r} is {arr.shape[1]}x{arr.shape[0]}"
-            )
-        names.append(name)
-        decoded.append(arr)
-        if len(decoded) > limits.max_images:
-            raise ImageDataError(f"more than {limits.max_images} images")
-    if not decoded:
+def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limits) -> ImageSet:
+    """Decode image files (name, a function returning its bytes) into one uint8
+    (N, C, H, W) set, sorted by name.
+
+    Every size is read from the file's header and checked against the limits (pixels per
+    image, and the running total of decoded bytes) before any image is decoded. Images of
+    different sizes are resized (bilinear) to the most common size (on a tie, the size of
+    the first such image by name); ``ImageSet.resized_from`` says which sizes were resized.
+    Any grey image in a set with colour ones becomes RGB.
+    """
+    entries = sorted(items, key=lambda t: t[0])
+    if len(entries) > limits.max_images:
+        raise ImageDataError(f"{len(entries)} images is more than the limit of "
+                             f"{limits.max_images}")
+    if not entries:
         raise ImageDataError("no PNG/JPEG images found")
-    colour = any(a.ndim == 3 for a in decoded)
-    planes = [
-        (a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2)) if colour else a[..., None]
-        for a in decoded
-    ]
-    arr = np.stack(planes).transpose(0, 3, 1, 2)
-    limits.check_shape(*arr.shape)
-    return ImageSet(np.ascontiguousarray(arr), names)
+    headers: list[_Header] = []
+    decoded_total = 0
+    for name, read in entries:
+        head = _image_header(read(), name, limits)
+        decoded_total += head.height * head.width * (3 if head.colour else 1)
+        if decoded_total > limits.max_total_bytes:
+            raise ImageDataError(
+                f"the images would take more than {limits.max_total_bytes} bytes decoded "
+                f"(the limit), reached at {name!r}")
+        headers.append(head)
+    sizes = Counter((hd.height, hd.width) for hd in headers)
+    top = max(sizes.values())
+    h, w = next((hd.height, hd.width) for hd in headers if sizes[hd.height, hd.width] == top)
+    colour = any(hd.colour for hd in headers)
+    c = 3 if colour else 1
+    limits.check_shape(len(entries), c, h, w)
+    out = np.empty((len(entries), c, h, w), np.uint8)
+    for i, (name, read) in enumerate(entries):
+        arr = _decode_image(read(), name, colour, (h, w))
+        out[i] = arr.transpose(2, 0, 1) if colour else arr[None]
+    resized = tuple(sorted((hh, ww, k) for (hh, ww), k in sizes.items() if (hh, ww) != (h, w)))
+    return ImageSet(out, [name for name, _ in entries], resized)
 
 
 def _safe_member_name(name: str) -> bool:
@@ -244,12 +467,18 @@ def _safe_member_name(name: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and not name.startswith("/")
 
 
-def _load_zip(data: bytes, limits: Limits) -> ImageSet:
+def _load_zip(fp: IO[bytes], limits: Limits) -> ImageSet:
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+        zf = zipfile.ZipFile(fp)
+    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as exc:
         raise ImageDataError(f"not a valid zip file: {exc}") from None
     with zf:
+        for i in zf.infolist():
+            # zipfile cuts a name at its first NUL; an entry named "" or "\x00..." would
+            # otherwise fail deep inside zipfile, and a NUL cannot be stored as a name.
+            if not i.filename or "\x00" in i.orig_filename:
+                raise ImageDataError(
+                    f"zip entry {i.orig_filename!r} has an empty name or a NUL byte in it")
         infos = [
             i for i in zf.infolist()
             if not i.is_dir() and i.filename.lower().endswith(IMAGE_SUFFIXES)
@@ -265,34 +494,56 @@ def _load_zip(data: bytes, limits: Limits) -> ImageSet:
                 f"zip would decompress to {total} bytes, more than the limit of "
                 f"{limits.max_total_bytes}"
             )
-        try:
-            items = [(i.filename, zf.read(i)) for i in infos]
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ImageDataError(f"corrupt zip file: {exc}") from None
-    return _stack_images(items, limits)
+
+        def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
+            def read() -> bytes:
+                try:
+                    return zf.read(info)
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError,
+                        zlib_error) as exc:
+                    raise ImageDataError(f"corrupt zip file: {exc}") from None
+            return read
+
+        return _stack_images([(i.filename, reader(i)) for i in infos], limits)
 
 
 def _index_names(n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
+def read_upload(fp: IO[bytes], filename: str, limits: Limits = DEFAULT_LIMITS
+                ) -> ImageSet | NpyFile:
+    """Decode an upload from a seekable file (its file name decides the format), with
+    every size checked from headers before anything large is allocated or decoded. A
+    ``.npy`` already in the stored layout comes back as an :class:`NpyFile` (checked, not
+    loaded); anything else as an :class:`ImageSet`."""
+    suffix = Path(filename).suffix.lower()
+    fp.seek(0)
+    if suffix == ".npy":
+        return _read_npy(fp, limits)
+    if suffix == ".npz":
+        arr = _load_npz(fp, limits)
+        return ImageSet(arr, _index_names(len(arr)))
+    if suffix == ".zip":
+        return _load_zip(fp, limits)
+    if suffix in IMAGE_SUFFIXES:
+        data = fp.read()
+        return _stack_images([(Path(filename).name, lambda: data)], limits)
+    raise ImageDataError(
+        f"unsupported file type {suffix or '(none)'!r}: use .npz, .npy, .zip of PNG/JPEG, "
+        "or a folder of PNG/JPEG files"
+    )
+
+
+def load_file(fp: IO[bytes], filename: str, limits: Limits = DEFAULT_LIMITS) -> ImageSet:
+    """As :func:`read_upload`, always loaded into memory."""
+    out = read_upload(fp, filename, limits)
+    return out.load() if isinstance(out, NpyFile) else out
+
+
 def load_bytes(data: bytes, filename: str, limits: Limits = DEFAULT_LIMITS) -> ImageSet:
     """Decode an upload (its bytes and its file name, which decides the format)."""
-    suffix = Path(filename).suffix.lower()
-    if suffix == ".npy":
-        arr = _load_npy(io.BytesIO(data), limits)
-    elif suffix == ".npz":
-        arr = _load_npz(data, limits)
-    elif suffix == ".zip":
-        return _load_zip(data, limits)
-    elif suffix in IMAGE_SUFFIXES:
-        return _stack_images([(Path(filename).name, data)], limits)
-    else:
-        raise ImageDataError(
-            f"unsupported file type {suffix or '(none)'!r}: use .npz, .npy, .zip of PNG/JPEG, "
-            "or a folder of PNG/JPEG files"
-        )
-    return ImageSet(arr, _index_names(len(arr)))
+    return load_file(io.BytesIO(data), filename, limits)
 
 
 def load_path(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> ImageSet:
@@ -301,7 +552,8 @@ def load_path(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> ImageSet:
     if p.is_dir():
         files = sorted(f for f in p.iterdir()
                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        return _stack_images(((f.name, f.read_bytes()) for f in files), limits)
+        return _stack_images([(f.name, f.read_bytes) for f in files], limits)
     if not p.exists():
         raise ImageDataError(f"{p}: no such file or folder")
-    return load_bytes(p.read_bytes(), p.name, limits)
+    with p.open("rb") as fp:
+        return load_file(fp, p.name, limits)

@@ -128,6 +128,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any]
     progress(f"train {train.shape}, test {test.shape}, working size {data.image_size}, "
              f"device {device}")
+    for role, images in (("train", train), ("test", test)):
+        if images.resized_from:
+            sizes = ", ".join(f"{k} of {h}x{w}" for h, w, k in images.resized_from)
+            progress(f"{role}: resized {sizes} to the set's {images.shape[2]}x"
+                     f"{images.shape[3]} (its most common size)")
     if args.end_to_end:
         e2e = tune_end_to_end(data, EndToEndSettings(
             rounds=args.rounds, objective=args.objective, contamination=args.contamination,

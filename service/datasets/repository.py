@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy import delete, exists, func, insert, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -34,21 +34,35 @@ def blob_exists(session: Session, sha256: str) -> bool:
     return session.get(Blob, sha256) is not None
 
 
-def insert_blob(session: Session, sha256: str, data: bytes) -> bool:
-    """Store a blob unless it exists. Two uploads of the same content racing each other
-    both succeed: the loser's INSERT ... ON CONFLICT DO NOTHING inserts nothing (on
-    Postgres it waits for the winner's commit), and only the winner writes the chunks."""
-    chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+def insert_blob(session: Session, sha256: str, size_bytes: int,
+                chunks: Iterable[bytes]) -> bool:
+    """Store a blob unless it exists, its chunks (of :data:`CHUNK_BYTES`, the last one
+    shorter) taken one at a time from ``chunks``. Two uploads of the same content racing
+    each other both succeed: the loser's INSERT ... ON CONFLICT DO NOTHING inserts nothing
+    (on Postgres it waits for the winner's commit), and only the winner writes the chunks."""
+    n_chunks = max(1, -(-size_bytes // CHUNK_BYTES))
     dialect = session.get_bind().dialect.name
     insert_fn = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert_fn(Blob).values(sha256=sha256, size_bytes=len(data), n_chunks=len(chunks),
+    stmt = insert_fn(Blob).values(sha256=sha256, size_bytes=size_bytes, n_chunks=n_chunks,
                                   created_at=utcnow()).on_conflict_do_nothing(
         index_elements=["sha256"]).returning(Blob.sha256)
     if session.execute(stmt).scalar_one_or_none() is None:
         return False
-    session.execute(insert(BlobChunk), [{"sha256": sha256, "index": i, "data": c}
-                                        for i, c in enumerate(chunks)])
+    written = 0
+    for i, chunk in enumerate(chunks):
+        session.execute(insert(BlobChunk).values(sha256=sha256, index=i, data=chunk))
+        written += 1
+    if written != n_chunks:
+        raise RuntimeError(f"blob {sha256}: wrote {written} of {n_chunks} chunks")
     return True
+
+
+def find_dataset(session: Session, tenant_id: str, sha256: str, name: str) -> Dataset | None:
+    """The tenant's oldest dataset with this content and name, if any."""
+    return session.scalars(
+        select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.sha256 == sha256,
+                              Dataset.name == name)
+        .order_by(Dataset.created_at, Dataset.id).limit(1)).first()
 
 
 def read_blob(session: Session, sha256: str) -> bytes | None:

@@ -5,6 +5,12 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class ResizedFrom(BaseModel):
+    height: int
+    width: int
+    count: int = Field(description="images of this size in the upload")
+
+
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True, json_schema_extra={"example": {
         "id": "0b6f9c1e-2a51-4c1e-9a4e-5f3d2b7c8a10", "name": "digits_train.npz",
@@ -20,6 +26,11 @@ class DatasetOut(BaseModel):
     sha256: str = Field(description="sha256 of the stored uint8 (N, C, H, W) .npy bytes")
     size_bytes: int = Field(description="size of the stored array")
     created_at: datetime
+    resized_from: list[ResizedFrom] | None = Field(
+        None, description="Only in the response to the upload that created the dataset: "
+        "the sizes of the images that were resized to the dataset's height x width (images "
+        "of different sizes in one upload are resized to the most common size); null when "
+        "none were")
 
 
 class DatasetList(BaseModel):

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import idempotency, tenants
 from service.datasets import repository as repo
+from service.db import transaction
 from service.errors import Conflict, InvalidDataset, InvalidRequest, NotFound
 from service.models import Dataset
 from service.settings import Settings
-from worker.images import ImageDataError, Limits, load_bytes
+from worker.images import ImageDataError, ImageSet, Limits, NpyFile, npy_header, read_upload
+
+_transaction = contextmanager(transaction)
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]|^\.\.?$")
 
@@ -35,46 +40,91 @@ def check_name(name: str) -> str:
     return name
 
 
-def canonical_bytes(images: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(images, dtype=np.uint8), allow_pickle=False)
-    return buf.getvalue()
+def blob_chunks(upload: ImageSet | NpyFile) -> Iterator[bytes]:
+    """The stored form of an upload (the .npy bytes ``np.save`` writes for its uint8
+    (N, C, H, W) array) in chunks of :data:`repo.CHUNK_BYTES`, produced one at a time:
+    from the array's memory, or read from the uploaded file when it already is that form."""
+    if isinstance(upload, NpyFile):
+        pieces: Iterable[bytes | memoryview] = upload.read_data()
+    else:
+        data = np.ascontiguousarray(upload.images)
+        view = data.reshape(-1).data
+        pieces = (view[i:i + repo.CHUNK_BYTES] for i in range(0, len(view), repo.CHUNK_BYTES))
+    buf = bytearray(npy_header(upload.shape))
+    for piece in pieces:
+        buf += piece
+        while len(buf) >= repo.CHUNK_BYTES:
+            yield bytes(buf[:repo.CHUNK_BYTES])
+            del buf[:repo.CHUNK_BYTES]
+    if buf:
+        yield bytes(buf)
 
 
-def create_dataset(session: Session, tenant_id: str, data: bytes, filename: str,
-                   name: str | None, settings: Settings,
-                   idempotency_key: str | None = None) -> tuple[Dataset, bool]:
-    """Decode ``data`` (format from ``filename``), normalise it to uint8 (N, C, H, W), store
-    the canonical .npy bytes once per sha256, and describe it. Returns the dataset and
-    whether it is a replay of an earlier request with the same ``idempotency_key``."""
+def stored_size(upload: ImageSet | NpyFile) -> int:
+    n, c, h, w = upload.shape
+    return len(npy_header(upload.shape)) + n * c * h * w
+
+
+def stored_sha256(upload: ImageSet | NpyFile) -> str:
+    h = hashlib.sha256()
+    for chunk in blob_chunks(upload):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Created:
+    dataset: Dataset
+    outcome: str  # "created", "existing" (same content and name) or "replayed"
+    resized_from: tuple[tuple[int, int, int], ...] = ()
+
+
+def create_dataset(factory: sessionmaker[Session], tenant_id: str, file: IO[bytes],
+                   filename: str, name: str | None, settings: Settings,
+                   idempotency_key: str | None = None) -> Created:
+    """Decode ``file`` (a seekable upload, format from ``filename``), normalise it to uint8
+    (N, C, H, W), store its canonical .npy bytes once per sha256, and describe it.
+
+    No database connection is held while the upload is read and decoded: a short
+    transaction answers a replayed ``idempotency_key``, and one transaction, opened after
+    decoding, does the writes (committed before this returns). The tenant's dataset with
+    the same content and name, if there is one, is returned instead of a second copy."""
+    display = check_name(name if name is not None else (filename.rsplit("/", 1)[-1] or "upload"))
     fp = ""
     if idempotency_key is not None:
-        fp = idempotency.fingerprint(data, filename.encode(), (name or "").encode())
-        earlier = idempotency.replay(session, tenant_id, "datasets", idempotency_key, fp,
-                                     settings.idempotency_ttl_hours,
-                                     lambda i: repo.get_dataset(session, tenant_id, i))
+        fp = idempotency.fingerprint_file(file, filename.encode(), (name or "").encode())
+        with _transaction(factory) as session:
+            earlier = idempotency.replay(session, tenant_id, "datasets", idempotency_key, fp,
+                                         settings.idempotency_ttl_hours,
+                                         lambda i: repo.get_dataset(session, tenant_id, i))
         if earlier is not None:
-            return earlier, True
-    display = check_name(name if name is not None else (filename.rsplit("/", 1)[-1] or "upload"))
+            return Created(earlier, "replayed")
     try:
-        images = load_bytes(data, filename, limits(settings))
+        upload = read_upload(file, filename, limits(settings))
+        sha = stored_sha256(upload)
     except ImageDataError as exc:
         raise InvalidDataset(str(exc)) from None
-    blob = canonical_bytes(images.images)
-    tenants.check_storage(session, tenant_id, tenants.lock_tenant(session, tenant_id, settings),
-                          len(blob))
-    sha = hashlib.sha256(blob).hexdigest()
-    if not repo.blob_exists(session, sha):
-        repo.insert_blob(session, sha, blob)
-    n, c, h, w = images.shape
-    dataset = Dataset(id=str(uuid.uuid4()), tenant_id=tenant_id, name=display, sha256=sha,
-                      n_samples=n, channels=c, height=h, width=w, size_bytes=len(blob),
-                      names=images.names)
-    session.add(dataset)
-    session.flush()
-    if idempotency_key is not None:
-        idempotency.remember(session, tenant_id, "datasets", idempotency_key, fp, dataset.id)
-    return dataset, False
+    size = stored_size(upload)
+    n, c, h, w = upload.shape
+    with _transaction(factory) as session:
+        quotas = tenants.lock_tenant(session, tenant_id, settings)  # serialises the tenant
+        dataset = repo.find_dataset(session, tenant_id, sha, display)
+        outcome = "existing"
+        if dataset is None:
+            outcome = "created"
+            tenants.check_storage(session, tenant_id, quotas, size)
+            if not repo.blob_exists(session, sha):
+                repo.insert_blob(session, sha, size, blob_chunks(upload))
+            dataset = Dataset(id=str(uuid.uuid4()), tenant_id=tenant_id, name=display,
+                              sha256=sha, n_samples=n, channels=c, height=h, width=w,
+                              size_bytes=size, names=upload.names)
+            session.add(dataset)
+            session.flush()
+        if idempotency_key is not None:
+            idempotency.remember(session, tenant_id, "datasets", idempotency_key, fp,
+                                 dataset.id)
+    resized = upload.resized_from if isinstance(upload, ImageSet) else ()
+    return Created(dataset, outcome, resized if outcome == "created" else ())
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
