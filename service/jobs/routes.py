@@ -52,7 +52,8 @@ def job_out(job: Job) -> JobOut:
         status=job.status,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed),
-        best=best, error=job.error, attempt=job.attempt, cancel_requested=job.cancel_requested,
+        best=best, error=job.error, attempt=job.attempt, lost_leases=job.lost_leases,
+        cancel_requested=job.cancel_requested,
         train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id,
         spec=job.spec)
 

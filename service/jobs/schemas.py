@@ -82,7 +82,10 @@ class JobOut(BaseModel):
     progress: Progress
     best: Best | None
     error: str | None
-    attempt: int
+    attempt: int = Field(description="claims by a worker so far (a clean hand-back and a "
+                                     "re-claim make a new attempt)")
+    lost_leases: int = Field(0, description="attempts whose worker stopped responding; the "
+                                            "job fails once these reach SSAD_MAX_ATTEMPTS")
     cancel_requested: bool
     train_dataset_id: str
     test_dataset_id: str
