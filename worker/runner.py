@@ -14,19 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import torch
 
 from service.db import is_transient
 from service.logs import current_job, job_context
 from service.models import MODEL_ARTIFACT
-from service.settings import optuna_storage_url
 from worker.core.export import ScoringModel
 from worker.core.pictures import augmentation_sample
 from worker.core.study import StudySettings, run_study
 from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
 from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
 from worker.search_space import SearchSpace
+from worker.storage import StorageUnavailable, open_study_storage
 
 log = logging.getLogger("ssad.worker")
 
@@ -186,9 +185,7 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
                                         params=params, reason=reason)
             log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
 
-        # pool_pre_ping: after a database restart, pooled connections are replaced, not used.
-        storage = optuna.storages.RDBStorage(optuna_storage_url(database_url),
-                                             engine_kwargs={"pool_pre_ping": True})
+        storage = open_study_storage(database_url)
         result = run_study(data, spec.study_settings(), storage=storage,
                            study_name=f"job-{job.id}", on_trial=record,
                            should_stop=hb.should_stop,
@@ -214,9 +211,10 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
             log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
             return "lost"
     except Exception as exc:
-        if is_transient(exc):
-            # The database went away under Optuna or a write outlived its retries: give the
-            # job back (its stored trials are kept) rather than fail it for an outage.
+        if is_transient(exc) or isinstance(exc, StorageUnavailable):
+            # The database went away under Optuna, a write outlived its retries, or Optuna's
+            # storage could not be opened: give the job back (its stored trials are kept;
+            # a release does not use up an attempt) rather than fail it for an outage.
             log.warning("job %s: database unavailable (%s); giving the job back", job.id, exc)
             try:
                 manager.release(job.id, job.attempt, "requeued: the database was unavailable")
