@@ -65,7 +65,7 @@ def trial_out(t: JobTrial) -> TrialOut:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
+             responses=error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
              summary="Queue a tuning job")
 def create_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, body: JobCreate,
                response: Response, idempotency_key: IdempotencyKeyDep = None) -> JobOut:

@@ -40,12 +40,19 @@ class JobCreate(BaseModel):
     n_trials: int = Field(12, ge=1, description="trials in the study")
     search_space: SearchSpaceIn | None = None
     objective: ObjectiveName = "dsv"
-    contamination: float = Field(DEFAULT_CONTAMINATION, gt=0, lt=1,
-                                 description="expected anomaly fraction of the test set")
+    contamination: float = Field(
+        DEFAULT_CONTAMINATION, gt=0, lt=1,
+        description="expected anomaly fraction of the test set; it sets |Y| = |X|·r/(1−r) "
+                    "augmented images per trial, which must stay within the server's "
+                    "SSAD_MAX_AUGMENTED_IMAGES (422 otherwise)")
     train_steps: int = Field(400, ge=1, le=100_000,
                              description="detector training steps per trial (the server's "
                                          "SSAD_MAX_TRAIN_STEPS may cap it lower)")
-    batch_size: int = Field(64, ge=2, le=4096)
+    batch_size: int = Field(64, ge=2, le=4096,
+                            description="clamped to the train set's size (the job's spec "
+                                        "then shows requested_batch_size too); n_trials × "
+                                        "train_steps × batch_size must fit the tenant's "
+                                        "compute quota (403 otherwise)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     scorer: ScorerName = "mahalanobis"
 

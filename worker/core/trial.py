@@ -24,7 +24,7 @@ from worker.core.detector import Detector, DetectorConfig
 from worker.core.export import ScoringModel
 from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
 from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_apply, mahalanobis_fit
-from worker.search_space import DEFAULT_CONTAMINATION, ParamValue
+from worker.search_space import DEFAULT_CONTAMINATION, MAX_EMBED_TRAIN, ParamValue
 
 
 class TrialPruned(Exception):
@@ -61,7 +61,7 @@ class TrainSettings:
     lr: float = 1e-3
     width: int = 16
     image_size: int | None = None  # working size; None = auto from the input size
-    max_embed_train: int = 2000  # |X| cap for the loss and the scorer's Gaussian
+    max_embed_train: int = MAX_EMBED_TRAIN  # |X| cap for the loss and the scorer's Gaussian
     scorer: str = DEFAULT_SCORER
     amp: bool = False  # bfloat16 autocast for training, CUDA only
     backbone: str | None = None  # local encoder weights file (weights_only=True)
