@@ -57,9 +57,21 @@ class JobCreate(BaseModel):
     scorer: ScorerName = "mahalanobis"
 
 
+class TrialProgress(BaseModel):
+    """The trial running now, as its worker last reported it (about once a second)."""
+
+    number: int = Field(description="the trial's number (as in /trials)")
+    step: int = Field(description="training steps done")
+    steps: int = Field(description="training steps in all (the job's train_steps)")
+    loss: float | None = Field(description="training loss (cross-entropy) at that step")
+    at: datetime | None = Field(None, description="when the worker reported it")
+
+
 class Progress(BaseModel):
     n_trials: int
     trials_completed: int
+    current_trial: TrialProgress | None = Field(
+        None, description="while a trial trains: its step and latest training loss")
 
 
 class Best(BaseModel):
@@ -73,7 +85,9 @@ class JobOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
         "id": "3f1c…", "status": "running", "created_at": "2026-11-29T12:00:00Z",
         "started_at": "2026-11-29T12:00:01Z", "finished_at": None,
-        "progress": {"n_trials": 12, "trials_completed": 5},
+        "progress": {"n_trials": 12, "trials_completed": 5,
+                     "current_trial": {"number": 5, "step": 120, "steps": 400,
+                                       "loss": 0.412, "at": "2026-11-29T12:04:31Z"}},
         "best": {"augmentation": "rotate", "params": {"angle": 90.0},
                  "validation_loss": -0.57, "trial_number": 3},
         "error": None, "attempt": 1}})
