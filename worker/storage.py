@@ -42,7 +42,10 @@ log = logging.getLogger("ssad.worker")
 #: The advisory lock key every ssad-tune worker takes while opening Optuna's storage.
 STORAGE_LOCK_KEY = 0x55AD_7E0_0971  # "ssad tune, issue 9"; any fixed bigint works
 
-_storages: dict[str, optuna.storages.RDBStorage] = {}
+#: The storage last opened, by database URL: a worker serves one database, so one is kept
+#: (an in-process caller switching databases, e.g. the tests, closes the previous one's
+#: connections rather than holding them open).
+_opened: tuple[str, optuna.storages.RDBStorage] | None = None
 _guard = threading.Lock()
 
 
@@ -69,10 +72,13 @@ def open_study_storage(database_url: str, attempts: int = 6,
                        first_delay: float = 0.25) -> optuna.storages.RDBStorage:
     """The Optuna storage beside ``database_url`` (see ``optuna_storage_url``), created if
     missing, one worker at a time; opened once per process and reused by its jobs."""
+    global _opened
     with _guard:
-        cached = _storages.get(database_url)
-        if cached is not None:
-            return cached
+        if _opened is not None:
+            if _opened[0] == database_url:
+                return _opened[1]
+            _opened[1].engine.dispose()
+            _opened = None
         delay = first_delay
         for attempt in range(1, attempts + 1):
             try:
@@ -91,5 +97,5 @@ def open_study_storage(database_url: str, attempts: int = 6,
                             type(exc).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        _storages[database_url] = storage
+        _opened = (database_url, storage)
         return storage
