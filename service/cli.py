@@ -9,7 +9,8 @@
     ssad-tune keys create --tenant NAME     a new API key (printed once; stored hashed)
     ssad-tune keys list | keys revoke ID
     ssad-tune tenants list | tenants quota NAME [--active-jobs N] [--stored-bytes B]
-                                            [--trials-per-job T]   (-1: back to default)
+                                            [--trials-per-job T] [--compute-per-job C]
+                                            (-1: back to default)
 
 Every command but ``tune`` reads the database from SSAD_DATABASE_URL (default: ./ssad.db).
 """
@@ -84,7 +85,9 @@ def _tenants_list(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{t.name}  id={t.id}"
                   f"  active_jobs={show(t.max_active_jobs, settings.max_active_jobs)}"
                   f"  stored_bytes={show(t.max_stored_bytes, settings.max_stored_bytes)}"
-                  f"  trials_per_job={show(t.max_trials_per_job, settings.max_trials_per_job)}")
+                  f"  trials_per_job={show(t.max_trials_per_job, settings.max_trials_per_job)}"
+                  f"  compute_per_job="
+                  f"{show(t.max_compute_per_job, settings.max_compute_per_job)}")
     return 0
 
 
@@ -94,7 +97,8 @@ def _tenants_quota(args: argparse.Namespace, settings: Settings) -> int:
     with _session(settings) as s:
         tenants.set_quotas(s, args.name, max_active_jobs=args.active_jobs,
                            max_stored_bytes=args.stored_bytes,
-                           max_trials_per_job=args.trials_per_job)
+                           max_trials_per_job=args.trials_per_job,
+                           max_compute_per_job=args.compute_per_job)
     return _tenants_list(args, settings)
 
 
@@ -176,6 +180,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--active-jobs", type=int)
     q.add_argument("--stored-bytes", type=int)
     q.add_argument("--trials-per-job", type=int)
+    q.add_argument("--compute-per-job", type=int,
+                   help="training images per job: n_trials x train_steps x batch_size")
     q.set_defaults(fn=_tenants_quota)
     return ap
 

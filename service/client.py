@@ -1,7 +1,8 @@
 """``ssad-tune tune TRAIN TEST``: the HTTP client for people at a terminal.
 
 Uploads both files, creates the job, follows its progress live (server-sent events, with a
-progress bar: trials done / total, best loss so far, elapsed, ETA), then writes the scores
+progress bar: trials done / total, the running trial's step and training loss, best loss
+so far, elapsed, ETA from the training-step rate), then writes the scores
 CSV and prints the chosen configuration and the suggested threshold. Talks to any server:
 ``--url``, else ``SSAD_URL``, else ``SSAD_HOST``/``SSAD_PORT`` (the variables ``ssad-tune
 serve`` reads), else http://127.0.0.1:8000; the API key comes from ``SSAD_API_KEY``. Every
@@ -154,9 +155,34 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def step_counts(job: dict[str, Any]) -> tuple[int, int] | None:
+    """(training steps done, training steps in all) of a job whose worker reports its
+    running trial (``progress.current_trial``); None otherwise. A trial at its last step is
+    being evaluated: its steps count once it is stored."""
+    progress = job["progress"]
+    current = progress.get("current_trial")
+    if not current or not current.get("steps"):
+        return None
+    steps = int(current["steps"])
+    total = int(progress["n_trials"]) * steps
+    in_trial = int(current["step"]) if int(current["step"]) < steps else 0
+    return min(int(progress["trials_completed"]) * steps + in_trial, total), total
+
+
+def eta_seconds(done: int, total: int, done_at_start: int, elapsed: float) -> float | None:
+    """Time left at the rate seen so far (``done - done_at_start`` units in ``elapsed``
+    seconds); None before anything was seen to progress."""
+    ran = done - done_at_start
+    if ran <= 0 or elapsed <= 0:
+        return None
+    return elapsed / ran * max(total - done, 0)
+
+
 class Progress:
     """One line, redrawn in place on a terminal (and every second, so elapsed time and the
-    ETA move between trials); a new line per change otherwise."""
+    ETA move between events); a new line per change otherwise. With the running trial's
+    step reported by the server, the bar and the ETA follow training steps; otherwise,
+    finished trials."""
 
     def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic,
                  tick_seconds: float | None = 1.0) -> None:
@@ -164,6 +190,7 @@ class Progress:
         self.tty = out.isatty()
         self.start: float | None = None
         self.done_at_start = 0
+        self.steps_start: tuple[float, int] | None = None  # (clock, steps done) first seen
         self.last = ""
         self.job: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -184,17 +211,32 @@ class Progress:
         done, total = job["progress"]["trials_completed"], job["progress"]["n_trials"]
         if job["status"] == "running" and self.start is None:
             self.start, self.done_at_start = self.clock(), done
-        elapsed = 0.0 if self.start is None else self.clock() - self.start
+        now = self.clock()
+        elapsed = 0.0 if self.start is None else now - self.start
+        steps = step_counts(job) if job["status"] == "running" else None
+        if steps is not None:
+            if self.steps_start is None:
+                self.steps_start = (now, steps[0])
+            fraction = steps[0] / steps[1]
+            left = eta_seconds(steps[0], steps[1], self.steps_start[1], now - self.steps_start[0])
+        else:
+            fraction = done / total if total else 0.0
+            left = eta_seconds(done, total, self.done_at_start, elapsed)
         width = 20
-        filled = int(width * done / total) if total else 0
+        filled = int(width * fraction)
         bar = "#" * filled + "-" * (width - filled)
         best = job.get("best")
         best_s = (f"best {best['validation_loss']:.4f} ({best['augmentation']})"
                   if best else "best -")
-        ran = done - self.done_at_start
-        eta = (f"ETA {fmt_duration(elapsed / ran * (total - done))}"
-               if ran > 0 and job["status"] == "running" else "ETA -")
-        return (f"[{bar}] {done}/{total} trials  {best_s}  {job['status']}  "
+        current = job["progress"].get("current_trial") if steps is not None else None
+        trial_s = ""
+        if current:
+            loss = current.get("loss")
+            trial_s = (f"trial {current['number']} step {current['step']}/{current['steps']}"
+                       f" loss {'-' if loss is None else format(loss, '.4f')}  ")
+        eta = (f"ETA {fmt_duration(left)}" if left is not None and job["status"] == "running"
+               else "ETA -")
+        return (f"[{bar}] {done}/{total} trials  {trial_s}{best_s}  {job['status']}  "
                 f"elapsed {fmt_duration(elapsed)}  {eta}")
 
     def update(self, job: dict[str, Any]) -> None:

@@ -37,9 +37,15 @@ class Settings(BaseSettings):
     max_decoded_bytes: int = 2 * 1024**3
     max_trials_per_job: int = 500
     max_train_steps: int = 100_000
-    # Per-tenant quotas (a tenant's own row may override each): 429 / 413 beyond them.
+    max_augmented_images: int = Field(
+        2000, description="|Y|, the augmented train images a trial embeds: |X|·r/(1−r) with r "
+        "the job's contamination and |X| = min(train images, 2000); 422 beyond it")
+    # Per-tenant quotas (a tenant's own row may override each): 429 / 413 / 403 beyond them.
     max_active_jobs: int = 8
     max_stored_bytes: int = 20 * 1024**3
+    max_compute_per_job: int = Field(
+        50_000_000, description="training images one job may process: n_trials × "
+        "train_steps × batch_size (403 ComputeQuotaExceeded beyond it)")
     idempotency_ttl_hours: float = 24.0
 
     log_format: Literal["text", "json"] = Field(

@@ -60,14 +60,16 @@ def list_tenants(session: Session) -> Sequence[Tenant]:
 
 def set_quotas(session: Session, name: str, *, max_active_jobs: int | None = None,
                max_stored_bytes: int | None = None,
-               max_trials_per_job: int | None = None) -> Tenant:
+               max_trials_per_job: int | None = None,
+               max_compute_per_job: int | None = None) -> Tenant:
     """Override the service-wide quotas for one tenant (a negative value: back to default)."""
     tenant = get_tenant_by_name(session, name)
     if tenant is None:
         raise NotFound(f"tenant {name!r} not found")
     for field, value in (("max_active_jobs", max_active_jobs),
                          ("max_stored_bytes", max_stored_bytes),
-                         ("max_trials_per_job", max_trials_per_job)):
+                         ("max_trials_per_job", max_trials_per_job),
+                         ("max_compute_per_job", max_compute_per_job)):
         if value is not None:
             setattr(tenant, field, None if value < 0 else value)
     session.flush()
@@ -124,6 +126,8 @@ class Quotas:
     max_active_jobs: int
     max_stored_bytes: int
     max_trials_per_job: int
+    #: Training images one job may process (n_trials × train_steps × batch_size).
+    max_compute_per_job: int
 
 
 def lock_tenant(session: Session, tenant_id: str, settings: Settings) -> Quotas:
@@ -132,14 +136,16 @@ def lock_tenant(session: Session, tenant_id: str, settings: Settings) -> Quotas:
     Returns the tenant's effective quotas."""
     row = session.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id)
                           .returning(Tenant.max_active_jobs, Tenant.max_stored_bytes,
-                                     Tenant.max_trials_per_job)).first()
+                                     Tenant.max_trials_per_job, Tenant.max_compute_per_job)
+                          ).first()
     if row is None:
         raise NotFound(f"tenant {tenant_id} not found")
-    jobs, stored, trials = row
+    jobs, stored, trials, compute = row
     return Quotas(
         max_active_jobs=settings.max_active_jobs if jobs is None else jobs,
         max_stored_bytes=settings.max_stored_bytes if stored is None else stored,
-        max_trials_per_job=settings.max_trials_per_job if trials is None else trials)
+        max_trials_per_job=settings.max_trials_per_job if trials is None else trials,
+        max_compute_per_job=settings.max_compute_per_job if compute is None else compute)
 
 
 def check_storage(session: Session, tenant_id: str, quotas: Quotas, adding: int) -> None:

@@ -107,7 +107,7 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["best"] is None and job["error"] is None
-    assert job["progress"] == {"n_trials": 3, "trials_completed": 0}
+    assert job["progress"] == {"n_trials": 3, "trials_completed": 0, "current_trial": None}
     assert job["spec"]["objective"] == "st-ssad"
     assert job["spec"]["search_space"] == {"augmentations": ["invert", "flip", "rotate"]}
     assert api.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]

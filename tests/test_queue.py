@@ -1,4 +1,5 @@
-"""Several processes race to claim from one Postgres: every job is claimed exactly once."""
+"""The queue: several processes race to claim from one Postgres (every job is claimed
+exactly once); what counts against ``max_attempts`` (expired leases, not releases)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from sqlalchemy import func, select
 
 from service.db import make_engine, session_factory
 from service.models import Job, JobEvent
-from tests.helpers import ROOT, client, npz, tiny_job, upload
+from tests.helpers import ROOT, client, npz, tiny_job, upload, wait_for
+from worker.manager import JobManager, LostLease
 
 CLAIMER = """
 import json, sys
@@ -47,3 +50,67 @@ def test_claimers_in_separate_processes_never_share_a_job(pg_url: str) -> None:
                                   .where(JobEvent.status == "running"))
         assert running_events == n_jobs
     engine.dispose()
+
+
+def _one_queued_job(db_url: str) -> str:
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
+        return str(api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"])
+
+
+def test_releases_are_free_and_only_expired_leases_use_up_attempts(db_url: str) -> None:
+    """Issue 9 item 3: max_attempts=2; the job is given back cleanly 4 times (a SIGTERM
+    release, a requeue after a database outage) and its worker dies once: it still
+    succeeds, and every re-claim still fences out the attempt before it."""
+    job_id = _one_queued_job(db_url)
+    engine = make_engine(db_url)
+    manager = JobManager(engine, lease_seconds=0.2, max_attempts=2)
+    try:
+        previous = None
+        for _ in range(4):
+            held = manager.claim_next_job("w")
+            assert held is not None and held.id == job_id
+            if previous is not None:  # the released attempt is fenced out
+                with pytest.raises(LostLease):
+                    manager.heartbeat(job_id, previous.attempt)
+            manager.release(job_id, held.attempt, "requeued: its worker is stopping")
+            previous = held
+        dying = manager.claim_next_job("w")
+        assert dying is not None and dying.attempt == 5
+        assert wait_for(manager.requeue_stale, timeout=30) == [job_id]  # its lease expired
+        last = manager.claim_next_job("w")
+        assert last is not None and last.attempt == 6
+        with pytest.raises(LostLease):
+            manager.record_trial(job_id, dying.attempt, 0, augmentation="invert", params={},
+                                 validation_loss=0.1, losses={}, timings={}, scores=[1.0])
+        manager.record_trial(job_id, last.attempt, 0, augmentation="invert", params={},
+                             validation_loss=0.1, losses={"dsv": 0.1},
+                             timings={"total_s": 1.0}, scores=[1.0, 2.0, 3.0, 4.0])
+        manager.finish(job_id, last.attempt)
+        with session_factory(engine)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            assert (job.status, job.attempt, job.lost_leases) == ("succeeded", 6, 1)
+    finally:
+        engine.dispose()
+
+
+def test_max_attempts_expired_leases_still_fail_the_job(db_url: str) -> None:
+    job_id = _one_queued_job(db_url)
+    engine = make_engine(db_url)
+    manager = JobManager(engine, lease_seconds=0.2, max_attempts=2)
+    try:
+        held = manager.claim_next_job("w")
+        assert held is not None
+        manager.release(job_id, held.attempt, "requeued: its worker is stopping")
+        for _ in range(2):  # two workers die holding it
+            assert manager.claim_next_job("w") is not None
+            assert wait_for(manager.requeue_stale, timeout=30) == [job_id]
+        with session_factory(engine)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            assert (job.status, job.attempt, job.lost_leases) == ("failed", 3, 2)
+            assert job.error is not None and "stopped responding 2 time(s)" in job.error
+        assert manager.claim_next_job("w") is None
+    finally:
+        engine.dispose()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from service.db import make_engine, session_factory
 from service.models import Job, JobTrial
 from service.settings import optuna_storage_url
 from tests.helpers import (
+    ROOT,
     assert_error,
     client,
     job_status,
@@ -28,6 +32,7 @@ from tests.helpers import (
     upload_pair,
     wait_for,
 )
+from tests.pg import PostgresServer
 from worker.manager import JobManager, LostLease
 
 
@@ -232,3 +237,97 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
         assert job is not None and job.status == "running" and job.attempt == 2
         assert s.scalars(select(JobTrial)).all() == []
     engine.dispose()
+
+
+OPENER = """
+import sys, time
+from pathlib import Path
+from worker.storage import open_study_storage
+barrier, urls = Path(sys.argv[1]), sys.argv[2:]
+for i, url in enumerate(urls):
+    (barrier / f"ready-{i}-{time.monotonic_ns()}").touch()
+    while not (barrier / f"go-{i}").exists():
+        time.sleep(0.002)
+    try:
+        open_study_storage(url, first_delay=0.05)
+        print("ok", flush=True)
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["postgres", "sqlite"])
+def test_workers_opening_a_fresh_optuna_storage_at_once_never_collide(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Issue 9 item 2, at its root: 4 processes open Optuna's storage of a freshly migrated
+    database (no Optuna tables yet) at the same instant (a file barrier), 5 times, each
+    time a new database. Plain ``RDBStorage`` collides here on Postgres in every round (a
+    unique violation on CREATE TYPE, "relation already exists"); the lock prevents it."""
+    n_procs, n_rounds = 4, 5
+    if kind == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        template = request.getfixturevalue("pg_template")
+        urls = [server.url(server.create_database(template)) for _ in range(n_rounds)]
+    else:
+        template_db: Path = request.getfixturevalue("sqlite_template")
+        urls = []
+        for i in range(n_rounds):
+            shutil.copy(template_db, tmp_path / f"r{i}.db")
+            urls.append(f"sqlite:///{tmp_path / f'r{i}.db'}")
+    procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(tmp_path), *urls], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True) for _ in range(n_procs)]
+    for i in range(n_rounds):
+        wait_for(lambda i=i: len(list(tmp_path.glob(f"ready-{i}-*"))) == n_procs, timeout=120,
+                 every=0.01)
+        (tmp_path / f"go-{i}").touch()
+    outputs = [p.communicate(timeout=120)[0].split("\n")[:-1] for p in procs]
+    assert outputs == [["ok"] * n_rounds] * n_procs
+
+
+def test_concurrent_first_jobs_on_a_fresh_database_all_succeed(
+        postgres: PostgresServer, pg_template: str, tmp_path: Path) -> None:
+    """Issue 9 item 2, end to end: on a freshly migrated database (no Optuna tables yet)
+    two real workers start their first jobs at once; both open Optuna's storage, which
+    creates its tables. That used to collide and fail a job for good. (One round: a worker
+    process costs seconds to start; the 5-round race is the test above.)"""
+    images = npz(np.random.default_rng(0).integers(0, 255, (4, 8, 8), dtype=np.uint8))
+    failures = []
+    for rep in range(1):
+        url = postgres.url(postgres.create_database(pg_template))
+        with client(url) as api:
+            tr = upload(api, images, "a.npz").json()["id"]
+            jobs = [api.post("/v1/jobs", json=tiny_job(tr, tr, n_trials=1, train_steps=1,
+                                                       batch_size=2)).json()["id"]
+                    for _ in range(2)]
+            workers = [start_worker(url, tmp_path, "--max-jobs", "1") for _ in range(2)]
+            assert [w.wait(timeout=240) for w in workers] == [0, 0]
+            for job_id in jobs:
+                done = job_status(api, job_id)
+                if done["status"] != "succeeded" or done["attempt"] != 1:
+                    failures.append((rep, done["status"], done["attempt"], done["error"]))
+    assert failures == []
+
+
+def test_a_storage_that_cannot_be_opened_gives_the_job_back(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening Optuna's storage keeps failing (after its retries): the job goes back to
+    the queue, free, rather than failing for good."""
+    from worker import runner
+    from worker.storage import StorageUnavailable
+
+    def broken(url: str) -> None:
+        raise StorageUnavailable("Optuna's storage could not be opened: IntegrityError: …")
+
+    monkeypatch.setattr(runner, "open_study_storage", broken)
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"]
+        engine = make_engine(db_url)
+        try:
+            claimed = JobManager(engine).claim_next_job("w")
+            assert claimed is not None
+            assert run_in_process(claimed, JobManager(engine), db_url, tmp_path) == "released"
+        finally:
+            engine.dispose()
+        job = job_status(api, job_id)
+        assert (job["status"], job["lost_leases"], job["error"]) == ("queued", 0, None)

@@ -50,4 +50,6 @@ def run_worker(manager: JobManager, *, database_url: str, device: str, cache_dir
             outcome = "abandoned"
         log.info("job %s: %s", job.id, outcome)
         ran += 1
+        if outcome in ("released", "abandoned") and not stop.is_set():
+            stop.wait(max(poll_seconds, 2.0))  # the database is struggling: back off
     return ran

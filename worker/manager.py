@@ -157,25 +157,31 @@ class JobManager:
             return ClaimedJob(job_id, attempt, dict(job.spec), _ref(train), _ref(test))
 
     def requeue_stale(self) -> list[str]:
-        """Running jobs whose lease expired (their worker died) go back to the queue, or
-        fail once they have used ``max_attempts`` attempts. Returns the affected ids."""
+        """Running jobs whose lease expired (their worker died or went silent) go back to the
+        queue, or fail once ``max_attempts`` of their leases have expired. Only expired
+        leases count: a job its worker gave back (:meth:`release`: SIGTERM, a database
+        outage) is not charged. Returns the affected ids."""
         now = utcnow()
         with self._tx() as s:
             stale = s.execute(
-                select(Job.id, Job.attempt, Job.cancel_requested)
+                select(Job.id, Job.attempt, Job.lost_leases, Job.cancel_requested)
                 .where(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
                 .with_for_update(skip_locked=True)).all()
-            for job_id, attempt, cancel in stale:
+            for job_id, attempt, lost_before, cancel in stale:
+                lost = lost_before + 1
                 if cancel:
                     status, msg = JobStatus.cancelled, "cancelled (its worker stopped)"
-                elif attempt >= self.max_attempts:
+                elif lost >= self.max_attempts:
                     status = JobStatus.failed
-                    msg = (f"failed: its worker stopped responding {attempt} time(s) "
+                    msg = (f"failed: its worker stopped responding {lost} time(s) "
                            f"(max_attempts={self.max_attempts})")
                 else:
-                    status, msg = JobStatus.queued, f"requeued: lease of attempt {attempt} expired"
+                    status = JobStatus.queued
+                    msg = (f"requeued: lease of attempt {attempt} expired "
+                           f"({lost} of max_attempts={self.max_attempts})")
                 values: dict[str, Any] = {"status": status.value, "worker_id": None,
-                                          "lease_expires_at": None}
+                                          "lease_expires_at": None, "lost_leases": lost,
+                                          "trial_progress": None}
                 if status != JobStatus.queued:
                     values.update(finished_at=now, error=msg if status == JobStatus.failed
                                   else None)
@@ -188,11 +194,16 @@ class JobManager:
 
     # ------------------------------------------------------------------ while running
 
-    def heartbeat(self, job_id: str, attempt: int) -> Heartbeat:
+    def heartbeat(self, job_id: str, attempt: int,
+                  progress: Mapping[str, Any] | None = None) -> Heartbeat:
+        """Renew the lease (fenced); with ``progress``, also store the running trial's
+        progress (``{"number", "step", "steps", "loss"}``) for the API to show."""
         now = utcnow()
+        values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + self.lease}
+        if progress is not None:
+            values["trial_progress"] = {**progress, "at": now.isoformat()}
         with self._tx() as s:
-            job = self._fenced(s, job_id, attempt, heartbeat_at=now,
-                               lease_expires_at=now + self.lease)
+            job = self._fenced(s, job_id, attempt, **values)
             return Heartbeat(cancel_requested=job.cancel_requested)
 
     @retry_transient
@@ -314,7 +325,7 @@ class JobManager:
                 raise RuntimeError("no completed trial to choose from")
             s.execute(update(Job).where(Job.id == job_id).values(
                 status=JobStatus.succeeded.value, finished_at=utcnow(), best=_best_json(best),
-                best_trial_number=best.number, lease_expires_at=None))
+                best_trial_number=best.number, lease_expires_at=None, trial_progress=None))
             self._event(s, job_id, JobStatus.succeeded.value, attempt,
                         f"best trial {best.number}: {best.augmentation} "
                         f"(loss {best.validation_loss:.4g})")
@@ -323,23 +334,27 @@ class JobManager:
     def fail(self, job_id: str, attempt: int, reason: str) -> None:
         with self._tx() as s:
             self._fenced(s, job_id, attempt, status=JobStatus.failed.value,
-                         finished_at=utcnow(), error=reason[:4000], lease_expires_at=None)
+                         finished_at=utcnow(), error=reason[:4000], lease_expires_at=None,
+                         trial_progress=None)
             self._event(s, job_id, JobStatus.failed.value, attempt, reason[:4000])
 
     @retry_transient
     def mark_cancelled(self, job_id: str, attempt: int) -> None:
         with self._tx() as s:
             self._fenced(s, job_id, attempt, status=JobStatus.cancelled.value,
-                         finished_at=utcnow(), lease_expires_at=None)
+                         finished_at=utcnow(), lease_expires_at=None, trial_progress=None)
             self._event(s, job_id, JobStatus.cancelled.value, attempt,
                         "cancelled while running")
 
     @retry_transient
     def release(self, job_id: str, attempt: int, reason: str) -> None:
-        """Give a job back to the queue (the worker is stopping); its trials are kept."""
+        """Give a job back to the queue (the worker is stopping, the database went away);
+        its trials are kept. Free: a release does not count against ``max_attempts`` (only
+        expired leases do), and the next claim's new attempt number still fences out this
+        one."""
         with self._tx() as s:
             self._fenced(s, job_id, attempt, status=JobStatus.queued.value, worker_id=None,
-                         lease_expires_at=None)
+                         lease_expires_at=None, trial_progress=None)
             self._event(s, job_id, JobStatus.queued.value, attempt, reason)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -14,19 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import torch
 
 from service.db import is_transient
 from service.logs import current_job, job_context
 from service.models import MODEL_ARTIFACT
-from service.settings import optuna_storage_url
 from worker.core.export import ScoringModel
 from worker.core.pictures import augmentation_sample
 from worker.core.study import StudySettings, run_study
 from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
 from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
 from worker.search_space import SearchSpace
+from worker.storage import StorageUnavailable, open_study_storage
 
 log = logging.getLogger("ssad.worker")
 
@@ -84,24 +84,45 @@ class ArrayCache:
         return arr
 
 
+#: How often the running trial's progress (step, loss) is written, at most.
+PROGRESS_SECONDS = 1.0
+
+
 class HeartbeatThread(threading.Thread):
     """Renews the lease every ``interval`` seconds and notices cancellation or a lost lease;
-    the study checks :meth:`should_stop` at every training step."""
+    the study checks :meth:`should_stop` at every training step. The running trial's
+    progress (:meth:`report_progress`) rides on the heartbeat: when it changed, the
+    heartbeat is sent early, at most every ``progress_seconds``."""
 
     def __init__(self, manager: JobManager, job: ClaimedJob, interval: float,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, progress_seconds: float = PROGRESS_SECONDS) -> None:
         super().__init__(name=f"heartbeat-{job.id}", daemon=True)
         self.manager, self.job, self.interval = manager, job, interval
+        self.tick = min(interval, progress_seconds)
         self.worker_stop = stop
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self.done = threading.Event()
+        self._progress: dict[str, Any] | None = None  # replaced whole, never mutated
+
+    def report_progress(self, number: int, step: int, steps: int, loss: float) -> None:
+        """Called by the training loop (another thread): keep only the latest."""
+        self._progress = {"number": number, "step": step, "steps": steps,
+                          "loss": loss if math.isfinite(loss) else None}
 
     def run(self) -> None:
         current_job.set(self.job.id)  # this thread's log lines name the job too
-        while not self.done.wait(self.interval):
+        sent: dict[str, Any] | None = None
+        last_beat = time.monotonic()
+        while not self.done.wait(self.tick):
+            progress = self._progress
+            if progress is sent and time.monotonic() - last_beat < self.interval:
+                continue
             try:
-                if self.manager.heartbeat(self.job.id, self.job.attempt).cancel_requested:
+                beat = self.manager.heartbeat(self.job.id, self.job.attempt,
+                                              None if progress is sent else progress)
+                sent, last_beat = progress, time.monotonic()
+                if beat.cancel_requested:
                     self.cancelled.set()
             except LostLease:
                 self.lost.set()
@@ -186,14 +207,12 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
                                         params=params, reason=reason)
             log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
 
-        # pool_pre_ping: after a database restart, pooled connections are replaced, not used.
-        storage = optuna.storages.RDBStorage(optuna_storage_url(database_url),
-                                             engine_kwargs={"pool_pre_ping": True})
+        storage = open_study_storage(database_url)
         result = run_study(data, spec.study_settings(), storage=storage,
                            study_name=f"job-{job.id}", on_trial=record,
                            should_stop=hb.should_stop,
                            recover=lambda number: manager.stored_trial_loss(job.id, number),
-                           on_fail=record_failure)
+                           on_fail=record_failure, on_progress=hb.report_progress)
         store_augmentation_sample(manager, job, data.train, result.best.augmentation,
                                   result.best.params, spec.seed)
         manager.finish(job.id, job.attempt)
@@ -214,9 +233,10 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
             log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
             return "lost"
     except Exception as exc:
-        if is_transient(exc):
-            # The database went away under Optuna or a write outlived its retries: give the
-            # job back (its stored trials are kept) rather than fail it for an outage.
+        if is_transient(exc) or isinstance(exc, StorageUnavailable):
+            # The database went away under Optuna, a write outlived its retries, or Optuna's
+            # storage could not be opened: give the job back (its stored trials are kept;
+            # a release does not use up an attempt) rather than fail it for an outage.
             log.warning("job %s: database unavailable (%s); giving the job back", job.id, exc)
             try:
                 manager.release(job.id, job.attempt, "requeued: the database was unavailable")

@@ -393,3 +393,15 @@ DEFAULT_OBJECTIVE = "dsv"
 SCORER_NAMES: tuple[str, ...] = ("mahalanobis", "logit")
 DEFAULT_SCORER = "mahalanobis"
 DEFAULT_CONTAMINATION = 0.1
+#: |X|: at most this many train images form the loss's X and the scorer's fit
+#: (``TrainSettings.max_embed_train``'s default).
+MAX_EMBED_TRAIN = 2000
+
+
+def augmented_count(n_train: int, contamination: float) -> int:
+    """|Y| = |X| · r / (1 − r) (at least 1), with r the expected anomaly fraction of the test
+    set. r is the user's parameter: it is never computed from labels. Torch-free, so the
+    API can bound a job's |Y| before queueing it."""
+    if not 0.0 < contamination < 1.0:
+        raise ValueError(f"contamination must be in (0, 1), got {contamination}")
+    return max(1, round(n_train * contamination / (1.0 - contamination)))

@@ -63,8 +63,10 @@ def _job_fields(job: Job) -> dict[str, Any]:
         id=job.id, kind="score" if job.spec.get("kind") == "score" else "tune",
         status=job.status,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed),
-        best=best, error=job.error, attempt=job.attempt, cancel_requested=job.cancel_requested,
+        progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,
+                          current_trial=job.trial_progress),
+        best=best, error=job.error, attempt=job.attempt, lost_leases=job.lost_leases,
+        cancel_requested=job.cancel_requested,
         train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id)
 
 
@@ -273,7 +275,8 @@ STREAM_MAX_SECONDS = 3600.0
 
 def _progress_key(j: JobOut) -> tuple[Any, ...]:
     best = j.best.validation_loss if j.best else None
-    return (j.status, j.progress.trials_completed, best, j.attempt, j.cancel_requested)
+    return (j.status, j.progress.trials_completed, best, j.attempt, j.cancel_requested,
+            j.progress.current_trial)
 
 
 @router.get("/{job_id}/stream", response_class=StreamingResponse, responses={

@@ -41,19 +41,38 @@ class JobCreate(BaseModel):
     n_trials: int = Field(12, ge=1, description="trials in the study")
     search_space: SearchSpaceIn | None = None
     objective: ObjectiveName = "dsv"
-    contamination: float = Field(DEFAULT_CONTAMINATION, gt=0, lt=1,
-                                 description="expected anomaly fraction of the test set")
+    contamination: float = Field(
+        DEFAULT_CONTAMINATION, gt=0, lt=1,
+        description="expected anomaly fraction of the test set; it sets |Y| = |X|·r/(1−r) "
+                    "augmented images per trial, which must stay within the server's "
+                    "SSAD_MAX_AUGMENTED_IMAGES (422 otherwise)")
     train_steps: int = Field(400, ge=1, le=100_000,
                              description="detector training steps per trial (the server's "
                                          "SSAD_MAX_TRAIN_STEPS may cap it lower)")
-    batch_size: int = Field(64, ge=2, le=4096)
+    batch_size: int = Field(64, ge=2, le=4096,
+                            description="clamped to the train set's size (the job's spec "
+                                        "then shows requested_batch_size too); n_trials × "
+                                        "train_steps × batch_size must fit the tenant's "
+                                        "compute quota (403 otherwise)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     scorer: ScorerName = "mahalanobis"
+
+
+class TrialProgress(BaseModel):
+    """The trial running now, as its worker last reported it (about once a second)."""
+
+    number: int = Field(description="the trial's number (as in /trials)")
+    step: int = Field(description="training steps done")
+    steps: int = Field(description="training steps in all (the job's train_steps)")
+    loss: float | None = Field(description="training loss (cross-entropy) at that step")
+    at: datetime | None = Field(None, description="when the worker reported it")
 
 
 class Progress(BaseModel):
     n_trials: int
     trials_completed: int
+    current_trial: TrialProgress | None = Field(
+        None, description="while a trial trains: its step and latest training loss")
 
 
 class Best(BaseModel):
@@ -67,7 +86,9 @@ class JobOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
         "id": "3f1c…", "status": "running", "created_at": "2026-11-29T12:00:00Z",
         "started_at": "2026-11-29T12:00:01Z", "finished_at": None,
-        "progress": {"n_trials": 12, "trials_completed": 5},
+        "progress": {"n_trials": 12, "trials_completed": 5,
+                     "current_trial": {"number": 5, "step": 120, "steps": 400,
+                                       "loss": 0.412, "at": "2026-11-29T12:04:31Z"}},
         "best": {"augmentation": "rotate", "params": {"angle": 90.0},
                  "validation_loss": -0.57, "trial_number": 3},
         "error": None, "attempt": 1}})
@@ -83,7 +104,10 @@ class JobOut(BaseModel):
     progress: Progress
     best: Best | None
     error: str | None
-    attempt: int
+    attempt: int = Field(description="claims by a worker so far (a clean hand-back and a "
+                                     "re-claim make a new attempt)")
+    lost_leases: int = Field(0, description="attempts whose worker stopped responding; the "
+                                            "job fails once these reach SSAD_MAX_ATTEMPTS")
     cancel_requested: bool
     train_dataset_id: str
     test_dataset_id: str

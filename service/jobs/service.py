@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from service import idempotency, tenants
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
-from service.jobs import plots
+from service.jobs import limits, plots
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
@@ -68,15 +68,26 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
             else request.search_space.model_dump(exclude_none=True))
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(str(exc)) from None
-    tenants.check_job(session, tenant_id, tenants.lock_tenant(session, tenant_id, settings),
-                      request.n_trials)
+    cost = limits.check_request(
+        n_trials=request.n_trials, train_steps=request.train_steps,
+        batch_size=request.batch_size, contamination=request.contamination,
+        n_train=train.n_samples, settings=settings)
+    quotas = tenants.lock_tenant(session, tenant_id, settings)
+    tenants.check_job(session, tenant_id, quotas, request.n_trials)
+    limits.check_compute(cost, n_trials=request.n_trials, train_steps=request.train_steps,
+                         quota=quotas.max_compute_per_job)
     spec: dict[str, Any] = request.model_dump()
     spec["search_space"] = space.to_dict()
+    message = "queued"
+    if cost.batch_size != request.batch_size:
+        spec.update(batch_size=cost.batch_size, requested_batch_size=request.batch_size)
+        message = (f"queued; batch_size {request.batch_size} clamped to {cost.batch_size}, "
+                   "the train set's size")
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
               train_dataset_id=train.id, test_dataset_id=test.id, spec=spec,
               n_trials=request.n_trials, trials_completed=0, attempt=0,
               cancel_requested=False)
-    repo.insert_job(session, job, "queued")
+    repo.insert_job(session, job, message)
     if idempotency_key is not None:
         idempotency.remember(session, tenant_id, "jobs", idempotency_key, fp, job.id)
     return job, False

@@ -104,6 +104,8 @@ class Tenant(Base):
     max_active_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_trials_per_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: Training images one job may process: n_trials × train_steps × batch_size.
+    max_compute_per_job: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -186,11 +188,18 @@ class Job(Base):
     best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     best_trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Claims so far; also the fencing token every worker write is checked against.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: Leases that expired (the worker died or went silent): only these count against
+    #: ``max_attempts``; a job given back cleanly (SIGTERM, a database outage) is not charged.
+    lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The running trial, as its worker last reported it: ``{"number", "step", "steps",
+    #: "loss", "at"}``; None before the first training step and once the job has ended.
+    trial_progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

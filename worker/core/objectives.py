@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from worker.search_space import DEFAULT_OBJECTIVE, OBJECTIVE_NAMES
+from worker.search_space import DEFAULT_OBJECTIVE, OBJECTIVE_NAMES, augmented_count
 
 EPS = 1e-8
 
@@ -115,11 +115,3 @@ def get_objective(name: str) -> Objective:
         return OBJECTIVES[name]
     except KeyError:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}") from None
-
-
-def augmented_count(n_train: int, contamination: float) -> int:
-    """|Y| = |X| · r / (1 − r) (at least 1), with r the expected anomaly fraction of the test
-    set. r is the user's parameter: it is never computed from labels."""
-    if not 0.0 < contamination < 1.0:
-        raise ValueError(f"contamination must be in (0, 1), got {contamination}")
-    return max(1, round(n_train * contamination / (1.0 - contamination)))

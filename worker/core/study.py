@@ -209,6 +209,7 @@ def run_study(
     should_stop: Callable[[], bool] | None = None,
     recover: Callable[[int], float | None] | None = None,
     on_fail: Callable[[int, str, dict[str, ParamValue], str], None] | None = None,
+    on_progress: Callable[[int, int, int, float], None] | None = None,
 ) -> StudyResult:
     """Run (or resume) the study until it holds ``n_trials`` finished trials.
 
@@ -223,7 +224,8 @@ def run_study(
     A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
     with its reason (``on_fail(number, family, params, reason)``) and the study goes on; it
     counts against ``n_trials``. Any other exception ends the study. The best trial is the
-    completed one with the lowest loss.
+    completed one with the lowest loss. ``on_progress(number, step, steps, loss)`` reports
+    the running trial's training (see ``run_trial``'s ``progress``).
     """
     study = create_study(settings, storage, study_name)
     results: dict[int, TrialResult] = {}
@@ -245,6 +247,10 @@ def run_study(
             trial.report(value, step)
             return trial.should_prune()
 
+        def progress(step: int, steps: int, loss: float) -> None:
+            if on_progress is not None:
+                on_progress(trial.number, step, steps, loss)
+
         try:
             if should_stop is not None and should_stop():
                 raise TrialInterrupted("stopped between trials")
@@ -252,6 +258,7 @@ def run_study(
                 data, family, params, settings.train, objective=settings.objective,
                 contamination=settings.contamination, seed=settings.seed + trial.number,
                 report=report if settings.pruning else None, should_stop=should_stop,
+                progress=progress if on_progress is not None else None,
             )
         except TrialPruned as exc:
             raise optuna.TrialPruned(str(exc)) from None

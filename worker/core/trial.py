@@ -24,7 +24,7 @@ from worker.core.detector import Detector, DetectorConfig
 from worker.core.export import ScoringModel
 from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
 from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_apply, mahalanobis_fit
-from worker.search_space import DEFAULT_CONTAMINATION, ParamValue
+from worker.search_space import DEFAULT_CONTAMINATION, MAX_EMBED_TRAIN, ParamValue
 
 
 class TrialPruned(Exception):
@@ -61,7 +61,7 @@ class TrainSettings:
     lr: float = 1e-3
     width: int = 16
     image_size: int | None = None  # working size; None = auto from the input size
-    max_embed_train: int = 2000  # |X| cap for the loss and the scorer's Gaussian
+    max_embed_train: int = MAX_EMBED_TRAIN  # |X| cap for the loss and the scorer's Gaussian
     scorer: str = DEFAULT_SCORER
     amp: bool = False  # bfloat16 autocast for training, CUDA only
     backbone: str | None = None  # local encoder weights file (weights_only=True)
@@ -214,13 +214,17 @@ def run_trial(
     seed: int = 0,
     report: Callable[[int, float], bool] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    progress_seconds: float = 1.0,
 ) -> TrialResult:
     """Train one detector with one augmentation and evaluate it without labels.
 
     ``report(step, loss)`` is called every ``settings.eval_every`` steps with the objective
     on a subsample; if it returns True the trial stops with :class:`TrialPruned`.
     ``should_stop()`` is checked before every training step; if it returns True the trial
-    stops with :class:`TrialInterrupted`.
+    stops with :class:`TrialInterrupted`. ``progress(step, steps, training_loss)`` is called
+    after the first and the last step and at most every ``progress_seconds`` in between
+    (reading the loss waits for the device, so not at every step).
     """
     t_start = time.perf_counter()
     loss_fn = get_objective(objective)
@@ -238,7 +242,7 @@ def run_trial(
                         torch.ones(settings.batch_size, dtype=torch.long)]).to(device)
 
     augment_s = 0.0
-    t_train = time.perf_counter()
+    t_train = last_progress = time.perf_counter()
     model.train()
     for step in range(1, settings.steps + 1):
         if should_stop is not None and should_stop():
@@ -257,6 +261,10 @@ def run_trial(
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if progress is not None and (step in (1, settings.steps) or
+                                     time.perf_counter() - last_progress >= progress_seconds):
+            progress(step, settings.steps, float(loss.detach()))
+            last_progress = time.perf_counter()
         if report is not None and settings.eval_every and step % settings.eval_every == 0 \
                 and step < settings.steps:
             interim = _subsample_loss(model, data, augment, x_idx, y_idx, loss_fn, g)

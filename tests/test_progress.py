@@ -1,0 +1,99 @@
+"""Progress inside a trial (issue 9 item 14): while a trial trains, its worker reports the
+step and the training loss (about once a second, on the heartbeat), the API shows them in
+``progress.current_trial`` and the stream sends them; the CLI bar turns them into an ETA."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from service.client import Progress, _sse, eta_seconds, step_counts
+from service.db import make_engine
+from tests.helpers import client, job_status, npz, run_in_process, tiny_job, upload_pair, wait_for
+from worker.manager import JobManager
+
+
+def test_a_running_trial_reports_its_step_and_loss(pg_url: str, tmp_path: Path,
+                                                   digits: Any) -> None:
+    train, test, _ = digits
+    with client(pg_url) as api:
+        tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, te, train_steps=50_000)).json()["id"]
+        engine = make_engine(pg_url)
+        manager = JobManager(engine, lease_seconds=60)
+        claimed = manager.claim_next_job("progress-test")
+        assert claimed is not None
+        outcome: list[str] = []
+        runner = threading.Thread(target=lambda: outcome.append(
+            run_in_process(claimed, manager, pg_url, tmp_path)))
+        runner.start()
+        try:
+            def current(min_step: int) -> dict[str, Any] | None:
+                cur = job_status(api, job_id)["progress"]["current_trial"]
+                return cur if cur is not None and cur["step"] > min_step else None
+
+            first = wait_for(lambda: current(0), timeout=120)
+            assert first["number"] == 0 and first["steps"] == 50_000
+            assert isinstance(first["loss"], float) and first["at"]
+            later = wait_for(lambda: current(first["step"]), timeout=60)  # it moves on
+            assert later["step"] > first["step"] and later["number"] == 0
+            # The stream sends an event whenever the step changes (not only per trial).
+            steps_seen: list[int] = []
+            with api.stream("GET", f"/v1/jobs/{job_id}/stream") as r:
+                for event, data in _sse(r.iter_lines()):
+                    assert event == "progress"
+                    cur = json.loads(data)["progress"]["current_trial"]
+                    steps_seen.append(cur["step"])
+                    if len(steps_seen) == 2:
+                        break
+            assert later["step"] <= steps_seen[0] < steps_seen[1]
+            assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+            runner.join(timeout=60)
+            assert outcome == ["cancelled"]
+            done = job_status(api, job_id)
+            assert done["status"] == "cancelled" and done["progress"]["current_trial"] is None
+        finally:
+            if runner.is_alive():  # make sure the trial stops even if an assert failed
+                api.post(f"/v1/jobs/{job_id}/cancel")
+                runner.join(timeout=60)
+            engine.dispose()
+
+
+def _job(status: str, done: int, step: int | None = None, loss: float | None = 0.5,
+         n_trials: int = 4, steps: int = 100) -> dict[str, Any]:
+    current = (None if step is None else
+               {"number": done, "step": step, "steps": steps, "loss": loss, "at": None})
+    return {"status": status, "best": None,
+            "progress": {"n_trials": n_trials, "trials_completed": done,
+                         "current_trial": current}}
+
+
+def test_step_counts_and_eta() -> None:
+    assert step_counts(_job("running", 0)) is None  # no report yet: trials only
+    assert step_counts(_job("running", 1, step=40)) == (140, 400)
+    # The last step: the trial is being evaluated, its steps count once it is stored.
+    assert step_counts(_job("running", 1, step=100)) == (100, 400)
+    assert eta_seconds(140, 400, 40, 50.0) == 130.0  # 100 steps in 50 s, 260 to go
+    assert eta_seconds(40, 400, 40, 50.0) is None  # nothing seen to move yet
+    assert eta_seconds(400, 400, 0, 10.0) == 0.0
+
+
+def test_the_bar_shows_steps_and_an_eta_from_the_step_rate() -> None:
+    now = [100.0]
+    out = io.StringIO()
+    bar = Progress(out, clock=lambda: now[0], tick_seconds=None)
+    bar.update(_job("running", 0, step=10, loss=0.69))
+    now[0] = 120.0  # 50 steps in 20 s: 2.5 steps/s, 340 to go
+    bar.update(_job("running", 0, step=60, loss=0.4123))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("[--------------------] 0/4 trials  trial 0 step 10/100 loss 0.6900  "
+                        "best -  running  elapsed 0s  ETA -")
+    assert lines[1] == ("[###-----------------] 0/4 trials  trial 0 step 60/100 loss 0.4123  "
+                        "best -  running  elapsed 20s  ETA 2m16s")
+    now[0] = 130.0
+    bar.update(_job("running", 1, step=5, loss=None))  # a non-finite loss is sent as null
+    assert out.getvalue().splitlines()[-1].startswith(
+        "[#####---------------] 1/4 trials  trial 1 step 5/100 loss -  best -  running")
