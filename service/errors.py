@@ -72,6 +72,13 @@ class QuotaExceeded(AppError):
     status_code = 403
 
 
+class ComputeQuotaExceeded(AppError):
+    """The job would process more training images than the tenant's quota allows;
+    retrying the same request will not help (403)."""
+
+    status_code = 403
+
+
 class TooManyActiveJobs(AppError):
     """The tenant has as many jobs queued or running as its quota allows (retry later)."""
 

@@ -19,16 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.errors import AppError, InvalidRequest
+from service.errors import ComputeQuotaExceeded, InvalidRequest
 from service.settings import Settings
 from worker.search_space import MAX_EMBED_TRAIN, augmented_count
-
-
-class ComputeQuotaExceeded(AppError):
-    """The job would process more training images than the tenant's quota allows;
-    retrying the same request will not help (403)."""
-
-    status_code = 403
 
 
 @dataclass(frozen=True)
