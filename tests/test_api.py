@@ -250,9 +250,10 @@ def test_unknown_query_parameters_are_refused_by_name(api: TestClient,
     assert api.get("/v1/jobs", params={"status": "queued", "limit": 5}).status_code == 200
 
 
-def test_a_tuning_job_is_kept_while_its_scoring_jobs_run(api: TestClient,
-                                                        pair: tuple[str, str],
-                                                        db_url: str) -> None:
+def tuning_job_and_its_scoring_job(api: TestClient, pair: tuple[str, str],
+                                   db_url: str) -> tuple[str, str]:
+    """A succeeded tuning job with a stored detector, and a queued job scoring the test set
+    with it."""
     from service.db import make_engine, session_scope
 
     tune = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
@@ -263,6 +264,13 @@ def test_a_tuning_job_is_kept_while_its_scoring_jobs_run(api: TestClient,
                           meta={}))
     engine.dispose()
     score = api.post(f"/v1/jobs/{tune}/score", json={"dataset_id": pair[1]}).json()["id"]
+    return tune, score
+
+
+def test_a_tuning_job_is_kept_while_its_scoring_jobs_run(api: TestClient,
+                                                        pair: tuple[str, str],
+                                                        db_url: str) -> None:
+    tune, score = tuning_job_and_its_scoring_job(api, pair, db_url)
     assert_error(api.delete(f"/v1/jobs/{tune}"), 409, "Conflict", score)  # needs the detector
     api.post(f"/v1/jobs/{score}/cancel")
     assert api.delete(f"/v1/jobs/{tune}").status_code == 204
@@ -273,16 +281,7 @@ def test_a_tuning_job_is_kept_while_its_scoring_jobs_run(api: TestClient,
 
 def test_job_list_filters_by_kind_and_leaves_out_specs_unless_asked(
         api: TestClient, pair: tuple[str, str], db_url: str) -> None:
-    from service.db import make_engine, session_scope
-
-    tune = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
-    finish_job_with_scores(db_url, tune, [("invert", {}, 0.5, [1.0] * 8)])
-    engine = make_engine(db_url)
-    with session_scope(engine) as s:
-        s.add(JobArtifact(job_id=tune, name=MODEL_ARTIFACT, content_type="x", data=b"w",
-                          meta={}))
-    engine.dispose()
-    score = api.post(f"/v1/jobs/{tune}/score", json={"dataset_id": pair[1]}).json()["id"]
+    tune, score = tuning_job_and_its_scoring_job(api, pair, db_url)
 
     def ids(**params: str) -> list[str]:
         r = api.get("/v1/jobs", params=params)

@@ -32,3 +32,21 @@ def test_upgrade_check_downgrade(kind: str, request: pytest.FixtureRequest,
         p = alembic(url, *args)
         assert p.returncode == 0, (args, p.stdout, p.stderr)
     assert "No new upgrade operations detected" in p.stdout + p.stderr
+
+
+def test_blob_chunks_are_stored_uncompressed_on_postgres(pg_url: str) -> None:
+    """pglz compresses image arrays by almost nothing and more than doubles the insert
+    time of a large upload (migration 0005): chunks are STORAGE EXTERNAL."""
+    from sqlalchemy import text
+
+    from service.db import make_engine
+
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            storage = conn.execute(text(
+                "SELECT attstorage FROM pg_attribute WHERE attrelid = 'blob_chunks'::regclass "
+                "AND attname = 'data'")).scalar_one()
+    finally:
+        engine.dispose()
+    assert storage == "e"  # EXTERNAL (was "x", EXTENDED: compressed)
