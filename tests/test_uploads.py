@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from service.models import Blob, Dataset
-from tests.helpers import assert_error, client, count, npz, upload
+from tests.helpers import assert_error, client, count, npz, tiny_job, upload
 from tests.test_auth import make_key
 from tests.test_faults import start_api
 
@@ -69,7 +69,16 @@ def test_a_zip_of_mixed_sizes_is_resized_to_the_most_common_and_says_so(db_url: 
         assert (body["n_samples"], body["height"], body["width"]) == (4, 8, 8)
         assert body["resized_from"] == [{"height": 16, "width": 12, "count": 1}]
         assert upload(c, npz(GREY), "same.npz").json()["resized_from"] is None
-        assert c.get(r.headers["Location"]).json()["height"] == 8
+        again = c.get(r.headers["Location"]).json()  # stored: every read says so
+        assert again["height"] == 8 and again["resized_from"] == body["resized_from"]
+        # A job then resizes train and test to its working size, and says so.
+        other = upload(c, npz(np.zeros((3, 40, 40), np.uint8)), "big.npz").json()["id"]
+        job = c.post("/v1/jobs", json=tiny_job(r.json()["id"], other))
+        assert job.status_code == 202, job.text
+        assert job.json()["spec"]["images"] == {"train": [8, 8], "test": [40, 40],
+                                                "working_size": 32}
+        first = c.get(f"/v1/jobs/{job.json()['id']}/events").json()["events"][0]
+        assert "resized to the working size 32x32 (train 8x8, test 40x40)" in first["message"]
 
 
 def test_pool_exhaustion_is_a_503_with_retry_after(pg_url: str) -> None:

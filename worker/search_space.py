@@ -405,3 +405,15 @@ def augmented_count(n_train: int, contamination: float) -> int:
     if not 0.0 < contamination < 1.0:
         raise ValueError(f"contamination must be in (0, 1), got {contamination}")
     return max(1, round(n_train * contamination / (1.0 - contamination)))
+
+
+def auto_image_size(height: int, width: int) -> int:
+    """The working size, from the train images' size: every image, train and test, is
+    resized to working size x working size before training (32 for inputs up to 40 px,
+    64 up to 96 px, else 128). Plain data so the API can say it when a job is created."""
+    side = max(height, width)
+    if side <= 40:
+        return 32
+    if side <= 96:
+        return 64
+    return 128

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
 
 from service.datasets import service
-from service.datasets.schemas import DatasetList, DatasetOut, ResizedFrom
+from service.datasets.schemas import DatasetList, DatasetOut
 from service.deps import (
     IdempotencyKeyDep,
     SessionDep,
@@ -77,11 +77,7 @@ def upload_dataset(
     elif created.outcome == "existing":
         response.status_code = status.HTTP_200_OK
         response.headers["Dataset-Existing"] = "true"
-    out = DatasetOut.model_validate(created.dataset)
-    if created.resized_from:
-        out.resized_from = [ResizedFrom(height=h, width=w, count=k)
-                            for h, w, k in created.resized_from]
-    return out
+    return DatasetOut.model_validate(created.dataset)
 
 
 @router.get("", response_model=DatasetList, responses=error_responses(401, 422),

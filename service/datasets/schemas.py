@@ -27,10 +27,10 @@ class DatasetOut(BaseModel):
     size_bytes: int = Field(description="size of the stored array")
     created_at: datetime
     resized_from: list[ResizedFrom] | None = Field(
-        None, description="Only in the response to the upload that created the dataset: "
-        "the sizes of the images that were resized to the dataset's height x width (images "
-        "of different sizes in one upload are resized to the most common size); null when "
-        "none were")
+        None, description="The sizes of the images that were resized to the dataset's "
+        "height x width (images of different sizes in one upload are resized to the most "
+        "common size); null when none were. Jobs then resize train and test images to "
+        "their working size (the job's `spec.images`)")
 
 
 class DatasetList(BaseModel):

@@ -76,7 +76,6 @@ def stored_sha256(upload: ImageSet | NpyFile) -> str:
 class Created:
     dataset: Dataset
     outcome: str  # "created", "existing" (same content and name) or "replayed"
-    resized_from: tuple[tuple[int, int, int], ...] = ()
 
 
 def create_dataset(factory: sessionmaker[Session], tenant_id: str, file: IO[bytes],
@@ -106,6 +105,7 @@ def create_dataset(factory: sessionmaker[Session], tenant_id: str, file: IO[byte
         raise InvalidDataset(str(exc)) from None
     size = stored_size(upload)
     n, c, h, w = upload.shape
+    resized = upload.resized_from if isinstance(upload, ImageSet) else ()
     with _transaction(factory) as session:
         quotas = tenants.lock_tenant(session, tenant_id, settings)  # serialises the tenant
         dataset = repo.find_dataset(session, tenant_id, sha, display)
@@ -117,14 +117,15 @@ def create_dataset(factory: sessionmaker[Session], tenant_id: str, file: IO[byte
                 repo.insert_blob(session, sha, size, blob_chunks(upload))
             dataset = Dataset(id=str(uuid.uuid4()), tenant_id=tenant_id, name=display,
                               sha256=sha, n_samples=n, channels=c, height=h, width=w,
-                              size_bytes=size, names=upload.names)
+                              size_bytes=size, names=upload.names,
+                              resized_from=[{"height": rh, "width": rw, "count": k}
+                                            for rh, rw, k in resized] or None)
             session.add(dataset)
             session.flush()
         if idempotency_key is not None:
             idempotency.remember(session, tenant_id, "datasets", idempotency_key, fp,
                                  dataset.id)
-    resized = upload.resized_from if isinstance(upload, ImageSet) else ()
-    return Created(dataset, outcome, resized if outcome == "created" else ())
+    return Created(dataset, outcome)
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:

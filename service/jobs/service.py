@@ -28,7 +28,7 @@ from service.models import (
     JobTrial,
 )
 from service.settings import Settings
-from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace
+from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace, auto_image_size
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -37,6 +37,19 @@ def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Da
         raise NotFound(f"{role} dataset {dataset_id} not found" if role
                        else f"dataset {dataset_id} not found")
     return d
+
+
+def working_images(train: Dataset, test: Dataset) -> tuple[dict[str, Any], str]:
+    """The one size rule for a job, as the engine applies it: train and test images are all
+    resized to working size x working size (from the train images' size). The sizes, for the
+    job's spec, and a note for its first event when anything is resized ("" otherwise)."""
+    size = auto_image_size(train.height, train.width)
+    images = {"train": [train.height, train.width], "test": [test.height, test.width],
+              "working_size": size}
+    resized = [f"{role} {d.height}x{d.width}" for role, d in (("train", train), ("test", test))
+               if (d.height, d.width) != (size, size)]
+    note = f"images resized to the working size {size}x{size} ({', '.join(resized)})"
+    return images, note if resized else ""
 
 
 def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings,
@@ -78,11 +91,15 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
                          quota=quotas.max_compute_per_job)
     spec: dict[str, Any] = request.model_dump()
     spec["search_space"] = space.to_dict()
-    message = "queued"
+    notes = []
     if cost.batch_size != request.batch_size:
         spec.update(batch_size=cost.batch_size, requested_batch_size=request.batch_size)
-        message = (f"queued; batch_size {request.batch_size} clamped to {cost.batch_size}, "
-                   "the train set's size")
+        notes.append(f"batch_size {request.batch_size} clamped to {cost.batch_size}, "
+                     "the train set's size")
+    spec["images"], resized = working_images(train, test)
+    if resized:
+        notes.append(resized)
+    message = "; ".join(["queued", *notes])
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
               train_dataset_id=train.id, test_dataset_id=test.id, spec=spec,
               n_trials=request.n_trials, trials_completed=0, attempt=0,

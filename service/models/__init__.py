@@ -168,6 +168,9 @@ class Dataset(Base):
     width: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     names: Mapped[list[str]] = mapped_column(JSON)
+    # [{height, width, count}] of the images resized to height x width when the upload held
+    # several sizes; None when none were.
+    resized_from: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

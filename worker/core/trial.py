@@ -24,7 +24,12 @@ from worker.core.detector import Detector, DetectorConfig
 from worker.core.export import ScoringModel
 from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
 from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_apply, mahalanobis_fit
-from worker.search_space import DEFAULT_CONTAMINATION, MAX_EMBED_TRAIN, ParamValue
+from worker.search_space import (
+    DEFAULT_CONTAMINATION,
+    MAX_EMBED_TRAIN,
+    ParamValue,
+    auto_image_size,
+)
 
 
 class TrialPruned(Exception):
@@ -78,16 +83,6 @@ class TrainSettings:
             raise ValueError(f"unknown scorer {self.scorer!r}; known: {list(SCORERS)}")
         if self.max_embed_train < 2:
             raise ValueError("max_embed_train must be >= 2")
-
-
-def auto_image_size(height: int, width: int) -> int:
-    """Working size: 32 for inputs up to 40 px, 64 up to 96 px, else 128."""
-    side = max(height, width)
-    if side <= 40:
-        return 32
-    if side <= 96:
-        return 64
-    return 128
 
 
 @dataclass(frozen=True)
