@@ -239,3 +239,36 @@ def kill_inside_transaction(api: subprocess.Popen[bytes], server: PostgresServer
 def _post_quietly(url: str, **kwargs: Any) -> None:
     with contextlib.suppress(httpx.HTTPError):  # the server is killed under this request
         httpx.post(url, timeout=60, **kwargs)
+
+
+def test_deleting_a_dataset_waits_for_a_job_being_created_on_it(
+        postgres: PostgresServer, pg_template: str, tmp_path: Path) -> None:
+    """Deleting a dataset takes the tenant's lock, as creating a job does: a job cannot be
+    inserted between the delete's "is it used?" check and the delete (that was a
+    foreign-key violation, a 500). The test holds the lock as a job creation would; the
+    delete waits for it, then answers."""
+    import psycopg
+
+    from service.models import DEFAULT_TENANT_ID
+
+    database = postgres.create_database(pg_template)
+    db_url = postgres.url(database)
+    api, url = start_api(db_url, tmp_path)
+    answers: list[int] = []
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            _, te = upload_pair(c, npz(np.zeros((4, 8, 8), np.uint8)),
+                                 npz(np.ones((4, 8, 8), np.uint8)))
+        with psycopg.connect(postgres.url(database, "postgresql")) as locker:
+            locker.execute("UPDATE tenants SET id = id WHERE id = %s", (DEFAULT_TENANT_ID,))
+            t = threading.Thread(target=lambda: answers.append(
+                httpx.delete(f"{url}/v1/datasets/{te}", timeout=60).status_code))
+            t.start()
+            wait_for_lock_wait(postgres, database)  # the delete waits for the tenant
+            assert answers == []
+            locker.rollback()
+        t.join(timeout=60)
+        assert answers == [204]
+    finally:
+        api.kill()
+        api.wait(timeout=30)

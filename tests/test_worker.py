@@ -331,3 +331,20 @@ def test_a_storage_that_cannot_be_opened_gives_the_job_back(
             engine.dispose()
         job = job_status(api, job_id)
         assert (job["status"], job["lost_leases"], job["error"]) == ("queued", 0, None)
+
+        # ... but not for ever: a failure that only looks like an outage (a statement
+        # timeout, say) would requeue the job endlessly; past the cap of free releases the
+        # job fails and says why.
+        monkeypatch.setattr(runner, "MAX_OUTAGE_RELEASES", 3)
+        engine = make_engine(db_url)
+        try:
+            outcomes = []
+            for _ in range(3):  # one release so far: two more are free, then it fails
+                claimed = JobManager(engine).claim_next_job("w")
+                assert claimed is not None
+                outcomes.append(run_in_process(claimed, JobManager(engine), db_url, tmp_path))
+        finally:
+            engine.dispose()
+        assert outcomes == ["released", "released", "failed"], outcomes
+        job = job_status(api, job_id)
+        assert job["status"] == "failed" and "given back 3 times" in job["error"], job

@@ -62,6 +62,12 @@ class ClaimedJob:
     spec: Mapping[str, Any]
     train: DatasetRef
     test: DatasetRef
+    lost_leases: int = 0
+
+    @property
+    def releases(self) -> int:
+        """Earlier claims that ended in a release (free hand-backs) rather than a lost lease."""
+        return max(0, self.attempt - 1 - self.lost_leases)
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,8 @@ class JobManager:
             test = s.get(Dataset, job.test_dataset_id)
             assert train is not None and test is not None
             self._event(s, job_id, JobStatus.running.value, attempt, f"claimed by {worker_id}")
-            return ClaimedJob(job_id, attempt, dict(job.spec), _ref(train), _ref(test))
+            return ClaimedJob(job_id, attempt, dict(job.spec), _ref(train), _ref(test),
+                              lost_leases=job.lost_leases)
 
     def requeue_stale(self) -> list[str]:
         """Running jobs whose lease expired (their worker died or went silent) go back to the

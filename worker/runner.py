@@ -30,6 +30,9 @@ from worker.storage import StorageUnavailable, open_study_storage
 
 log = logging.getLogger("ssad.worker")
 
+#: Free hand-backs (SIGTERM, database outages) a job may have before an outage fails it.
+MAX_OUTAGE_RELEASES = 20
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -233,10 +236,13 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
             log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)
             return "lost"
     except Exception as exc:
-        if is_transient(exc) or isinstance(exc, StorageUnavailable):
+        outage = is_transient(exc) or isinstance(exc, StorageUnavailable)
+        if outage and job.releases < MAX_OUTAGE_RELEASES:
             # The database went away under Optuna, a write outlived its retries, or Optuna's
             # storage could not be opened: give the job back (its stored trials are kept;
-            # a release does not use up an attempt) rather than fail it for an outage.
+            # a release does not use up an attempt) rather than fail it for an outage. The
+            # cap stops a deterministic error that looks like an outage (a statement
+            # timeout, say) from requeueing a job for ever.
             log.warning("job %s: database unavailable (%s); giving the job back", job.id, exc)
             try:
                 manager.release(job.id, job.attempt, "requeued: the database was unavailable")
@@ -244,8 +250,12 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
                 return "lost"
             return "released"
         log.exception("job %s failed", job.id)
+        reason = f"{type(exc).__name__}: {exc}"
+        if outage:
+            reason = (f"given back {job.releases} times for database errors; the last: "
+                      f"{reason}")
         try:
-            manager.fail(job.id, job.attempt, f"{type(exc).__name__}: {exc}")
+            manager.fail(job.id, job.attempt, reason)
         except LostLease:
             return "lost"
         return "failed"

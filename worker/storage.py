@@ -10,14 +10,15 @@ or on the version row), and the job used to fail. Here:
   with the transaction, so a worker that dies holding it releases it;
 * on SQLite the database's own write lock already serialises DDL; the only window left
   (check-then-create) ends in "table already exists", which the retry below resolves;
-* any database error while opening is retried with backoff; if it outlasts the retries,
-  :class:`StorageUnavailable` is raised, and the runner gives the job back to the queue
-  (free, see ``JobManager.release``) instead of failing it.
+* any database error while opening is retried with backoff (the creation races end in
+  unique violations); if an outage outlasts the retries, :class:`StorageUnavailable` is
+  raised, and the runner gives the job back to the queue (free, see
+  ``JobManager.release``, up to ``runner.MAX_OUTAGE_RELEASES``); any other lasting error
+  (no permission to create tables, say) is raised as it is and fails the job with it.
 
-Why not create Optuna's tables in our Alembic migration: ``migrate`` runs from the API
-image, which has no Optuna (and must not need the worker's dependencies), and Optuna's
-schema is versioned by Optuna itself (its own version table): a newer Optuna in the worker
-image may add tables at run time, which the lock covers too, while a migration would only
+Why not create Optuna's tables in our Alembic migration: Optuna's schema is versioned by
+Optuna itself (its own version table and migrations): a newer Optuna in the worker image may
+add tables at run time, which the lock covers too, while a migration of ours would only
 cover the Optuna present when it ran.
 """
 
@@ -34,7 +35,7 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from service.db import make_engine
+from service.db import is_transient, make_engine
 from service.settings import optuna_storage_url
 
 log = logging.getLogger("ssad.worker")
@@ -90,6 +91,8 @@ def open_study_storage(database_url: str, attempts: int = 6,
                 break
             except DBAPIError as exc:
                 if attempt == attempts:
+                    if not is_transient(exc):
+                        raise  # e.g. no permission to create the tables: fail the job, say why
                     raise StorageUnavailable(
                         f"Optuna's storage could not be opened: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:300]}") from exc

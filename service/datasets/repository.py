@@ -31,7 +31,10 @@ def list_datasets(session: Session, tenant_id: str, limit: int, offset: int
 
 
 def blob_exists(session: Session, sha256: str) -> bool:
-    return session.get(Blob, sha256) is not None
+    """Whether the blob is stored; on Postgres it stays so until this transaction ends
+    (``FOR KEY SHARE``: a concurrent delete of its last dataset waits for us)."""
+    return session.scalar(select(Blob.sha256).where(Blob.sha256 == sha256)
+                          .with_for_update(key_share=True)) is not None
 
 
 def insert_blob(session: Session, sha256: str, size_bytes: int,
@@ -84,7 +87,11 @@ def jobs_using_dataset(session: Session, dataset_id: str, limit: int = 5) -> lis
 
 
 def delete_dataset(session: Session, dataset: Dataset) -> None:
+    """Delete the dataset, and its blob when no other dataset (any tenant's) uses it. The
+    blob row is locked first, so an upload of the same content in another transaction
+    either sees it kept (its dataset counted here) or sees it gone and stores it again."""
     sha = dataset.sha256
+    session.execute(select(Blob.sha256).where(Blob.sha256 == sha).with_for_update())
     session.delete(dataset)
     session.flush()
     if not session.scalar(select(exists().where(Dataset.sha256 == sha))):

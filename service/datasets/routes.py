@@ -101,6 +101,7 @@ def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: DatasetId) -
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT,
                responses=error_responses(401, 404, 409, 422),
                summary="Delete a dataset (409 while a job uses it: delete the job first)")
-def delete_dataset(session: SessionDep, tenant: TenantDep, dataset_id: DatasetId) -> Response:
-    service.delete_dataset(session, tenant, dataset_id)
+def delete_dataset(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
+                   dataset_id: DatasetId) -> Response:
+    service.delete_dataset(session, tenant, dataset_id, settings)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -140,7 +140,11 @@ def list_datasets(session: Session, tenant_id: str, limit: int, offset: int
     return repo.list_datasets(session, tenant_id, limit, offset)
 
 
-def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> None:
+def delete_dataset(session: Session, tenant_id: str, dataset_id: str, settings: Settings
+                   ) -> None:
+    # The tenant's lock, as job creation takes it: a job cannot be created on the dataset
+    # between the check below and the delete (that was a foreign-key 500).
+    tenants.lock_tenant(session, tenant_id, settings)
     dataset = get_dataset(session, tenant_id, dataset_id)
     using = repo.jobs_using_dataset(session, dataset_id)
     if using:
