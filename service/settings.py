@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     max_augmented_images: int = Field(
         2000, description="|Y|, the augmented train images a trial embeds: |X|·r/(1−r) with r "
         "the job's contamination and |X| = min(train images, 2000); 422 beyond it")
-    # Per-tenant quotas (a tenant's own row may override each): 429 / 413 / 403 beyond them.
+    # Per-tenant quotas (a tenant's own row may override each): 429 (active jobs) or 403
+    # (stored bytes, trials, compute) beyond them.
     max_active_jobs: int = 8
     max_stored_bytes: int = 20 * 1024**3
     max_compute_per_job: int = Field(

@@ -83,10 +83,12 @@ def request_cancel_if_running(session: Session, job_id: str) -> bool:
                              JobStatus.running, "cancel requested")
 
 
-def active_score_jobs(session: Session, job_id: str) -> list[str]:
-    """Ids of the scoring jobs still queued or running with ``job_id``'s detector."""
+def active_score_jobs(session: Session, tenant_id: str, job_id: str) -> list[str]:
+    """Ids of the tenant's scoring jobs still queued or running with ``job_id``'s
+    detector."""
     return list(session.scalars(select(Job.id).where(
-        _kind_is("score"), Job.spec["source_job_id"].as_string() == job_id,
+        Job.tenant_id == tenant_id, _kind_is("score"),
+        Job.spec["source_job_id"].as_string() == job_id,
         Job.status.in_([JobStatus.queued.value, JobStatus.running.value]))).all())
 
 

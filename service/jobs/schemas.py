@@ -224,7 +224,7 @@ class ThresholdOut(BaseModel):
     job_id: str
     trial_number: int
     reference: Literal["tuning", "batch"] = Field(
-        "batch", description="tuning: the thresholds come from the tuning job's chosen scores "
+        description="tuning: the thresholds come from the tuning job's chosen scores "
                             "on its test set; batch: from this job's own scores")
     reference_job_id: str | None = Field(
         None, description="the job whose scores set the thresholds")

@@ -135,12 +135,14 @@ def delete_job(session: Session, tenant_id: str, job_id: str, settings: Settings
     # Serialised with create_score_job (same lock): no scoring job can be queued on this
     # job's detector between the check below and the delete.
     tenants.lock_tenant(session, tenant_id, settings)
-    active = repo.active_score_jobs(session, job_id)
+    active = repo.active_score_jobs(session, tenant_id, job_id)
     if active:
         raise Conflict(f"job {job_id}'s detector is in use by scoring job(s) "
                        f"{', '.join(active)}, still queued or running: cancel them or wait")
     if not repo.delete_ended_job(session, job_id):
-        raise Conflict(f"job {job_id} changed while being deleted; retry")
+        # Only an ended job is deleted, and an ended job never changes status: the row is
+        # gone, deleted by a concurrent request. Deleting is idempotent in effect.
+        raise NotFound(f"job {job_id} not found")
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
