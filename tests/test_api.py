@@ -157,6 +157,7 @@ def test_deleting_a_finished_job_removes_all_it_stored(api: TestClient, pair: tu
     assert api.get(f"/v1/jobs/{gone}/scores?format=csv").status_code == 200
     r = api.delete(f"/v1/jobs/{gone}")
     assert r.status_code == 204 and r.content == b""
+    assert_error(api.delete(f"/v1/jobs/{gone}"), 404, "NotFound")  # again: already gone
     assert row_counts(db_url, *tables) == {"job_trials": 0, "trial_scores": 0,
                                            "job_events": 2, "job_artifacts": 0}
     for path in ("", "/scores", "/trials", "/events", "/threshold"):
