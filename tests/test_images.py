@@ -289,6 +289,22 @@ def test_image_size_is_checked_from_the_header_before_decoding() -> None:
     assert peak_traced(lambda: load_bytes(six, "x.zip", limits)) < 4 * 1024**2
 
 
+def test_zip_image_headers_are_read_from_the_entry_stream() -> None:
+    """The header pass decompresses the start of each entry, not all of it (it was
+    decompressed whole twice: once for its header, once to decode it)."""
+    noise = png_bytes(np.random.default_rng(7).integers(0, 256, (1024, 1024), np.uint8))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", noise)  # 1 MB
+    data = buf.getvalue()
+    limits = Limits(max_pixels_per_image=1000)
+    with pytest.raises(ImageDataError, match="1024x1024"):
+        load_bytes(data, "x.zip", limits)
+    assert peak_traced(lambda: load_bytes(data, "x.zip", limits)) < 256 * 1024
+    out = load_bytes(data, "x.zip")
+    np.testing.assert_array_equal(out.images[0, 0], np.asarray(Image.open(io.BytesIO(noise))))
+
+
 def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
     """A zip with one PNG entry whose stored name is ``entry_name`` (any bytes)."""
     placeholder = b"Q" * len(entry_name)

@@ -394,10 +394,11 @@ class _Header:
     colour: bool
 
 
-def _image_header(data: bytes, name: str, limits: Limits) -> _Header:
-    """The image's size and colour from its header alone (nothing decoded)."""
+def _image_header(fp: IO[bytes], name: str, limits: Limits) -> _Header:
+    """The image's size and colour from its header alone (nothing decoded; from a zip,
+    only the start of the entry is decompressed)."""
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+        with Image.open(fp, formats=IMAGE_FORMATS) as img:
             w, h = img.size
             mode = img.mode
             colour = mode not in GREY_MODES and not (mode == "P" and _palette_is_grey(img))
@@ -440,9 +441,31 @@ def _decode_image(data: bytes, name: str, colour: bool, size: tuple[int, int]) -
         raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
 
 
-def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limits) -> ImageSet:
-    """Decode image files (name, a function returning its bytes) into one uint8
-    (N, C, H, W) set, sorted by name.
+ImageSource = Callable[[], IO[bytes]]  # opens one image file for reading
+
+
+def _open_source(open_: ImageSource, name: str) -> IO[bytes]:
+    try:
+        return open_()
+    except (ImageDataError, MemoryError):
+        raise
+    except Exception as exc:  # zipfile: RuntimeError (encrypted), NotImplementedError, ...
+        raise ImageDataError(f"cannot read {name!r}: {exc}") from None
+
+
+def _read_source(open_: ImageSource, name: str) -> bytes:
+    with _open_source(open_, name) as fp:
+        try:
+            return fp.read()
+        except MemoryError:
+            raise
+        except Exception as exc:  # a bad CRC, a corrupt deflate stream, ...
+            raise ImageDataError(f"cannot read {name!r}: {exc}") from None
+
+
+def _stack_images(items: Iterable[tuple[str, ImageSource]], limits: Limits) -> ImageSet:
+    """Decode image files (name, a function opening it) into one uint8 (N, C, H, W) set,
+    sorted by name.
 
     Every size is read from the file's header and checked against the limits (pixels per
     image, and the running total of decoded bytes) before any image is decoded. Images of
@@ -458,8 +481,9 @@ def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limi
         raise ImageDataError("no PNG/JPEG images found")
     headers: list[_Header] = []
     decoded_total = 0
-    for name, read in entries:
-        head = _image_header(read(), name, limits)
+    for name, open_ in entries:
+        with _open_source(open_, name) as fp:
+            head = _image_header(fp, name, limits)
         decoded_total += head.height * head.width * (3 if head.colour else 1)
         if decoded_total > limits.max_total_bytes:
             raise ImageDataError(
@@ -473,8 +497,8 @@ def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limi
     c = 3 if colour else 1
     limits.check_shape(len(entries), c, h, w)
     out = np.empty((len(entries), c, h, w), np.uint8)
-    for i, (name, read) in enumerate(entries):
-        arr = _decode_image(read(), name, colour, (h, w))
+    for i, (name, open_) in enumerate(entries):
+        arr = _decode_image(_read_source(open_, name), name, colour, (h, w))
         out[i] = arr.transpose(2, 0, 1) if colour else arr[None]
     resized = tuple(sorted((hh, ww, k) for (hh, ww), k in sizes.items() if (hh, ww) != (h, w)))
     return ImageSet(out, [name for name, _ in entries], resized)
@@ -515,18 +539,10 @@ def _load_zip(fp: IO[bytes], limits: Limits) -> ImageSet:
                 f"{limits.max_total_bytes}"
             )
 
-        def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
-            def read() -> bytes:
-                try:
-                    return zf.read(info)
-                except MemoryError:
-                    raise
-                except Exception as exc:  # as in _load_npz: encrypted, unknown method, ...
-                    raise ImageDataError(
-                        f"cannot read zip entry {info.filename!r}: {exc}") from None
-            return read
+        def opener(info: zipfile.ZipInfo) -> ImageSource:
+            return lambda: zf.open(info)
 
-        return _stack_images([(i.filename, reader(i)) for i in infos], limits)
+        return _stack_images([(i.filename, opener(i)) for i in infos], limits)
 
 
 def _index_names(n: int) -> list[str]:
@@ -550,7 +566,7 @@ def read_upload(fp: IO[bytes], filename: str, limits: Limits = DEFAULT_LIMITS
         return _load_zip(fp, limits)
     if suffix in IMAGE_SUFFIXES:
         data = fp.read()
-        return _stack_images([(Path(filename).name, lambda: data)], limits)
+        return _stack_images([(Path(filename).name, lambda: io.BytesIO(data))], limits)
     raise ImageDataError(
         f"unsupported file type {suffix or '(none)'!r}: use .npz, .npy, .zip of PNG/JPEG, "
         "or a folder of PNG/JPEG files"
@@ -568,13 +584,17 @@ def load_bytes(data: bytes, filename: str, limits: Limits = DEFAULT_LIMITS) -> I
     return load_file(io.BytesIO(data), filename, limits)
 
 
+def _file_opener(path: Path) -> ImageSource:
+    return lambda: path.open("rb")
+
+
 def load_path(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> ImageSet:
     """Read a file or a folder of PNG/JPEG files."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir()
                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        return _stack_images([(f.name, f.read_bytes) for f in files], limits)
+        return _stack_images([(f.name, _file_opener(f)) for f in files], limits)
     if not p.exists():
         raise ImageDataError(f"{p}: no such file or folder")
     with p.open("rb") as fp:
