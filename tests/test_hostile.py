@@ -14,7 +14,16 @@ from PIL import Image
 
 from service.models import Blob, BlobChunk, Dataset, Job
 from tests.helpers import assert_error, client, npz, row_counts, upload
-from tests.test_images import npy_bytes, npy_member_zip, png_bytes, raw_zip, zip_bytes
+from tests.test_images import (
+    ENCRYPTED,
+    npy_bytes,
+    npy_member_zip,
+    other_format,
+    patch_zip,
+    png_bytes,
+    raw_zip,
+    zip_bytes,
+)
 
 GREY = np.random.default_rng(1).integers(0, 256, (6, 8, 8), dtype=np.uint8)
 LIMIT = 400_000  # upload bytes; decoded bytes are capped at 4 MB below
@@ -83,6 +92,18 @@ HOSTILE_UPLOADS = [
     ("out-of-range floats", npz(np.full((2, 8, 8), 7.5, np.float32)), "x.npz", 422, "must lie in"),
     ("negative integers", npz(np.full((2, 8, 8), -3, np.int16)), "x.npz", 422,
      "must lie in"),
+    ("encrypted zip entry", patch_zip(zip_bytes({"a.png": png_bytes(GREY[0])}),
+                                      flag_bits=ENCRYPTED), "x.zip", 422, "encrypted"),
+    ("zip entry with an unknown compression method",
+     patch_zip(zip_bytes({"a.png": png_bytes(GREY[0])}), method=99), "x.zip", 422,
+     "compression method"),
+    ("encrypted .npz member", patch_zip(npz(GREY), flag_bits=ENCRYPTED), "x.npz", 422,
+     "encrypted"),
+    (".npz member with an unknown compression method", patch_zip(npz(GREY), method=99),
+     "x.npz", 422, "compression method"),
+    ("a GIF named .png", zip_bytes({"a.png": other_format("GIF")}), "x.zip", 422,
+     "cannot decode"),
+    ("a BMP named .png", other_format("BMP"), "a.png", 422, "cannot decode"),
     ("unknown file type", b"hello", "x.exe", 422, "unsupported file type"),
     ("body over the upload limit", b"\x00" * (LIMIT + 10), "big.npy", 413, "limit"),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import tracemalloc
 import zipfile
 from collections.abc import Callable
@@ -240,6 +241,31 @@ def test_canonical_npy_is_streamed_not_loaded_and_stored_as_numpy_saves_it() -> 
     np.testing.assert_array_equal(out2.images[:, 0], GREY)
 
 
+def test_fortran_order_arrays_are_converted_a_piece_at_a_time() -> None:
+    rng = np.random.default_rng(6)
+    floats = np.asfortranarray(rng.random((40, 12, 10, 3)))  # (N, H, W, C), float64
+    expected = np.rint(floats * 255).astype(np.uint8).transpose(0, 3, 1, 2)
+    for data, name in ((npy_bytes(floats), "x.npy"), (npz_bytes(images=floats), "x.npz")):
+        np.testing.assert_array_equal(load_bytes(data, name).images, expected)
+    bad = floats.copy(order="F")
+    bad[39, 11, 9, 2] = 1.5  # the last value in the stream
+    with pytest.raises(ImageDataError, match="must lie in"):
+        load_bytes(npy_bytes(bad), "x.npy")
+    with pytest.raises(ImageDataError, match="truncated"):
+        load_bytes(npy_bytes(floats)[:-8], "x.npy")
+    # The measured bomb: 64 MB of float64 zeros (a 63 KB .npz) within an 8 MiB decoded
+    # limit. Before: read whole, then float temporaries (192 MB peak); now the decoded
+    # size twice plus a 4 MiB piece and its temporaries.
+    zeros = np.zeros((1024, 64, 128), order="F")
+    limits = Limits(max_total_bytes=8 * 1024**2)
+    for data, name in ((npy_bytes(zeros), "x.npy"), (npz_bytes(images=zeros), "x.npz")):
+        def load(d: bytes = data, n: str = name) -> ImageSet:
+            return load_bytes(d, n, limits)
+        assert load().images.shape == (1024, 1, 64, 128)
+        peak = peak_traced(load)
+        assert peak < 32 * 1024**2, peak  # 20 MiB measured, as for C order
+
+
 def big_png(side: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
@@ -261,6 +287,22 @@ def test_image_size_is_checked_from_the_header_before_decoding() -> None:
     with pytest.raises(ImageDataError, match="bytes decoded"):
         load_bytes(six, "x.zip", limits)
     assert peak_traced(lambda: load_bytes(six, "x.zip", limits)) < 4 * 1024**2
+
+
+def test_zip_image_headers_are_read_from_the_entry_stream() -> None:
+    """The header pass decompresses the start of each entry, not all of it (it was
+    decompressed whole twice: once for its header, once to decode it)."""
+    noise = png_bytes(np.random.default_rng(7).integers(0, 256, (1024, 1024), np.uint8))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", noise)  # 1 MB
+    data = buf.getvalue()
+    limits = Limits(max_pixels_per_image=1000)
+    with pytest.raises(ImageDataError, match="1024x1024"):
+        load_bytes(data, "x.zip", limits)
+    assert peak_traced(lambda: load_bytes(data, "x.zip", limits)) < 256 * 1024
+    out = load_bytes(data, "x.zip")
+    np.testing.assert_array_equal(out.images[0, 0], np.asarray(Image.open(io.BytesIO(noise))))
 
 
 def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
@@ -285,6 +327,70 @@ def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
 def test_zip_entries_with_bad_names_are_refused(name: bytes, utf8: bool, message: str) -> None:
     with pytest.raises(ImageDataError, match=message):
         load_bytes(raw_zip(name, utf8), "x.zip")
+
+
+def patch_zip(data: bytes, *, flag_bits: int = 0, method: int | None = None) -> bytes:
+    """``data`` (a zip) with ``flag_bits`` set and/or the compression method replaced in
+    every entry's local and central headers."""
+    buf = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        offsets = [(i.header_offset, 6) for i in zf.infolist()]  # local: flags at +6
+        pos = zf.start_dir
+    while buf[pos:pos + 4] == b"PK\x01\x02":  # central: flags at +8
+        offsets.append((pos, 8))
+        n, m, k = struct.unpack("<HHH", buf[pos + 28:pos + 34])
+        pos += 46 + n + m + k
+    for at, flags in offsets:
+        (old,) = struct.unpack("<H", buf[at + flags:at + flags + 2])
+        buf[at + flags:at + flags + 2] = struct.pack("<H", old | flag_bits)
+        if method is not None:  # the method follows the flags
+            buf[at + flags + 2:at + flags + 4] = struct.pack("<H", method)
+    return bytes(buf)
+
+
+ENCRYPTED = 0x1
+
+
+@pytest.mark.parametrize("data, name, message", [
+    (patch_zip(zip_bytes({"a.png": png_bytes(GREY[0])}), flag_bits=ENCRYPTED), "x.zip",
+     "encrypted"),
+    (patch_zip(zip_bytes({"a.png": png_bytes(GREY[0])}), method=99), "x.zip",
+     "compression method"),
+    (patch_zip(npz_bytes(images=GREY), flag_bits=ENCRYPTED), "x.npz", "encrypted"),
+    (patch_zip(npz_bytes(images=GREY), method=99), "x.npz", "compression method"),
+])
+def test_encrypted_or_unknown_compression_members_are_refused(
+        data: bytes, name: str, message: str) -> None:
+    with pytest.raises(ImageDataError, match=message):  # was a RuntimeError /
+        load_bytes(data, name)  # NotImplementedError from zipfile: a 500
+
+
+def other_format(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(GREY[0]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_only_png_and_jpeg_are_decoded_whatever_the_name(fmt: str) -> None:
+    data = other_format(fmt)
+    with pytest.raises(ImageDataError, match=r"cannot decode image 'a\.png'"):
+        load_bytes(zip_bytes({"a.png": data}), "x.zip")
+    with pytest.raises(ImageDataError, match="cannot decode"):
+        load_bytes(data, "a.jpg")
+    jpeg = other_format("JPEG")  # a JPEG named .png is still one of the two formats
+    assert load_bytes(zip_bytes({"a.png": jpeg}), "x.zip").images.shape == (1, 1, 12, 10)
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack"), IndexError("x"), TypeError("y")])
+def test_any_decoder_error_is_a_clear_refusal(monkeypatch: pytest.MonkeyPatch,
+                                              error: Exception) -> None:
+    """What PIL raises on fuzzed files is not only OSError/ValueError."""
+    def broken(*args: object, **kwargs: object) -> Image.Image:
+        raise error
+    monkeypatch.setattr(Image, "open", broken)
+    with pytest.raises(ImageDataError, match=r"cannot decode image 'a\.png'"):
+        load_bytes(zip_bytes({"a.png": png_bytes(GREY[0])}), "x.zip")
 
 
 def test_sixteen_bit_and_palette_pngs_decode() -> None:

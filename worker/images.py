@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
-from zlib import error as zlib_error
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_FORMATS = ("PNG", "JPEG")  # whatever else PIL could open is refused
 ARRAY_KEYS = ("images", "x")
 
 
@@ -111,11 +111,8 @@ def _check_dtype(dtype: np.dtype) -> None:
         )
 
 
-def array_to_uint8(arr: np.ndarray, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """Validate and normalise an image array to uint8 (N, C, H, W)."""
-    _check_dtype(arr.dtype)
-    n, c, h, w, layout = _layout(tuple(int(s) for s in arr.shape))
-    limits.check_shape(n, c, h, w)
+def _values_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Check an array's values (any shape) and convert them to uint8."""
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise ImageDataError("float images contain NaN or infinity")
@@ -124,15 +121,24 @@ def array_to_uint8(arr: np.ndarray, limits: Limits = DEFAULT_LIMITS) -> np.ndarr
             raise ImageDataError(
                 f"float images must lie in [0, 1]; found values in [{lo:.4g}, {hi:.4g}]"
             )
-        arr = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    elif arr.dtype != np.uint8:
+        return np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if arr.dtype != np.uint8:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 255:
             raise ImageDataError(
                 f"integer images must lie in 0..255; found values in [{lo}, {hi}] "
                 f"(dtype {arr.dtype})"
             )
-        arr = arr.astype(np.uint8)
+        return arr.astype(np.uint8)
+    return arr
+
+
+def array_to_uint8(arr: np.ndarray, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Validate and normalise an image array to uint8 (N, C, H, W)."""
+    _check_dtype(arr.dtype)
+    n, c, h, w, layout = _layout(tuple(int(s) for s in arr.shape))
+    limits.check_shape(n, c, h, w)
+    arr = _values_to_uint8(arr)
     if layout == "NHW":
         arr = arr[:, None]
     elif layout == "NHWC":
@@ -197,27 +203,44 @@ def _read_npy_header(fp: IO[bytes], limits: Limits) -> NpyHeader:
     return header
 
 
-def _read_exactly(fp: IO[bytes], header: NpyHeader, what: str) -> np.ndarray:
-    """Read the array's data (exactly ``header.nbytes``, no more) into a new array, then
-    check that the stream ends there."""
-    shape = header.shape[::-1] if header.fortran else header.shape
-    arr = np.empty(shape, dtype=header.dtype)
-    view = arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
-    pos, total = 0, header.nbytes
-    while pos < total:
+READ_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024  # input converted at a time (float temporaries are a few x)
+
+
+def _fill(fp: IO[bytes], view: memoryview, done: int, total: int, what: str) -> None:
+    """Read exactly ``len(view)`` bytes into ``view`` (``done`` of the ``total`` data
+    bytes were read before it: for the message)."""
+    pos = 0
+    while pos < len(view):
         got = fp.readinto(view[pos:pos + READ_BYTES])  # type: ignore[attr-defined]
         if not got:
-            raise ImageDataError(f"{what} is truncated: its data ends after {pos} of the "
-                                 f"{total} bytes its header declares")
+            raise ImageDataError(f"{what} is truncated: its data ends after {done + pos} of "
+                                 f"the {total} bytes its header declares")
         pos += got
+
+
+def _check_ends(fp: IO[bytes], total: int, what: str) -> None:
     if fp.read(1):
         raise ImageDataError(f"{what} is longer than its header declares ({total} bytes of "
                              "data): it is corrupt or not one array")
-    return arr.T if header.fortran else arr
 
 
-READ_BYTES = 8 * 1024 * 1024
-BATCH_BYTES = 4 * 1024 * 1024  # input converted at a time (float temporaries are a few x)
+def _read_fortran(fp: IO[bytes], header: NpyHeader, what: str, limits: Limits) -> np.ndarray:
+    """A column-major (``fortran_order``) array, whose images are interleaved in the
+    stream: its values are read and converted to uint8 a piece at a time into one uint8
+    array in the stream's order, which is then put in (N, C, H, W) order. At most the
+    decoded size twice, plus a piece and its temporaries: never the whole input."""
+    raw = np.empty(header.shape[::-1], np.uint8)  # C order over the reversed shape
+    flat = raw.reshape(-1)
+    step = max(1, BATCH_BYTES // header.dtype.itemsize)
+    buf = np.empty(min(step, flat.size), header.dtype)
+    total = header.nbytes
+    for start in range(0, flat.size, step):
+        piece = buf[:min(step, flat.size - start)]
+        _fill(fp, piece.view(np.uint8).data, start * header.dtype.itemsize, total, what)
+        flat[start:start + len(piece)] = _values_to_uint8(piece)
+    _check_ends(fp, total, what)
+    return array_to_uint8(raw.T, limits)  # uint8 already: only the layout is copied
 
 
 def _read_images(fp: IO[bytes], header: NpyHeader, what: str, limits: Limits) -> np.ndarray:
@@ -225,7 +248,7 @@ def _read_images(fp: IO[bytes], header: NpyHeader, what: str, limits: Limits) ->
     the stream must end) and converted a batch of images at a time into the one output
     array: no copy of the whole input is ever held beside it."""
     if header.fortran:  # column-major: images are not contiguous in the stream
-        return array_to_uint8(_read_exactly(fp, header, what), limits)
+        return _read_fortran(fp, header, what, limits)
     out = np.empty((header.n, header.c, header.h, header.w), np.uint8)
     per_image = header.nbytes // header.n
     batch = max(1, BATCH_BYTES // max(1, per_image))
@@ -233,19 +256,9 @@ def _read_images(fp: IO[bytes], header: NpyHeader, what: str, limits: Limits) ->
     for start in range(0, header.n, batch):
         k = min(batch, header.n - start)
         buf = np.empty((k, *header.shape[1:]), dtype=header.dtype)
-        view = buf.reshape(-1).view(np.uint8).data
-        pos = 0
-        while pos < len(view):
-            got = fp.readinto(view[pos:])  # type: ignore[attr-defined]
-            if not got:
-                raise ImageDataError(
-                    f"{what} is truncated: its data ends after {start * per_image + pos} of "
-                    f"the {total} bytes its header declares")
-            pos += got
+        _fill(fp, buf.reshape(-1).view(np.uint8).data, start * per_image, total, what)
         out[start:start + k] = array_to_uint8(buf, limits)
-    if fp.read(1):
-        raise ImageDataError(f"{what} is longer than its header declares ({total} bytes of "
-                             "data): it is corrupt or not one array")
+    _check_ends(fp, total, what)
     return out
 
 
@@ -315,7 +328,9 @@ def _read_npy(fp: IO[bytes], limits: Limits) -> NpyFile | ImageSet:
 def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
     try:
         zf = zipfile.ZipFile(fp)
-    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # BadZipFile, UnicodeDecodeError, EOFError, struct.error, ...
         raise ImageDataError(f"not a valid .npz file: {exc}") from None
     with zf:
         members = {PurePosixPath(i.filename).stem: i for i in zf.infolist()
@@ -344,10 +359,11 @@ def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
                         f"{what} holds {info.file_size - data_at} bytes of data, its header "
                         f"declares {header.nbytes}: it is corrupt or not one array")
                 return _read_images(member, header, what, limits)
-        except ImageDataError:
+        except (ImageDataError, MemoryError):
             raise
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error) as exc:
-            raise ImageDataError(f"corrupt {what}: {exc}") from None
+        except Exception as exc:  # zipfile, zlib, bz2, lzma: any of their errors, e.g.
+            # RuntimeError (encrypted) or NotImplementedError (compression method)
+            raise ImageDataError(f"cannot read {what}: {exc}") from None
 
 
 # ------------------------------------------------------------------------- image files
@@ -378,15 +394,17 @@ class _Header:
     colour: bool
 
 
-def _image_header(data: bytes, name: str, limits: Limits) -> _Header:
-    """The image's size and colour from its header alone (nothing decoded)."""
+def _image_header(fp: IO[bytes], name: str, limits: Limits) -> _Header:
+    """The image's size and colour from its header alone (nothing decoded; from a zip,
+    only the start of the entry is decompressed)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(fp, formats=IMAGE_FORMATS) as img:
             w, h = img.size
             mode = img.mode
             colour = mode not in GREY_MODES and not (mode == "P" and _palette_is_grey(img))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-            SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises many kinds (struct.error, IndexError, ...)
         raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
     if h < 1 or w < 1 or h * w > limits.max_pixels_per_image:
         raise ImageDataError(f"image {name!r} is {w}x{h} = {w * h} pixels, outside the limit "
@@ -399,7 +417,7 @@ def _decode_image(data: bytes, name: str, colour: bool, size: tuple[int, int]) -
     ``size`` = (H, W) if it differs."""
     h, w = size
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr16 = np.asarray(img, dtype=np.int64)
@@ -417,14 +435,37 @@ def _decode_image(data: bytes, name: str, colour: bool, size: tuple[int, int]) -
             if out.size != (w, h):
                 out = out.resize((w, h), Image.Resampling.BILINEAR)
             return np.asarray(out, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-            SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises many kinds (struct.error, IndexError, ...)
         raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
 
 
-def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limits) -> ImageSet:
-    """Decode image files (name, a function returning its bytes) into one uint8
-    (N, C, H, W) set, sorted by name.
+ImageSource = Callable[[], IO[bytes]]  # opens one image file for reading
+
+
+def _open_source(open_: ImageSource, name: str) -> IO[bytes]:
+    try:
+        return open_()
+    except (ImageDataError, MemoryError):
+        raise
+    except Exception as exc:  # zipfile: RuntimeError (encrypted), NotImplementedError, ...
+        raise ImageDataError(f"cannot read {name!r}: {exc}") from None
+
+
+def _read_source(open_: ImageSource, name: str) -> bytes:
+    with _open_source(open_, name) as fp:
+        try:
+            return fp.read()
+        except MemoryError:
+            raise
+        except Exception as exc:  # a bad CRC, a corrupt deflate stream, ...
+            raise ImageDataError(f"cannot read {name!r}: {exc}") from None
+
+
+def _stack_images(items: Iterable[tuple[str, ImageSource]], limits: Limits) -> ImageSet:
+    """Decode image files (name, a function opening it) into one uint8 (N, C, H, W) set,
+    sorted by name.
 
     Every size is read from the file's header and checked against the limits (pixels per
     image, and the running total of decoded bytes) before any image is decoded. Images of
@@ -440,8 +481,9 @@ def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limi
         raise ImageDataError("no PNG/JPEG images found")
     headers: list[_Header] = []
     decoded_total = 0
-    for name, read in entries:
-        head = _image_header(read(), name, limits)
+    for name, open_ in entries:
+        with _open_source(open_, name) as fp:
+            head = _image_header(fp, name, limits)
         decoded_total += head.height * head.width * (3 if head.colour else 1)
         if decoded_total > limits.max_total_bytes:
             raise ImageDataError(
@@ -455,8 +497,8 @@ def _stack_images(items: Iterable[tuple[str, Callable[[], bytes]]], limits: Limi
     c = 3 if colour else 1
     limits.check_shape(len(entries), c, h, w)
     out = np.empty((len(entries), c, h, w), np.uint8)
-    for i, (name, read) in enumerate(entries):
-        arr = _decode_image(read(), name, colour, (h, w))
+    for i, (name, open_) in enumerate(entries):
+        arr = _decode_image(_read_source(open_, name), name, colour, (h, w))
         out[i] = arr.transpose(2, 0, 1) if colour else arr[None]
     resized = tuple(sorted((hh, ww, k) for (hh, ww), k in sizes.items() if (hh, ww) != (h, w)))
     return ImageSet(out, [name for name, _ in entries], resized)
@@ -470,7 +512,9 @@ def _safe_member_name(name: str) -> bool:
 def _load_zip(fp: IO[bytes], limits: Limits) -> ImageSet:
     try:
         zf = zipfile.ZipFile(fp)
-    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # BadZipFile, UnicodeDecodeError, EOFError, struct.error, ...
         raise ImageDataError(f"not a valid zip file: {exc}") from None
     with zf:
         for i in zf.infolist():
@@ -495,16 +539,10 @@ def _load_zip(fp: IO[bytes], limits: Limits) -> ImageSet:
                 f"{limits.max_total_bytes}"
             )
 
-        def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
-            def read() -> bytes:
-                try:
-                    return zf.read(info)
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError,
-                        zlib_error) as exc:
-                    raise ImageDataError(f"corrupt zip file: {exc}") from None
-            return read
+        def opener(info: zipfile.ZipInfo) -> ImageSource:
+            return lambda: zf.open(info)
 
-        return _stack_images([(i.filename, reader(i)) for i in infos], limits)
+        return _stack_images([(i.filename, opener(i)) for i in infos], limits)
 
 
 def _index_names(n: int) -> list[str]:
@@ -528,7 +566,7 @@ def read_upload(fp: IO[bytes], filename: str, limits: Limits = DEFAULT_LIMITS
         return _load_zip(fp, limits)
     if suffix in IMAGE_SUFFIXES:
         data = fp.read()
-        return _stack_images([(Path(filename).name, lambda: data)], limits)
+        return _stack_images([(Path(filename).name, lambda: io.BytesIO(data))], limits)
     raise ImageDataError(
         f"unsupported file type {suffix or '(none)'!r}: use .npz, .npy, .zip of PNG/JPEG, "
         "or a folder of PNG/JPEG files"
@@ -546,13 +584,17 @@ def load_bytes(data: bytes, filename: str, limits: Limits = DEFAULT_LIMITS) -> I
     return load_file(io.BytesIO(data), filename, limits)
 
 
+def _file_opener(path: Path) -> ImageSource:
+    return lambda: path.open("rb")
+
+
 def load_path(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> ImageSet:
     """Read a file or a folder of PNG/JPEG files."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.iterdir()
                        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        return _stack_images([(f.name, f.read_bytes) for f in files], limits)
+        return _stack_images([(f.name, _file_opener(f)) for f in files], limits)
     if not p.exists():
         raise ImageDataError(f"{p}: no such file or folder")
     with p.open("rb") as fp:
