@@ -28,7 +28,11 @@ fi
 post_file() {
   local body
   body=$(api -w '\n%{http_code}' -F "file=@$1" "$URL/v1/datasets")
-  if [ "$(tail -n1 <<<"$body")" != 201 ]; then echo "upload of $1 failed: $(head -n1 <<<"$body")" >&2; exit 1; fi
+  # 201: stored; 200: this content under this name was stored before (Dataset-Existing).
+  case "$(tail -n1 <<<"$body")" in
+    200|201) ;;
+    *) echo "upload of $1 failed: $(head -n1 <<<"$body")" >&2; exit 1 ;;
+  esac
   head -n1 <<<"$body" | field "['id']"
 }
 

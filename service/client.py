@@ -157,15 +157,18 @@ def fmt_duration(seconds: float) -> str:
 
 def step_counts(job: dict[str, Any]) -> tuple[int, int] | None:
     """(training steps done, training steps in all) of a job whose worker reports its
-    running trial (``progress.current_trial``); None otherwise. A trial at its last step is
-    being evaluated: its steps count once it is stored."""
+    running trial (``progress.current_trial``); None otherwise. A trial at its last step
+    counts in full until it is stored (its number is not yet among the finished ones);
+    after that only ``trials_completed`` counts it, so nothing is counted twice."""
     progress = job["progress"]
     current = progress.get("current_trial")
     if not current or not current.get("steps"):
         return None
     steps = int(current["steps"])
     total = int(progress["n_trials"]) * steps
-    in_trial = int(current["step"]) if int(current["step"]) < steps else 0
+    step = min(int(current["step"]), steps)
+    stored = step >= steps and int(current.get("number", -1)) < int(progress["trials_completed"])
+    in_trial = 0 if stored else step
     return min(int(progress["trials_completed"]) * steps + in_trial, total), total
 
 

@@ -74,8 +74,12 @@ def _job(status: str, done: int, step: int | None = None, loss: float | None = 0
 def test_step_counts_and_eta() -> None:
     assert step_counts(_job("running", 0)) is None  # no report yet: trials only
     assert step_counts(_job("running", 1, step=40)) == (140, 400)
-    # The last step: the trial is being evaluated, its steps count once it is stored.
-    assert step_counts(_job("running", 1, step=100)) == (100, 400)
+    # The last step, not yet stored: its steps count in full (no jump backwards) ...
+    assert step_counts(_job("running", 1, step=100)) == (200, 400)
+    # ... and once it is stored (among trials_completed), only that counts it.
+    stored = _job("running", 2, step=100)
+    stored["progress"]["current_trial"]["number"] = 1
+    assert step_counts(stored) == (200, 400)
     assert eta_seconds(140, 400, 40, 50.0) == 130.0  # 100 steps in 50 s, 260 to go
     assert eta_seconds(40, 400, 40, 50.0) is None  # nothing seen to move yet
     assert eta_seconds(400, 400, 0, 10.0) == 0.0
