@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,29 @@ def finish_job_with_scores(db_url: str, job_id: str,
                                  params=params, validation_loss=loss, losses={"dsv": loss},
                                  timings={"total_s": 1.0 + number}, scores=scores)
         manager.finish(job_id, claimed.attempt)
+    finally:
+        engine.dispose()
+
+
+def claim_and_cancel(db_url: str, url: str,
+                     trials: Sequence[tuple[float, list[float]]] = ()) -> None:
+    """Play the worker for the job a client process is following: claim it, store each
+    ``(loss, scores)`` as a finished ``rotate`` trial, then cancel it through the API and
+    stop as a worker would (the worker's own JobManager calls)."""
+    from service.db import make_engine
+    from worker.manager import JobManager
+
+    engine = make_engine(db_url)
+    try:
+        manager = JobManager(engine)
+        claimed = wait_for(lambda: manager.claim_next_job("test-worker"), timeout=60)
+        for number, (loss, scores) in enumerate(trials):
+            manager.record_trial(claimed.id, claimed.attempt, number, augmentation="rotate",
+                                 params={"angle": 90.0 * (number + 1)}, validation_loss=loss,
+                                 losses={"dsv": loss}, timings={"total_s": 1.0},
+                                 scores=scores)
+        assert httpx.post(f"{url}/v1/jobs/{claimed.id}/cancel").status_code == 200
+        manager.mark_cancelled(claimed.id, claimed.attempt)
     finally:
         engine.dispose()
 

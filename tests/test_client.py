@@ -19,7 +19,16 @@ import numpy as np
 from service.client import Progress, _sse, default_url, fmt_duration
 from service.db import make_engine, session_scope
 from service.tenants import create_key
-from tests.helpers import ROOT, npz, start_api, start_worker, tiny_job, upload_pair, wait_for
+from tests.helpers import (
+    ROOT,
+    claim_and_cancel,
+    npz,
+    start_api,
+    start_worker,
+    tiny_job,
+    upload_pair,
+    wait_for,
+)
 from tests.pg import free_port
 
 
@@ -171,8 +180,6 @@ def test_an_unreachable_server_is_reported_at_once_with_how_to_point_elsewhere(
 
 def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
         pg_url: str, tmp_path: Path) -> None:
-    from worker.manager import JobManager
-
     (tmp_path / "train.npz").write_bytes(npz(np.zeros((6, 8, 8), np.uint8)))
     (tmp_path / "test.npz").write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
     api, url = start_api(pg_url, tmp_path)
@@ -181,23 +188,14 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
         [sys.executable, "-m", "service.cli", "tune", "train.npz", "test.npz", "-o", str(out),
          "--n-trials", "5", "--url", url], cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    engine = make_engine(pg_url)
     try:
-        manager = JobManager(engine)
         # Play the worker: claim the CLI's job, finish two trials, then a cancel arrives.
-        claimed = wait_for(lambda: manager.claim_next_job("test-worker"), timeout=60)
-        for number, loss in enumerate((0.5, 0.2)):
-            manager.record_trial(claimed.id, claimed.attempt, number, augmentation="rotate",
-                                 params={"angle": 90.0 * (number + 1)}, validation_loss=loss,
-                                 losses={"dsv": loss}, timings={"total_s": 1.0},
-                                 scores=[float(number + i) for i in range(4)])
-        assert httpx.post(f"{url}/v1/jobs/{claimed.id}/cancel").status_code == 200
-        manager.mark_cancelled(claimed.id, claimed.attempt)
+        claim_and_cancel(pg_url, url, [(loss, [float(number + i) for i in range(4)])
+                                       for number, loss in enumerate((0.5, 0.2))])
         _, stderr = cli.communicate(timeout=120)
     finally:
         if cli.poll() is None:
             cli.kill()
-        engine.dispose()
         api.kill()
         api.wait()
     assert cli.returncode == 1, stderr

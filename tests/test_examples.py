@@ -104,9 +104,7 @@ def test_examples_say_how_to_point_them_at_the_server(command: list[str]) -> Non
 def test_tune_sh_says_why_a_job_was_cancelled(pg_url: str, tmp_path: Path) -> None:
     import numpy as np
 
-    from service.db import make_engine
-    from tests.helpers import npz, start_api
-    from worker.manager import JobManager
+    from tests.helpers import claim_and_cancel, npz, start_api
 
     for name in ("train.npz", "test.npz"):
         (tmp_path / name).write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
@@ -118,17 +116,12 @@ def test_tune_sh_says_why_a_job_was_cancelled(pg_url: str, tmp_path: Path) -> No
     script = subprocess.Popen(["bash", str(ROOT / "examples/tune.sh"), "train.npz", "test.npz"],
                               cwd=tmp_path, env={**os.environ, "SSAD_URL": url},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    engine = make_engine(pg_url)
     try:
-        manager = JobManager(engine)
-        claimed = wait_for(lambda: manager.claim_next_job("test-worker"), timeout=60)
-        assert httpx.post(f"{url}/v1/jobs/{claimed.id}/cancel").status_code == 200
-        manager.mark_cancelled(claimed.id, claimed.attempt)
+        claim_and_cancel(pg_url, url)
         _, stderr = script.communicate(timeout=60)
     finally:
         if script.poll() is None:
             script.kill()
-        engine.dispose()
         api.kill()
         api.wait()
     assert script.returncode == 1
