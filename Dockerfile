@@ -12,7 +12,7 @@ COPY worker ./worker
 COPY migrations ./migrations
 
 FROM base AS api
-# The API and migrations only: worker.search_space and worker.images are torch-free.
+# The API and migrations only: common.search_space and common.images are torch-free.
 RUN pip install -c constraints.txt .
 USER ssad
 EXPOSE 8000

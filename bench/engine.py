@@ -30,10 +30,10 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from bench.tasks import Task, all_tasks
+from common.search_space import CUTPASTE_DEFAULT, SearchSpace
 from worker.core.objectives import OBJECTIVES
 from worker.core.study import StudySettings, run_study
 from worker.core.trial import TrainSettings, prepare
-from worker.search_space import CUTPASTE_DEFAULT, SearchSpace
 
 
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:

@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 
 from bench.tasks import DATA
-from service.db import make_engine
+from common.db import make_engine
 from service.migrate import upgrade_head
 from tests.helpers import wait_http_ok
 from tests.pg import PostgresServer, free_port
@@ -142,7 +142,7 @@ def bench_api(server: PostgresServer, work: Path) -> dict[str, Any]:
 def bench_auth(server: PostgresServer, work: Path, rounds: int = 3) -> dict[str, Any]:
     """GET /v1/jobs/{id} with API keys required against the same with auth off (two API
     processes on one database), alternating them `rounds` times; medians over rounds."""
-    from service.db import session_scope
+    from common.db import session_scope
     from service.tenants import create_key
 
     db = server.url(server.create_database())
@@ -330,7 +330,7 @@ def bench_hostile(server: PostgresServer, work: Path, repeats: int = 3) -> dict[
 
 CLAIMER = """
 import json, sys, time
-from service.db import make_engine
+from common.db import make_engine
 from worker.manager import JobManager
 manager = JobManager(make_engine(sys.argv[1]))
 claimed = []
@@ -349,8 +349,8 @@ def bench_queue(server: PostgresServer, work: Path, n_jobs: int = 1000,
     upgrade_head(db)
     from fastapi.testclient import TestClient
 
+    from common.settings import Settings
     from service.app import create_app
-    from service.settings import Settings
 
     settings = Settings(database_url=db, auth="off", max_active_jobs=n_jobs)
     with TestClient(create_app(settings)) as c:

@@ -7,9 +7,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import pool
 
-from service.db import make_engine
-from service.models import Base
-from service.settings import Settings
+from common.db import make_engine
+from common.models import Base
+from common.settings import Settings
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging"):

@@ -19,8 +19,9 @@ import sys
 
 import uvicorn
 
-from service import logs, migrate
-from service.settings import Settings
+from common import logs
+from common.settings import Settings
+from service import migrate
 
 
 def _stop_with_parent() -> None:

@@ -1,5 +1,5 @@
 """The FastAPI application. Never imports torch: augmentation families and objectives are
-validated against the plain data in :mod:`worker.search_space`."""
+validated against the plain data in :mod:`common.search_space`."""
 
 from __future__ import annotations
 
@@ -18,9 +18,16 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.db import make_engine, session_factory
+from common.search_space import (
+    DEFAULT_AUGMENTATIONS,
+    DEFAULT_OBJECTIVE,
+    OBJECTIVE_NAMES,
+    describe,
+)
+from common.settings import Settings, get_settings
 from service import migrate
 from service.datasets.routes import router as datasets_router
-from service.db import make_engine, session_factory
 from service.deps import StreamTenantDep
 from service.errors import (
     PayloadTooLarge,
@@ -33,13 +40,6 @@ from service.errors import (
 from service.jobs.routes import router as jobs_router
 from service.metrics import Metrics
 from service.params import reject_unknown_query_params
-from service.settings import Settings, get_settings
-from worker.search_space import (
-    DEFAULT_AUGMENTATIONS,
-    DEFAULT_OBJECTIVE,
-    OBJECTIVE_NAMES,
-    describe,
-)
 
 log = logging.getLogger("ssad.api")
 

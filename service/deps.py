@@ -9,10 +9,10 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service.db import transaction
+from common.db import transaction
+from common.models import DEFAULT_TENANT_ID
+from common.settings import Settings
 from service.errors import Unauthorized
-from service.models import DEFAULT_TENANT_ID
-from service.settings import Settings
 from service.tenants import tenant_for_key
 
 

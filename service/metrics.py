@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
-from service.models import Job, JobStatus, JobTrial, utcnow
+from common.models import Job, JobStatus, JobTrial, utcnow
 
 log = logging.getLogger("ssad.api")
 

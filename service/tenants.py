@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from common.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
+from common.settings import Settings
 from service.errors import (
     InvalidRequest,
     NotFound,
     QuotaExceeded,
     TooManyActiveJobs,
 )
-from service.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
-from service.settings import Settings
 
 KEY_PREFIX = "ssad_"
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -17,8 +17,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from common.settings import Settings
 from service.app import create_app
-from service.settings import Settings
 from tests.pg import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def finish_job_with_scores(db_url: str, job_id: str,
     """Play the worker's part for a queued job without training: claim it, store each
     ``(augmentation, params, loss, scores)`` as a finished trial, and finish it (the
     worker's own JobManager calls, so what the API reads is what a worker writes)."""
-    from service.db import make_engine
+    from common.db import make_engine
     from worker.manager import JobManager
 
     engine = make_engine(db_url)
@@ -167,7 +167,7 @@ def claim_and_cancel(db_url: str, url: str,
     """Play the worker for the job a client process is following: claim it, store each
     ``(loss, scores)`` as a finished ``rotate`` trial, then cancel it through the API and
     stop as a worker would (the worker's own JobManager calls)."""
-    from service.db import make_engine
+    from common.db import make_engine
     from worker.manager import JobManager
 
     engine = make_engine(db_url)
@@ -189,7 +189,7 @@ def row_counts(db_url: str, *models: type) -> dict[str, int]:
     """Rows in each model's table, by table name (what a test says was or was not stored)."""
     from sqlalchemy import func, select
 
-    from service.db import make_engine
+    from common.db import make_engine
 
     engine = make_engine(db_url)
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.search_space import FAMILIES, CategoricalParam, FloatParam
 from tests.conftest import DEVICES
 from worker.core.augmentations import REGISTRY, CutDiff, build_augmentation, changed_fraction
-from worker.search_space import FAMILIES, CategoricalParam, FloatParam
 
 FAMILY_NAMES = sorted(REGISTRY)
 

@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
+from common.db import make_engine, session_scope
+from common.models import ApiKey, Blob, Dataset, IdempotencyKey, Job
 from service import tenants
-from service.db import make_engine, session_scope
-from service.models import ApiKey, Blob, Dataset, IdempotencyKey, Job
 from tests.helpers import ROOT, assert_error, client, count, npz, tiny_job, upload
 
 GREY = np.random.default_rng(0).integers(0, 255, (6, 8, 8), dtype=np.uint8)
@@ -186,7 +186,7 @@ def test_keys_cli(tmp_path, db_url: str) -> None:  # type: ignore[no-untyped-def
     env = {"SSAD_DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "ssad_tune.cli", *args], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=60)
 
     made = cli("keys", "create", "--tenant", "acme")

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.client import Progress, _sse, default_url, fmt_duration
-from service.db import make_engine, session_scope
+from common.db import make_engine, session_scope
 from service.tenants import create_key
+from ssad_tune.client import Progress, _sse, default_url, fmt_duration
 from tests.helpers import (
     ROOT,
     claim_and_cancel,
@@ -52,7 +52,7 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         env = {**os.environ, "SSAD_URL": url, "SSAD_API_KEY": key, "PYTHONPATH": str(ROOT)}
         out = tmp_path / "scores.csv"
         p = subprocess.run(
-            [sys.executable, "-m", "service.cli", "tune", str(tmp_path / "train.npz"),
+            [sys.executable, "-m", "ssad_tune.cli", "tune", str(tmp_path / "train.npz"),
              str(tmp_path / "test.npz"), "-o", str(out), "--n-trials", "3",
              "--train-steps", "30", "--augmentations", "invert,flip,rotate"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -69,7 +69,7 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         # Without the key, the same command is refused with the server's reason.
         env.pop("SSAD_API_KEY")
         refused = subprocess.run(
-            [sys.executable, "-m", "service.cli", "tune", str(tmp_path / "train.npz"),
+            [sys.executable, "-m", "ssad_tune.cli", "tune", str(tmp_path / "train.npz"),
              str(tmp_path / "test.npz")], cwd=tmp_path, env=env, capture_output=True,
             text=True, timeout=60)
         assert refused.returncode == 1 and "401 Unauthorized" in refused.stderr
@@ -169,7 +169,7 @@ def test_an_unreachable_server_is_reported_at_once_with_how_to_point_elsewhere(
     env = {**os.environ, "SSAD_PORT": str(port), "PYTHONPATH": str(ROOT)}
     env.pop("SSAD_URL", None)
     started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "service.cli", "tune", "a.npz", "a.npz"],
+    p = subprocess.run([sys.executable, "-m", "ssad_tune.cli", "tune", "a.npz", "a.npz"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
     assert f"cannot reach the server at http://127.0.0.1:{port}" in p.stderr  # SSAD_PORT
@@ -185,7 +185,7 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
     api, url = start_api(pg_url, tmp_path)
     out = tmp_path / "scores.csv"
     cli = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "tune", "train.npz", "test.npz", "-o", str(out),
+        [sys.executable, "-m", "ssad_tune.cli", "tune", "train.npz", "test.npz", "-o", str(out),
          "--n-trials", "5", "--url", url], cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from service.settings import Settings, optuna_storage_url
+from common.settings import Settings, optuna_storage_url
 from tests.helpers import ROOT
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -94,7 +94,7 @@ def test_embedded_mode_keeps_optuna_in_its_own_file(tmp_path: Path) -> None:
 def test_the_deployment_requires_api_keys_and_can_make_them() -> None:
     assert _env("api")["SSAD_AUTH"] == "required"
     assert Settings.model_fields["auth"].default == "required"  # also without the line
-    from service.cli import parser
+    from ssad_tune.cli import parser
 
     # The command the compose file's comment gives operators exists as written.
     args = parser().parse_args(["keys", "create", "--tenant", "acme"])
@@ -106,6 +106,6 @@ def test_ssad_tune_worker_passes_its_options_to_the_worker() -> None:
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "service.cli", "worker", "--help"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "ssad_tune.cli", "worker", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--device" in p.stdout and "--max-jobs" in p.stdout

@@ -29,9 +29,9 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
     client_env = {k: v for k, v in env.items() if k != "SSAD_URL"}
     if auth == "required":
         env["SSAD_AUTH"] = "required"
-        subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
+        subprocess.run([sys.executable, "-m", "ssad_tune.cli", "migrate"], cwd=ROOT, env=env,
                        check=True, capture_output=True)
-        made = subprocess.run([sys.executable, "-m", "service.cli", "keys", "create",
+        made = subprocess.run([sys.executable, "-m", "ssad_tune.cli", "keys", "create",
                                "--tenant", "me"], cwd=ROOT, env=env, check=True,
                               capture_output=True, text=True)
         client_env["SSAD_API_KEY"] = made.stdout.strip()

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.models import Blob, BlobChunk, Dataset, Job
+from common.models import Blob, BlobChunk, Dataset, Job
 from tests.helpers import assert_error, client, npz, row_counts, upload
 from tests.test_images import (
     ENCRYPTED,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.images import (
+from common.images import (
     ImageDataError,
     ImageSet,
     Limits,

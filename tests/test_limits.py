@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.db import make_engine, session_scope
+from common.models import Job, JobEvent
+from common.search_space import augmented_count
 from service import tenants
-from service.db import make_engine, session_scope
-from service.models import Job, JobEvent
 from tests.helpers import assert_error, client, count, npz, tiny_job, upload
-from worker.search_space import augmented_count
 
 
 def _dataset(api, n: int) -> str:  # type: ignore[no-untyped-def]

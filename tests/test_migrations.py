@@ -39,7 +39,7 @@ def test_blob_chunks_are_stored_uncompressed_on_postgres(pg_url: str) -> None:
     time of a large upload (migration 0005): chunks are STORAGE EXTERNAL."""
     from sqlalchemy import text
 
-    from service.db import make_engine
+    from common.db import make_engine
 
     engine = make_engine(pg_url)
     try:

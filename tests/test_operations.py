@@ -14,8 +14,8 @@ import numpy as np
 import optuna
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.db import make_engine
-from service.settings import optuna_storage_url
+from common.db import make_engine
+from common.settings import optuna_storage_url
 from tests.helpers import (
     client,
     finish_job_with_scores,

@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from service.client import Progress, _sse, eta_seconds, step_counts
-from service.db import make_engine
+from common.db import make_engine
+from ssad_tune.client import Progress, _sse, eta_seconds, step_counts
 from tests.helpers import client, job_status, npz, run_in_process, tiny_job, upload_pair, wait_for
 from worker.manager import JobManager
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from worker.search_space import (
+from common.search_space import (
     CUTPASTE_DEFAULT,
     DEFAULT_AUGMENTATIONS,
     FAMILIES,
@@ -19,7 +19,7 @@ from worker.search_space import (
 
 
 def test_plain_data_modules_do_not_import_torch() -> None:
-    code = ("import sys, worker.search_space, worker.images; "
+    code = ("import sys, common.search_space, common.images; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -9,6 +9,7 @@ import optuna
 import pytest
 import torch
 
+from common.search_space import SearchSpace
 from worker.core.study import (
     StudySettings,
     run_study,
@@ -16,7 +17,6 @@ from worker.core.study import (
     warm_start_configurations,
 )
 from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
-from worker.search_space import SearchSpace
 
 TINY = TrainSettings(steps=4, batch_size=8, width=8)
 

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.models import Blob, Dataset
+from common.models import Blob, Dataset
 from tests.helpers import assert_error, client, count, npz, tiny_job, upload
 from tests.test_auth import make_key
 from tests.test_faults import start_api

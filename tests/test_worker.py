@@ -16,9 +16,9 @@ import optuna
 import pytest
 from sqlalchemy import select, update
 
-from service.db import make_engine, session_factory
-from service.models import Job, JobTrial
-from service.settings import optuna_storage_url
+from common.db import make_engine, session_factory
+from common.models import Job, JobTrial
+from common.settings import optuna_storage_url
 from tests.helpers import (
     ROOT,
     assert_error,

@@ -8,9 +8,9 @@ import signal
 import sys
 import threading
 
-from service import logs
-from service.db import make_engine
-from service.settings import Settings
+from common import logs
+from common.db import make_engine
+from common.settings import Settings
 from worker.loop import run_worker
 from worker.manager import JobManager
 

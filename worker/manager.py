@@ -21,9 +21,9 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from service.datasets.repository import read_blob
-from service.db import is_transient, session_factory, transaction
-from service.models import (
+from common.blobs import read_blob
+from common.db import is_transient, session_factory, transaction
+from common.models import (
     MODEL_ARTIFACT,
     MODEL_CONTENT_TYPE,
     Dataset,

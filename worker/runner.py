@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.db import is_transient
-from service.logs import current_job, job_context
-from service.models import MODEL_ARTIFACT
+from common.db import is_transient
+from common.logs import current_job, job_context
+from common.models import MODEL_ARTIFACT
+from common.search_space import SearchSpace
 from worker.core.export import ScoringModel
 from worker.core.pictures import augmentation_sample
 from worker.core.study import StudySettings, run_study
 from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
 from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
-from worker.search_space import SearchSpace
 from worker.storage import StorageUnavailable, open_study_storage
 
 log = logging.getLogger("ssad.worker")

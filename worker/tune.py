@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.images import ImageDataError, ImageSet, load_path
-from worker.search_space import (
+from common.images import ImageDataError, ImageSet, load_path
+from common.search_space import (
     DEFAULT_CONTAMINATION,
     DEFAULT_OBJECTIVE,
     DEFAULT_SCORER,

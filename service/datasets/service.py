@@ -13,13 +13,14 @@ from typing import IO
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from common import blobs
+from common.db import transaction
+from common.images import ImageDataError, ImageSet, Limits, NpyFile, npy_header, read_upload
+from common.models import Dataset
+from common.settings import Settings
 from service import idempotency, tenants
 from service.datasets import repository as repo
-from service.db import transaction
 from service.errors import Conflict, InvalidDataset, InvalidRequest, NotFound
-from service.models import Dataset
-from service.settings import Settings
-from worker.images import ImageDataError, ImageSet, Limits, NpyFile, npy_header, read_upload
 
 _transaction = contextmanager(transaction)
 
@@ -42,20 +43,20 @@ def check_name(name: str) -> str:
 
 def blob_chunks(upload: ImageSet | NpyFile) -> Iterator[bytes]:
     """The stored form of an upload (the .npy bytes ``np.save`` writes for its uint8
-    (N, C, H, W) array) in chunks of :data:`repo.CHUNK_BYTES`, produced one at a time:
+    (N, C, H, W) array) in chunks of :data:`blobs.CHUNK_BYTES`, produced one at a time:
     from the array's memory, or read from the uploaded file when it already is that form."""
     if isinstance(upload, NpyFile):
         pieces: Iterable[bytes | memoryview] = upload.read_data()
     else:
         data = np.ascontiguousarray(upload.images)
         view = data.reshape(-1).data
-        pieces = (view[i:i + repo.CHUNK_BYTES] for i in range(0, len(view), repo.CHUNK_BYTES))
+        pieces = (view[i:i + blobs.CHUNK_BYTES] for i in range(0, len(view), blobs.CHUNK_BYTES))
     buf = bytearray(npy_header(upload.shape))
     for piece in pieces:
         buf += piece
-        while len(buf) >= repo.CHUNK_BYTES:
-            yield bytes(buf[:repo.CHUNK_BYTES])
-            del buf[:repo.CHUNK_BYTES]
+        while len(buf) >= blobs.CHUNK_BYTES:
+            yield bytes(buf[:blobs.CHUNK_BYTES])
+            del buf[:blobs.CHUNK_BYTES]
     if buf:
         yield bytes(buf)
 
@@ -113,8 +114,8 @@ def create_dataset(factory: sessionmaker[Session], tenant_id: str, file: IO[byte
         if dataset is None:
             outcome = "created"
             tenants.check_storage(session, tenant_id, quotas, size)
-            if not repo.blob_exists(session, sha):
-                repo.insert_blob(session, sha, size, blob_chunks(upload))
+            if not blobs.blob_exists(session, sha):
+                blobs.insert_blob(session, sha, size, blob_chunks(upload))
             dataset = Dataset(id=str(uuid.uuid4()), tenant_id=tenant_id, name=display,
                               sha256=sha, n_samples=n, channels=c, height=h, width=w,
                               size_bytes=size, names=upload.names,

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.search_space import MAX_EMBED_TRAIN, augmented_count
+from common.settings import Settings
 from service.errors import ComputeQuotaExceeded, InvalidRequest
-from service.settings import Settings
-from worker.search_space import MAX_EMBED_TRAIN, augmented_count
 
 
 @dataclass(frozen=True)

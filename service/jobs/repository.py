@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.models import (
+from common.models import (
     TERMINAL,
     Job,
     JobArtifact,
@@ -96,7 +96,7 @@ def delete_ended_job(session: Session, job_id: str) -> bool:
     """Delete the job if it has ended (one conditional statement; a job never leaves an
     ended status, so no worker can be writing to it). Its events, trials, their scores and
     its artifacts go with it: every child table's foreign key is ON DELETE CASCADE (SQLite
-    enforces them with ``PRAGMA foreign_keys=ON``, service/db.py)."""
+    enforces them with ``PRAGMA foreign_keys=ON``, common/db.py)."""
     deleted = session.execute(delete(Job).where(
         Job.id == job_id, Job.status.in_([s.value for s in TERMINAL]))
         .returning(Job.id)).scalar_one_or_none()

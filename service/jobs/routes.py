@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from common.models import Job, JobTrial
 from service.deps import (
     IdempotencyKeyDep,
     SessionDep,
@@ -39,7 +40,6 @@ from service.jobs.schemas import (
     TrialList,
     TrialOut,
 )
-from service.models import Job, JobTrial
 from service.params import JobId, Limit, Offset, TrialNumber, reject_unknown_query_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"],

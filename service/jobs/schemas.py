@@ -5,8 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.search_space import DEFAULT_CONTAMINATION
 from service.params import ID_DESCRIPTION, ID_PATTERN
-from worker.search_space import DEFAULT_CONTAMINATION
 
 ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
 ScorerName = Literal["mahalanobis", "logit"]

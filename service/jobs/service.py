@@ -11,14 +11,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from service import idempotency, tenants
-from service.datasets import repository as dataset_repo
-from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
-from service.jobs import limits, plots
-from service.jobs import repository as repo
-from service.jobs.schemas import JobCreate
-from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
-from service.models import (
+from common import blobs
+from common.models import (
     MODEL_ARTIFACT,
     TERMINAL,
     Dataset,
@@ -27,8 +21,15 @@ from service.models import (
     JobStatus,
     JobTrial,
 )
-from service.settings import Settings
-from worker.search_space import DEFAULT_CONTAMINATION, SearchSpace, auto_image_size
+from common.search_space import DEFAULT_CONTAMINATION, SearchSpace, auto_image_size
+from common.settings import Settings
+from service import idempotency, tenants
+from service.datasets import repository as dataset_repo
+from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
+from service.jobs import limits, plots
+from service.jobs import repository as repo
+from service.jobs.schemas import JobCreate
+from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -318,7 +319,7 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
 
 def _images(session: Session, tenant_id: str, dataset_id: str) -> np.ndarray:
     dataset = _dataset(session, tenant_id, dataset_id, "test")
-    data = dataset_repo.read_blob(session, dataset.sha256)
+    data = blobs.read_blob(session, dataset.sha256)
     if data is None:
         raise NotFound(f"dataset {dataset_id} has no stored images")
     return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))

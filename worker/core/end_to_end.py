@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.search_space import DEFAULT_CONTAMINATION, FAMILIES, ParamValue
 from worker.core.augmentations import CutDiff, build_augmentation
 from worker.core.objectives import augmented_count, get_objective
 from worker.core.trial import (
@@ -34,7 +35,6 @@ from worker.core.trial import (
     make_generator,
     seed_everything,
 )
-from worker.search_space import DEFAULT_CONTAMINATION, FAMILIES, ParamValue
 
 DIFFERENTIABLE = tuple(name for name, f in FAMILIES.items() if f.differentiable)
 

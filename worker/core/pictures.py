@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from common.search_space import ParamValue
 from worker.core.augmentations import build_augmentation
-from worker.search_space import ParamValue
 
 
 def augmentation_sample(train: torch.Tensor, family: str, params: dict[str, ParamValue],

@@ -20,6 +20,13 @@ from typing import Any, NoReturn
 import numpy as np
 import optuna
 
+from common.search_space import (
+    DEFAULT_CONTAMINATION,
+    CategoricalParam,
+    FloatParam,
+    ParamValue,
+    SearchSpace,
+)
 from worker.core.objectives import DEFAULT_OBJECTIVE, get_objective
 from worker.core.trial import (
     PreparedData,
@@ -29,13 +36,6 @@ from worker.core.trial import (
     TrialResult,
     out_of_memory_reason,
     run_trial,
-)
-from worker.search_space import (
-    DEFAULT_CONTAMINATION,
-    CategoricalParam,
-    FloatParam,
-    ParamValue,
-    SearchSpace,
 )
 
 AUGMENTATION_KEY = "augmentation"

@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from worker.core.augmentations import build_augmentation
-from worker.core.detector import Detector, DetectorConfig
-from worker.core.export import ScoringModel
-from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
-from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_apply, mahalanobis_fit
-from worker.search_space import (
+from common.search_space import (
     DEFAULT_CONTAMINATION,
     MAX_EMBED_TRAIN,
     ParamValue,
     auto_image_size,
 )
+from worker.core.augmentations import build_augmentation
+from worker.core.detector import Detector, DetectorConfig
+from worker.core.export import ScoringModel
+from worker.core.objectives import OBJECTIVES, augmented_count, get_objective
+from worker.core.scoring import DEFAULT_SCORER, SCORERS, mahalanobis_apply, mahalanobis_fit
 
 
 class TrialPruned(Exception):

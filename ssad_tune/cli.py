@@ -26,13 +26,13 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from common.settings import Settings
 from service.errors import AppError
-from service.settings import Settings
 
 
 @contextmanager
 def _session(settings: Settings) -> Iterator[Session]:
-    from service.db import make_engine, session_scope
+    from common.db import make_engine, session_scope
 
     engine = make_engine(settings.database_url)
     try:
@@ -117,7 +117,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _tune(args: argparse.Namespace, settings: Settings) -> int:
-    from service import client
+    from ssad_tune import client
 
     options: dict[str, object] = {"n_trials": args.n_trials}
     for name in ("objective", "train_steps", "contamination", "seed", "batch_size"):
