@@ -325,14 +325,17 @@ def _read_npy(fp: IO[bytes], limits: Limits) -> NpyFile | ImageSet:
     return ImageSet(_read_images(fp, header, ".npy array", limits), names)
 
 
-def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
+def _open_zip(fp: IO[bytes], what: str) -> zipfile.ZipFile:
     try:
-        zf = zipfile.ZipFile(fp)
+        return zipfile.ZipFile(fp)
     except MemoryError:
         raise
     except Exception as exc:  # BadZipFile, UnicodeDecodeError, EOFError, struct.error, ...
-        raise ImageDataError(f"not a valid .npz file: {exc}") from None
-    with zf:
+        raise ImageDataError(f"not a valid {what}: {exc}") from None
+
+
+def _load_npz(fp: IO[bytes], limits: Limits) -> np.ndarray:
+    with _open_zip(fp, ".npz file") as zf:
         members = {PurePosixPath(i.filename).stem: i for i in zf.infolist()
                    if i.filename.endswith(".npy")}
         if not members:
@@ -510,13 +513,7 @@ def _safe_member_name(name: str) -> bool:
 
 
 def _load_zip(fp: IO[bytes], limits: Limits) -> ImageSet:
-    try:
-        zf = zipfile.ZipFile(fp)
-    except MemoryError:
-        raise
-    except Exception as exc:  # BadZipFile, UnicodeDecodeError, EOFError, struct.error, ...
-        raise ImageDataError(f"not a valid zip file: {exc}") from None
-    with zf:
+    with _open_zip(fp, "zip file") as zf:
         for i in zf.infolist():
             # zipfile cuts a name at its first NUL; an entry named "" or "\x00..." would
             # otherwise fail deep inside zipfile, and a NUL cannot be stored as a name.
