@@ -21,6 +21,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# The job defaults live in common/jobspec.py; re-exported here for the engine's importers.
+from common.jobspec import DEFAULT_CONTAMINATION as DEFAULT_CONTAMINATION
+from common.jobspec import DEFAULT_OBJECTIVE as DEFAULT_OBJECTIVE
+from common.jobspec import DEFAULT_SCORER as DEFAULT_SCORER
+
 ParamValue = float | str
 
 
@@ -389,10 +394,7 @@ def describe() -> list[dict[str, Any]]:
 # requests against these, and a test checks they match the worker's registries.
 
 OBJECTIVE_NAMES: tuple[str, ...] = ("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd")
-DEFAULT_OBJECTIVE = "dsv"
 SCORER_NAMES: tuple[str, ...] = ("mahalanobis", "logit")
-DEFAULT_SCORER = "mahalanobis"
-DEFAULT_CONTAMINATION = 0.1
 #: |X|: at most this many train images form the loss's X and the scorer's fit
 #: (``TrainSettings.max_embed_train``'s default).
 MAX_EMBED_TRAIN = 2000

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from common.jobspec import DEFAULT_N_TRIALS
 from common.settings import Settings
 from service.errors import AppError
 
@@ -147,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--url", default=None,
                    help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
                         "`serve` uses them, else http://127.0.0.1:8000)")
-    t.add_argument("--n-trials", type=int, default=12)
+    t.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS)
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
     t.add_argument("--objective")

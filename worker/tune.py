@@ -19,10 +19,14 @@ from typing import Any
 import numpy as np
 
 from common.images import ImageDataError, ImageSet, load_path
-from common.search_space import (
+from common.jobspec import (
     DEFAULT_CONTAMINATION,
+    DEFAULT_N_TRIALS,
     DEFAULT_OBJECTIVE,
     DEFAULT_SCORER,
+    DEFAULT_SEED,
+)
+from common.search_space import (
     FAMILIES,
     OBJECTIVE_NAMES,
     SCORER_NAMES,
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--train", required=True, help=".npz/.npy array, or folder/.zip of images")
     ap.add_argument("--test", required=True, help="same formats as --train")
-    ap.add_argument("--n-trials", type=int, default=12, help="trials in the study (12)")
+    ap.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS,
+                    help=f"trials in the study ({DEFAULT_N_TRIALS})")
     ap.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=sorted(OBJECTIVE_NAMES),
                     help=f"validation loss to minimise ({DEFAULT_OBJECTIVE})")
     ap.add_argument("--augmentations", default="",
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--contamination", type=float, default=DEFAULT_CONTAMINATION,
                     help="expected anomaly fraction of the test set, sizes |Y| "
                          f"({DEFAULT_CONTAMINATION})")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
     ap.add_argument("--steps", type=int, default=d.steps, help=f"training steps ({d.steps})")
     ap.add_argument("--batch-size", type=int, default=d.batch_size,

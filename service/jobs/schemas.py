@@ -5,11 +5,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.search_space import DEFAULT_CONTAMINATION
+from common.jobspec import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CONTAMINATION,
+    DEFAULT_N_TRIALS,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_SCORER,
+    DEFAULT_SEED,
+    DEFAULT_TRAIN_STEPS,
+    BatchSize,
+    Contamination,
+    NTrials,
+    ObjectiveName,
+    ScorerName,
+    Seed,
+    TrainSteps,
+)
 from service.params import ID_DESCRIPTION, ID_PATTERN
-
-ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
-ScorerName = Literal["mahalanobis", "logit"]
 
 
 class SearchSpaceIn(BaseModel):
@@ -38,24 +50,25 @@ class JobCreate(BaseModel):
 
     train_dataset_id: str = Field(max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
     test_dataset_id: str = Field(max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
-    n_trials: int = Field(12, ge=1, description="trials in the study")
+    n_trials: NTrials = Field(DEFAULT_N_TRIALS, description="trials in the study")
     search_space: SearchSpaceIn | None = None
-    objective: ObjectiveName = "dsv"
-    contamination: float = Field(
-        DEFAULT_CONTAMINATION, gt=0, lt=1,
+    objective: ObjectiveName = DEFAULT_OBJECTIVE
+    contamination: Contamination = Field(
+        DEFAULT_CONTAMINATION,
         description="expected anomaly fraction of the test set; it sets |Y| = |X|·r/(1−r) "
                     "augmented images per trial, which must stay within the server's "
                     "SSAD_MAX_AUGMENTED_IMAGES (422 otherwise)")
-    train_steps: int = Field(400, ge=1, le=100_000,
-                             description="detector training steps per trial (the server's "
-                                         "SSAD_MAX_TRAIN_STEPS may cap it lower)")
-    batch_size: int = Field(64, ge=2, le=4096,
-                            description="clamped to the train set's size (the job's spec "
-                                        "then shows requested_batch_size too); n_trials × "
-                                        "train_steps × batch_size must fit the tenant's "
-                                        "compute quota (403 otherwise)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    scorer: ScorerName = "mahalanobis"
+    train_steps: TrainSteps = Field(DEFAULT_TRAIN_STEPS,
+                                    description="detector training steps per trial (the "
+                                                "server's SSAD_MAX_TRAIN_STEPS may cap it "
+                                                "lower)")
+    batch_size: BatchSize = Field(DEFAULT_BATCH_SIZE,
+                                  description="clamped to the train set's size (the job's "
+                                              "spec then shows requested_batch_size too); "
+                                              "n_trials × train_steps × batch_size must fit "
+                                              "the tenant's compute quota (403 otherwise)")
+    seed: Seed = DEFAULT_SEED
+    scorer: ScorerName = DEFAULT_SCORER
 
 
 class TrialProgress(BaseModel):

@@ -20,14 +20,14 @@ from typing import Any, NoReturn
 import numpy as np
 import optuna
 
+from common.jobspec import DEFAULT_CONTAMINATION, DEFAULT_N_TRIALS, DEFAULT_OBJECTIVE, DEFAULT_SEED
 from common.search_space import (
-    DEFAULT_CONTAMINATION,
     CategoricalParam,
     FloatParam,
     ParamValue,
     SearchSpace,
 )
-from worker.core.objectives import DEFAULT_OBJECTIVE, get_objective
+from worker.core.objectives import get_objective
 from worker.core.trial import (
     PreparedData,
     TrainSettings,
@@ -43,10 +43,10 @@ AUGMENTATION_KEY = "augmentation"
 
 @dataclass(frozen=True)
 class StudySettings:
-    n_trials: int = 12
+    n_trials: int = DEFAULT_N_TRIALS
     objective: str = DEFAULT_OBJECTIVE
     contamination: float = DEFAULT_CONTAMINATION
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     search_space: SearchSpace = field(default_factory=SearchSpace)
     train: TrainSettings = field(default_factory=TrainSettings)
     warm_start: bool = True

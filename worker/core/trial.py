@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.jobspec import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_STEPS
 from common.search_space import (
     DEFAULT_CONTAMINATION,
     MAX_EMBED_TRAIN,
@@ -61,8 +62,8 @@ class TrainSettings:
     """How one detector is trained and evaluated. Defaults are sized for a 2-core CPU: see the
     README's "Defaults" section for the measured cost per trial."""
 
-    steps: int = 400
-    batch_size: int = 64
+    steps: int = DEFAULT_TRAIN_STEPS
+    batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = 1e-3
     width: int = 16
     image_size: int | None = None  # working size; None = auto from the input size
