@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from common.jobspec import JOB_KINDS
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -186,6 +188,10 @@ class Job(Base):
     train_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     test_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: tune or score: which model of common/jobspec.py ``spec`` follows.
+    kind: Mapped[str] = mapped_column(
+        String(16), CheckConstraint(f"kind IN {JOB_KINDS}", name="kind"), default="tune",
+        server_default="tune")
     n_trials: Mapped[int] = mapped_column(Integer)
     trials_completed: Mapped[int] = mapped_column(Integer, default=0)
     best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

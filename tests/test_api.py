@@ -301,6 +301,14 @@ def test_job_list_filters_by_kind_and_leaves_out_specs_unless_asked(
     assert [j["spec"] for j in full] == [api.get(f"/v1/jobs/{j}").json()["spec"]
                                          for j in (score, tune)]
     assert api.get(f"/v1/jobs/{tune}").json()["spec"]["n_trials"] == 3  # one job: in full
+    # Each spec is its kind's contract (common/jobspec.py), as the worker will read it.
+    from common.jobspec import ScoreSpec, TuneSpec, load_spec
+
+    specs = {j["id"]: load_spec(j["kind"], j["spec"]) for j in full}
+    assert isinstance(specs[tune], TuneSpec) and specs[tune].n_trials == 3
+    assert isinstance(specs[score], ScoreSpec) and specs[score].source_job_id == tune
+    assert specs[score].threshold_reference is not None
+    assert [j["spec"]["kind"] for j in full] == ["score", "tune"]
 
 
 def test_csv_scores_are_an_attachment_with_a_name(api: TestClient, pair: tuple[str, str],

@@ -151,3 +151,21 @@ def test_settings_are_validated() -> None:
         StudySettings(contamination=1.0)
     with pytest.raises(ValueError, match="eval_every"):
         StudySettings(pruning=True)
+
+
+def test_a_job_and_the_engine_default_to_the_same_study() -> None:
+    """A request that sets nothing, the engine's settings and ``python -m worker.tune``
+    without options all run the same study (their defaults come from common/jobspec.py)."""
+    from common.jobspec import TuneSpec
+    from service.jobs.schemas import JobCreate
+    from worker.runner import study_settings
+    from worker.tune import build_parser
+
+    request = JobCreate(train_dataset_id="a", test_dataset_id="b")
+    spec = TuneSpec(**request.model_dump(exclude={"search_space"}))
+    assert study_settings(spec) == StudySettings()
+    args = build_parser().parse_args(["--train", "a", "--test", "b"])
+    assert (args.n_trials, args.objective, args.contamination, args.seed, args.steps,
+            args.batch_size, args.scorer) == (
+        request.n_trials, request.objective, request.contamination, request.seed,
+        request.train_steps, request.batch_size, request.scorer)

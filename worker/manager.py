@@ -63,6 +63,7 @@ class ClaimedJob:
     train: DatasetRef
     test: DatasetRef
     lost_leases: int = 0
+    kind: str = "tune"  # the jobs.kind column: which model of common/jobspec.py spec follows
 
     @property
     def releases(self) -> int:
@@ -161,7 +162,7 @@ class JobManager:
             assert train is not None and test is not None
             self._event(s, job_id, JobStatus.running.value, attempt, f"claimed by {worker_id}")
             return ClaimedJob(job_id, attempt, dict(job.spec), _ref(train), _ref(test),
-                              lost_leases=job.lost_leases)
+                              lost_leases=job.lost_leases, kind=job.kind)
 
     def requeue_stale(self) -> list[str]:
         """Running jobs whose lease expired (their worker died or went silent) go back to the

@@ -10,7 +10,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from common.db import is_transient
+from common.jobspec import ScoreSpec, TuneSpec, load_spec
 from common.logs import current_job, job_context
 from common.models import MODEL_ARTIFACT
 from common.search_space import SearchSpace
@@ -34,33 +34,13 @@ log = logging.getLogger("ssad.worker")
 MAX_OUTAGE_RELEASES = 20
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """The job's request, as the worker needs it (from the job row's ``spec``)."""
-
-    n_trials: int
-    objective: str
-    contamination: float
-    train_steps: int
-    batch_size: int
-    seed: int
-    scorer: str
-    search_space: SearchSpace
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> JobSpec:
-        return cls(n_trials=int(spec["n_trials"]), objective=str(spec["objective"]),
-                   contamination=float(spec["contamination"]),
-                   train_steps=int(spec["train_steps"]), batch_size=int(spec["batch_size"]),
-                   seed=int(spec["seed"]), scorer=str(spec.get("scorer", "mahalanobis")),
-                   search_space=SearchSpace.from_dict(spec.get("search_space")))
-
-    def study_settings(self) -> StudySettings:
-        return StudySettings(
-            n_trials=self.n_trials, objective=self.objective,
-            contamination=self.contamination, seed=self.seed, search_space=self.search_space,
-            train=TrainSettings(steps=self.train_steps, batch_size=self.batch_size,
-                                scorer=self.scorer))
+def study_settings(spec: TuneSpec) -> StudySettings:
+    """The engine's settings for a tuning job's validated spec."""
+    return StudySettings(
+        n_trials=spec.n_trials, objective=spec.objective, contamination=spec.contamination,
+        seed=spec.seed, search_space=SearchSpace.from_dict(spec.search_space),
+        train=TrainSettings(steps=spec.train_steps, batch_size=spec.batch_size,
+                            scorer=spec.scorer))
 
 
 class ArrayCache:
@@ -152,11 +132,11 @@ def store_augmentation_sample(manager: JobManager, job: ClaimedJob, train: torch
                            {"augmentation": family, "params": params})
 
 
-def score_new_data(job: ClaimedJob, manager: JobManager, cache: ArrayCache,
+def score_new_data(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: ArrayCache,
                    device: torch.device) -> None:
     """A scoring job: the source job's stored detector scores the job's dataset; the scores
     are stored as the job's only trial (number 0), so they read like any job's."""
-    source = str(job.spec["source_job_id"])
+    source = spec.source_job_id
     stored = manager.load_artifact(source, MODEL_ARTIFACT)
     if stored is None:
         raise LookupError(f"job {source} has no stored detector")
@@ -190,11 +170,11 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
         if manager.is_cancel_requested(job.id):
             manager.mark_cancelled(job.id, job.attempt)
             return "cancelled"
-        if job.spec.get("kind") == "score":
-            score_new_data(job, manager, cache, device)
+        spec = load_spec(job.kind, job.spec)  # InvalidJobSpec fails the job, naming fields
+        if isinstance(spec, ScoreSpec):
+            score_new_data(job, spec, manager, cache, device)
             manager.finish(job.id, job.attempt)
             return "succeeded"
-        spec = JobSpec.from_spec(dict(job.spec))
         data = prepare(cache.load(job.train, manager), cache.load(job.test, manager), device)
 
         def record(number: int, r: TrialResult) -> None:
@@ -211,7 +191,7 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
             log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
 
         storage = open_study_storage(database_url)
-        result = run_study(data, spec.study_settings(), storage=storage,
+        result = run_study(data, study_settings(spec), storage=storage,
                            study_name=f"job-{job.id}", on_trial=record,
                            should_stop=hb.should_stop,
                            recover=lambda number: manager.stored_trial_loss(job.id, number),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from common.models import (
@@ -33,15 +33,6 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return job if job is not None and job.tenant_id == tenant_id else None
 
 
-def _kind_is(kind: str) -> Any:
-    """Scoring jobs say so in their spec (``kind: "score"``); every other job is a tuning
-    job."""
-    spec_kind = Job.spec["kind"].as_string()
-    if kind == "score":
-        return spec_kind == "score"
-    return or_(spec_kind.is_(None), spec_kind != "score")
-
-
 def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None,
               kind: str | None = None) -> tuple[Sequence[Job], int]:
     q = select(Job).where(Job.tenant_id == tenant_id)
@@ -49,7 +40,7 @@ def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status:
     if status:
         q, count = q.where(Job.status == status), count.where(Job.status == status)
     if kind:
-        q, count = q.where(_kind_is(kind)), count.where(_kind_is(kind))
+        q, count = q.where(Job.kind == kind), count.where(Job.kind == kind)
     rows = session.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit)
                            .offset(offset)).all()
     return rows, session.scalar(count) or 0
@@ -87,7 +78,7 @@ def active_score_jobs(session: Session, tenant_id: str, job_id: str) -> list[str
     """Ids of the tenant's scoring jobs still queued or running with ``job_id``'s
     detector."""
     return list(session.scalars(select(Job.id).where(
-        Job.tenant_id == tenant_id, _kind_is("score"),
+        Job.tenant_id == tenant_id, Job.kind == "score",
         Job.spec["source_job_id"].as_string() == job_id,
         Job.status.in_([JobStatus.queued.value, JobStatus.running.value]))).all())
 

@@ -60,7 +60,7 @@ def _job_fields(job: Job) -> dict[str, Any]:
     if job.best is not None and job.best_trial_number is not None:
         best = Best(trial_number=job.best_trial_number, **job.best)
     return dict(
-        id=job.id, kind="score" if job.spec.get("kind") == "score" else "tune",
+        id=job.id, kind=job.kind,
         status=job.status,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,

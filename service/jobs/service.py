@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from common import blobs
+from common.jobspec import DEFAULT_CONTAMINATION, ScoreSpec, TuneSpec, spec_dump
 from common.models import (
     MODEL_ARTIFACT,
     TERMINAL,
@@ -21,7 +22,7 @@ from common.models import (
     JobStatus,
     JobTrial,
 )
-from common.search_space import DEFAULT_CONTAMINATION, SearchSpace, auto_image_size
+from common.search_space import SearchSpace, auto_image_size
 from common.settings import Settings
 from service import idempotency, tenants
 from service.datasets import repository as dataset_repo
@@ -90,19 +91,20 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
     tenants.check_job(session, tenant_id, quotas, request.n_trials)
     limits.check_compute(cost, n_trials=request.n_trials, train_steps=request.train_steps,
                          quota=quotas.max_compute_per_job)
-    spec: dict[str, Any] = request.model_dump()
-    spec["search_space"] = space.to_dict()
+    images, resized = working_images(train, test)
+    spec = TuneSpec(**request.model_dump(exclude={"search_space"}),
+                    search_space=space.to_dict(), images=images)
     notes = []
     if cost.batch_size != request.batch_size:
-        spec.update(batch_size=cost.batch_size, requested_batch_size=request.batch_size)
+        spec.batch_size, spec.requested_batch_size = cost.batch_size, request.batch_size
         notes.append(f"batch_size {request.batch_size} clamped to {cost.batch_size}, "
                      "the train set's size")
-    spec["images"], resized = working_images(train, test)
     if resized:
         notes.append(resized)
     message = "; ".join(["queued", *notes])
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
-              train_dataset_id=train.id, test_dataset_id=test.id, spec=spec,
+              train_dataset_id=train.id, test_dataset_id=test.id, kind=spec.kind,
+              spec=spec_dump(spec),
               n_trials=request.n_trials, trials_completed=0, attempt=0,
               cancel_requested=False)
     repo.insert_job(session, job, message)
@@ -228,7 +230,7 @@ def reference_thresholds(session: Session, tenant_id: str, source_id: str
 def _thresholds_for(session: Session, tenant_id: str, job: Job, values: np.ndarray,
                     reference: str) -> tuple[dict[str, Threshold], str]:
     """The thresholds that judge ``job``'s scores ``values``, and the job they came from."""
-    if reference == "batch" or job.spec.get("kind") != "score":
+    if reference == "batch" or job.kind != "score":
         # A tuning job's own test set is its reference: "tuning" and "batch" coincide.
         return thresholds(values, _contamination(job)), job.id
     ref = job.spec.get("threshold_reference")
@@ -287,7 +289,7 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
     # the lock too) has then either happened (404 below) or waits and sees this job.
     quotas = tenants.lock_tenant(session, tenant_id, settings)
     source = get_job(session, tenant_id, source_id)
-    if source.spec.get("kind") == "score":
+    if source.kind == "score":
         raise InvalidRequest(f"job {source_id} is itself a scoring job; score with the "
                              "tuning job it came from")
     if source.status != JobStatus.succeeded.value:
@@ -303,14 +305,13 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
             f"the detector was trained on {train.channels}-channel images and dataset "
             f"{dataset_id} has {dataset.channels}: both must be grey or both RGB")
     tenants.check_job(session, tenant_id, quotas, 1)
+    spec = ScoreSpec(source_job_id=source_id, dataset_id=dataset.id,
+                     contamination=_contamination(source),
+                     threshold_reference=reference_thresholds(session, tenant_id, source_id))
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
               train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
-              spec={"kind": "score", "source_job_id": source_id, "n_trials": 1,
-                    "dataset_id": dataset.id,
-                    "contamination": source.spec.get("contamination", DEFAULT_CONTAMINATION),
-                    "threshold_reference": reference_thresholds(session, tenant_id,
-                                                                source_id)},
-              n_trials=1, trials_completed=0, attempt=0, cancel_requested=False)
+              kind=spec.kind, spec=spec_dump(spec), n_trials=spec.n_trials,
+              trials_completed=0, attempt=0, cancel_requested=False)
     repo.insert_job(session, job, f"queued: score with job {source_id}'s detector")
     if idempotency_key is not None:
         idempotency.remember(session, tenant_id, "score", idempotency_key, fp, job.id)
