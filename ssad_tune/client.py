@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+from httpx_sse import connect_sse
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -102,20 +103,20 @@ class Client:
         when the stream drops, and polling if the server cannot stream."""
         while True:
             try:
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/stream",
-                                      timeout=httpx.Timeout(30.0, read=60.0)) as r:
-                    if r.status_code != 200:
-                        r.read()
-                        raise ClientError(_detail(r))
-                    for event, data in _sse(r.iter_lines()):
-                        if event == "progress":
-                            job = json.loads(data)
+                with connect_sse(self.http, "GET", f"/v1/jobs/{job_id}/stream",
+                                 timeout=httpx.Timeout(30.0, read=60.0)) as source:
+                    if source.response.status_code != 200:
+                        source.response.read()
+                        raise ClientError(_detail(source.response))
+                    for sse in source.iter_sse():
+                        if sse.event == "progress":
+                            job = json.loads(sse.data)
                             yield job
                             if job["status"] in TERMINAL:
                                 return
-                        elif event == "end":
+                        elif sse.event == "end":
                             return
-            except (httpx.TransportError, httpx.HTTPStatusError):
+            except (httpx.TransportError, httpx.HTTPStatusError):  # SSEError is one too
                 pass  # the stream dropped (server restarting?): pick up the state again
             job = self.job(job_id)
             yield job
@@ -130,22 +131,6 @@ def _detail(r: httpx.Response) -> str:
         return f"{r.status_code} {body.get('error', '')}: {body.get('detail', r.text)}"
     except ValueError:
         return f"{r.status_code}: {r.text[:200]}"
-
-
-def _sse(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs from a text/event-stream."""
-    event, data = "message", list[str]()
-    for line in lines:
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
 
 
 def fmt_duration(seconds: float) -> str:

@@ -404,3 +404,22 @@ def test_every_operation_documents_an_example(api: TestClient) -> None:
             missing += [f"{method.upper()} {path} {what}" for what, c in bodies
                         if not has_example(c)]
     assert missing == [], missing
+
+
+def test_rendered_bodies_are_bounded_by_bytes_least_recently_used_out_first() -> None:
+    from service.jobs.cache import Rendered
+
+    cache, calls = Rendered(max_bytes=10), []
+
+    def body(b: bytes) -> bytes:
+        calls.append(b)
+        return b
+
+    assert cache.get(("j", 0, "a"), lambda: body(b"aaaa")) == b"aaaa"
+    assert cache.get(("j", 0, "b"), lambda: body(b"bbbb")) == b"bbbb"
+    assert cache.get(("j", 0, "a"), lambda: body(b"new!")) == b"aaaa"  # kept, now the newest
+    cache.get(("j", 0, "c"), lambda: body(b"cccc"))  # 12 bytes: the oldest ("b") goes
+    assert cache.get(("j", 0, "b"), lambda: body(b"BBBB")) == b"BBBB"
+    assert cache.get(("j", 0, "big"), lambda: body(b"x" * 11)) == b"x" * 11  # over the bound
+    cache.get(("j", 0, "big"), lambda: body(b"y" * 11))  # never kept: rendered again
+    assert calls == [b"aaaa", b"bbbb", b"cccc", b"BBBB", b"x" * 11, b"y" * 11]

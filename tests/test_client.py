@@ -15,10 +15,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+from httpx_sse import EventSource
 
 from common.db import make_engine, session_scope
 from service.tenants import create_key
-from ssad_tune.client import Progress, _sse, default_url, fmt_duration
+from ssad_tune.client import Progress, default_url, fmt_duration
 from tests.helpers import (
     ROOT,
     claim_and_cancel,
@@ -92,7 +93,7 @@ def test_stream_sends_progress_until_the_end(pg_url: str, tmp_path: Path, digits
             with c.stream("GET", f"/v1/jobs/{job}/stream", timeout=120) as r:
                 assert r.status_code == 200
                 assert r.headers["content-type"].startswith("text/event-stream")
-                events = list(_sse(r.iter_lines()))
+                events = [(e.event, e.data) for e in EventSource(r).iter_sse()]
             assert c.get("/v1/jobs/00000000-0000-0000-0000-000000000000/stream"
                          ).status_code == 404
         kinds = [e for e, _ in events]

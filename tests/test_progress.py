@@ -10,8 +10,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from httpx_sse import EventSource
+
 from common.db import make_engine
-from ssad_tune.client import Progress, _sse, eta_seconds, step_counts
+from ssad_tune.client import Progress, eta_seconds, step_counts
 from tests.helpers import client, job_status, npz, run_in_process, tiny_job, upload_pair, wait_for
 from worker.manager import JobManager
 
@@ -43,9 +45,9 @@ def test_a_running_trial_reports_its_step_and_loss(pg_url: str, tmp_path: Path,
             # The stream sends an event whenever the step changes (not only per trial).
             steps_seen: list[int] = []
             with api.stream("GET", f"/v1/jobs/{job_id}/stream") as r:
-                for event, data in _sse(r.iter_lines()):
-                    assert event == "progress"
-                    cur = json.loads(data)["progress"]["current_trial"]
+                for sse in EventSource(r).iter_sse():
+                    assert sse.event == "progress"
+                    cur = json.loads(sse.data)["progress"]["current_trial"]
                     steps_seen.append(cur["step"])
                     if len(steps_seen) == 2:
                         break

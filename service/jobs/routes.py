@@ -1,21 +1,12 @@
 from __future__ import annotations
 
-import asyncio
-import csv
-import io
-import json
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse
 
-from common.models import Job, JobTrial
 from service.deps import (
     IdempotencyKeyDep,
     SessionDep,
@@ -25,55 +16,23 @@ from service.deps import (
 )
 from service.errors import error_responses
 from service.jobs import service
+from service.jobs.events import progress_stream
+from service.jobs.render import MEDIA, job_out, job_summary, plot_png, scores_body, trial_out
 from service.jobs.schemas import (
-    Best,
     EventList,
     EventOut,
     JobCreate,
     JobList,
     JobOut,
-    JobSummary,
-    Progress,
     ScoreRequest,
     ScoresOut,
     ThresholdOut,
     TrialList,
-    TrialOut,
 )
 from service.params import JobId, Limit, Offset, TrialNumber, reject_unknown_query_params
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"],
                    dependencies=[Depends(reject_unknown_query_params)])
-
-
-def job_out(job: Job) -> JobOut:
-    return JobOut(**_job_fields(job), spec=job.spec)
-
-
-def job_summary(job: Job, include_spec: bool) -> JobSummary:
-    """A list item: the job without its spec (the request it was created with) unless asked."""
-    return JobSummary(**_job_fields(job), spec=job.spec if include_spec else None)
-
-
-def _job_fields(job: Job) -> dict[str, Any]:
-    best = None
-    if job.best is not None and job.best_trial_number is not None:
-        best = Best(trial_number=job.best_trial_number, **job.best)
-    return dict(
-        id=job.id, kind=job.kind,
-        status=job.status,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,
-                          current_trial=job.trial_progress),
-        best=best, error=job.error, attempt=job.attempt, lost_leases=job.lost_leases,
-        cancel_requested=job.cancel_requested,
-        train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id)
-
-
-def trial_out(t: JobTrial) -> TrialOut:
-    return TrialOut(number=t.number, state=t.state, augmentation=t.augmentation,
-                    params=t.params, validation_loss=t.validation_loss, losses=t.losses,
-                    duration_s=t.duration_s, attempt=t.attempt, error=t.error)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
@@ -153,67 +112,10 @@ def list_events(session: SessionDep, tenant: TenantDep, job_id: JobId) -> EventL
         for e in service.list_events(session, tenant, job_id)])
 
 
-class RenderedScores:
-    """Rendered score bodies and score pictures, per API process. Safe to cache: a finished
-    trial's scores are written once and never change (the job's chosen trial is fixed once
-    it succeeds)."""
-
-    def __init__(self, max_bytes: int = 256 * 1024**2) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int, str], bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int, str]) -> bytes | None:
-        with self._lock:
-            body = self._items.get(key)
-            if body is not None:
-                self._items.move_to_end(key)
-            return body
-
-    def put(self, key: tuple[str, int, str], body: bytes) -> None:
-        with self._lock:
-            if key in self._items or len(body) > self.max_bytes:
-                return
-            self._items[key] = body
-            self._bytes += len(body)
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= len(old)
-
-
-RENDERED = RenderedScores()
-MEDIA = {"json": "application/json", "csv": "text/csv"}
-
-
-def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
-                  fmt: str) -> bytes:
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["index", "name", "score"])
-        w.writerows((i, n, repr(s)) for i, n, s in rows)
-        return buf.getvalue().encode()
-    # Plain dicts and the C JSON encoder: 10,000 pydantic objects cost more than the query.
-    return json.dumps({"job_id": job_id, "trial_number": number,
-                       "scores": [{"index": i, "name": n, "score": s} for i, n, s in rows]},
-                      allow_nan=False, separators=(",", ":")).encode()
-
-
 def scores_response(session: Session, tenant_id: str, job_id: str, number: int | None,
                     fmt: str, request: Request) -> Response:
-    # Ownership first (one primary-key read), then the per-process cache of bodies.
     chosen = number is None
-    if number is None:
-        number = service.chosen_trial(session, tenant_id, job_id)
-    else:
-        service.get_job(session, tenant_id, job_id)
-    key = (job_id, number, fmt)
-    body = RENDERED.get(key)
-    if body is None:
-        n, rows = service.scores(session, tenant_id, job_id, number)
-        body = render_scores(job_id, n, rows, fmt)
-        RENDERED.put(key, body)
+    number, body = scores_body(session, tenant_id, job_id, number, fmt)
     etag = f'"{job_id}-{number}-{fmt}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
     if fmt == "csv":  # a browser or `curl -OJ` saves it under a name that says what it is
@@ -268,18 +170,7 @@ def job_threshold(
         service.threshold(session, tenant, job_id, rule, reference or "tuning"))
 
 
-STREAM_POLL_SECONDS = 0.5
-STREAM_KEEPALIVE_SECONDS = 15.0
-STREAM_MAX_SECONDS = 3600.0
-
-
-def _progress_key(j: JobOut) -> tuple[Any, ...]:
-    best = j.best.validation_loss if j.best else None
-    return (j.status, j.progress.trials_completed, best, j.attempt, j.cancel_requested,
-            j.progress.current_trial)
-
-
-@router.get("/{job_id}/stream", response_class=StreamingResponse, responses={
+@router.get("/{job_id}/stream", response_class=EventSourceResponse, responses={
     200: {"content": {"text/event-stream": {"example": (
         'event: progress\ndata: {"id": "3f1c…", "status": "running", '
         '"progress": {"n_trials": 12, "trials_completed": 5}, ...}\n\n')}},
@@ -288,7 +179,7 @@ def _progress_key(j: JobOut) -> tuple[Any, ...]:
     **error_responses(401, 404, 422)},
     summary="Live progress as server-sent events (used by `ssad-tune tune`)")
 async def stream_job(request: Request, tenant: StreamTenantDep,
-                     job_id: JobId) -> StreamingResponse:
+                     job_id: JobId) -> EventSourceResponse:
     factory = request.app.state.session_factory
 
     def read() -> JobOut:
@@ -296,33 +187,7 @@ async def stream_job(request: Request, tenant: StreamTenantDep,
             return job_out(service.get_job(s, tenant, job_id))
 
     first = await run_in_threadpool(read)  # 404 before the stream starts
-
-    async def events() -> AsyncIterator[str]:
-        job, last_key = first, None
-        started = last_sent = time.monotonic()
-        while True:
-            key = _progress_key(job)
-            if key != last_key:
-                yield f"event: progress\ndata: {job.model_dump_json()}\n\n"
-                last_key, last_sent = key, time.monotonic()
-            if job.status in ("succeeded", "failed", "cancelled"):
-                yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n"
-                return
-            if time.monotonic() - started > STREAM_MAX_SECONDS:
-                return  # clients reconnect (EventSource does by itself)
-            if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
-                yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(STREAM_POLL_SECONDS)
-            try:
-                job = await run_in_threadpool(read)
-            except Exception:  # the database blinked: say nothing, try again
-                continue
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return progress_stream(read, first)
 
 
 @router.post("/{job_id}/score", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
@@ -369,16 +234,6 @@ def job_plot(session: SessionDep, tenant: TenantDep, job_id: JobId,
 
     `scores` and `top` need a succeeded job (409 before); `augmentation` is rendered by the
     worker when a tuning job succeeds."""
-    if name in ("scores", "top"):
-        # Drawn from a succeeded job's fixed scores (and, for `top`, its whole test set read
-        # from the database): render once per process, like the score bodies.
-        number = service.chosen_trial(session, tenant, job_id)  # ownership, 409 if not done
-        key = (job_id, number, f"{name}.png?k={k}" if name == "top" else f"{name}.png")
-        png = RENDERED.get(key)
-        if png is None:
-            png = service.plot(session, tenant, job_id, name, k)
-            RENDERED.put(key, png)
-    else:
-        png = service.plot(session, tenant, job_id, name, k)
+    png = plot_png(session, tenant, job_id, name, k)
     return Response(png, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=60"})

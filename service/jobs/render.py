@@ -1,0 +1,91 @@
+"""What the job routes send back: the response models built from the stored rows, the
+score bodies (JSON or CSV) and the pictures (PNG), each rendered once per API process where
+it cannot change (service/jobs/cache.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from common.models import Job, JobTrial
+from service.jobs import service
+from service.jobs.cache import RENDERED
+from service.jobs.schemas import Best, JobOut, JobSummary, Progress, TrialOut
+
+MEDIA = {"json": "application/json", "csv": "text/csv"}
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(**_job_fields(job), spec=job.spec)
+
+
+def job_summary(job: Job, include_spec: bool) -> JobSummary:
+    """A list item: the job without its spec (the request it was created with) unless asked."""
+    return JobSummary(**_job_fields(job), spec=job.spec if include_spec else None)
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    best = None
+    if job.best is not None and job.best_trial_number is not None:
+        best = Best(trial_number=job.best_trial_number, **job.best)
+    return dict(
+        id=job.id, kind=job.kind,
+        status=job.status,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,
+                          current_trial=job.trial_progress),
+        best=best, error=job.error, attempt=job.attempt, lost_leases=job.lost_leases,
+        cancel_requested=job.cancel_requested,
+        train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id)
+
+
+def trial_out(t: JobTrial) -> TrialOut:
+    return TrialOut(number=t.number, state=t.state, augmentation=t.augmentation,
+                    params=t.params, validation_loss=t.validation_loss, losses=t.losses,
+                    duration_s=t.duration_s, attempt=t.attempt, error=t.error)
+
+
+def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
+                  fmt: str) -> bytes:
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["index", "name", "score"])
+        w.writerows((i, n, repr(s)) for i, n, s in rows)
+        return buf.getvalue().encode()
+    # Plain dicts and the C JSON encoder: 10,000 pydantic objects cost more than the query.
+    return json.dumps({"job_id": job_id, "trial_number": number,
+                       "scores": [{"index": i, "name": n, "score": s} for i, n, s in rows]},
+                      allow_nan=False, separators=(",", ":")).encode()
+
+
+def scores_body(session: Session, tenant_id: str, job_id: str, number: int | None,
+                fmt: str) -> tuple[int, bytes]:
+    """The trial's number (``None``: the job's chosen trial) and its scores in ``fmt``.
+    Ownership first (one primary-key read), then the per-process cache of bodies."""
+    if number is None:
+        trial = service.chosen_trial(session, tenant_id, job_id)
+    else:
+        service.get_job(session, tenant_id, job_id)
+        trial = number
+
+    def render() -> bytes:
+        n, rows = service.scores(session, tenant_id, job_id, trial)
+        return render_scores(job_id, n, rows, fmt)
+
+    return trial, RENDERED.get((job_id, trial, fmt), render)
+
+
+def plot_png(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
+    """One of the job's pictures (service.plot). `scores` and `top` are drawn from a
+    succeeded job's fixed scores (and, for `top`, its whole test set read from the
+    database): rendered once per process, like the score bodies."""
+    if name not in ("scores", "top"):
+        return service.plot(session, tenant_id, job_id, name, k)
+    number = service.chosen_trial(session, tenant_id, job_id)  # ownership, 409 if not done
+    key = (job_id, number, f"{name}.png?k={k}" if name == "top" else f"{name}.png")
+    return RENDERED.get(key, lambda: service.plot(session, tenant_id, job_id, name, k))
