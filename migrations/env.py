@@ -32,10 +32,21 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(database_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite alters a table by copying it (batch mode): DROP TABLE of the old copy
+            # with foreign keys ON would cascade to every child row (a job's events, trials,
+            # scores). The pragma only takes effect outside a transaction, hence the commit.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(connection=connection, target_metadata=target_metadata,
-                          compare_type=True, render_as_batch=connection.dialect.name == "sqlite")
+                          compare_type=True, render_as_batch=sqlite)
         with context.begin_transaction():
             context.run_migrations()
+            if sqlite:  # what foreign keys would have refused, refused here instead
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    raise RuntimeError(f"foreign keys broken by the migration: {broken[:5]}")
     engine.dispose()
 
 

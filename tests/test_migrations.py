@@ -98,3 +98,37 @@ def test_job_kind_is_backfilled_from_the_spec_and_nothing_else_is_lost(
         assert events == 2
     finally:
         engine.dispose()
+
+
+def test_upgrading_a_populated_sqlite_database_keeps_every_child_row(tmp_path: Path) -> None:
+    """SQLite alters tables by copying them (0002 does so to ``jobs``); with foreign keys on
+    that copy's DROP TABLE cascaded to every job's events and trials. A database with data
+    at the first revision keeps all of it through to head."""
+    from sqlalchemy import text
+
+    from common.db import make_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    assert alembic(url, "upgrade", "0001").returncode == 0
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO blobs VALUES ('x', 0, 0, CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO datasets (id, name, sha256, n_samples, channels, height, width, "
+                "size_bytes, names, created_at) VALUES ('d', 'd', 'x', 2, 1, 8, 8, 128, '[]', "
+                "CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO jobs (id, status, train_dataset_id, test_dataset_id, spec, "
+                "n_trials, trials_completed, attempt, cancel_requested, created_at) VALUES "
+                "('j', 'succeeded', 'd', 'd', '{}', 1, 1, 1, 0, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO job_events (job_id, at, status, attempt) VALUES "
+                              "('j', CURRENT_TIMESTAMP, 'queued', 0), "
+                              "('j', CURRENT_TIMESTAMP, 'succeeded', 1)"))
+        p = alembic(url, "upgrade", "head")
+        assert p.returncode == 0, p.stderr
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 1
+            assert conn.execute(text("SELECT count(*) FROM job_events")).scalar_one() == 2
+    finally:
+        engine.dispose()
