@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from common.search_space import SearchSpace
+from worker.core.data import prepare
 from worker.core.study import (
     StudySettings,
     run_study,
     sample_configuration,
     warm_start_configurations,
 )
-from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
+from worker.core.training import TrainSettings, TrialInterrupted
+from worker.core.trial import TrialResult
 
 TINY = TrainSettings(steps=4, batch_size=8, width=8)
 

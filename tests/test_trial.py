@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from common.search_space import auto_image_size
+from worker.core.data import prepare
 from worker.core.detector import Detector, DetectorConfig
-from worker.core.trial import (
-    TrainSettings,
-    TrialPruned,
-    auto_image_size,
-    prepare,
-    resolve_device,
-    run_trial,
-)
+from worker.core.device import resolve_device
+from worker.core.training import TrainSettings, TrialPruned
+from worker.core.trial import run_trial
 
 TINY = TrainSettings(steps=6, batch_size=16, width=8)
 

@@ -27,16 +27,11 @@ from common.search_space import (
     ParamValue,
     SearchSpace,
 )
+from worker.core.data import PreparedData
+from worker.core.device import out_of_memory_reason
 from worker.core.objectives import DEFAULT_OBJECTIVE, get_objective
-from worker.core.trial import (
-    PreparedData,
-    TrainSettings,
-    TrialInterrupted,
-    TrialPruned,
-    TrialResult,
-    out_of_memory_reason,
-    run_trial,
-)
+from worker.core.training import TrainSettings, TrialInterrupted, TrialPruned
+from worker.core.trial import TrialResult, run_trial
 
 AUGMENTATION_KEY = "augmentation"
 
