@@ -13,6 +13,7 @@ from common.search_space import SearchSpace
 from worker.core.data import prepare
 from worker.core.study import (
     StudySettings,
+    failed_reason,
     run_study,
     sample_configuration,
     warm_start_configurations,
@@ -95,6 +96,11 @@ def test_restarted_study_keeps_finished_trials_and_reruns_the_interrupted_one(
     assert done[:2] == [("invert", "COMPLETE"), ("flip", "COMPLETE")]
     assert sorted(a for a, s in done if s == "COMPLETE") == ["flip", "invert", "mask", "noise"]
     assert result.trials[0].result is None and result.trials[-1].result is not None
+    # The orphan was failed through Optuna's public API, with its reason kept.
+    study = optuna.load_study(study_name="job-1", storage=storage)
+    settled = study.trials[orphan.number]
+    assert settled.state == optuna.trial.TrialState.FAIL
+    assert failed_reason(study, settled) == "interrupted: the process running it stopped"
 
 
 def test_a_trial_stored_before_the_crash_is_completed_not_rerun(
