@@ -120,14 +120,26 @@ def test_a_trial_stored_before_the_crash_is_completed_not_rerun(
     assert len(ran) == 1 and result.best.number == orphan.number
 
 
-def test_pruning_reports_intermediate_losses(data) -> None:  # type: ignore[no-untyped-def]
+def test_pruning_stops_trials_worse_than_the_median(data) -> None:  # type: ignore[no-untyped-def]
+    """The median pruner (after 4 finished trials) must stop at least one trial early, and
+    only one whose intermediate loss was worse than the median of the earlier trials'."""
+    storage = optuna.storages.InMemoryStorage()
     settings = StudySettings(
-        n_trials=6, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
+        n_trials=8, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
         train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True)
-    result = run_study(data, settings)
-    assert len(result.trials) == 6
-    study_states = {t.state for t in result.trials}
-    assert study_states <= {"COMPLETE", "PRUNED"}
+    result = run_study(data, settings, storage=storage)
+    assert len(result.trials) == 8
+    assert {t.state for t in result.trials} <= {"COMPLETE", "PRUNED"}
+    study = optuna.load_study(study_name=result.study_name, storage=storage)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "no trial was pruned"
+    for t in pruned:
+        step = t.last_step
+        assert step is not None and step < settings.train.steps  # stopped before the end
+        earlier = [e.intermediate_values[step] for e in study.trials
+                   if e.number < t.number and e.state == optuna.trial.TrialState.COMPLETE]
+        assert len(earlier) >= 4 and t.intermediate_values[step] > np.median(earlier)
+        assert result.trials[t.number].validation_loss is None
 
 
 def test_non_finite_losses_fail_the_trial_not_the_study(data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
