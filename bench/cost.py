@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 from bench.tasks import DATA
-from worker.core.trial import TrainSettings, prepare, resolve_device, run_trial
+from worker.core.data import prepare
+from worker.core.device import resolve_device
+from worker.core.training import TrainSettings
+from worker.core.trial import run_trial
 
 FAMILIES = ("cutout", "cutpaste", "cutpaste-scar", "rotate", "simclr")
 

@@ -19,8 +19,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench.tasks import injected_tasks
+from worker.core.data import prepare
 from worker.core.end_to_end import EndToEndSettings, tune_end_to_end
-from worker.core.trial import prepare
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,10 @@ from sklearn.neighbors import NearestNeighbors
 
 from bench.tasks import Task, all_tasks
 from common.search_space import CUTPASTE_DEFAULT, SearchSpace
+from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
 from worker.core.study import StudySettings, run_study
-from worker.core.trial import TrainSettings, prepare
+from worker.core.training import TrainSettings
 
 
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from worker.core.data import prepare
 from worker.core.end_to_end import EndToEndSettings, tune_end_to_end
-from worker.core.trial import TrainSettings, prepare
+from worker.core.training import TrainSettings
 
 
 def test_end_to_end_learns_and_stays_in_range(

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from common.search_space import SearchSpace
+from worker.core.data import prepare
 from worker.core.study import (
     StudySettings,
+    failed_reason,
     run_study,
     sample_configuration,
     warm_start_configurations,
 )
-from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
+from worker.core.training import TrainSettings, TrialInterrupted
+from worker.core.trial import TrialResult
 
 TINY = TrainSettings(steps=4, batch_size=8, width=8)
 
@@ -93,6 +96,11 @@ def test_restarted_study_keeps_finished_trials_and_reruns_the_interrupted_one(
     assert done[:2] == [("invert", "COMPLETE"), ("flip", "COMPLETE")]
     assert sorted(a for a, s in done if s == "COMPLETE") == ["flip", "invert", "mask", "noise"]
     assert result.trials[0].result is None and result.trials[-1].result is not None
+    # The orphan was failed through Optuna's public API, with its reason kept.
+    study = optuna.load_study(study_name="job-1", storage=storage)
+    settled = study.trials[orphan.number]
+    assert settled.state == optuna.trial.TrialState.FAIL
+    assert failed_reason(study, settled) == "interrupted: the process running it stopped"
 
 
 def test_a_trial_stored_before_the_crash_is_completed_not_rerun(
@@ -112,14 +120,26 @@ def test_a_trial_stored_before_the_crash_is_completed_not_rerun(
     assert len(ran) == 1 and result.best.number == orphan.number
 
 
-def test_pruning_reports_intermediate_losses(data) -> None:  # type: ignore[no-untyped-def]
+def test_pruning_stops_trials_worse_than_the_median(data) -> None:  # type: ignore[no-untyped-def]
+    """The median pruner (after 4 finished trials) must stop at least one trial early, and
+    only one whose intermediate loss was worse than the median of the earlier trials'."""
+    storage = optuna.storages.InMemoryStorage()
     settings = StudySettings(
-        n_trials=6, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
+        n_trials=8, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
         train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True)
-    result = run_study(data, settings)
-    assert len(result.trials) == 6
-    study_states = {t.state for t in result.trials}
-    assert study_states <= {"COMPLETE", "PRUNED"}
+    result = run_study(data, settings, storage=storage)
+    assert len(result.trials) == 8
+    assert {t.state for t in result.trials} <= {"COMPLETE", "PRUNED"}
+    study = optuna.load_study(study_name=result.study_name, storage=storage)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "no trial was pruned"
+    for t in pruned:
+        step = t.last_step
+        assert step is not None and step < settings.train.steps  # stopped before the end
+        earlier = [e.intermediate_values[step] for e in study.trials
+                   if e.number < t.number and e.state == optuna.trial.TrialState.COMPLETE]
+        assert len(earlier) >= 4 and t.intermediate_values[step] > np.median(earlier)
+        assert result.trials[t.number].validation_loss is None
 
 
 def test_non_finite_losses_fail_the_trial_not_the_study(data, monkeypatch) -> None:  # type: ignore[no-untyped-def]

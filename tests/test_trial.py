@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from common.search_space import auto_image_size
+from worker.core.data import prepare
 from worker.core.detector import Detector, DetectorConfig
-from worker.core.trial import (
-    TrainSettings,
-    TrialPruned,
-    auto_image_size,
-    prepare,
-    resolve_device,
-    run_trial,
-)
+from worker.core.device import resolve_device
+from worker.core.training import TrainSettings, TrialPruned, build_detector
+from worker.core.trial import run_trial
 
 TINY = TrainSettings(steps=6, batch_size=16, width=8)
 
@@ -41,7 +38,10 @@ def test_trial_outputs(data) -> None:  # type: ignore[no-untyped-def]
     r = run_trial(data, "rotate", {}, TINY, objective="st-ssad", contamination=0.2, seed=0)
     assert r.augmentation == "rotate" and r.params == {"angle": 90.0}
     assert r.scores.shape == (len(data.test),) and np.isfinite(r.scores).all()
-    assert r.validation_loss == r.losses["st-ssad"]
+    # The objective only picks which loss is reported: training and the losses are the same.
+    dsv = run_trial(data, "rotate", {}, TINY, objective="dsv", contamination=0.2, seed=0)
+    assert dsv.losses == r.losses and dsv.losses["dsv"] != r.losses["st-ssad"]
+    assert (dsv.validation_loss, r.validation_loss) == (r.losses["dsv"], r.losses["st-ssad"])
     assert set(r.losses) == {"dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"}
     assert r.n_x == len(data.train) and r.n_y == round(len(data.train) * 0.2 / 0.8)
     assert {"train_s", "augment_s", "embed_s", "loss_s", "score_s", "total_s"} <= set(r.timings)
@@ -100,11 +100,20 @@ def test_auto_image_size() -> None:
 
 
 def test_backbone_weights_load_safely(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
-    model = Detector(DetectorConfig(1, 32, 8))
+    torch.manual_seed(123)  # not the trial's seed: the saved weights differ from its init
+    saved = Detector(DetectorConfig(1, 32, 8)).encoder.state_dict()
     good = tmp_path / "enc.pt"
-    torch.save(model.encoder.state_dict(), good)
+    torch.save(saved, good)
     settings = TrainSettings(steps=2, batch_size=8, width=8, backbone=str(good))
-    run_trial(data, "invert", {}, settings)
+    loaded = build_detector(1, 32, settings, torch.device("cpu")).encoder.state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    fresh = build_detector(1, 32, TrainSettings(width=8), torch.device("cpu")).encoder
+    assert not all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    # The trial trains from the loaded weights, not from its own seeded initialisation.
+    with_backbone = run_trial(data, "invert", {}, settings)
+    without = run_trial(data, "invert", {}, TrainSettings(steps=2, batch_size=8, width=8))
+    assert with_backbone.losses != without.losses
     other = tmp_path / "wide.pt"
     torch.save(Detector(DetectorConfig(1, 32, 16)).encoder.state_dict(), other)
     with pytest.raises(ValueError, match="does not match"):

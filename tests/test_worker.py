@@ -33,6 +33,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.pg import PostgresServer
+from worker.core.study import failed_reason
 from worker.manager import JobManager, LostLease
 
 
@@ -135,7 +136,7 @@ def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
                                   storage=optuna_storage_url(pg_url))
         states = [t.state for t in study.trials]
         assert states.count(optuna.trial.TrialState.COMPLETE) == 5
-        assert all(t.system_attrs.get("failed_reason", "").startswith("interrupted")
+        assert all((failed_reason(study, t) or "").startswith("interrupted")
                    for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
 
 

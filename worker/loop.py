@@ -10,7 +10,7 @@ import uuid
 
 import torch
 
-from worker.core.trial import resolve_device
+from worker.core.device import resolve_device
 from worker.manager import JobManager
 from worker.runner import ArrayCache, run_job
 

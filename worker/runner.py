@@ -21,10 +21,12 @@ from common.jobspec import ScoreSpec, TuneSpec, load_spec
 from common.logs import current_job, job_context
 from common.models import MODEL_ARTIFACT
 from common.search_space import SearchSpace
+from worker.core.data import prepare
 from worker.core.export import ScoringModel
 from worker.core.pictures import augmentation_sample
 from worker.core.study import StudySettings, run_study
-from worker.core.trial import TrainSettings, TrialInterrupted, TrialResult, prepare
+from worker.core.training import TrainSettings, TrialInterrupted
+from worker.core.trial import TrialResult
 from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
 from worker.storage import StorageUnavailable, open_study_storage
 

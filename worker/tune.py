@@ -45,7 +45,7 @@ def _float_pair(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker.core.trial import TrainSettings
+    from worker.core.training import TrainSettings
 
     d = TrainSettings()
     ap = argparse.ArgumentParser(
@@ -114,9 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, test = _load(args.train, "--train"), _load(args.test, "--test")
     import optuna
 
+    from worker.core.data import prepare
+    from worker.core.device import resolve_device
     from worker.core.end_to_end import EndToEndSettings, tune_end_to_end
     from worker.core.study import StudySettings, run_study
-    from worker.core.trial import TrainSettings, prepare, resolve_device
+    from worker.core.training import TrainSettings
 
     device = resolve_device(args.device)
     train_settings = TrainSettings(

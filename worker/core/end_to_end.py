@@ -20,21 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common.search_space import DEFAULT_CONTAMINATION, FAMILIES, ParamValue
 from worker.core.augmentations import CutDiff, build_augmentation
+from worker.core.data import PreparedData, evaluation_sets
+from worker.core.device import make_generator, seed_everything
+from worker.core.evaluation import evaluate
+from worker.core.inference import embed_xyz
 from worker.core.objectives import augmented_count, get_objective
-from worker.core.trial import (
-    PreparedData,
-    TrainSettings,
-    build_detector,
-    embed_all,
-    evaluate,
-    evaluation_sets,
-    make_generator,
-    seed_everything,
-)
+from worker.core.training import DetectorTraining, TrainSettings, build_detector
 
 DIFFERENTIABLE = tuple(name for name, f in FAMILIES.items() if f.differentiable)
 
@@ -91,27 +85,18 @@ def tune_end_to_end(data: PreparedData, settings: EndToEndSettings) -> EndToEndR
     augment = build_augmentation(settings.augmentation, settings.initial)
     assert isinstance(augment, CutDiff)
     augment = augment.to(device)
-    model = build_detector(data, settings.train, device)
-    model_opt = torch.optim.Adam(model.parameters(), lr=settings.train.lr)
+    model = build_detector(data.channels, data.image_size, settings.train, device)
+    # The detector trains in float32 here (``train.amp`` applies to search trials only).
+    training = DetectorTraining(model, augment, data.train, settings.train, g, amp=False)
     aug_opt = torch.optim.Adam(augment.parameters(), lr=settings.aug_lr)
     n_train, n_test = len(data.train), len(data.test)
-    batch = settings.train.batch_size
-    labels = torch.cat([torch.zeros(batch, dtype=torch.long),
-                        torch.ones(batch, dtype=torch.long)]).to(device)
     trajectory: list[dict[str, float]] = []
     train_s = hyper_s = 0.0
 
     for round_ in range(1, settings.rounds + 1):
         t0 = time.perf_counter()
-        model.train()
         for _ in range(settings.detector_steps):
-            x = data.train[torch.randint(0, n_train, (batch,), generator=g, device=device)]
-            with torch.no_grad():
-                xa = augment(x, g)
-            loss = F.cross_entropy(model(torch.cat([x, xa])), labels)
-            model_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            model_opt.step()
+            training.step()
         t1 = time.perf_counter()
         train_s += t1 - t0
 
@@ -122,11 +107,8 @@ def tune_end_to_end(data: PreparedData, settings: EndToEndSettings) -> EndToEndR
         z_idx = torch.randperm(n_test, generator=g, device=device)[: settings.eval_images]
         n_y = max(32, augmented_count(k, settings.contamination))
         y_idx = x_idx[torch.randint(0, k, (n_y,), generator=g, device=device)]
-        x_emb = embed_all(model, data.train[x_idx])
-        z_emb = embed_all(model, data.test[z_idx])
-        model.eval()
-        y_emb = model.embed(augment(data.train[y_idx], g))
-        val = loss_fn(x_emb, y_emb, z_emb)
+        val = loss_fn(*embed_xyz(model, data.train[x_idx], data.train[y_idx],
+                                 data.test[z_idx], augment, g, differentiable=True))
         aug_opt.zero_grad(set_to_none=True)
         val.backward()
         aug_opt.step()

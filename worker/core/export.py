@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from worker.core.data import to_working_tensor
 from worker.core.detector import Detector, DetectorConfig
+from worker.core.inference import augmented_logits, embed_all
 from worker.core.scoring import mahalanobis_apply
 
 FORMAT = 1
@@ -67,8 +69,6 @@ class ScoringModel:
 
     def score(self, images: np.ndarray, device: torch.device) -> np.ndarray:
         """Anomaly scores of uint8 (N, C, H, W) images, higher = more anomalous."""
-        from worker.core.trial import augmented_logits, embed_all, to_working_tensor
-
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"images must be (N, {self.config.in_channels}, H, W) to match "
                              f"the detector, got {images.shape}")

@@ -27,18 +27,14 @@ from common.search_space import (
     ParamValue,
     SearchSpace,
 )
+from worker.core.data import PreparedData
+from worker.core.device import out_of_memory_reason
 from worker.core.objectives import get_objective
-from worker.core.trial import (
-    PreparedData,
-    TrainSettings,
-    TrialInterrupted,
-    TrialPruned,
-    TrialResult,
-    out_of_memory_reason,
-    run_trial,
-)
+from worker.core.training import TrainSettings, TrialInterrupted, TrialPruned
+from worker.core.trial import TrialResult, run_trial
 
 AUGMENTATION_KEY = "augmentation"
+FAILED_REASON = "error"  # the trial's user attribute naming why it failed
 
 
 @dataclass(frozen=True)
@@ -180,14 +176,27 @@ def rerun_interrupted_trials(
             study.tell(t.number, stored)
             continue
         rerun.append(t.number)
-        study._storage.set_trial_system_attr(t._trial_id, "failed_reason",
-                                             "interrupted: the process running it stopped")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        # Optuna's public API cannot set an attribute on a trial this process did not start,
+        # so the reason is kept on the study (read it with ``failed_reason``).
+        study.set_user_attr(_interrupted_key(t.number),
+                            "interrupted: the process running it stopped")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         # A trial that died before sampling has only its queued (fixed) parameters.
         params = t.params or t.system_attrs.get("fixed_params") or {}
         if params:
             study.enqueue_trial(dict(params), skip_if_exists=False)
     return rerun
+
+
+def _interrupted_key(number: int) -> str:
+    return f"trial_{number}.failed_reason"
+
+
+def failed_reason(study: optuna.Study, t: optuna.trial.FrozenTrial) -> str | None:
+    """Why a FAIL trial failed: out of memory or a non-finite loss (set while it ran), or
+    interrupted with its process (set when a resumed study settled it); None if unknown."""
+    reason = t.user_attrs.get(FAILED_REASON) or study.user_attrs.get(_interrupted_key(t.number))
+    return None if reason is None else str(reason)
 
 
 def _record(t: optuna.trial.FrozenTrial, result: TrialResult | None) -> TrialRecord:
@@ -233,7 +242,7 @@ def run_study(
 
     def fail(trial: optuna.Trial, family: str, params: dict[str, ParamValue],
              reason: str) -> NoReturn:
-        trial.set_user_attr("error", reason)
+        trial.set_user_attr(FAILED_REASON, reason)
         failures.append(f"trial {trial.number} ({family}): {reason}")
         if on_fail is not None:
             on_fail(trial.number, family, params, reason)
