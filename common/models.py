@@ -16,6 +16,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Enum,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
@@ -69,6 +70,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class JobStatus(enum.StrEnum):
+    """A job's status; which may follow which, and the one function that moves a job, are
+    in common/lifecycle.py."""
+
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -76,17 +80,19 @@ class JobStatus(enum.StrEnum):
     cancelled = "cancelled"
 
 
-TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+class TrialState(enum.StrEnum):
+    """What a stored trial came to (the names Optuna gives them)."""
 
-#: The lifecycle as data: which status may follow which.
-ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.queued: frozenset({JobStatus.running, JobStatus.cancelled}),
-    JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled,
-                                  JobStatus.queued}),  # queued again: lease lost / stopped
-    JobStatus.succeeded: frozenset(),
-    JobStatus.failed: frozenset(),
-    JobStatus.cancelled: frozenset(),
-}
+    COMPLETE = "COMPLETE"
+    FAIL = "FAIL"
+
+
+def _enum_column(states: type[enum.StrEnum]) -> Enum:
+    """A status column holding the enum's values as VARCHAR(16), exactly the DDL of the
+    ``String(16)`` it replaced: no native enum type, no CHECK of its own (the table's
+    declared CHECK stays the migrations')."""
+    return Enum(states, native_enum=False, create_constraint=False, length=16,
+                   values_callable=lambda e: [m.value for m in e])
 
 _STATUS_CHECK = "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')"
 
@@ -184,7 +190,8 @@ class Job(Base):
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(36), ForeignKey("tenants.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value)
+    status: Mapped[JobStatus] = mapped_column(_enum_column(JobStatus),
+                                              default=JobStatus.queued)
     train_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     test_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -222,7 +229,7 @@ class JobEvent(Base):
     job_id: Mapped[str] = mapped_column(
         String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[JobStatus] = mapped_column(_enum_column(JobStatus))
     attempt: Mapped[int] = mapped_column(Integer)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -235,7 +242,7 @@ class JobTrial(Base):
         String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[TrialState] = mapped_column(_enum_column(TrialState))
     augmentation: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     validation_loss: Mapped[float | None] = mapped_column(Float, nullable=True)

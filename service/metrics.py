@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
-from common.models import Job, JobStatus, JobTrial, utcnow
+from common.models import Job, JobStatus, JobTrial, TrialState, utcnow
 
 log = logging.getLogger("ssad.api")
 
@@ -54,12 +54,12 @@ class DatabaseCollector(Collector):
             by_status = dict(conn.execute(
                 select(Job.status, func.count()).group_by(Job.status)).all())
             oldest = conn.execute(select(func.min(Job.created_at)).where(
-                Job.status == JobStatus.queued.value)).scalar()
+                Job.status == JobStatus.queued)).scalar()
             beats = conn.execute(select(Job.worker_id, func.min(Job.heartbeat_at)).where(
-                Job.status == JobStatus.running.value).group_by(Job.worker_id)).all()
+                Job.status == JobStatus.running).group_by(Job.worker_id)).all()
             trials = dict(conn.execute(
                 select(JobTrial.state, func.count()).group_by(JobTrial.state)).all())
-            done = JobTrial.state == "COMPLETE"
+            done = JobTrial.state == TrialState.COMPLETE
             buckets = conn.execute(select(
                 *[func.coalesce(func.sum(case((done & (JobTrial.duration_s <= b), 1),
                                               else_=0)), 0) for b in TRIAL_BUCKETS],
@@ -69,10 +69,10 @@ class DatabaseCollector(Collector):
 
         jobs = GaugeMetricFamily("ssad_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
-            jobs.add_metric([status.value], by_status.get(status.value, 0))
+            jobs.add_metric([status], by_status.get(status, 0))
         yield jobs
         yield GaugeMetricFamily("ssad_queue_depth", "Jobs waiting for a worker",
-                                value=by_status.get(JobStatus.queued.value, 0))
+                                value=by_status.get(JobStatus.queued, 0))
         age = 0.0 if oldest is None else (now - oldest).total_seconds()
         yield GaugeMetricFamily("ssad_queue_oldest_age_seconds",
                                 "How long the oldest queued job has waited (0: none)",
@@ -87,7 +87,7 @@ class DatabaseCollector(Collector):
         yield GaugeMetricFamily("ssad_workers_busy", "Workers running a job",
                                 value=sum(1 for w, _ in beats if w is not None))
         tr = GaugeMetricFamily("ssad_trials", "Stored trials by state", labels=["state"])
-        for state in ("COMPLETE", "FAIL"):
+        for state in TrialState:
             tr.add_metric([state], trials.get(state, 0))
         yield tr
         counts = [int(c) for c in buckets[:len(TRIAL_BUCKETS)]]

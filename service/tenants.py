@@ -164,7 +164,7 @@ def check_job(session: Session, tenant_id: str, quotas: Quotas, n_trials: int) -
                             f"{quotas.max_trials_per_job} trials per job")
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id,
-        Job.status.in_([JobStatus.queued.value, JobStatus.running.value]))) or 0
+        Job.status.in_([JobStatus.queued, JobStatus.running]))) or 0
     if active >= quotas.max_active_jobs:
         raise TooManyActiveJobs(
             f"this tenant has {active} jobs queued or running, its quota: wait for one to "

@@ -23,14 +23,13 @@ from sqlalchemy.orm import Session
 
 from common.blobs import read_blob
 from common.db import is_transient, session_factory, transaction
+from common.lifecycle import JobStatus, TrialState, record_event, transition
 from common.models import (
     MODEL_ARTIFACT,
     MODEL_CONTENT_TYPE,
     Dataset,
     Job,
     JobArtifact,
-    JobEvent,
-    JobStatus,
     JobTrial,
     TrialScore,
     utcnow,
@@ -120,48 +119,52 @@ class JobManager:
     def _tx(self) -> Iterator[Session]:
         yield from transaction(self._sessions)
 
-    @staticmethod
-    def _event(s: Session, job_id: str, status: str, attempt: int, message: str) -> None:
-        s.add(JobEvent(job_id=job_id, status=status, attempt=attempt, message=message))
-
     def _fenced(self, s: Session, job_id: str, attempt: int, **values: Any) -> Job:
         """Update the job only if this attempt still holds it; returns the row (locked)."""
         row = s.execute(
             update(Job).where(Job.id == job_id, Job.attempt == attempt,
-                              Job.status == JobStatus.running.value)
+                              Job.status == JobStatus.running)
             .values(**values).returning(Job.id)).scalar_one_or_none()
         if row is None:
-            raise LostLease(f"job {job_id} attempt {attempt} is no longer held by this worker")
+            raise _lost(job_id, attempt)
         job = s.get(Job, job_id, populate_existing=True)
         assert job is not None
         return job
 
+    @staticmethod
+    def _end(s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
+             **values: Any) -> None:
+        """Move the job this attempt still holds out of ``running`` (or LostLease)."""
+        if not transition(s, job_id, to, expected=JobStatus.running, fence=attempt,
+                          message=message, **values):
+            raise _lost(job_id, attempt)
+
     # ------------------------------------------------------------------ claiming
 
     def claim_next_job(self, worker_id: str) -> ClaimedJob | None:
-        """Claim the oldest queued job in one statement (``FOR UPDATE SKIP LOCKED`` on
-        Postgres; SQLite serialises writers, so its single UPDATE is atomic too)."""
+        """Claim the oldest queued job: lock it (``FOR UPDATE SKIP LOCKED`` on Postgres, so
+        racing workers pick different jobs), then move it to running. SQLite serialises
+        writers but does not lock on reading: if another worker moved the job in between,
+        the conditional move misses and the next oldest is tried."""
         now = utcnow()
-        oldest = (select(Job.id).where(Job.status == JobStatus.queued.value)
-                  .order_by(Job.created_at, Job.id).limit(1)
-                  .with_for_update(skip_locked=True).scalar_subquery())
+        oldest = (select(Job.id).where(Job.status == JobStatus.queued)
+                  .order_by(Job.created_at, Job.id).limit(1).with_for_update(skip_locked=True))
         with self._tx() as s:
-            claimed = s.execute(
-                update(Job).where(Job.id == oldest, Job.status == JobStatus.queued.value)
-                .values(status=JobStatus.running.value, attempt=Job.attempt + 1,
-                        worker_id=worker_id, lease_expires_at=now + self.lease,
-                        heartbeat_at=now, started_at=func.coalesce(Job.started_at, now))
-                .returning(Job.id, Job.attempt)).first()
-            if claimed is None:
-                return None
-            job_id, attempt = claimed
-            job = s.get(Job, job_id)
+            while True:
+                job_id = s.scalar(oldest)
+                if job_id is None:
+                    return None
+                if transition(s, job_id, JobStatus.running, expected=JobStatus.queued,
+                              message=f"claimed by {worker_id}", attempt=Job.attempt + 1,
+                              worker_id=worker_id, lease_expires_at=now + self.lease,
+                              heartbeat_at=now, started_at=func.coalesce(Job.started_at, now)):
+                    break
+            job = s.get(Job, job_id, populate_existing=True)
             assert job is not None
             train = s.get(Dataset, job.train_dataset_id)
             test = s.get(Dataset, job.test_dataset_id)
             assert train is not None and test is not None
-            self._event(s, job_id, JobStatus.running.value, attempt, f"claimed by {worker_id}")
-            return ClaimedJob(job_id, attempt, dict(job.spec), _ref(train), _ref(test),
+            return ClaimedJob(job_id, job.attempt, dict(job.spec), _ref(train), _ref(test),
                               lost_leases=job.lost_leases, kind=job.kind)
 
     def requeue_stale(self) -> list[str]:
@@ -173,8 +176,9 @@ class JobManager:
         with self._tx() as s:
             stale = s.execute(
                 select(Job.id, Job.attempt, Job.lost_leases, Job.cancel_requested)
-                .where(Job.status == JobStatus.running.value, Job.lease_expires_at < now)
+                .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
                 .with_for_update(skip_locked=True)).all()
+            moved = []
             for job_id, attempt, lost_before, cancel in stale:
                 lost = lost_before + 1
                 if cancel:
@@ -187,18 +191,16 @@ class JobManager:
                     status = JobStatus.queued
                     msg = (f"requeued: lease of attempt {attempt} expired "
                            f"({lost} of max_attempts={self.max_attempts})")
-                values: dict[str, Any] = {"status": status.value, "worker_id": None,
-                                          "lease_expires_at": None, "lost_leases": lost,
-                                          "trial_progress": None}
+                values: dict[str, Any] = {"worker_id": None, "lease_expires_at": None,
+                                          "lost_leases": lost, "trial_progress": None}
                 if status != JobStatus.queued:
                     values.update(finished_at=now, error=msg if status == JobStatus.failed
                                   else None)
-                s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt,
-                                            Job.status == JobStatus.running.value)
-                          .values(**values))
-                self._event(s, job_id, status.value, attempt, msg)
-                log.warning("job %s: %s", job_id, msg)
-            return [r[0] for r in stale]
+                if transition(s, job_id, status, expected=JobStatus.running, fence=attempt,
+                              message=msg, **values):
+                    moved.append(job_id)
+                    log.warning("job %s: %s", job_id, msg)
+            return moved
 
     # ------------------------------------------------------------------ while running
 
@@ -240,7 +242,8 @@ class JobManager:
         with self._tx() as s:
             if not self._fenced_new_trial(s, job_id, attempt, number):
                 return
-            s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="COMPLETE",
+            s.add(JobTrial(job_id=job_id, number=number, attempt=attempt,
+                           state=TrialState.COMPLETE,
                            augmentation=augmentation, params=dict(params),
                            validation_loss=validation_loss, losses=dict(losses),
                            timings=dict(timings), duration_s=float(timings.get("total_s", 0.0))))
@@ -262,12 +265,12 @@ class JobManager:
         with self._tx() as s:
             if not self._fenced_new_trial(s, job_id, attempt, number):
                 return
-            s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state="FAIL",
+            s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state=TrialState.FAIL,
                            augmentation=augmentation, params=dict(params),
                            validation_loss=None, losses={}, timings={}, duration_s=0.0,
                            error=reason[:4000]))
-            self._event(s, job_id, JobStatus.running.value, attempt,
-                        f"trial {number} failed: {reason}"[:4000])
+            record_event(s, job_id, JobStatus.running, attempt,
+                         f"trial {number} failed: {reason}"[:4000])
 
     def _fenced_new_trial(self, s: Session, job_id: str, attempt: int, number: int) -> bool:
         """Renew the lease (or LostLease); False if trial ``number`` is already stored (a
@@ -300,7 +303,7 @@ class JobManager:
     def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
         best = self._best_trial(s, job_id)
         completed = s.scalar(select(func.count()).select_from(JobTrial).where(
-            JobTrial.job_id == job_id, JobTrial.state == "COMPLETE")) or 0
+            JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE)) or 0
         s.execute(update(Job).where(Job.id == job_id).values(
             trials_completed=completed,
             best=None if best is None else _best_json(best),
@@ -331,28 +334,24 @@ class JobManager:
             best = self._best_trial(s, job_id)
             if best is None:
                 raise RuntimeError("no completed trial to choose from")
-            s.execute(update(Job).where(Job.id == job_id).values(
-                status=JobStatus.succeeded.value, finished_at=utcnow(), best=_best_json(best),
-                best_trial_number=best.number, lease_expires_at=None, trial_progress=None))
-            self._event(s, job_id, JobStatus.succeeded.value, attempt,
-                        f"best trial {best.number}: {best.augmentation} "
-                        f"(loss {best.validation_loss:.4g})")
+            self._end(s, job_id, attempt, JobStatus.succeeded,
+                      f"best trial {best.number}: {best.augmentation} "
+                      f"(loss {best.validation_loss:.4g})",
+                      finished_at=utcnow(), best=_best_json(best),
+                      best_trial_number=best.number, lease_expires_at=None, trial_progress=None)
 
     @retry_transient
     def fail(self, job_id: str, attempt: int, reason: str) -> None:
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, status=JobStatus.failed.value,
-                         finished_at=utcnow(), error=reason[:4000], lease_expires_at=None,
-                         trial_progress=None)
-            self._event(s, job_id, JobStatus.failed.value, attempt, reason[:4000])
+            self._end(s, job_id, attempt, JobStatus.failed, reason[:4000],
+                      finished_at=utcnow(), error=reason[:4000], lease_expires_at=None,
+                      trial_progress=None)
 
     @retry_transient
     def mark_cancelled(self, job_id: str, attempt: int) -> None:
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, status=JobStatus.cancelled.value,
-                         finished_at=utcnow(), lease_expires_at=None, trial_progress=None)
-            self._event(s, job_id, JobStatus.cancelled.value, attempt,
-                        "cancelled while running")
+            self._end(s, job_id, attempt, JobStatus.cancelled, "cancelled while running",
+                      finished_at=utcnow(), lease_expires_at=None, trial_progress=None)
 
     @retry_transient
     def release(self, job_id: str, attempt: int, reason: str) -> None:
@@ -361,9 +360,12 @@ class JobManager:
         expired leases do), and the next claim's new attempt number still fences out this
         one."""
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, status=JobStatus.queued.value, worker_id=None,
-                         lease_expires_at=None, trial_progress=None)
-            self._event(s, job_id, JobStatus.queued.value, attempt, reason)
+            self._end(s, job_id, attempt, JobStatus.queued, reason, worker_id=None,
+                      lease_expires_at=None, trial_progress=None)
+
+
+def _lost(job_id: str, attempt: int) -> LostLease:
+    return LostLease(f"job {job_id} attempt {attempt} is no longer held by this worker")
 
 
 def _best_json(t: JobTrial) -> dict[str, Any]:

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
-from common.models import (
-    TERMINAL,
-    Job,
-    JobArtifact,
-    JobEvent,
-    JobStatus,
-    JobTrial,
-    TrialScore,
-    utcnow,
-)
+from common.lifecycle import TERMINAL, JobStatus, record_event, transition
+from common.models import Job, JobArtifact, JobEvent, JobTrial, TrialScore, utcnow
 
 
 def insert_job(session: Session, job: Job, message: str) -> None:
     session.add(job)
     session.flush()
-    session.add(JobEvent(job_id=job.id, status=job.status, attempt=job.attempt,
-                         message=message))
+    record_event(session, job.id, job.status, job.attempt, message)
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
@@ -46,32 +36,18 @@ def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status:
     return rows, session.scalar(count) or 0
 
 
-def _update_if_status(session: Session, job_id: str, current: JobStatus, values: dict[str, Any],
-                      event_status: JobStatus, message: str) -> bool:
-    """Update the job only if it is still ``current`` (one conditional statement: a worker
-    may be claiming or ending it concurrently), and append the event if it was."""
-    attempt = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == current.value)
-        .values(**values).returning(Job.attempt)).scalar_one_or_none()
-    if attempt is None:
-        return False
-    session.add(JobEvent(job_id=job_id, status=event_status.value, attempt=attempt,
-                         message=message))
-    return True
-
-
 def cancel_if_queued(session: Session, job_id: str) -> bool:
-    """Queued → cancelled."""
-    return _update_if_status(
-        session, job_id, JobStatus.queued,
-        {"status": JobStatus.cancelled.value, "finished_at": utcnow(), "cancel_requested": True},
-        JobStatus.cancelled, "cancelled before it started")
+    """Queued → cancelled, if it still is (one conditional statement: a worker may be
+    claiming it concurrently)."""
+    return transition(session, job_id, JobStatus.cancelled, expected=JobStatus.queued,
+                      message="cancelled before it started", finished_at=utcnow(),
+                      cancel_requested=True)
 
 
 def request_cancel_if_running(session: Session, job_id: str) -> bool:
     """Running → flagged; the worker sees it at its next heartbeat and ends the job."""
-    return _update_if_status(session, job_id, JobStatus.running, {"cancel_requested": True},
-                             JobStatus.running, "cancel requested")
+    return transition(session, job_id, JobStatus.running, expected=JobStatus.running,
+                      message="cancel requested", cancel_requested=True)
 
 
 def active_score_jobs(session: Session, tenant_id: str, job_id: str) -> list[str]:
@@ -80,7 +56,7 @@ def active_score_jobs(session: Session, tenant_id: str, job_id: str) -> list[str
     return list(session.scalars(select(Job.id).where(
         Job.tenant_id == tenant_id, Job.kind == "score",
         Job.spec["source_job_id"].as_string() == job_id,
-        Job.status.in_([JobStatus.queued.value, JobStatus.running.value]))).all())
+        Job.status.in_([JobStatus.queued, JobStatus.running]))).all())
 
 
 def delete_ended_job(session: Session, job_id: str) -> bool:
@@ -89,7 +65,7 @@ def delete_ended_job(session: Session, job_id: str) -> bool:
     its artifacts go with it: every child table's foreign key is ON DELETE CASCADE (SQLite
     enforces them with ``PRAGMA foreign_keys=ON``, common/db.py)."""
     deleted = session.execute(delete(Job).where(
-        Job.id == job_id, Job.status.in_([s.value for s in TERMINAL]))
+        Job.id == job_id, Job.status.in_(sorted(TERMINAL)))
         .returning(Job.id)).scalar_one_or_none()
     session.expire_all()  # the ORM's copy of the row (and its children) is gone
     return deleted is not None

@@ -13,15 +13,8 @@ from sqlalchemy.orm import Session
 
 from common import blobs
 from common.jobspec import DEFAULT_CONTAMINATION, ScoreSpec, TuneSpec, spec_dump
-from common.models import (
-    MODEL_ARTIFACT,
-    TERMINAL,
-    Dataset,
-    Job,
-    JobEvent,
-    JobStatus,
-    JobTrial,
-)
+from common.lifecycle import TERMINAL, JobStatus, TrialState
+from common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
 from common.search_space import SearchSpace, auto_image_size
 from common.settings import Settings
 from service import idempotency, tenants
@@ -102,7 +95,7 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: S
     if resized:
         notes.append(resized)
     message = "; ".join(["queued", *notes])
-    job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
+    job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued,
               train_dataset_id=train.id, test_dataset_id=test.id, kind=spec.kind,
               spec=spec_dump(spec),
               n_trials=request.n_trials, trials_completed=0, attempt=0,
@@ -152,14 +145,14 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     """Idempotent: a queued job is cancelled now; a running one at its worker's next check
     (between trials, or within a trial at the next heartbeat); a cancelled one stays so."""
     job = get_job(session, tenant_id, job_id)
-    if job.status == JobStatus.cancelled.value:
+    if job.status == JobStatus.cancelled:
         return job
-    if job.status in (JobStatus.succeeded.value, JobStatus.failed.value):
+    if job.status in (JobStatus.succeeded, JobStatus.failed):
         raise Conflict(f"job {job_id} has already {job.status}; there is nothing to cancel")
     if not repo.cancel_if_queued(session, job_id):
         repo.request_cancel_if_running(session, job_id)
     session.refresh(job)
-    if job.status in TERMINAL and job.status != JobStatus.cancelled.value:
+    if job.status in TERMINAL and job.status != JobStatus.cancelled:
         raise Conflict(f"job {job_id} has already {job.status}; there is nothing to cancel")
     return job
 
@@ -172,7 +165,7 @@ def list_trials(session: Session, tenant_id: str, job_id: str) -> Sequence[JobTr
 def chosen_trial(session: Session, tenant_id: str, job_id: str) -> int:
     """The trial whose scores are the job's result (only once the job has succeeded)."""
     job = get_job(session, tenant_id, job_id)
-    if job.best_trial_number is None or job.status != JobStatus.succeeded.value:
+    if job.best_trial_number is None or job.status != JobStatus.succeeded:
         raise Conflict(f"job {job_id} is {job.status}; its scores are available once it "
                        "has succeeded (per-trial scores: /trials/{number}/scores)")
     return job.best_trial_number
@@ -183,7 +176,7 @@ def scores(session: Session, tenant_id: str, job_id: str, trial_number: int
     """(trial number, [(index, name, score)]) of a finished trial, in test-set order."""
     job = get_job(session, tenant_id, job_id)
     trial = repo.get_trial(session, job_id, trial_number)
-    if trial is None or trial.state != "COMPLETE":
+    if trial is None or trial.state != TrialState.COMPLETE:
         raise NotFound(f"job {job_id} has no finished trial {trial_number}")
     test = dataset_repo.get_dataset(session, tenant_id, job.test_dataset_id)
     names = test.names if test is not None else []
@@ -292,7 +285,7 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
     if source.kind == "score":
         raise InvalidRequest(f"job {source_id} is itself a scoring job; score with the "
                              "tuning job it came from")
-    if source.status != JobStatus.succeeded.value:
+    if source.status != JobStatus.succeeded:
         raise Conflict(f"job {source_id} is {source.status}; new data can be scored once it "
                        "has succeeded")
     if not repo.has_artifact(session, source_id, MODEL_ARTIFACT):
@@ -308,7 +301,7 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
     spec = ScoreSpec(source_job_id=source_id, dataset_id=dataset.id,
                      contamination=_contamination(source),
                      threshold_reference=reference_thresholds(session, tenant_id, source_id))
-    job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued.value,
+    job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued,
               train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
               kind=spec.kind, spec=spec_dump(spec), n_trials=spec.n_trials,
               trials_completed=0, attempt=0, cancel_requested=False)
@@ -336,7 +329,7 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
     if name in STUDY_PLOTS or name == "trials":
         points = [(t.number, t.augmentation or "", t.params, t.validation_loss)
                   for t in repo.list_trials(session, job_id)
-                  if t.state == "COMPLETE" and t.validation_loss is not None]
+                  if t.state == TrialState.COMPLETE and t.validation_loss is not None]
         if name == "trials":
             return plots.trials_png(points, job.best_trial_number)
         if not points:
