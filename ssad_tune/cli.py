@@ -26,12 +26,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from common.settings import Settings
 from service.errors import AppError
+from service.settings import ApiSettings
 
 
 @contextmanager
-def _session(settings: Settings) -> Iterator[Session]:
+def _session(settings: ApiSettings) -> Iterator[Session]:
     from common.db import make_engine, session_scope
 
     engine = make_engine(settings.database_url)
@@ -42,7 +42,7 @@ def _session(settings: Settings) -> Iterator[Session]:
         engine.dispose()
 
 
-def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+def _keys_create(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -54,7 +54,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+def _keys_list(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -65,7 +65,7 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+def _keys_revoke(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -74,7 +74,7 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _tenants_list(args: argparse.Namespace, settings: Settings) -> int:
+def _tenants_list(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     def show(v: int | None, default: int) -> str:
@@ -91,7 +91,7 @@ def _tenants_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _tenants_quota(args: argparse.Namespace, settings: Settings) -> int:
+def _tenants_quota(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -102,7 +102,7 @@ def _tenants_quota(args: argparse.Namespace, settings: Settings) -> int:
     return _tenants_list(args, settings)
 
 
-def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+def _migrate(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import migrate
 
     migrate.upgrade_head(settings.database_url)
@@ -110,13 +110,13 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service.__main__ import main as serve
 
     return serve()
 
 
-def _tune(args: argparse.Namespace, settings: Settings) -> int:
+def _tune(args: argparse.Namespace, settings: ApiSettings) -> int:
     from ssad_tune import client
 
     options: dict[str, object] = {"n_trials": args.n_trials}
@@ -193,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker(argv[1:])
     args = parser().parse_args(argv)
-    fn: Callable[[argparse.Namespace, Settings], int] = args.fn
+    fn: Callable[[argparse.Namespace, ApiSettings], int] = args.fn
     try:
-        return fn(args, Settings())
+        return fn(args, ApiSettings())
     except AppError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2

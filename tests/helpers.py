@@ -17,8 +17,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from common.settings import Settings
 from service.app import create_app
+from service.settings import ApiSettings
 from tests.pg import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def png_zip(images: np.ndarray, names: list[str]) -> bytes:
 def client(db_url: str, **overrides: Any) -> TestClient:
     """An in-process client; single-user (``auth="off"``) unless ``auth="required"``."""
     overrides.setdefault("auth", "off")
-    settings = Settings(database_url=db_url, embedded_worker=False, **overrides)
+    settings = ApiSettings(database_url=db_url, embedded_worker=False, **overrides)
     return TestClient(create_app(settings))
 
 
@@ -204,15 +204,21 @@ def count(db_url: str, model: type) -> int:
     return row_counts(db_url, model)[model.__tablename__]  # type: ignore[attr-defined]
 
 
-def run_in_process(job: Any, manager: Any, db_url: str, tmp: Path) -> str:
+def run_in_process(job: Any, manager: Any, db_url: str, tmp: Path,
+                   open_storage: Callable[[], Any] | None = None) -> str:
     """worker.runner.run_job on CPU in this process (to inject faults or play a zombie);
-    its outcome: "succeeded", "failed", "lost", ..."""
+    its outcome: "succeeded", "failed", "lost", ... ``open_storage`` replaces the worker's
+    Optuna storage opener."""
+    import dataclasses
     import threading
 
-    import torch
+    from worker.loop import build_context
+    from worker.runner import run_job
+    from worker.settings import WorkerSettings
 
-    from worker.runner import ArrayCache, run_job
-
-    return run_job(job, manager, database_url=db_url, device=torch.device("cpu"),
-                   cache=ArrayCache(tmp / "cache"), heartbeat_seconds=30,
-                   stop=threading.Event())
+    settings = WorkerSettings(database_url=db_url, cache_dir=str(tmp / "cache"),
+                              heartbeat_seconds=30)
+    ctx = build_context(settings, manager, "cpu", threading.Event())
+    if open_storage is not None:
+        ctx = dataclasses.replace(ctx, open_storage=open_storage)
+    return run_job(job, ctx)
