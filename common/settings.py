@@ -27,10 +27,6 @@ class CommonSettings(BaseSettings):
         """The zero-setup mode: an SQLite file, one machine, one worker."""
         return self.database_url.startswith("sqlite")
 
-    @property
-    def optuna_storage_url(self) -> str:
-        return optuna_storage_url(self.database_url)
-
 
 def optuna_storage_url(database_url: str) -> str:
     """Where a job's Optuna study lives: its own schema (``optuna``) on Postgres, its own
