@@ -349,10 +349,10 @@ def bench_queue(server: PostgresServer, work: Path, n_jobs: int = 1000,
     upgrade_head(db)
     from fastapi.testclient import TestClient
 
-    from common.settings import Settings
     from service.app import create_app
+    from service.settings import ApiSettings
 
-    settings = Settings(database_url=db, auth="off", max_active_jobs=n_jobs)
+    settings = ApiSettings(database_url=db, auth="off", max_active_jobs=n_jobs)
     with TestClient(create_app(settings)) as c:
         ds = c.post("/v1/datasets", files={"file": ("a.npz", npz_bytes(
             np.zeros((4, 8, 8), np.uint8)))}).json()["id"]

@@ -9,7 +9,7 @@ from sqlalchemy import pool
 
 from common.db import make_engine
 from common.models import Base
-from common.settings import Settings
+from common.settings import CommonSettings
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging"):
@@ -19,7 +19,7 @@ target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    return config.get_main_option("sqlalchemy.url") or Settings().database_url
+    return config.get_main_option("sqlalchemy.url") or CommonSettings().database_url
 
 
 def run_migrations_offline() -> None:

@@ -5,14 +5,14 @@ With no SSAD_DATABASE_URL this is the zero-setup embedded mode: a SQLite file in
 working directory, migrated on start, one worker, and no authentication unless SSAD_AUTH
 says otherwise (single user on one machine; said at start-up). With a Postgres URL, run
 ``alembic upgrade head`` first, start workers with ``python -m worker``, and
-authentication is required (SSAD_AUTH=required, the default).
+authentication is required (SSAD_AUTH=required, the default). ``ApiSettings.auth`` makes
+that choice, so this process and uvicorn's app see the same value.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +20,8 @@ import sys
 import uvicorn
 
 from common import logs
-from common.settings import Settings
 from service import migrate
+from service.settings import ApiSettings
 
 
 def _stop_with_parent() -> None:
@@ -36,18 +36,15 @@ def _exit_cleanly(signum: int, _: object) -> None:
 
 
 def main() -> int:
-    embedded = Settings().database_url.startswith("sqlite")
-    if embedded and "SSAD_AUTH" not in os.environ:
-        os.environ["SSAD_AUTH"] = "off"  # read by this process's Settings and uvicorn's app
-    settings = Settings()
+    settings = ApiSettings()  # uvicorn's app builds the same (auth: see ApiSettings)
     logs.configure(settings.log_format)
     log = logging.getLogger("ssad")
-    if embedded:
+    if settings.embedded:
         migrate.upgrade_head(settings.database_url)  # embedded mode owns its SQLite file
     worker = None
     if settings.embedded_worker:
-        worker = subprocess.Popen([sys.executable, "-m", "worker",
-                                   "--device", settings.worker_device],
+        # The worker reads its own settings (SSAD_WORKER_DEVICE...) from this environment.
+        worker = subprocess.Popen([sys.executable, "-m", "worker"],
                                   preexec_fn=_stop_with_parent)
         log.info("embedded worker started (pid %d)", worker.pid)
     # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; make that an

@@ -25,7 +25,6 @@ from common.search_space import (
     OBJECTIVE_NAMES,
     describe,
 )
-from common.settings import Settings, get_settings
 from service import migrate
 from service.datasets.routes import router as datasets_router
 from service.deps import StreamTenantDep
@@ -40,6 +39,7 @@ from service.errors import (
 from service.jobs.routes import router as jobs_router
 from service.metrics import Metrics
 from service.params import reject_unknown_query_params
+from service.settings import ApiSettings, get_settings
 
 log = logging.getLogger("ssad.api")
 
@@ -113,12 +113,12 @@ def swagger_assets_dir() -> str:
     return str(swagger_ui_bundle.swagger_ui_path)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = {} if settings.database_url.startswith("sqlite") else {
+        pool = {} if settings.embedded else {
             "pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow,
             "pool_timeout": settings.db_pool_timeout_seconds}
         engine = make_engine(settings.database_url, **pool)

@@ -11,13 +11,13 @@ from sqlalchemy.orm import Session
 
 from common.db import transaction
 from common.models import DEFAULT_TENANT_ID
-from common.settings import Settings
 from service.errors import Unauthorized
+from service.settings import ApiSettings
 from service.tenants import tenant_for_key
 
 
-def get_app_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
+def get_app_settings(request: Request) -> ApiSettings:
+    settings: ApiSettings = request.app.state.settings
     return settings
 
 
@@ -29,7 +29,7 @@ def get_session(request: Request) -> Iterator[Session]:
 # starts. With the default ("request") FastAPI runs the code after `yield` once the response
 # has been sent, so a 201 could name a row that a crash or a failed commit then lost.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SettingsDep = Annotated[ApiSettings, Depends(get_app_settings)]
 
 bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
                     description="An API key from `ssad-tune keys create --tenant NAME`, sent "
@@ -39,7 +39,7 @@ bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def _tenant(settings: Settings, credentials: HTTPAuthorizationCredentials | None,
+def _tenant(settings: ApiSettings, credentials: HTTPAuthorizationCredentials | None,
             session: Session | None, request: Request) -> str:
     if settings.auth == "off":
         return DEFAULT_TENANT_ID

@@ -18,13 +18,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from common.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
-from common.settings import Settings
 from service.errors import (
     InvalidRequest,
     NotFound,
     QuotaExceeded,
     TooManyActiveJobs,
 )
+from service.settings import ApiSettings
 
 KEY_PREFIX = "ssad_"
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -130,7 +130,7 @@ class Quotas:
     max_compute_per_job: int
 
 
-def lock_tenant(session: Session, tenant_id: str, settings: Settings) -> Quotas:
+def lock_tenant(session: Session, tenant_id: str, settings: ApiSettings) -> Quotas:
     """Serialise a tenant's quota-checked writes (a row lock on Postgres; SQLite takes its
     database write lock), so two concurrent requests cannot both squeeze under a quota.
     Returns the tenant's effective quotas."""

@@ -27,12 +27,12 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from common.jobspec import DEFAULT_N_TRIALS
-from common.settings import Settings
 from service.errors import AppError
+from service.settings import ApiSettings
 
 
 @contextmanager
-def _session(settings: Settings) -> Iterator[Session]:
+def _session(settings: ApiSettings) -> Iterator[Session]:
     from common.db import make_engine, session_scope
 
     engine = make_engine(settings.database_url)
@@ -43,7 +43,7 @@ def _session(settings: Settings) -> Iterator[Session]:
         engine.dispose()
 
 
-def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
+def _keys_create(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -55,7 +55,7 @@ def _keys_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
+def _keys_list(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -66,7 +66,7 @@ def _keys_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+def _keys_revoke(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -75,7 +75,7 @@ def _keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _tenants_list(args: argparse.Namespace, settings: Settings) -> int:
+def _tenants_list(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     def show(v: int | None, default: int) -> str:
@@ -92,7 +92,7 @@ def _tenants_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _tenants_quota(args: argparse.Namespace, settings: Settings) -> int:
+def _tenants_quota(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import tenants
 
     with _session(settings) as s:
@@ -103,7 +103,7 @@ def _tenants_quota(args: argparse.Namespace, settings: Settings) -> int:
     return _tenants_list(args, settings)
 
 
-def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+def _migrate(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service import migrate
 
     migrate.upgrade_head(settings.database_url)
@@ -111,13 +111,13 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, settings: Settings) -> int:
+def _serve(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service.__main__ import main as serve
 
     return serve()
 
 
-def _tune(args: argparse.Namespace, settings: Settings) -> int:
+def _tune(args: argparse.Namespace, settings: ApiSettings) -> int:
     from ssad_tune import client
 
     options: dict[str, object] = {"n_trials": args.n_trials}
@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker(argv[1:])
     args = parser().parse_args(argv)
-    fn: Callable[[argparse.Namespace, Settings], int] = args.fn
+    fn: Callable[[argparse.Namespace, ApiSettings], int] = args.fn
     try:
-        return fn(args, Settings())
+        return fn(args, ApiSettings())
     except AppError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2

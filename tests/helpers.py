@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -17,8 +18,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from common.settings import Settings
 from service.app import create_app
+from service.settings import ApiSettings
 from tests.pg import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def png_zip(images: np.ndarray, names: list[str]) -> bytes:
 def client(db_url: str, **overrides: Any) -> TestClient:
     """An in-process client; single-user (``auth="off"``) unless ``auth="required"``."""
     overrides.setdefault("auth", "off")
-    settings = Settings(database_url=db_url, embedded_worker=False, **overrides)
+    settings = ApiSettings(database_url=db_url, embedded_worker=False, **overrides)
     return TestClient(create_app(settings))
 
 
@@ -204,15 +205,115 @@ def count(db_url: str, model: type) -> int:
     return row_counts(db_url, model)[model.__tablename__]  # type: ignore[attr-defined]
 
 
-def run_in_process(job: Any, manager: Any, db_url: str, tmp: Path) -> str:
+def run_in_process(job: Any, manager: Any, db_url: str, tmp: Path,
+                   open_storage: Callable[[], Any] | None = None) -> str:
     """worker.runner.run_job on CPU in this process (to inject faults or play a zombie);
-    its outcome: "succeeded", "failed", "lost", ..."""
+    its outcome: "succeeded", "failed", "lost", ... ``open_storage`` replaces the worker's
+    Optuna storage opener."""
+    import dataclasses
     import threading
 
-    import torch
+    from worker.loop import build_context
+    from worker.runner import run_job
+    from worker.settings import WorkerSettings
 
-    from worker.runner import ArrayCache, run_job
+    settings = WorkerSettings(database_url=db_url, cache_dir=str(tmp / "cache"),
+                              heartbeat_seconds=30)
+    ctx = build_context(settings, manager, "cpu", threading.Event())
+    if open_storage is not None:
+        ctx = dataclasses.replace(ctx, open_storage=open_storage)
+    return run_job(job, ctx)
 
-    return run_job(job, manager, database_url=db_url, device=torch.device("cpu"),
-                   cache=ArrayCache(tmp / "cache"), heartbeat_seconds=30,
-                   stop=threading.Event())
+
+def make_key(db_url: str, tenant: str) -> str:
+    """A new API key for ``tenant`` (created if new), as ``ssad-tune keys create`` makes it."""
+    from common.db import make_engine, session_scope
+    from service import tenants
+
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            return tenants.create_key(s, tenant)[1]
+    finally:
+        engine.dispose()
+
+
+# Image files, well-formed or crafted, for the image-reading tests (test_images.py,
+# test_hostile.py).
+
+#: A 12x10 grey image (the first of test_images.GREY).
+SAMPLE = np.random.default_rng(0).integers(0, 256, (5, 12, 10), dtype=np.uint8)[0]
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def npy_member_zip(header_shape: tuple[int, ...], data: bytes) -> bytes:
+    """A .npz whose one member is a uint8 .npy header for ``header_shape`` and then
+    ``data`` (which may disagree with the header), deflated."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": header_shape})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("images.npy", header.getvalue() + data)
+    return buf.getvalue()
+
+
+def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
+    """A zip with one PNG entry whose stored name is ``entry_name`` (any bytes)."""
+    placeholder = b"Q" * len(entry_name)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(placeholder.decode(), png_bytes(SAMPLE))
+    data = buf.getvalue().replace(placeholder, entry_name)
+    if utf8_flag:  # set general purpose bit 11 (UTF-8 names) in both headers
+        data = data.replace(b"PK\x03\x04\x14\x00\x00\x00", b"PK\x03\x04\x14\x00\x00\x08")
+        data = data.replace(b"PK\x01\x02\x14\x03\x14\x00\x00\x00",
+                            b"PK\x01\x02\x14\x03\x14\x00\x00\x08")
+    return data
+
+
+def patch_zip(data: bytes, *, flag_bits: int = 0, method: int | None = None) -> bytes:
+    """``data`` (a zip) with ``flag_bits`` set and/or the compression method replaced in
+    every entry's local and central headers."""
+    buf = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        offsets = [(i.header_offset, 6) for i in zf.infolist()]  # local: flags at +6
+        pos = zf.start_dir
+    while buf[pos:pos + 4] == b"PK\x01\x02":  # central: flags at +8
+        offsets.append((pos, 8))
+        n, m, k = struct.unpack("<HHH", buf[pos + 28:pos + 34])
+        pos += 46 + n + m + k
+    for at, flags in offsets:
+        (old,) = struct.unpack("<H", buf[at + flags:at + flags + 2])
+        buf[at + flags:at + flags + 2] = struct.pack("<H", old | flag_bits)
+        if method is not None:  # the method follows the flags
+            buf[at + flags + 2:at + flags + 4] = struct.pack("<H", method)
+    return bytes(buf)
+
+
+ENCRYPTED = 0x1
+
+
+def other_format(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(SAMPLE).save(buf, format=fmt)
+    return buf.getvalue()

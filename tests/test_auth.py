@@ -14,18 +14,9 @@ from sqlalchemy import select, text
 from common.db import make_engine, session_scope
 from common.models import ApiKey, Blob, Dataset, IdempotencyKey, Job
 from service import tenants
-from tests.helpers import ROOT, assert_error, client, count, npz, tiny_job, upload
+from tests.helpers import ROOT, assert_error, client, count, make_key, npz, tiny_job, upload
 
 GREY = np.random.default_rng(0).integers(0, 255, (6, 8, 8), dtype=np.uint8)
-
-
-def make_key(db_url: str, tenant: str) -> str:
-    engine = make_engine(db_url)
-    try:
-        with session_scope(engine) as s:
-            return tenants.create_key(s, tenant)[1]
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

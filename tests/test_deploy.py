@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from fastapi import FastAPI
 
-from common.settings import Settings, optuna_storage_url
+from common.settings import CommonSettings, optuna_storage_url
+from service.settings import ApiSettings, get_settings
 from tests.helpers import ROOT
+from worker.settings import WorkerSettings
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -24,24 +32,42 @@ def test_services_are_the_documented_ones() -> None:
                                         "optuna-dashboard"}
 
 
-def test_commands_match_the_code() -> None:
+def test_commands_match_the_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     services = COMPOSE["services"]
     assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
     api = services["api"]["command"]
     assert api[:3] == ["uvicorn", "service.app:create_app", "--factory"]
-    from service import app as app_module
-    assert callable(app_module.create_app)
+    # The factory uvicorn calls builds the API the api service's environment describes.
+    for name, value in _env("api").items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        module, _, factory = api[1].partition(":")
+        app = getattr(importlib.import_module(module), factory)()
+    finally:
+        get_settings.cache_clear()
+    assert isinstance(app, FastAPI)
+    assert (app.state.settings.auth, app.state.settings.log_format) == ("required", "json")
+    # The worker's command starts a worker that takes the environment's settings (here:
+    # JSON logs) and stops at once (--max-jobs 0, so no database is needed).
     worker = services["worker"]["command"]
     assert worker[:3] == ["python", "-m", "worker"]
-    from worker.__main__ import main  # the entry point exists
-    assert callable(main)
     assert worker[worker.index("--device") + 1] in ("auto", "cpu", "cuda")
+    env = {**_env("worker"), "SSAD_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}",
+           "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, *worker[1:], "--max-jobs", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(ln) for ln in (done.stdout + done.stderr).splitlines() if ln]
+    assert any(ln["message"].startswith("worker ") for ln in lines), lines
 
 
 def test_environment_names_are_settings_and_the_url_is_shared() -> None:
-    fields = {f"SSAD_{name.upper()}" for name in Settings.model_fields}
+    """Each service sets only variables its own process reads."""
+    reads = {"migrate": CommonSettings, "api": ApiSettings, "worker": WorkerSettings}
     urls = set()
-    for name in ("migrate", "api", "worker"):
+    for name, settings in reads.items():
+        fields = {f"SSAD_{field.upper()}" for field in settings.model_fields}
         env = _env(name)
         assert set(env) <= fields, set(env) - fields
         urls.add(env["SSAD_DATABASE_URL"])
@@ -91,9 +117,11 @@ def test_embedded_mode_keeps_optuna_in_its_own_file(tmp_path: Path) -> None:
         f"sqlite:///{tmp_path}/ssad-optuna.db"
 
 
-def test_the_deployment_requires_api_keys_and_can_make_them() -> None:
+def test_the_deployment_requires_api_keys_and_can_make_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     assert _env("api")["SSAD_AUTH"] == "required"
-    assert Settings.model_fields["auth"].default == "required"  # also without the line
+    monkeypatch.delenv("SSAD_AUTH", raising=False)  # also without the line
+    assert ApiSettings(database_url=_env("api")["SSAD_DATABASE_URL"]).auth == "required"
     from ssad_tune.cli import parser
 
     # The command the compose file's comment gives operators exists as written.
@@ -103,9 +131,21 @@ def test_the_deployment_requires_api_keys_and_can_make_them() -> None:
 
 
 def test_ssad_tune_worker_passes_its_options_to_the_worker() -> None:
-    import subprocess
-    import sys
-
     p = subprocess.run([sys.executable, "-m", "ssad_tune.cli", "worker", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--device" in p.stdout and "--max-jobs" in p.stdout
+
+
+def test_auth_is_off_only_in_the_embedded_mode_unless_set(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    """`python -m service` and uvicorn's app read the same choice: no keys on an SQLite
+    file (single user, one machine), keys on a shared database; SSAD_AUTH always wins."""
+    monkeypatch.delenv("SSAD_AUTH", raising=False)
+    sqlite = f"sqlite:///{tmp_path / 'ssad.db'}"
+    postgres = "postgresql+psycopg://ssad:pw@postgres:5432/ssad"
+    assert ApiSettings(database_url=sqlite).auth == "off"
+    assert ApiSettings(database_url=postgres).auth == "required"
+    monkeypatch.setenv("SSAD_AUTH", "required")
+    assert ApiSettings(database_url=sqlite).auth == "required"
+    monkeypatch.setenv("SSAD_AUTH", "off")
+    assert ApiSettings(database_url=postgres).auth == "off"

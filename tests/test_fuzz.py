@@ -22,9 +22,9 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from common.db import make_engine, session_scope
-from common.settings import Settings
 from service import migrate, tenants
 from service.app import create_app
+from service.settings import ApiSettings
 from tests.helpers import start_api
 
 EXAMPLES = 25
@@ -38,7 +38,7 @@ _engine = make_engine(_DB)
 with session_scope(_engine) as _s:
     KEY = tenants.create_key(_s, "fuzzer")[1]
 _engine.dispose()
-APP = create_app(Settings(database_url=_DB, auth="required", embedded_worker=False,
+APP = create_app(ApiSettings(database_url=_DB, auth="required", embedded_worker=False,
                           max_upload_bytes=2 * 1024**2))
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 

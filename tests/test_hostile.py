@@ -13,15 +13,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from common.models import Blob, BlobChunk, Dataset, Job
-from tests.helpers import assert_error, client, npz, row_counts, upload
-from tests.test_images import (
+from tests.helpers import (
     ENCRYPTED,
+    assert_error,
+    client,
     npy_bytes,
     npy_member_zip,
+    npz,
     other_format,
     patch_zip,
     png_bytes,
     raw_zip,
+    row_counts,
+    upload,
     zip_bytes,
 )
 

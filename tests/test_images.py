@@ -25,31 +25,21 @@ from common.images import (
     npy_header,
     read_upload,
 )
+from tests.helpers import (
+    ENCRYPTED,
+    npy_bytes,
+    npy_member_zip,
+    other_format,
+    patch_zip,
+    png_bytes,
+    raw_zip,
+    zip_bytes,
+)
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
-
-
-def npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=True)
-    return buf.getvalue()
-
-
-def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
     return buf.getvalue()
 
 
@@ -163,18 +153,6 @@ def test_zip_with_mixed_sizes_is_resized_to_the_most_common_size() -> None:
                      "x.zip")
     assert tie.images.shape == (2, 1, 6, 5) and tie.resized_from == ((12, 10, 1),)
     assert load_bytes(zip_bytes({"a.png": png_bytes(GREY[0])}), "x.zip").resized_from == ()
-
-
-def npy_member_zip(header_shape: tuple[int, ...], data: bytes) -> bytes:
-    """A .npz whose one member is a uint8 .npy header for ``header_shape`` and then
-    ``data`` (which may disagree with the header), deflated."""
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "|u1", "fortran_order": False, "shape": header_shape})
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("images.npy", header.getvalue() + data)
-    return buf.getvalue()
 
 
 def peak_traced(fn: Callable[[], object]) -> int:
@@ -305,20 +283,6 @@ def test_zip_image_headers_are_read_from_the_entry_stream() -> None:
     np.testing.assert_array_equal(out.images[0, 0], np.asarray(Image.open(io.BytesIO(noise))))
 
 
-def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
-    """A zip with one PNG entry whose stored name is ``entry_name`` (any bytes)."""
-    placeholder = b"Q" * len(entry_name)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr(placeholder.decode(), png_bytes(GREY[0]))
-    data = buf.getvalue().replace(placeholder, entry_name)
-    if utf8_flag:  # set general purpose bit 11 (UTF-8 names) in both headers
-        data = data.replace(b"PK\x03\x04\x14\x00\x00\x00", b"PK\x03\x04\x14\x00\x00\x08")
-        data = data.replace(b"PK\x01\x02\x14\x03\x14\x00\x00\x00",
-                            b"PK\x01\x02\x14\x03\x14\x00\x00\x08")
-    return data
-
-
 @pytest.mark.parametrize("name, utf8, message", [
     (b"\x00.png", False, "empty name or a NUL"),
     (b"a\x00b.png", False, "empty name or a NUL"),
@@ -327,28 +291,6 @@ def raw_zip(entry_name: bytes, utf8_flag: bool = False) -> bytes:
 def test_zip_entries_with_bad_names_are_refused(name: bytes, utf8: bool, message: str) -> None:
     with pytest.raises(ImageDataError, match=message):
         load_bytes(raw_zip(name, utf8), "x.zip")
-
-
-def patch_zip(data: bytes, *, flag_bits: int = 0, method: int | None = None) -> bytes:
-    """``data`` (a zip) with ``flag_bits`` set and/or the compression method replaced in
-    every entry's local and central headers."""
-    buf = bytearray(data)
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        offsets = [(i.header_offset, 6) for i in zf.infolist()]  # local: flags at +6
-        pos = zf.start_dir
-    while buf[pos:pos + 4] == b"PK\x01\x02":  # central: flags at +8
-        offsets.append((pos, 8))
-        n, m, k = struct.unpack("<HHH", buf[pos + 28:pos + 34])
-        pos += 46 + n + m + k
-    for at, flags in offsets:
-        (old,) = struct.unpack("<H", buf[at + flags:at + flags + 2])
-        buf[at + flags:at + flags + 2] = struct.pack("<H", old | flag_bits)
-        if method is not None:  # the method follows the flags
-            buf[at + flags + 2:at + flags + 4] = struct.pack("<H", method)
-    return bytes(buf)
-
-
-ENCRYPTED = 0x1
 
 
 @pytest.mark.parametrize("data, name, message", [
@@ -363,12 +305,6 @@ def test_encrypted_or_unknown_compression_members_are_refused(
         data: bytes, name: str, message: str) -> None:
     with pytest.raises(ImageDataError, match=message):  # was a RuntimeError /
         load_bytes(data, name)  # NotImplementedError from zipfile: a 500
-
-
-def other_format(fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(GREY[0]).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])

@@ -323,10 +323,9 @@ def test_a_storage_that_cannot_be_opened_gives_the_job_back(
     from worker import runner
     from worker.storage import StorageUnavailable
 
-    def broken(url: str) -> None:
+    def broken() -> None:
         raise StorageUnavailable("Optuna's storage could not be opened: IntegrityError: …")
 
-    monkeypatch.setattr(runner, "open_study_storage", broken)
     with client(db_url) as api:
         tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
         job_id = api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"]
@@ -334,7 +333,8 @@ def test_a_storage_that_cannot_be_opened_gives_the_job_back(
         try:
             claimed = JobManager(engine).claim_next_job("w")
             assert claimed is not None
-            assert run_in_process(claimed, JobManager(engine), db_url, tmp_path) == "released"
+            assert run_in_process(claimed, JobManager(engine), db_url, tmp_path,
+                                  broken) == "released"
         finally:
             engine.dispose()
         job = job_status(api, job_id)
@@ -350,7 +350,8 @@ def test_a_storage_that_cannot_be_opened_gives_the_job_back(
             for _ in range(3):  # one release so far: two more are free, then it fails
                 claimed = JobManager(engine).claim_next_job("w")
                 assert claimed is not None
-                outcomes.append(run_in_process(claimed, JobManager(engine), db_url, tmp_path))
+                outcomes.append(run_in_process(claimed, JobManager(engine), db_url, tmp_path,
+                                               broken))
         finally:
             engine.dispose()
         assert outcomes == ["released", "released", "failed"], outcomes

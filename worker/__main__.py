@@ -10,13 +10,13 @@ import threading
 
 from common import logs
 from common.db import make_engine
-from common.settings import Settings
-from worker.loop import run_worker
+from worker.loop import build_context, run_worker
 from worker.manager import JobManager
+from worker.settings import WorkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings()
+    settings = WorkerSettings()
     ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     ap.add_argument("--device", default=settings.worker_device,
                     help="auto (CUDA if present), cpu, cuda or cuda:N")
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(settings.database_url)
     manager = JobManager(engine, settings.lease_seconds, settings.max_attempts)
     try:
-        run_worker(manager, database_url=settings.database_url, device=args.device,
-                   cache_dir=settings.cache_dir, heartbeat_seconds=settings.heartbeat_seconds,
-                   poll_seconds=settings.poll_seconds, stop=stop, max_jobs=args.max_jobs)
+        run_worker(build_context(settings, manager, args.device, stop), max_jobs=args.max_jobs)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

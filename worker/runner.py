@@ -4,16 +4,12 @@ write is one :class:`~worker.manager.JobManager` transaction, fenced by the atte
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.db import is_transient
@@ -21,14 +17,16 @@ from common.jobspec import ScoreSpec, TuneSpec, load_spec
 from common.logs import current_job, job_context
 from common.models import MODEL_ARTIFACT
 from common.search_space import SearchSpace
+from worker.cache import ArrayCache
+from worker.context import WorkerContext
 from worker.core.data import prepare
 from worker.core.export import ScoringModel
 from worker.core.pictures import augmentation_sample
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings, TrialInterrupted
 from worker.core.trial import TrialResult
-from worker.manager import ClaimedJob, DatasetRef, JobManager, LostLease
-from worker.storage import StorageUnavailable, open_study_storage
+from worker.manager import ClaimedJob, JobManager, LostLease
+from worker.storage import StorageUnavailable
 
 log = logging.getLogger("ssad.worker")
 
@@ -43,30 +41,6 @@ def study_settings(spec: TuneSpec) -> StudySettings:
         seed=spec.seed, search_space=SearchSpace.from_dict(spec.search_space),
         train=TrainSettings(steps=spec.train_steps, batch_size=spec.batch_size,
                             scorer=spec.scorer))
-
-
-class ArrayCache:
-    """Decoded dataset arrays on local disk, by sha256 (verified on every fill)."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def load(self, ref: DatasetRef, manager: JobManager) -> np.ndarray:
-        path = self.root / f"{ref.sha256}.npy"
-        if not path.exists():
-            data = manager.load_blob(ref.sha256)
-            if hashlib.sha256(data).hexdigest() != ref.sha256:
-                raise RuntimeError(f"dataset blob {ref.sha256} is corrupt (hash mismatch)")
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        arr = np.load(path, allow_pickle=False)
-        if arr.dtype != np.uint8 or arr.shape != (ref.n_samples, ref.channels, ref.height,
-                                                  ref.width):
-            path.unlink(missing_ok=True)
-            raise RuntimeError(f"cached array {path} does not match dataset {ref.id}")
-        return arr
 
 
 #: How often the running trial's progress (step, loss) is written, at most.
@@ -155,18 +129,16 @@ def score_new_data(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache:
              len(scores), source, meta.get("trial_number"))
 
 
-def run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: torch.device,
-            cache: ArrayCache, heartbeat_seconds: float, stop: threading.Event) -> str:
+def run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
     """Run ``job`` to an end state; returns what happened (for logs and tests). Every log
     line written meanwhile carries the job's id."""
     with job_context(job.id):
-        return _run_job(job, manager, database_url=database_url, device=device, cache=cache,
-                        heartbeat_seconds=heartbeat_seconds, stop=stop)
+        return _run_job(job, ctx)
 
 
-def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device: torch.device,
-             cache: ArrayCache, heartbeat_seconds: float, stop: threading.Event) -> str:
-    hb = HeartbeatThread(manager, job, heartbeat_seconds, stop)
+def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
+    manager, cache, device = ctx.manager, ctx.cache, ctx.device
+    hb = HeartbeatThread(manager, job, ctx.heartbeat_seconds, ctx.stop)
     hb.start()
     try:
         if manager.is_cancel_requested(job.id):
@@ -192,7 +164,7 @@ def _run_job(job: ClaimedJob, manager: JobManager, *, database_url: str, device:
                                         params=params, reason=reason)
             log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
 
-        storage = open_study_storage(database_url)
+        storage = ctx.open_storage()
         result = run_study(data, study_settings(spec), storage=storage,
                            study_name=f"job-{job.id}", on_trial=record,
                            should_stop=hb.should_stop,

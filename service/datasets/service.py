@@ -17,17 +17,17 @@ from common import blobs
 from common.db import transaction
 from common.images import ImageDataError, ImageSet, Limits, NpyFile, npy_header, read_upload
 from common.models import Dataset
-from common.settings import Settings
 from service import idempotency, tenants
 from service.datasets import repository as repo
 from service.errors import Conflict, InvalidDataset, InvalidRequest, NotFound
+from service.settings import ApiSettings
 
 _transaction = contextmanager(transaction)
 
 _BAD_NAME = re.compile(r"[\x00-\x1f\x7f/\\]|^\.\.?$")
 
 
-def limits(settings: Settings) -> Limits:
+def limits(settings: ApiSettings) -> Limits:
     return Limits(max_images=settings.max_images,
                   max_pixels_per_image=settings.max_pixels_per_image,
                   max_total_bytes=settings.max_decoded_bytes)
@@ -80,7 +80,7 @@ class Created:
 
 
 def create_dataset(factory: sessionmaker[Session], tenant_id: str, file: IO[bytes],
-                   filename: str, name: str | None, settings: Settings,
+                   filename: str, name: str | None, settings: ApiSettings,
                    idempotency_key: str | None = None) -> Created:
     """Decode ``file`` (a seekable upload, format from ``filename``), normalise it to uint8
     (N, C, H, W), store its canonical .npy bytes once per sha256, and describe it.
@@ -141,7 +141,7 @@ def list_datasets(session: Session, tenant_id: str, limit: int, offset: int
     return repo.list_datasets(session, tenant_id, limit, offset)
 
 
-def delete_dataset(session: Session, tenant_id: str, dataset_id: str, settings: Settings
+def delete_dataset(session: Session, tenant_id: str, dataset_id: str, settings: ApiSettings
                    ) -> None:
     # The tenant's lock, as job creation takes it: a job cannot be created on the dataset
     # between the check below and the delete (that was a foreign-key 500).

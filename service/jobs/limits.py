@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.search_space import MAX_EMBED_TRAIN, augmented_count
-from common.settings import Settings
 from service.errors import ComputeQuotaExceeded, InvalidRequest
+from service.settings import ApiSettings
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Cost:
 
 
 def check_request(*, n_trials: int, train_steps: int, batch_size: int, contamination: float,
-                  n_train: int, settings: Settings) -> Cost:
+                  n_train: int, settings: ApiSettings) -> Cost:
     """422 ``InvalidRequest`` if |Y| is over its cap; the cost with the batch clamped."""
     n_x = min(n_train, MAX_EMBED_TRAIN)
     n_y = augmented_count(n_x, contamination)

@@ -16,7 +16,6 @@ from common.jobspec import DEFAULT_CONTAMINATION, ScoreSpec, TuneSpec, spec_dump
 from common.lifecycle import TERMINAL, JobStatus, TrialState
 from common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
 from common.search_space import SearchSpace, auto_image_size
-from common.settings import Settings
 from service import idempotency, tenants
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
@@ -24,6 +23,7 @@ from service.jobs import limits, plots
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
+from service.settings import ApiSettings
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -47,7 +47,7 @@ def working_images(train: Dataset, test: Dataset) -> tuple[dict[str, Any], str]:
     return images, note if resized else ""
 
 
-def create_job(session: Session, tenant_id: str, request: JobCreate, settings: Settings,
+def create_job(session: Session, tenant_id: str, request: JobCreate, settings: ApiSettings,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Validate and enqueue: the job row and its first event in the caller's transaction.
     Returns the job and whether it is a replay of an earlier request with the same
@@ -118,7 +118,7 @@ def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status:
     return repo.list_jobs(session, tenant_id, limit, offset, status, kind)
 
 
-def delete_job(session: Session, tenant_id: str, job_id: str, settings: Settings) -> None:
+def delete_job(session: Session, tenant_id: str, job_id: str, settings: ApiSettings) -> None:
     """Delete an ended job with everything it stored (trials, scores, events, artifacts:
     the foreign keys cascade). A queued or running job is a 409 (cancel it first, and wait
     for ``cancelled``: a worker may still be writing); so is a tuning job whose scoring jobs
@@ -267,7 +267,7 @@ def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None,
 
 
 def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_id: str,
-                     settings: Settings, idempotency_key: str | None = None
+                     settings: ApiSettings, idempotency_key: str | None = None
                      ) -> tuple[Job, bool]:
     """Queue scoring ``dataset_id`` with the detector job ``source_id`` chose."""
     fp = ""

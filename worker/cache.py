@@ -1,0 +1,35 @@
+"""Decoded dataset arrays on the worker's local disk (``SSAD_CACHE_DIR``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from worker.manager import DatasetRef, JobManager
+
+
+class ArrayCache:
+    """Decoded dataset arrays on local disk, by sha256 (verified on every fill)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def load(self, ref: DatasetRef, manager: JobManager) -> np.ndarray:
+        path = self.root / f"{ref.sha256}.npy"
+        if not path.exists():
+            data = manager.load_blob(ref.sha256)
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise RuntimeError(f"dataset blob {ref.sha256} is corrupt (hash mismatch)")
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype != np.uint8 or arr.shape != (ref.n_samples, ref.channels, ref.height,
+                                                  ref.width):
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"cached array {path} does not match dataset {ref.id}")
+        return arr
