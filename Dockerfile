@@ -7,12 +7,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 WORKDIR /app
 RUN useradd --create-home --uid 10001 ssad
 COPY pyproject.toml constraints.txt README.md alembic.ini ./
+COPY ssad_common ./ssad_common
+COPY ssad_tune ./ssad_tune
 COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
 
 FROM base AS api
-# The API and migrations only: common.search_space and common.images are torch-free.
+# The API and migrations only: ssad_common.search_space and ssad_common.images are torch-free.
 RUN pip install -c constraints.txt .
 USER ssad
 EXPOSE 8000

@@ -30,7 +30,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from bench.tasks import Task, all_tasks
-from common.search_space import CUTPASTE_DEFAULT, SearchSpace
+from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
 from worker.core.study import StudySettings, run_study

@@ -31,8 +31,8 @@ import numpy as np
 import optuna
 from sklearn.datasets import load_digits
 
-from common.settings import optuna_storage_url
 from service.migrate import upgrade_head
+from ssad_common.settings import optuna_storage_url
 from tests.helpers import npz, wait_for, wait_http_ok, worker_env
 from tests.pg import PostgresServer, free_port, running_postgres
 

@@ -38,8 +38,8 @@ import httpx
 import numpy as np
 
 from bench.tasks import DATA
-from common.db import make_engine
 from service.migrate import upgrade_head
+from ssad_common.db import make_engine
 from tests.helpers import wait_http_ok
 from tests.pg import PostgresServer, free_port
 from worker.manager import JobManager
@@ -142,8 +142,8 @@ def bench_api(server: PostgresServer, work: Path) -> dict[str, Any]:
 def bench_auth(server: PostgresServer, work: Path, rounds: int = 3) -> dict[str, Any]:
     """GET /v1/jobs/{id} with API keys required against the same with auth off (two API
     processes on one database), alternating them `rounds` times; medians over rounds."""
-    from common.db import session_scope
     from service.tenants import create_key
+    from ssad_common.db import session_scope
 
     db = server.url(server.create_database())
     upgrade_head(db)
@@ -330,7 +330,7 @@ def bench_hostile(server: PostgresServer, work: Path, repeats: int = 3) -> dict[
 
 CLAIMER = """
 import json, sys, time
-from common.db import make_engine
+from ssad_common.db import make_engine
 from worker.manager import JobManager
 manager = JobManager(make_engine(sys.argv[1]))
 claimed = []

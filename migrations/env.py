@@ -7,9 +7,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import pool
 
-from common.db import make_engine
-from common.models import Base
-from common.settings import CommonSettings
+from ssad_common.db import make_engine
+from ssad_common.models import Base
+from ssad_common.settings import CommonSettings
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging"):

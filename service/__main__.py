@@ -19,9 +19,9 @@ import sys
 
 import uvicorn
 
-from common import logs
 from service import migrate
 from service.settings import ApiSettings
+from ssad_common import logs
 
 
 def _stop_with_parent() -> None:

@@ -1,5 +1,5 @@
 """The FastAPI application. Never imports torch: augmentation families and objectives are
-validated against the plain data in :mod:`common.search_space`."""
+validated against the plain data in :mod:`ssad_common.search_space`."""
 
 from __future__ import annotations
 
@@ -18,13 +18,6 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.db import make_engine, session_factory
-from common.search_space import (
-    DEFAULT_AUGMENTATIONS,
-    DEFAULT_OBJECTIVE,
-    OBJECTIVE_NAMES,
-    describe,
-)
 from service import migrate
 from service.datasets.routes import router as datasets_router
 from service.deps import StreamTenantDep
@@ -40,6 +33,13 @@ from service.jobs.routes import router as jobs_router
 from service.metrics import Metrics
 from service.params import reject_unknown_query_params
 from service.settings import ApiSettings, get_settings
+from ssad_common.db import make_engine, session_factory
+from ssad_common.search_space import (
+    DEFAULT_AUGMENTATIONS,
+    DEFAULT_OBJECTIVE,
+    OBJECTIVE_NAMES,
+    describe,
+)
 
 log = logging.getLogger("ssad.api")
 

@@ -9,11 +9,11 @@ from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from common.db import transaction
-from common.models import DEFAULT_TENANT_ID
 from service.errors import Unauthorized
 from service.settings import ApiSettings
 from service.tenants import tenant_for_key
+from ssad_common.db import transaction
+from ssad_common.models import DEFAULT_TENANT_ID
 
 
 def get_app_settings(request: Request) -> ApiSettings:

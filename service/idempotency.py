@@ -16,8 +16,8 @@ from typing import IO, Any, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from common.models import IdempotencyKey, utcnow
 from service.errors import Conflict
+from ssad_common.models import IdempotencyKey, utcnow
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
-from common.models import Job, JobStatus, JobTrial, TrialState, utcnow
+from ssad_common.models import Job, JobStatus, JobTrial, TrialState, utcnow
 
 log = logging.getLogger("ssad.api")
 

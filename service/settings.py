@@ -7,7 +7,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from common.settings import CommonSettings
+from ssad_common.settings import CommonSettings
 
 
 class ApiSettings(CommonSettings):

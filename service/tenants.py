@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from common.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
 from service.errors import (
     InvalidRequest,
     NotFound,
@@ -25,6 +24,7 @@ from service.errors import (
     TooManyActiveJobs,
 )
 from service.settings import ApiSettings
+from ssad_common.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
 
 KEY_PREFIX = "ssad_"
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

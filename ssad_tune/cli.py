@@ -26,14 +26,14 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from common.jobspec import DEFAULT_N_TRIALS
 from service.errors import AppError
 from service.settings import ApiSettings
+from ssad_common.jobspec import DEFAULT_N_TRIALS
 
 
 @contextmanager
 def _session(settings: ApiSettings) -> Iterator[Session]:
-    from common.db import make_engine, session_scope
+    from ssad_common.db import make_engine, session_scope
 
     engine = make_engine(settings.database_url)
     try:

@@ -146,7 +146,7 @@ def finish_job_with_scores(db_url: str, job_id: str,
     """Play the worker's part for a queued job without training: claim it, store each
     ``(augmentation, params, loss, scores)`` as a finished trial, and finish it (the
     worker's own JobManager calls, so what the API reads is what a worker writes)."""
-    from common.db import make_engine
+    from ssad_common.db import make_engine
     from worker.manager import JobManager
 
     engine = make_engine(db_url)
@@ -168,7 +168,7 @@ def claim_and_cancel(db_url: str, url: str,
     """Play the worker for the job a client process is following: claim it, store each
     ``(loss, scores)`` as a finished ``rotate`` trial, then cancel it through the API and
     stop as a worker would (the worker's own JobManager calls)."""
-    from common.db import make_engine
+    from ssad_common.db import make_engine
     from worker.manager import JobManager
 
     engine = make_engine(db_url)
@@ -190,7 +190,7 @@ def row_counts(db_url: str, *models: type) -> dict[str, int]:
     """Rows in each model's table, by table name (what a test says was or was not stored)."""
     from sqlalchemy import func, select
 
-    from common.db import make_engine
+    from ssad_common.db import make_engine
 
     engine = make_engine(db_url)
     try:
@@ -227,8 +227,8 @@ def run_in_process(job: Any, manager: Any, db_url: str, tmp: Path,
 
 def make_key(db_url: str, tenant: str) -> str:
     """A new API key for ``tenant`` (created if new), as ``ssad-tune keys create`` makes it."""
-    from common.db import make_engine, session_scope
     from service import tenants
+    from ssad_common.db import make_engine, session_scope
 
     engine = make_engine(db_url)
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from common.models import (
+from ssad_common.models import (
     MODEL_ARTIFACT,
     Blob,
     Dataset,
@@ -143,7 +143,7 @@ def test_deleting_a_finished_job_removes_all_it_stored(api: TestClient, pair: tu
     api.post(f"/v1/jobs/{keep}/cancel")
     finish_job_with_scores(db_url, gone, [("invert", {}, 0.5, [1.0] * 8),
                                           ("flip", {}, 0.2, [2.0] * 8)])
-    from common.db import make_engine, session_scope
+    from ssad_common.db import make_engine, session_scope
 
     engine = make_engine(db_url)
     with session_scope(engine) as s:  # what a worker stores beside trials: the detector
@@ -255,7 +255,7 @@ def tuning_job_and_its_scoring_job(api: TestClient, pair: tuple[str, str],
                                    db_url: str) -> tuple[str, str]:
     """A succeeded tuning job with a stored detector, and a queued job scoring the test set
     with it."""
-    from common.db import make_engine, session_scope
+    from ssad_common.db import make_engine, session_scope
 
     tune = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
     finish_job_with_scores(db_url, tune, [("invert", {}, 0.5, [1.0] * 8)])
@@ -301,8 +301,8 @@ def test_job_list_filters_by_kind_and_leaves_out_specs_unless_asked(
     assert [j["spec"] for j in full] == [api.get(f"/v1/jobs/{j}").json()["spec"]
                                          for j in (score, tune)]
     assert api.get(f"/v1/jobs/{tune}").json()["spec"]["n_trials"] == 3  # one job: in full
-    # Each spec is its kind's contract (common/jobspec.py), as the worker will read it.
-    from common.jobspec import ScoreSpec, TuneSpec, load_spec
+    # Each spec is its kind's contract (ssad_common/jobspec.py), as the worker will read it.
+    from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec
 
     specs = {j["id"]: load_spec(j["kind"], j["spec"]) for j in full}
     assert isinstance(specs[tune], TuneSpec) and specs[tune].n_trials == 3
@@ -367,8 +367,8 @@ def test_objective_names_match_the_worker_registry() -> None:
 
 def test_storing_the_same_blob_twice_is_a_no_op(db_url: str) -> None:
     """What the loser of two simultaneous identical uploads does: nothing, no error."""
-    from common.blobs import insert_blob, read_blob
-    from common.db import make_engine, session_factory
+    from ssad_common.blobs import insert_blob, read_blob
+    from ssad_common.db import make_engine, session_factory
 
     engine = make_engine(db_url)
     try:

@@ -13,7 +13,7 @@ import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "service", "worker", "ssad_tune", "bench")
+PACKAGES = ("ssad_common", "service", "worker", "ssad_tune", "bench")
 
 
 def test_import_contracts_are_kept() -> None:
@@ -40,8 +40,8 @@ def test_no_file_imports_itself_back() -> None:
 def test_the_cycle_check_sees_a_cycle() -> None:
     """The check above can fail: a two-file cycle in a graph of the same shape is found."""
     graph = _module_graph()
-    graph["common.db"] = graph["common.db"] | {"common.settings"}
-    graph["common.settings"] = graph["common.settings"] | {"common.db"}
+    graph["ssad_common.db"] = graph["ssad_common.db"] | {"ssad_common.settings"}
+    graph["ssad_common.settings"] = graph["ssad_common.settings"] | {"ssad_common.db"}
     with pytest.raises(graphlib.CycleError):
         tuple(graphlib.TopologicalSorter(graph).static_order())
 
@@ -49,7 +49,7 @@ def test_the_cycle_check_sees_a_cycle() -> None:
 @pytest.mark.parametrize("entry", [
     "import service.app; service.app.create_app()",
     "import ssad_tune.client, ssad_tune.cli",
-    "import common.models, common.images, common.search_space, common.blobs",
+    "import ssad_common.models, ssad_common.images, ssad_common.search_space, ssad_common.blobs",
 ])
 def test_torch_never_reaches_the_api(entry: str, tmp_path: Path) -> None:
     code = f"import sys; {entry}; print(sorted(m for m in ('torch', 'kornia', 'sklearn') " \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.search_space import FAMILIES, CategoricalParam, FloatParam
+from ssad_common.search_space import FAMILIES, CategoricalParam, FloatParam
 from tests.conftest import DEVICES
 from worker.core.augmentations import REGISTRY, CutDiff, build_augmentation, changed_fraction
 

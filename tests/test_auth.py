@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
-from common.db import make_engine, session_scope
-from common.models import ApiKey, Blob, Dataset, IdempotencyKey, Job
 from service import tenants
+from ssad_common.db import make_engine, session_scope
+from ssad_common.models import ApiKey, Blob, Dataset, IdempotencyKey, Job
 from tests.helpers import ROOT, assert_error, client, count, make_key, npz, tiny_job, upload
 
 GREY = np.random.default_rng(0).integers(0, 255, (6, 8, 8), dtype=np.uint8)

@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 from httpx_sse import EventSource
 
-from common.db import make_engine, session_scope
 from service.tenants import create_key
+from ssad_common.db import make_engine, session_scope
 from ssad_tune.client import Progress, default_url, fmt_duration
 from tests.helpers import (
     ROOT,

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from fastapi import FastAPI
 
-from common.settings import CommonSettings, optuna_storage_url
 from service.settings import ApiSettings, get_settings
+from ssad_common.settings import CommonSettings, optuna_storage_url
 from tests.helpers import ROOT
 from worker.settings import WorkerSettings
 
@@ -103,6 +103,18 @@ def test_dockerfile_targets() -> None:
     assert "torch==2.13.0" in stages["worker"] and ".[worker]" in stages["worker"]
     cmd = re.search(r'^CMD (\[.*\])', stages["worker"], flags=re.M)
     assert cmd and "worker" in cmd.group(1)
+
+
+def test_the_images_copy_every_package_the_wheel_holds() -> None:
+    """pip installs what pyproject's package patterns find; a package the Dockerfile does not
+    COPY is silently missing from both images."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in patterns}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", DOCKERFILE, re.M))
+    assert packages <= copied, f"not copied: {sorted(packages - copied)}"
 
 
 def test_dashboard_reads_the_optuna_schema() -> None:

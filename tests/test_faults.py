@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.db import make_engine
-from common.models import Blob, BlobChunk, Dataset, Job, JobTrial
 from service import migrate
+from ssad_common.db import make_engine
+from ssad_common.models import Blob, BlobChunk, Dataset, Job, JobTrial
 from tests.helpers import (
     client,
     job_status,
@@ -249,7 +249,7 @@ def test_deleting_a_dataset_waits_for_a_job_being_created_on_it(
     delete waits for it, then answers."""
     import psycopg
 
-    from common.models import DEFAULT_TENANT_ID
+    from ssad_common.models import DEFAULT_TENANT_ID
 
     database = postgres.create_database(pg_template)
     db_url = postgres.url(database)

@@ -21,10 +21,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from common.db import make_engine, session_scope
 from service import migrate, tenants
 from service.app import create_app
 from service.settings import ApiSettings
+from ssad_common.db import make_engine, session_scope
 from tests.helpers import start_api
 
 EXAMPLES = 25

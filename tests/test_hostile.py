@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from common.models import Blob, BlobChunk, Dataset, Job
+from ssad_common.models import Blob, BlobChunk, Dataset, Job
 from tests.helpers import (
     ENCRYPTED,
     assert_error,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.images import (
+from ssad_common.images import (
     ImageDataError,
     ImageSet,
     Limits,

@@ -1,11 +1,11 @@
-"""The job contract (common/jobspec.py): what the API writes, what the worker accepts, and
+"""The job contract (ssad_common/jobspec.py): what the API writes, what the worker accepts, and
 the specs earlier versions stored."""
 
 from __future__ import annotations
 
 import pytest
 
-from common.jobspec import (
+from ssad_common.jobspec import (
     DEFAULT_SCORER,
     InvalidJobSpec,
     ScoreSpec,

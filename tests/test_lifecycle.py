@@ -1,4 +1,4 @@
-"""The lifecycle as data (common/lifecycle.py): transition() refuses a move the table does
+"""The lifecycle as data (ssad_common/lifecycle.py): transition() refuses a move the table does
 not allow, writes nothing when its fenced update misses, and appends exactly one event when
 it hits; on Postgres and on SQLite."""
 
@@ -13,15 +13,15 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from common.db import make_engine, session_factory
-from common.lifecycle import (
+from ssad_common.db import make_engine, session_factory
+from ssad_common.lifecycle import (
     ALLOWED_TRANSITIONS,
     TERMINAL,
     IllegalTransition,
     JobStatus,
     transition,
 )
-from common.models import Blob, Dataset, Job, JobEvent, Tenant, utcnow
+from ssad_common.models import Blob, Dataset, Job, JobEvent, Tenant, utcnow
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.db import make_engine, session_scope
-from common.models import Job, JobEvent
-from common.search_space import augmented_count
 from service import tenants
+from ssad_common.db import make_engine, session_scope
+from ssad_common.models import Job, JobEvent
+from ssad_common.search_space import augmented_count
 from tests.helpers import assert_error, client, count, npz, tiny_job, upload
 
 

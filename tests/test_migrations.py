@@ -39,7 +39,7 @@ def test_blob_chunks_are_stored_uncompressed_on_postgres(pg_url: str) -> None:
     time of a large upload (migration 0005): chunks are STORAGE EXTERNAL."""
     from sqlalchemy import text
 
-    from common.db import make_engine
+    from ssad_common.db import make_engine
 
     engine = make_engine(pg_url)
     try:
@@ -60,7 +60,7 @@ def test_job_kind_is_backfilled_from_the_spec_and_nothing_else_is_lost(
     a batch copy of ``jobs`` with foreign keys on would cascade to them)."""
     from sqlalchemy import text
 
-    from common.db import make_engine
+    from ssad_common.db import make_engine
 
     if kind == "postgres":
         server: PostgresServer = request.getfixturevalue("postgres")
@@ -106,7 +106,7 @@ def test_upgrading_a_populated_sqlite_database_keeps_every_child_row(tmp_path: P
     at the first revision keeps all of it through to head."""
     from sqlalchemy import text
 
-    from common.db import make_engine
+    from ssad_common.db import make_engine
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     assert alembic(url, "upgrade", "0001").returncode == 0

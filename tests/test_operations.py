@@ -14,8 +14,8 @@ import numpy as np
 import optuna
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.db import make_engine
-from common.settings import optuna_storage_url
+from ssad_common.db import make_engine
+from ssad_common.settings import optuna_storage_url
 from tests.helpers import (
     client,
     finish_job_with_scores,

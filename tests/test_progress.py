@@ -12,7 +12,7 @@ from typing import Any
 
 from httpx_sse import EventSource
 
-from common.db import make_engine
+from ssad_common.db import make_engine
 from ssad_tune.client import Progress, eta_seconds, step_counts
 from tests.helpers import client, job_status, npz, run_in_process, tiny_job, upload_pair, wait_for
 from worker.manager import JobManager

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from common.db import make_engine, session_factory
-from common.models import Job, JobEvent
+from ssad_common.db import make_engine, session_factory
+from ssad_common.models import Job, JobEvent
 from tests.helpers import ROOT, client, npz, tiny_job, upload, wait_for
 from worker.manager import JobManager, LostLease
 
 CLAIMER = """
 import json, sys
-from common.db import make_engine
+from ssad_common.db import make_engine
 from worker.manager import JobManager
 engine = make_engine(sys.argv[1])
 manager = JobManager(engine)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common.db import make_engine, session_scope
-from common.models import MODEL_ARTIFACT, JobArtifact
 from service.tenants import create_key
+from ssad_common.db import make_engine, session_scope
+from ssad_common.models import MODEL_ARTIFACT, JobArtifact
 from tests.helpers import (
     assert_error,
     client,
@@ -113,7 +113,7 @@ def job_status_number(db_url: str, job_id: str) -> int:
         assert api.get(f"/v1/jobs/{job_id}").status_code == 404
     engine = make_engine(db_url)
     with session_scope(engine) as s:
-        from common.models import Job
+        from ssad_common.models import Job
 
         job = s.get(Job, job_id)
         assert job is not None and job.best_trial_number is not None

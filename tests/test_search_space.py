@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common.search_space import (
+from ssad_common.search_space import (
     CUTPASTE_DEFAULT,
     DEFAULT_AUGMENTATIONS,
     FAMILIES,
@@ -19,7 +19,7 @@ from common.search_space import (
 
 
 def test_plain_data_modules_do_not_import_torch() -> None:
-    code = ("import sys, common.search_space, common.images; "
+    code = ("import sys, ssad_common.search_space, ssad_common.images; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 
-from common.search_space import SearchSpace
+from ssad_common.search_space import SearchSpace
 from worker.core.data import prepare
 from worker.core.study import (
     StudySettings,
@@ -175,9 +175,9 @@ def test_settings_are_validated() -> None:
 
 def test_a_job_and_the_engine_default_to_the_same_study() -> None:
     """A request that sets nothing, the engine's settings and ``python -m worker.tune``
-    without options all run the same study (their defaults come from common/jobspec.py)."""
-    from common.jobspec import TuneSpec
+    without options all run the same study (their defaults come from ssad_common/jobspec.py)."""
     from service.jobs.schemas import JobCreate
+    from ssad_common.jobspec import TuneSpec
     from worker.runner import study_settings
     from worker.tune import build_parser
 

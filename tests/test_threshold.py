@@ -55,8 +55,8 @@ def test_threshold_endpoint(db_url: str) -> None:
 
 def _keep_a_detector(db_url: str, job_id: str) -> None:
     """What a worker stores when a tuning job succeeds, and scoring needs: the detector."""
-    from common.db import make_engine, session_scope
-    from common.models import MODEL_ARTIFACT, JobArtifact
+    from ssad_common.db import make_engine, session_scope
+    from ssad_common.models import MODEL_ARTIFACT, JobArtifact
 
     engine = make_engine(db_url)
     with session_scope(engine) as s:
@@ -67,8 +67,8 @@ def _keep_a_detector(db_url: str, job_id: str) -> None:
 
 def _forget_reference(db_url: str, job_id: str) -> None:
     """Make a scoring job look like one queued before references were kept in its spec."""
-    from common.db import make_engine, session_scope
-    from common.models import Job
+    from ssad_common.db import make_engine, session_scope
+    from ssad_common.models import Job
 
     engine = make_engine(db_url)
     with session_scope(engine) as s:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.search_space import auto_image_size
+from ssad_common.search_space import auto_image_size
 from worker.core.data import prepare
 from worker.core.detector import Detector, DetectorConfig
 from worker.core.device import resolve_device

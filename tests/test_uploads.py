@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common.models import Blob, Dataset
+from ssad_common.models import Blob, Dataset
 from tests.helpers import assert_error, client, count, make_key, npz, start_api, tiny_job, upload
 
 GREY = np.random.default_rng(3).integers(0, 256, (6, 8, 8), dtype=np.uint8)

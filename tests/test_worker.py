@@ -16,9 +16,9 @@ import optuna
 import pytest
 from sqlalchemy import select, update
 
-from common.db import make_engine, session_factory
-from common.models import Job, JobTrial
-from common.settings import optuna_storage_url
+from ssad_common.db import make_engine, session_factory
+from ssad_common.models import Job, JobTrial
+from ssad_common.settings import optuna_storage_url
 from tests.helpers import (
     ROOT,
     assert_error,
@@ -213,7 +213,7 @@ def test_a_job_that_cannot_run_fails_with_a_clear_reason(db_url: str, tmp_path: 
         worker = start_worker(db_url, tmp_path, "--max-jobs", "1")
         assert worker.wait(timeout=120) == 0
         done = job_status(api, job_id)
-        # The reason names what is missing (the spec's contract, common/jobspec.py), not a
+        # The reason names what is missing (the spec's contract, ssad_common/jobspec.py), not a
         # KeyError on the first key the worker happened to read.
         assert done["status"] == "failed", done
         assert done["error"].startswith("InvalidJobSpec: the job's spec cannot be run (")

@@ -8,8 +8,8 @@ import signal
 import sys
 import threading
 
-from common import logs
-from common.db import make_engine
+from ssad_common import logs
+from ssad_common.db import make_engine
 from worker.loop import build_context, run_worker
 from worker.manager import JobManager
 from worker.settings import WorkerSettings

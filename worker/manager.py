@@ -21,10 +21,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from common.blobs import read_blob
-from common.db import is_transient, session_factory, transaction
-from common.lifecycle import JobStatus, TrialState, record_event, transition
-from common.models import (
+from ssad_common.blobs import read_blob
+from ssad_common.db import is_transient, session_factory, transaction
+from ssad_common.lifecycle import JobStatus, TrialState, record_event, transition
+from ssad_common.models import (
     MODEL_ARTIFACT,
     MODEL_CONTENT_TYPE,
     Dataset,
@@ -62,7 +62,7 @@ class ClaimedJob:
     train: DatasetRef
     test: DatasetRef
     lost_leases: int = 0
-    kind: str = "tune"  # the jobs.kind column: which model of common/jobspec.py spec follows
+    kind: str = "tune"  # the jobs.kind column: which model of ssad_common/jobspec.py spec follows
 
     @property
     def releases(self) -> int:

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from common.db import is_transient
-from common.jobspec import ScoreSpec, TuneSpec, load_spec
-from common.logs import current_job, job_context
-from common.models import MODEL_ARTIFACT
-from common.search_space import SearchSpace
+from ssad_common.db import is_transient
+from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec
+from ssad_common.logs import current_job, job_context
+from ssad_common.models import MODEL_ARTIFACT
+from ssad_common.search_space import SearchSpace
 from worker.cache import ArrayCache
 from worker.context import WorkerContext
 from worker.core.data import prepare

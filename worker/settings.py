@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.settings import CommonSettings
+from ssad_common.settings import CommonSettings
 
 
 class WorkerSettings(CommonSettings):

@@ -35,8 +35,8 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from common.db import is_transient, make_engine
-from common.settings import optuna_storage_url
+from ssad_common.db import is_transient, make_engine
+from ssad_common.settings import optuna_storage_url
 
 log = logging.getLogger("ssad.worker")
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from common.images import ImageDataError, ImageSet, load_path
-from common.jobspec import (
+from ssad_common.images import ImageDataError, ImageSet, load_path
+from ssad_common.jobspec import (
     DEFAULT_CONTAMINATION,
     DEFAULT_N_TRIALS,
     DEFAULT_OBJECTIVE,
     DEFAULT_SCORER,
     DEFAULT_SEED,
 )
-from common.search_space import (
+from ssad_common.search_space import (
     FAMILIES,
     OBJECTIVE_NAMES,
     SCORER_NAMES,

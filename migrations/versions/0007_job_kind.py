@@ -1,5 +1,5 @@
 """A job's kind (tune | score) becomes a column, out of its spec: the API lists and filters by
-it, and the worker validates the spec as that kind (common/jobspec.py). Existing rows take
+it, and the worker validates the spec as that kind (ssad_common/jobspec.py). Existing rows take
 the kind their spec says; tuning specs never said it, so they are 'tune'.
 
 On SQLite the column is added in place (ALTER TABLE ... ADD COLUMN, with its default and

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from common.models import Blob, BlobChunk, Dataset, Job
+from ssad_common.models import Blob, BlobChunk, Dataset, Job
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:

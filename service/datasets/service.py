@@ -13,14 +13,14 @@ from typing import IO
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from common import blobs
-from common.db import transaction
-from common.images import ImageDataError, ImageSet, Limits, NpyFile, npy_header, read_upload
-from common.models import Dataset
 from service import idempotency, tenants
 from service.datasets import repository as repo
 from service.errors import Conflict, InvalidDataset, InvalidRequest, NotFound
 from service.settings import ApiSettings
+from ssad_common import blobs
+from ssad_common.db import transaction
+from ssad_common.images import ImageDataError, ImageSet, Limits, NpyFile, npy_header, read_upload
+from ssad_common.models import Dataset
 
 _transaction = contextmanager(transaction)
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.search_space import MAX_EMBED_TRAIN, augmented_count
 from service.errors import ComputeQuotaExceeded, InvalidRequest
 from service.settings import ApiSettings
+from ssad_common.search_space import MAX_EMBED_TRAIN, augmented_count
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import optuna
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from common.search_space import FAMILIES, CategoricalParam, FloatParam
 from service.jobs.threshold import Threshold
+from ssad_common.search_space import FAMILIES, CategoricalParam, FloatParam
 
 # The worker's study names the family parameter and each family's parameters this way
 # (worker/core/study.py); the in-memory study mirrors it.

@@ -11,10 +11,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from common.models import Job, JobTrial
 from service.jobs import service
 from service.jobs.cache import RENDERED
 from service.jobs.schemas import Best, JobOut, JobSummary, Progress, TrialOut
+from ssad_common.models import Job, JobTrial
 
 MEDIA = {"json": "application/json", "csv": "text/csv"}
 

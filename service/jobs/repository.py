@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
-from common.lifecycle import TERMINAL, JobStatus, record_event, transition
-from common.models import Job, JobArtifact, JobEvent, JobTrial, TrialScore, utcnow
+from ssad_common.lifecycle import TERMINAL, JobStatus, record_event, transition
+from ssad_common.models import Job, JobArtifact, JobEvent, JobTrial, TrialScore, utcnow
 
 
 def insert_job(session: Session, job: Job, message: str) -> None:
@@ -63,7 +63,7 @@ def delete_ended_job(session: Session, job_id: str) -> bool:
     """Delete the job if it has ended (one conditional statement; a job never leaves an
     ended status, so no worker can be writing to it). Its events, trials, their scores and
     its artifacts go with it: every child table's foreign key is ON DELETE CASCADE (SQLite
-    enforces them with ``PRAGMA foreign_keys=ON``, common/db.py)."""
+    enforces them with ``PRAGMA foreign_keys=ON``, ssad_common/db.py)."""
     deleted = session.execute(delete(Job).where(
         Job.id == job_id, Job.status.in_(sorted(TERMINAL)))
         .returning(Job.id)).scalar_one_or_none()

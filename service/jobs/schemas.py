@@ -5,7 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.jobspec import (
+from service.params import ID_DESCRIPTION, ID_PATTERN
+from ssad_common.jobspec import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTAMINATION,
     DEFAULT_N_TRIALS,
@@ -21,7 +22,6 @@ from common.jobspec import (
     Seed,
     TrainSteps,
 )
-from service.params import ID_DESCRIPTION, ID_PATTERN
 
 
 class SearchSpaceIn(BaseModel):

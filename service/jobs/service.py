@@ -11,11 +11,6 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from common import blobs
-from common.jobspec import DEFAULT_CONTAMINATION, ScoreSpec, TuneSpec, spec_dump
-from common.lifecycle import TERMINAL, JobStatus, TrialState
-from common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
-from common.search_space import SearchSpace, auto_image_size
 from service import idempotency, tenants
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
@@ -24,6 +19,11 @@ from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 from service.settings import ApiSettings
+from ssad_common import blobs
+from ssad_common.jobspec import DEFAULT_CONTAMINATION, ScoreSpec, TuneSpec, spec_dump
+from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
+from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
+from ssad_common.search_space import SearchSpace, auto_image_size
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:

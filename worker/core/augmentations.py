@@ -8,7 +8,7 @@ stripe masks of CutOut / CutPaste / scar and the differentiable CutOut are writt
 because no library has them in this form.
 
 Families are looked up by name only through :data:`REGISTRY`; their hyperparameters and
-ranges are declared as plain data in :mod:`common.search_space`.
+ranges are declared as plain data in :mod:`ssad_common.search_space`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import crop_and_resize, rotate
 from torch import Tensor, nn
 
-from common.search_space import FAMILIES, FloatParam, ParamValue
+from ssad_common.search_space import FAMILIES, FloatParam, ParamValue
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -96,7 +96,7 @@ def _in_patch(x: Tensor, changed: Tensor, patch_size: float, g: torch.Generator)
 class Augmentation(nn.Module):
     """A batched augmentation family.
 
-    Subclasses set :attr:`name` (the key of its :class:`~common.search_space.FamilySpec`),
+    Subclasses set :attr:`name` (the key of its :class:`~ssad_common.search_space.FamilySpec`),
     read their validated hyperparameters from ``self.params`` and implement
     :meth:`transform`. ``forward(x, generator)`` checks the input contract once for all.
     """
@@ -131,7 +131,7 @@ REGISTRY: dict[str, type[Augmentation]] = {}
 
 def register(cls: type[Augmentation]) -> type[Augmentation]:
     if cls.name not in FAMILIES:
-        raise KeyError(f"{cls.name} has no FamilySpec in common.search_space")
+        raise KeyError(f"{cls.name} has no FamilySpec in ssad_common.search_space")
     REGISTRY[cls.name] = cls
     return cls
 

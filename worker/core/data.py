@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.search_space import auto_image_size
+from ssad_common.search_space import auto_image_size
 from worker.core.objectives import augmented_count
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from common.search_space import DEFAULT_OBJECTIVE, OBJECTIVE_NAMES, augmented_count
+from ssad_common.search_space import DEFAULT_OBJECTIVE, OBJECTIVE_NAMES, augmented_count
 
 EPS = 1e-8
 
@@ -105,7 +105,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 if tuple(OBJECTIVES) != OBJECTIVE_NAMES:  # the API validates against the torch-free list
-    raise RuntimeError("common.search_space.OBJECTIVE_NAMES is out of date")
+    raise RuntimeError("ssad_common.search_space.OBJECTIVE_NAMES is out of date")
 
 __all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Objective", "augmented_count", "get_objective"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common.search_space import ParamValue
+from ssad_common.search_space import ParamValue
 from worker.core.augmentations import build_augmentation
 
 

@@ -20,8 +20,13 @@ from typing import Any, NoReturn
 import numpy as np
 import optuna
 
-from common.jobspec import DEFAULT_CONTAMINATION, DEFAULT_N_TRIALS, DEFAULT_OBJECTIVE, DEFAULT_SEED
-from common.search_space import (
+from ssad_common.jobspec import (
+    DEFAULT_CONTAMINATION,
+    DEFAULT_N_TRIALS,
+    DEFAULT_OBJECTIVE,
+    DEFAULT_SEED,
+)
+from ssad_common.search_space import (
     CategoricalParam,
     FloatParam,
     ParamValue,

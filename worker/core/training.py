@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.jobspec import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_STEPS
-from common.search_space import MAX_EMBED_TRAIN
+from ssad_common.jobspec import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_STEPS
+from ssad_common.search_space import MAX_EMBED_TRAIN
 from worker.core.detector import Detector, DetectorConfig
 from worker.core.device import autocast, synchronize
 from worker.core.scoring import DEFAULT_SCORER, SCORERS

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from common.search_space import DEFAULT_CONTAMINATION, ParamValue
+from ssad_common.search_space import DEFAULT_CONTAMINATION, ParamValue
 from worker.core.augmentations import build_augmentation
 from worker.core.data import PreparedData, evaluation_sets
 from worker.core.device import make_generator, seed_everything, synchronize

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from common.jobspec import JOB_KINDS
+from ssad_common.jobspec import JOB_KINDS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -71,7 +71,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class JobStatus(enum.StrEnum):
     """A job's status; which may follow which, and the one function that moves a job, are
-    in common/lifecycle.py."""
+    in ssad_common/lifecycle.py."""
 
     queued = "queued"
     running = "running"
@@ -195,7 +195,7 @@ class Job(Base):
     train_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     test_dataset_id: Mapped[str] = mapped_column(String(36), ForeignKey("datasets.id"))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    #: tune or score: which model of common/jobspec.py ``spec`` follows.
+    #: tune or score: which model of ssad_common/jobspec.py ``spec`` follows.
     kind: Mapped[str] = mapped_column(
         String(16), CheckConstraint(f"kind IN {JOB_KINDS}", name="kind"), default="tune",
         server_default="tune")

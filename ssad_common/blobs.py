@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from common.models import Blob, BlobChunk, utcnow
+from ssad_common.models import Blob, BlobChunk, utcnow
 
 CHUNK_BYTES = 8 * 1024 * 1024
 

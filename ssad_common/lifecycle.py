@@ -5,9 +5,9 @@ Every status change of a job, by the API or by a worker, is a call to :func:`tra
 a move the table does not allow is a programming error (:class:`IllegalTransition`); an
 allowed one is one conditional ``UPDATE`` (the job must still be in an expected status and,
 for a worker, still be held by its attempt: the fencing token) and, only when that update
-hit the row, one :class:`~common.models.JobEvent` in the same transaction.
+hit the row, one :class:`~ssad_common.models.JobEvent` in the same transaction.
 
-The enums are declared beside the tables (common/models.py: the columns' types) and
+The enums are declared beside the tables (ssad_common/models.py: the columns' types) and
 re-exported here. Torch-free.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from common.models import Job, JobEvent, JobStatus, TrialState
+from ssad_common.models import Job, JobEvent, JobStatus, TrialState
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
