@@ -87,12 +87,12 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int) -> dict[str, Any]
     per_objective = {}
     for name in OBJECTIVES:
         losses = np.array([t["losses"][name] for t in trials])
-        chosen = trials[int(np.argmin(losses))]
+        best = trials[int(np.argmin(losses))]
         rho = spearmanr(-losses, aurocs).statistic if len(trials) > 2 else float("nan")
         per_objective[name] = {
-            "selected": {"augmentation": chosen["augmentation"], "params": chosen["params"],
-                         "auroc": chosen["auroc"]},
-            "regret": float(aurocs.max() - chosen["auroc"]),
+            "selected": {"augmentation": best["augmentation"], "params": best["params"],
+                         "auroc": best["auroc"]},
+            "regret": float(aurocs.max() - best["auroc"]),
             "spearman": float(rho),
         }
     out = {

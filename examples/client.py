@@ -1,5 +1,5 @@
 """A Python client for ssad-tune, with httpx: upload, tune, follow, read the results, score
-new images with the chosen detector.
+new images with the best trial's detector.
 
     python examples/client.py TRAIN TEST [NEW]
 
@@ -81,7 +81,7 @@ def main(train: str, test: str, new: str | None = None) -> int:
         print(f"job {job['status']}: {job['error'] or ''} (last event: {last})",
               file=sys.stderr)
         return 1
-    print("chosen:", job["best"])
+    print("best:", job["best"])
 
     threshold = c.get(f"/v1/jobs/{job_id}/threshold").json()
     print(f"flagged by the {threshold['rule']} rule:",

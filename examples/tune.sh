@@ -62,6 +62,6 @@ while true; do
   esac
   sleep 5
 done
-echo "chosen: $(field "['best']" <<<"$state")"
+echo "best: $(field "['best']" <<<"$state")"
 api -f "$URL/v1/jobs/$job_id/scores?format=csv" -o "$OUT"
 echo "scores written to $OUT"

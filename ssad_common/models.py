@@ -268,13 +268,13 @@ class TrialScore(Base):
     score: Mapped[float] = mapped_column(Float)
 
 
-#: The artifact holding a job's chosen detector (worker/core/export.py's format).
+#: The artifact holding a job's best trial's detector (worker/core/export.py's format).
 MODEL_ARTIFACT = "model"
 MODEL_CONTENT_TYPE = "application/vnd.ssad-tune.detector+torch"
 
 
 class JobArtifact(Base):
-    """A file a worker produced for a job: the chosen detector (``model``, a torch file of
+    """A file a worker produced for a job: the best trial's detector (``model``, a torch file of
     tensors only, loaded with ``weights_only=True``) or a picture (``augmentation.png``).
     ``meta`` describes it (e.g. the trial it came from)."""
 

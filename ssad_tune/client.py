@@ -3,7 +3,7 @@
 Uploads both files, creates the job, follows its progress live (server-sent events, with a
 progress bar: trials done / total, the running trial's step and training loss, best loss
 so far, elapsed, ETA from the training-step rate), then writes the scores
-CSV and prints the chosen configuration and the suggested threshold. Talks to any server:
+CSV and prints the best configuration and the suggested threshold. Talks to any server:
 ``--url``, else ``SSAD_URL``, else ``SSAD_HOST``/``SSAD_PORT`` (the variables ``ssad-tune
 serve`` reads), else http://127.0.0.1:8000; the API key comes from ``SSAD_API_KEY``. Every
 creating request carries an ``Idempotency-Key``, so the client retries connection errors
@@ -322,7 +322,7 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         best = job["best"]
         thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
         rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
-        print(f"chosen: {best['augmentation']} {json.dumps(best['params'])} "
+        print(f"best: {best['augmentation']} {json.dumps(best['params'])} "
               f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
               file=stream)
         print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "

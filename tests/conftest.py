@@ -83,10 +83,10 @@ def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 POSTGRES_FIXTURES = {"postgres", "pg_template", "pg_url", "own_postgres"}
 # Modules whose tests start processes (API, workers, the CLI, alembic, a browser) or train
 # detectors for real: the fast lane leaves them to `make test`.
-SERVER_MODULES = {"test_acknowledged", "test_cli", "test_client", "test_deploy",
+SERVER_MODULES = {"test_acknowledged", "test_client", "test_deploy",
                   "test_docs_page", "test_examples", "test_faults", "test_migrations",
                   "test_operations", "test_queue", "test_scoring", "test_worker"}
-SLOW_MODULES = {"test_end_to_end", "test_study", "test_trial"}
+SLOW_MODULES = {"test_end_to_end", "test_study", "test_trial", "test_tune"}
 SERVER_TESTS = {"test_keys_cli", "test_the_api_process_never_imports_torch"}  # subprocesses
 
 

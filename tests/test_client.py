@@ -63,7 +63,7 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         assert bars[-1].startswith("[" + "#" * 20 + "] 3/3 trials  best ")
         assert "succeeded" in bars[-1]
         assert any("running" in b and "ETA" in b for b in bars)  # followed live
-        assert any(line.startswith("chosen: ") for line in lines)
+        assert any(line.startswith("best: ") for line in lines)
         assert any(line.startswith("suggested threshold (mad)") for line in lines)
         rows = list(csv.DictReader(out.open()))
         assert [int(r["index"]) for r in rows] == list(range(40))

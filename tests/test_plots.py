@@ -71,7 +71,7 @@ def test_strength_is_the_patch_size_or_the_place_in_the_range() -> None:
 
 
 def test_optuna_pictures_of_the_study(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """history and slice are Optuna's own pictures of the job's trials; importances need a
+    """history and slice are Optuna's own plots of the job's trials; importances need a
     one-family job (with several families only the family is common to every trial)."""
     scores = list(RNG.normal(1, 0.2, 30))
     several = [("cutout", {"patch_size": 0.02, "fill": "zero", "aspect": 1.0}, -0.2, scores),

@@ -54,7 +54,7 @@ def test_score_new_data_with_the_chosen_detector(pg_url: str, tmp_path: Path,
             wait_for(lambda: job_status(api, job)["status"] == "succeeded", timeout=240)
             tuned = api.get(f"/v1/jobs/{job}/scores").json()
 
-            # The worker rendered what the chosen augmentation does.
+            # The worker rendered what the best trial's augmentation does.
             pic = api.get(f"/v1/jobs/{job}/plots/augmentation.png")
             assert pic.status_code == 200 and pic.headers["content-type"] == "image/png"
             img = Image.open(io.BytesIO(pic.content))
@@ -101,7 +101,7 @@ def test_score_new_data_with_the_chosen_detector(pg_url: str, tmp_path: Path,
                      "IncompatibleDatasets", "grey")
         assert_error(api.post(f"/v1/jobs/{job}/score", json={"dataset_id": "nope"}), 404,
                      "NotFound", "dataset nope")
-    with session_scope(engine) as s:  # one stored detector: the chosen trial's
+    with session_scope(engine) as s:  # one stored detector: the best trial's
         arts = s.query(JobArtifact).filter_by(job_id=job, name=MODEL_ARTIFACT).all()
         assert len(arts) == 1
         assert arts[0].meta["trial_number"] == job_status_number(pg_url, job)

@@ -21,7 +21,7 @@ from worker.cache import ArrayCache
 from worker.context import WorkerContext
 from worker.core.data import prepare
 from worker.core.export import ScoringModel
-from worker.core.pictures import augmentation_sample
+from worker.core.plots import augmentation_sample
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings, TrialInterrupted
 from worker.core.trial import TrialResult
@@ -95,8 +95,8 @@ class HeartbeatThread(threading.Thread):
 
 def store_augmentation_sample(manager: JobManager, job: ClaimedJob, train: torch.Tensor,
                               family: str | None, params: dict[str, Any], seed: int) -> None:
-    """The chosen augmentation on a few train images, as the job's ``augmentation.png``.
-    A picture is not worth failing a finished study over: errors are logged."""
+    """The best trial's augmentation on a few train images, as the job's ``augmentation.png``.
+    A plot is not worth failing a finished study over: errors are logged."""
     if family is None:
         return
     try:
@@ -108,7 +108,7 @@ def store_augmentation_sample(manager: JobManager, job: ClaimedJob, train: torch
                            {"augmentation": family, "params": params})
 
 
-def score_new_data(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: ArrayCache,
+def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: ArrayCache,
                    device: torch.device) -> None:
     """A scoring job: the source job's stored detector scores the job's dataset; the scores
     are stored as the job's only trial (number 0), so they read like any job's."""
@@ -146,7 +146,7 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
             return "cancelled"
         spec = load_spec(job.kind, job.spec)  # InvalidJobSpec fails the job, naming fields
         if isinstance(spec, ScoreSpec):
-            score_new_data(job, spec, manager, cache, device)
+            run_score_job(job, spec, manager, cache, device)
             manager.finish(job.id, job.attempt)
             return "succeeded"
         data = prepare(cache.load(job.train, manager), cache.load(job.test, manager), device)

@@ -1,6 +1,6 @@
-"""Rendered response bodies (score bodies, score pictures), kept per API process.
+"""Rendered response bodies (score bodies, score plots), kept per API process.
 
-Safe to keep: a finished trial's scores are written once and never change (the job's chosen
+Safe to keep: a finished trial's scores are written once and never change (the job's best
 trial is fixed once it succeeds), so a body rendered from them never goes stale. Bounded by
 bytes, least recently used out first (``cachetools.LRUCache`` weighed by ``len``).
 """

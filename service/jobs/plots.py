@@ -1,7 +1,7 @@
-"""PNG pictures of a job, drawn in the API process with matplotlib (no torch).
+"""PNG plots of a job, drawn in the API process with matplotlib (no torch).
 
-Our own pictures build their own Figure (no pyplot), so concurrent requests share no state.
-The study pictures (history, slice, importances) are Optuna's own matplotlib
+Our own plots build their own Figure (no pyplot), so concurrent requests share no state.
+The study plots (history, slice, importances) are Optuna's own matplotlib
 visualisations of an in-memory study rebuilt from the job's stored trials; they draw
 through pyplot, whose global state one lock serialises.
 """
@@ -32,7 +32,7 @@ from ssad_common.search_space import FAMILIES, CategoricalParam, FloatParam
 # (worker/core/study.py); the in-memory study mirrors it.
 AUGMENTATION_KEY = "augmentation"
 _PYPLOT = threading.Lock()
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per picture drawn
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per plot drawn
 
 DPI = 100
 
@@ -69,7 +69,7 @@ def _percent(x: float, _: object) -> str:
 
 
 def trials_png(trials: Sequence[tuple[int, str, dict[str, Any], float]],
-               chosen: int | None) -> bytes:
+               best: int | None) -> bytes:
     """Validation loss of every finished trial against its strength, one colour per
     family: patch size (log axis, in % of the image area) for the local families, the
     strength parameter's place in its range for the others (families without one at the
@@ -84,7 +84,7 @@ def trials_png(trials: Sequence[tuple[int, str, dict[str, Any], float]],
     colours = {f: f"C{i % 10}" for i, f in enumerate(families)}
     for number, family, params, loss in trials:
         name, where = strength(family, params)
-        star = number == chosen
+        star = number == best
         style = {"color": colours[family], "s": 220 if star else 45,
                  "marker": "*" if star else "o", "edgecolors": "black" if star else "none",
                  "zorder": 3 if star else 2}
@@ -117,13 +117,13 @@ def trials_png(trials: Sequence[tuple[int, str, dict[str, Any], float]],
     handles = [first.scatter([], [], color=colours[f], label=f) for f in families]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)),
-                   title="family (★ = chosen trial)", frameon=False)
+                   title="family (★ = best trial)", frameon=False)
     if not trials:
         fig.suptitle("no finished trial yet")
     return _png(fig)
 
 
-# ------------------------------------------------------------------- Optuna's pictures
+# ------------------------------------------------------------------- Optuna's plots
 
 
 def _distributions(family: str) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -169,7 +169,7 @@ def _percent_log_axis(ax: Any) -> None:
 
 def _optuna_png(draw: Any, study: optuna.Study, title: str, **kwargs: Any) -> bytes:
     # rc_context: Optuna's functions switch the process-wide style to ggplot; undo that on
-    # the way out, or every later picture of ours would be drawn in it too.
+    # the way out, or every later plot of ours would be drawn in it too.
     with _PYPLOT, warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib API experimental
         try:

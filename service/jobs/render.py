@@ -1,5 +1,5 @@
 """What the job routes send back: the response models built from the stored rows, the
-score bodies (JSON or CSV) and the pictures (PNG), each rendered once per API process where
+score bodies (JSON or CSV) and the plots (PNG), each rendered once per API process where
 it cannot change (service/jobs/cache.py)."""
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
 
 def scores_body(session: Session, tenant_id: str, job_id: str, number: int | None,
                 fmt: str) -> tuple[int, bytes]:
-    """The trial's number (``None``: the job's chosen trial) and its scores in ``fmt``.
+    """The trial's number (``None``: the job's best trial) and its scores in ``fmt``.
     Ownership first (one primary-key read), then the per-process cache of bodies."""
     if number is None:
-        trial = service.chosen_trial(session, tenant_id, job_id)
+        trial = service.best_trial(session, tenant_id, job_id)
     else:
         service.get_job(session, tenant_id, job_id)
         trial = number
@@ -81,11 +81,11 @@ def scores_body(session: Session, tenant_id: str, job_id: str, number: int | Non
 
 
 def plot_png(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
-    """One of the job's pictures (service.plot). `scores` and `top` are drawn from a
+    """One of the job's plots (service.plot). `scores` and `top` are drawn from a
     succeeded job's fixed scores (and, for `top`, its whole test set read from the
     database): rendered once per process, like the score bodies."""
     if name not in ("scores", "top"):
         return service.plot(session, tenant_id, job_id, name, k)
-    number = service.chosen_trial(session, tenant_id, job_id)  # ownership, 409 if not done
+    number = service.best_trial(session, tenant_id, job_id)  # ownership, 409 if not done
     key = (job_id, number, f"{name}.png?k={k}" if name == "top" else f"{name}.png")
     return RENDERED.get(key, lambda: service.plot(session, tenant_id, job_id, name, k))

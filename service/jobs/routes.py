@@ -78,7 +78,7 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
                summary="Delete an ended job and everything it stored (409 while it runs)")
 def delete_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                job_id: JobId) -> Response:
-    """Deletes the job, its trials, scores, events and artifacts (its detector, pictures).
+    """Deletes the job, its trials, scores, events and artifacts (its detector, plots).
     Only once it has ended (succeeded, failed or cancelled): cancel a queued or running job
     first (`POST /v1/jobs/{id}/cancel`) and wait until it is `cancelled`. A tuning job whose
     scoring jobs are still queued or running is kept until they end. Once no job uses a
@@ -114,12 +114,12 @@ def list_events(session: SessionDep, tenant: TenantDep, job_id: JobId) -> EventL
 
 def scores_response(session: Session, tenant_id: str, job_id: str, number: int | None,
                     fmt: str, request: Request) -> Response:
-    chosen = number is None
+    best = number is None
     number, body = scores_body(session, tenant_id, job_id, number, fmt)
     etag = f'"{job_id}-{number}-{fmt}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
     if fmt == "csv":  # a browser or `curl -OJ` saves it under a name that says what it is
-        name = f"{job_id}-scores.csv" if chosen else f"{job_id}-trial-{number}-scores.csv"
+        name = f"{job_id}-scores.csv" if best else f"{job_id}-trial-{number}-scores.csv"
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
@@ -133,7 +133,7 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
 
 @router.get("/{job_id}/scores", response_model=ScoresOut,
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
-            summary="Anomaly score of every test image (the chosen trial), in test order")
+            summary="Anomaly score of every test image (the best trial), in test order")
 def job_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, request: Request,
                format: Literal["json", "csv"] = "json") -> Response:
     return scores_response(session, tenant, job_id, None, format, request)
@@ -161,7 +161,7 @@ def job_threshold(
     normal images) and `contamination` (the top fraction the job was told to expect).
     `flagged` lists this job's images above `rule`'s threshold (default: the suggested one).
 
-    The threshold comes from the tuning job's chosen scores on its test set (`reference=
+    The threshold comes from the tuning job's best trial's scores on its test set (`reference=
     tuning`, the default). For a tuning job that is its own scores; a scoring job (`POST
     /v1/jobs/{id}/score`) is judged against the job it came from, so scoring a handful of
     images flags the ones that stand out from that reference. `reference=batch` recomputes
@@ -192,7 +192,7 @@ async def stream_job(request: Request, tenant: StreamTenantDep,
 
 @router.post("/{job_id}/score", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses=error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
-             summary="Score new images with a finished job's chosen detector")
+             summary="Score new images with a finished job's best trial's detector")
 def score_new_data(session: SessionDep, settings: SettingsDep, tenant: TenantDep,
                    job_id: JobId, body: ScoreRequest, response: Response,
                    idempotency_key: IdempotencyKeyDep = None) -> JobOut:
@@ -216,21 +216,21 @@ _PNG: dict[int | str, dict[str, Any]] = {200: {
 
 @router.get("/{job_id}/plots/{name}.png", response_class=Response,
             responses={**_PNG, **error_responses(401, 404, 409, 422)},
-            summary="Pictures: trials, history, slice, importances, scores, top, augmentation")
+            summary="Plots: trials, history, slice, importances, scores, top, augmentation")
 def job_plot(session: SessionDep, tenant: TenantDep, job_id: JobId,
              name: Literal["trials", "history", "slice", "importances", "scores", "top",
                            "augmentation"],
              k: Annotated[int, Query(ge=1, le=64, description="images in `top`")] = 16,
              ) -> Response:
     """* `trials`: validation loss of every finished trial against its patch size (local
-      families) or strength, coloured by family; the chosen trial starred. Any time.
-    * `history`, `slice`, `importances`: Optuna's own pictures of the study (each trial's
+      families) or strength, coloured by family; the best trial starred. Any time.
+    * `history`, `slice`, `importances`: Optuna's own plots of the study (each trial's
       loss and the best so far; loss against patch size, one panel per local family;
       hyperparameter importances, for a job that searched one family). Once a trial has
       finished (409 before).
     * `scores`: histogram of the test scores with both label-free thresholds.
     * `top`: the `k` most anomalous test images with their names and scores.
-    * `augmentation`: train images and what the chosen augmentation makes of them.
+    * `augmentation`: train images and what the best trial's augmentation makes of them.
 
     `scores` and `top` need a succeeded job (409 before); `augmentation` is rendered by the
     worker when a tuning job succeeds."""

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,8 +88,14 @@ class Progress(BaseModel):
         None, description="while a trial trains: its step and latest training loss")
 
 
+#: The v1 field ``augmentation`` names an augmentation *family* (cutout, rotate, ...); the
+#: family and its ``params`` together are the augmentation a trial trained with.
+FamilyName = Annotated[str, Field(description="the augmentation family "
+                                  "(GET /v1/augmentations); `params` holds its hyperparameters")]
+
+
 class Best(BaseModel):
-    augmentation: str
+    augmentation: FamilyName
     params: dict[str, Any]
     validation_loss: float
     trial_number: int
@@ -156,7 +162,7 @@ class JobList(BaseModel):
 class TrialOut(BaseModel):
     number: int
     state: Literal["COMPLETE", "FAIL"]
-    augmentation: str
+    augmentation: FamilyName
     params: dict[str, Any]
     validation_loss: float | None
     losses: dict[str, float]
@@ -237,7 +243,7 @@ class ThresholdOut(BaseModel):
     job_id: str
     trial_number: int
     reference: Literal["tuning", "batch"] = Field(
-        description="tuning: the thresholds come from the tuning job's chosen scores "
+        description="tuning: the thresholds come from the tuning job's best trial's scores "
                             "on its test set; batch: from this job's own scores")
     reference_job_id: str | None = Field(
         None, description="the job whose scores set the thresholds")

@@ -162,7 +162,7 @@ def list_trials(session: Session, tenant_id: str, job_id: str) -> Sequence[JobTr
     return repo.list_trials(session, job_id)
 
 
-def chosen_trial(session: Session, tenant_id: str, job_id: str) -> int:
+def best_trial(session: Session, tenant_id: str, job_id: str) -> int:
     """The trial whose scores are the job's result (only once the job has succeeded)."""
     job = get_job(session, tenant_id, job_id)
     if job.best_trial_number is None or job.status != JobStatus.succeeded:
@@ -193,10 +193,10 @@ def _contamination(job: Job) -> float:
     return float(job.spec.get("contamination", DEFAULT_CONTAMINATION))
 
 
-def _chosen_rows(session: Session, tenant_id: str, job_id: str
+def _best_rows(session: Session, tenant_id: str, job_id: str
                  ) -> tuple[Job, int, list[tuple[int, str, float]]]:
-    """The succeeded job, its chosen trial and that trial's (index, name, score) rows."""
-    number = chosen_trial(session, tenant_id, job_id)
+    """The succeeded job, its best trial and that trial's (index, name, score) rows."""
+    number = best_trial(session, tenant_id, job_id)
     job = get_job(session, tenant_id, job_id)
     _, rows = scores(session, tenant_id, job_id, number)
     return job, number, rows
@@ -208,11 +208,11 @@ def _values(rows: list[tuple[int, str, float]]) -> np.ndarray:
 
 def reference_thresholds(session: Session, tenant_id: str, source_id: str
                          ) -> dict[str, Any]:
-    """Both thresholds of a succeeded tuning job, on its chosen scores (its test set): the
+    """Both thresholds of a succeeded tuning job, on its best trial's scores (its test set): the
     normal reference new images are judged against. Plain data, kept in a scoring job's
     spec when it is created (the tuning job's scores never change once it has succeeded,
     and the scoring job stays interpretable if the tuning job is deleted later)."""
-    source, number, rows = _chosen_rows(session, tenant_id, source_id)
+    source, number, rows = _best_rows(session, tenant_id, source_id)
     found = thresholds(_values(rows), _contamination(source))
     return {"job_id": source_id, "trial_number": number, "n_scores": len(rows),
             "rules": {name: {"threshold": t.threshold,
@@ -238,13 +238,13 @@ def _thresholds_for(session: Session, tenant_id: str, job: Job, values: np.ndarr
     return apply_thresholds(values, rules), str(ref["job_id"])
 
 
-def _chosen_scores(session: Session, tenant_id: str, job_id: str, reference: str = "tuning"
+def _best_scores(session: Session, tenant_id: str, job_id: str, reference: str = "tuning"
                    ) -> tuple[Job, int, list[tuple[int, str, float]], dict[str, Threshold],
                               str]:
-    """The succeeded job, its chosen trial, that trial's (index, name, score) rows, both
+    """The succeeded job, its best trial, that trial's (index, name, score) rows, both
     label-free thresholds that judge them (see :func:`threshold`), and the job that set
     them."""
-    job, number, rows = _chosen_rows(session, tenant_id, job_id)
+    job, number, rows = _best_rows(session, tenant_id, job_id)
     found, reference_job = _thresholds_for(session, tenant_id, job, _values(rows), reference)
     return job, number, rows, found, reference_job
 
@@ -253,9 +253,9 @@ def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None,
               reference: str = "tuning") -> dict[str, Any]:
     """Both label-free thresholds and the job's images above ``rule``'s (default: the
     suggested rule). ``reference="tuning"``: the thresholds come from the tuning job's
-    chosen scores (for a scoring job, the job it scored with; a handful of new images is
+    best trial's scores (for a scoring job, the job it scored with; a handful of new images is
     judged against that job's test set); ``"batch"``: from this job's scores alone."""
-    _, number, rows, found, reference_job = _chosen_scores(session, tenant_id, job_id,
+    _, number, rows, found, reference_job = _best_scores(session, tenant_id, job_id,
                                                            reference)
     rule = rule or SUGGESTED_RULE
     chosen = found[rule]
@@ -324,7 +324,7 @@ STUDY_PLOTS = {"history": plots.history_png, "slice": plots.slice_png,
 
 
 def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
-    """One of the job's pictures, as PNG bytes (see service/jobs/plots.py)."""
+    """One of the job's plots, as PNG bytes (see service/jobs/plots.py)."""
     job = get_job(session, tenant_id, job_id)
     if name in STUDY_PLOTS or name == "trials":
         points = [(t.number, t.augmentation or "", t.params, t.validation_loss)
@@ -338,7 +338,7 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
             raise Conflict(
                 "importances need at least two parameters that every trial has; with several "
                 "augmentation families only the family is common to all trials (use a job "
-                "that searches one family, or the `slice` picture)")
+                "that searches one family, or the `slice` plot)")
         return STUDY_PLOTS[name](points)
     if name == "augmentation":
         art = repo.get_artifact(session, job_id, "augmentation.png")
@@ -346,7 +346,7 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
             raise NotFound(f"job {job_id} has no augmentation sample (it is rendered when "
                            "a tuning job succeeds)")
         return art.data
-    _, _, rows, found, _ = _chosen_scores(session, tenant_id, job_id)
+    _, _, rows, found, _ = _best_scores(session, tenant_id, job_id)
     if name == "scores":
         return plots.scores_png(_values(rows), found, SUGGESTED_RULE)
     top = sorted(rows, key=lambda r: -r[2])[:k]

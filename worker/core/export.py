@@ -1,4 +1,4 @@
-"""A trained detector with its fitted scorer, as bytes: what a job keeps of its chosen trial
+"""A trained detector with its fitted scorer, as bytes: what a job keeps of its best trial
 so new images can be scored later exactly as its test set was (same weights, same working
 size, same Ledoit–Wolf fit on the train embeddings).
 

@@ -1,4 +1,4 @@
-"""What the chosen augmentation does, as a PNG: a row of train images and below each its
+"""What the best trial's augmentation does, as a PNG: a row of train images and below each its
 augmented version (rendered by the worker, which has the augmentation code and torch)."""
 
 from __future__ import annotations
