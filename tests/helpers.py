@@ -163,11 +163,24 @@ def finish_job_with_scores(db_url: str, job_id: str,
         engine.dispose()
 
 
-def claim_and_cancel(db_url: str, url: str,
-                     trials: Sequence[tuple[float, list[float]]] = ()) -> None:
-    """Play the worker for the job a client process is following: claim it, store each
+def claim_and_cancel(db_url: str, url: str, client: subprocess.Popen[str],
+                     api: subprocess.Popen[bytes], trials: Sequence[tuple[float, list[float]]] = (),
+                     timeout: float = 120) -> str:
+    """Play the worker for the job the ``client`` process is following: claim it, store each
     ``(loss, scores)`` as a finished ``rotate`` trial, then cancel it through the API and
-    stop as a worker would (the worker's own JobManager calls)."""
+    stop as a worker would (the worker's own JobManager calls). Returns the client's stderr
+    once it exits; both processes are stopped either way."""
+    try:
+        _claim_and_cancel(db_url, url, trials)
+        return client.communicate(timeout=timeout)[1]
+    finally:
+        if client.poll() is None:
+            client.kill()
+        api.kill()
+        api.wait()
+
+
+def _claim_and_cancel(db_url: str, url: str, trials: Sequence[tuple[float, list[float]]]) -> None:
     from ssad_common.db import make_engine
     from worker.manager import JobManager
 
@@ -317,3 +330,20 @@ def other_format(fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(SAMPLE).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def queue_and_claim(db_url: str, digits: Any, worker_id: str) -> tuple[str, Any, Any, Any]:
+    """A tiny tuning job on 30 train and 20 test digits, queued through the API and claimed
+    by a fresh JobManager: (job id, engine, manager, claimed job). Dispose of the engine."""
+    from ssad_common.db import make_engine
+    from worker.manager import JobManager
+
+    train, test, _ = digits
+    with client(db_url) as api:
+        tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
+    engine = make_engine(db_url)
+    manager = JobManager(engine, lease_seconds=60)
+    claimed = manager.claim_next_job(worker_id)
+    assert claimed is not None
+    return job_id, engine, manager, claimed

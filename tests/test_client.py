@@ -189,16 +189,9 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
         [sys.executable, "-m", "ssad_tune.cli", "tune", "train.npz", "test.npz", "-o", str(out),
          "--n-trials", "5", "--url", url], cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        # Play the worker: claim the CLI's job, finish two trials, then a cancel arrives.
-        claim_and_cancel(pg_url, url, [(loss, [float(number + i) for i in range(4)])
-                                       for number, loss in enumerate((0.5, 0.2))])
-        _, stderr = cli.communicate(timeout=120)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-        api.kill()
-        api.wait()
+    # Play the worker: claim the CLI's job, finish two trials, then a cancel arrives.
+    stderr = claim_and_cancel(pg_url, url, cli, api, [
+        (loss, [float(number + i) for i in range(4)]) for number, loss in enumerate((0.5, 0.2))])
     assert cli.returncode == 1, stderr
     assert "job cancelled: cancelled while running (a cancel was requested" in stderr
     assert "the job cancelled after 2 of 5 trials" in stderr

@@ -116,13 +116,6 @@ def test_tune_sh_says_why_a_job_was_cancelled(pg_url: str, tmp_path: Path) -> No
     script = subprocess.Popen(["bash", str(ROOT / "examples/tune.sh"), "train.npz", "test.npz"],
                               cwd=tmp_path, env={**os.environ, "SSAD_URL": url},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        claim_and_cancel(pg_url, url)
-        _, stderr = script.communicate(timeout=60)
-    finally:
-        if script.poll() is None:
-            script.kill()
-        api.kill()
-        api.wait()
+    stderr = claim_and_cancel(pg_url, url, script, api, timeout=60)
     assert script.returncode == 1
     assert "job cancelled: last event: cancelled while running" in stderr

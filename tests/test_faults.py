@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from service import migrate
-from ssad_common.db import make_engine
 from ssad_common.models import Blob, BlobChunk, Dataset, Job, JobTrial
 from tests.helpers import (
     client,
     job_status,
     npz,
+    queue_and_claim,
     row_counts,
     run_in_process,
     start_api,
@@ -37,7 +37,6 @@ from tests.helpers import (
 )
 from tests.pg import PostgresServer, running_postgres
 from worker.core import study as study_module
-from worker.manager import JobManager
 
 # --------------------------------------------------------------------------- device OOM
 
@@ -57,14 +56,7 @@ def oom_on(trials: Callable[[int], bool]) -> Callable[..., Any]:
 
 
 def run_one_job(db_url: str, tmp_path: Path, digits: Any) -> tuple[str, str]:
-    train, test, _ = digits
-    with client(db_url) as api:
-        tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
-        job_id = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
-    engine = make_engine(db_url)
-    manager = JobManager(engine, lease_seconds=60)
-    claimed = manager.claim_next_job("oom-test")
-    assert claimed is not None
+    job_id, engine, manager, claimed = queue_and_claim(db_url, digits, "oom-test")
     outcome = run_in_process(claimed, manager, db_url, tmp_path)
     engine.dispose()
     return job_id, outcome

@@ -25,6 +25,7 @@ from tests.helpers import (
     client,
     job_status,
     npz,
+    queue_and_claim,
     run_in_process,
     start_worker,
     tiny_job,
@@ -227,14 +228,7 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
                                                            digits) -> None:  # type: ignore[no-untyped-def]
     """run_job for an attempt that lost its lease mid-study: it returns "lost", and the job
     (now held by another attempt) is left exactly as the current holder has it."""
-    train, test, _ = digits
-    with client(db_url) as api:
-        tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
-        job_id = api.post("/v1/jobs", json=tiny_job(tr, te)).json()["id"]
-    engine = make_engine(db_url)
-    manager = JobManager(engine, lease_seconds=60)
-    zombie = manager.claim_next_job("zombie")
-    assert zombie is not None
+    job_id, engine, manager, zombie = queue_and_claim(db_url, digits, "zombie")
     with session_factory(engine)() as s:  # another worker took over (attempt 2)
         s.execute(update(Job).where(Job.id == job_id).values(attempt=2))
         s.commit()

@@ -6,13 +6,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 
 from service.datasets import service
 from service.datasets.schemas import DatasetList, DatasetOut
-from service.deps import (
-    IdempotencyKeyDep,
-    SessionDep,
-    SettingsDep,
-    StreamTenantDep,
-    TenantDep,
-)
+from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StreamTenantDep, TenantDep
 from service.errors import AppError, PayloadTooLarge, error_responses
 from service.params import DatasetId, Limit, Offset, reject_unknown_query_params
 

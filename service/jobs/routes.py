@@ -7,13 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
-from service.deps import (
-    IdempotencyKeyDep,
-    SessionDep,
-    SettingsDep,
-    StreamTenantDep,
-    TenantDep,
-)
+from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StreamTenantDep, TenantDep
 from service.errors import error_responses
 from service.jobs import service
 from service.jobs.events import progress_stream
