@@ -35,9 +35,12 @@ test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 # The developers' fast lane: no Postgres, no server or worker processes, no real training
-# (markers set in tests/conftest.py). `make test` runs everything.
+# or fuzzing (markers set in tests/conftest.py), on both cores (pytest-xdist); bytecode
+# caching on so that pytest's rewritten test and plugin modules are not rebuilt each run.
+# `make test` runs everything.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider -m "not postgres and not server and not slow"
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -q -p no:cacheprovider -n 2 \
+		-m "not postgres and not server and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,8 +5,9 @@ With no SSAD_DATABASE_URL this is the zero-setup embedded mode: a SQLite file in
 working directory, migrated on start, one worker, and no authentication unless SSAD_AUTH
 says otherwise (single user on one machine; said at start-up). With a Postgres URL, run
 ``alembic upgrade head`` first, start workers with ``python -m worker``, and
-authentication is required (SSAD_AUTH=required, the default). ``ApiSettings.auth`` makes
-that choice, so this process and uvicorn's app see the same value.
+authentication is required (SSAD_AUTH=required, the default everywhere but here: see
+``ApiSettings.for_embedded_mode``). This process builds the app itself and hands it to
+uvicorn, so the app serves with exactly the settings printed at start-up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import uvicorn
 
 from service import migrate
+from service.app import create_app
 from service.settings import ApiSettings
 from ssad_common import logs
 
@@ -36,7 +38,7 @@ def _exit_cleanly(signum: int, _: object) -> None:
 
 
 def main() -> int:
-    settings = ApiSettings()  # uvicorn's app builds the same (auth: see ApiSettings)
+    settings = ApiSettings().for_embedded_mode()
     logs.configure(settings.log_format)
     log = logging.getLogger("ssad")
     if settings.embedded:
@@ -60,8 +62,8 @@ def main() -> int:
                 "with `ssad-tune keys create --tenant NAME`")
     print(f"ssad-tune API on {url} — docs: {url}/docs — {auth}", flush=True)
     try:
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host,
-                    port=settings.port, log_level="info")
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level="info")
     finally:
         if worker is not None:
             worker.terminate()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal, Self
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ssad_common.settings import CommonSettings
 
@@ -16,10 +16,10 @@ class ApiSettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     embedded_worker: bool = Field(True, description="python -m service also starts a worker")
-    auth: Literal["required", "off"] | None = Field(
-        None, description="required: every /v1 request needs `Authorization: Bearer "
-        "<key>`; off: single-user mode, everything belongs to the default tenant. Unset: "
-        "off on SQLite (the embedded mode), required otherwise")
+    auth: Literal["required", "off"] = Field(
+        "required", description="required: every /v1 request needs `Authorization: Bearer "
+        "<key>`; off: single-user mode, everything belongs to the default tenant. Unset, "
+        "`python -m service` on SQLite (the embedded mode) runs with off")
     # The API's connection pool (Postgres): a request that waits longer than the timeout
     # for a connection gets 503 with Retry-After.
     db_pool_size: int = 10
@@ -44,12 +44,12 @@ class ApiSettings(CommonSettings):
         "train_steps × batch_size (403 ComputeQuotaExceeded beyond it)")
     idempotency_ttl_hours: float = 24.0
 
-    @model_validator(mode="after")
-    def _auth_follows_the_mode(self) -> Self:
-        """Single user on one machine needs no keys; a shared database does (an explicit
-        SSAD_AUTH always wins)."""
-        if self.auth is None:
-            self.auth = "off" if self.embedded else "required"
+    def for_embedded_mode(self) -> ApiSettings:
+        """What ``python -m service`` runs with: on SQLite (single user, one machine) no keys
+        unless SSAD_AUTH says so. Anything else that builds the app (uvicorn's factory, the
+        images) keeps the safe default, required, whatever the database."""
+        if self.embedded and "auth" not in self.model_fields_set:
+            return self.model_copy(update={"auth": "off"})
         return self
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 # The job defaults live in ssad_common/jobspec.py; re-exported here for the engine's importers.
 from ssad_common.jobspec import DEFAULT_CONTAMINATION as DEFAULT_CONTAMINATION
 from ssad_common.jobspec import DEFAULT_OBJECTIVE as DEFAULT_OBJECTIVE
 from ssad_common.jobspec import DEFAULT_SCORER as DEFAULT_SCORER
+from ssad_common.jobspec import ObjectiveName, ScorerName
 
 ParamValue = float | str
 
@@ -393,8 +394,8 @@ def describe() -> list[dict[str, Any]]:
 # Names only (the implementations need torch and live in worker.core); the API validates
 # requests against these, and a test checks they match the worker's registries.
 
-OBJECTIVE_NAMES: tuple[str, ...] = ("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd")
-SCORER_NAMES: tuple[str, ...] = ("mahalanobis", "logit")
+OBJECTIVE_NAMES: tuple[str, ...] = get_args(ObjectiveName)
+SCORER_NAMES: tuple[str, ...] = get_args(ScorerName)
 #: |X|: at most this many train images form the loss's X and the scorer's fit
 #: (``TrainSettings.max_embed_train``'s default).
 MAX_EMBED_TRAIN = 2000

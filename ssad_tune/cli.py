@@ -23,12 +23,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session
+if TYPE_CHECKING:  # the operator commands import the server's modules only when they run
+    from sqlalchemy.orm import Session
 
-from service.errors import AppError
-from service.settings import ApiSettings
-from ssad_common.jobspec import DEFAULT_N_TRIALS
+    from service.settings import ApiSettings
 
 
 @contextmanager
@@ -117,11 +117,11 @@ def _serve(args: argparse.Namespace, settings: ApiSettings) -> int:
     return serve()
 
 
-def _tune(args: argparse.Namespace, settings: ApiSettings) -> int:
+def _tune(args: argparse.Namespace) -> int:
     from ssad_tune import client
 
-    options: dict[str, object] = {"n_trials": args.n_trials}
-    for name in ("objective", "train_steps", "contamination", "seed", "batch_size"):
+    options: dict[str, object] = {}  # what is not given, the server's job defaults decide
+    for name in ("n_trials", "objective", "train_steps", "contamination", "seed", "batch_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     space: dict[str, object] = {}
@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--url", default=None,
                    help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
                         "`serve` uses them, else http://127.0.0.1:8000)")
-    t.add_argument("--n-trials", type=int, default=DEFAULT_N_TRIALS)
+    t.add_argument("--n-trials", type=int, help="default: the server's (GET /docs)")
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
     t.add_argument("--objective")
@@ -156,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
-    t.set_defaults(fn=_tune)
+    t.set_defaults(fn=_tune, operator=False)
     sub.add_parser("serve", help="run the API (settings: SSAD_* variables, see the README)"
                    ).set_defaults(fn=_serve)
     # Listed for --help only: main() hands `worker ...` to the worker's own parser.
@@ -194,7 +194,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker(argv[1:])
     args = parser().parse_args(argv)
-    fn: Callable[[argparse.Namespace, ApiSettings], int] = args.fn
+    if not getattr(args, "operator", True):
+        tune: Callable[[argparse.Namespace], int] = args.fn
+        return tune(args)
+    return _operator(args.fn, args)
+
+
+def _operator(fn: Callable[[argparse.Namespace, ApiSettings], int],
+              args: argparse.Namespace) -> int:
+    """An operator command: against the database, with the API's settings."""
+    from service.errors import AppError
+    from service.settings import ApiSettings
+
     try:
         return fn(args, ApiSettings())
     except AppError as exc:

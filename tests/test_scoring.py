@@ -30,7 +30,7 @@ from worker.core.detector import Detector, DetectorConfig
 from worker.core.export import ScoringModel
 
 
-def test_score_new_data_with_the_chosen_detector(pg_url: str, tmp_path: Path,
+def test_score_new_data_with_the_best_trials_detector(pg_url: str, tmp_path: Path,
                                                  digits: Any) -> None:
     train, test, _ = digits
     key = ""

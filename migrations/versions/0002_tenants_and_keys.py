@@ -18,7 +18,7 @@ down_revision: str | None = '0001'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-DEFAULT_TENANT_ID = "00000000-0000-0000-0000-000000000000"  # service.models.DEFAULT_TENANT_ID
+DEFAULT_TENANT_ID = "00000000-0000-0000-0000-000000000000"  # ssad_common.models.DEFAULT_TENANT_ID
 
 
 def upgrade() -> None:

@@ -17,12 +17,12 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.jobs.schemas import JobOut
+from ssad_common.lifecycle import TERMINAL
 
 STREAM_POLL_SECONDS = 0.5
 STREAM_KEEPALIVE_SECONDS = 15.0
 STREAM_MAX_SECONDS = 3600.0
 SEP = "\n"
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _progress_key(j: JobOut) -> tuple[Any, ...]:

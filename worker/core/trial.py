@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ssad_common.search_space import DEFAULT_CONTAMINATION, ParamValue
+from ssad_common.search_space import DEFAULT_CONTAMINATION, DEFAULT_OBJECTIVE, ParamValue
 from worker.core.augmentations import build_augmentation
 from worker.core.data import PreparedData, evaluation_sets
 from worker.core.device import make_generator, seed_everything, synchronize
@@ -53,7 +53,7 @@ def run_trial(
     augmentation: str,
     params: Mapping[str, Any],
     settings: TrainSettings,
-    objective: str = "dsv",
+    objective: str = DEFAULT_OBJECTIVE,
     contamination: float = DEFAULT_CONTAMINATION,
     seed: int = 0,
     report: Callable[[int, float], bool] | None = None,
