@@ -12,6 +12,7 @@ uvicorn, so the app serves with exactly the settings printed at start-up.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import signal
@@ -37,7 +38,11 @@ def _exit_cleanly(signum: int, _: object) -> None:
     raise SystemExit(0)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m service", description=(__doc__ or "").replace("``", ""),
+        epilog="Settings are SSAD_* environment variables (README, Configuration)",
+        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     settings = ApiSettings().for_embedded_mode()
     logs.configure(settings.log_format)
     log = logging.getLogger("ssad")

@@ -1,4 +1,4 @@
-""""``ssad-tune``: one command for users and operators."
+"""``ssad-tune``: one command for users and operators.
 
     ssad-tune tune TRAIN TEST [-o scores.csv]   upload, tune, follow, save the scores
                                             (server: --url, SSAD_URL or SSAD_HOST/SSAD_PORT;
@@ -114,7 +114,7 @@ def _migrate(args: argparse.Namespace, settings: ApiSettings) -> int:
 def _serve(args: argparse.Namespace, settings: ApiSettings) -> int:
     from service.__main__ import main as serve
 
-    return serve()
+    return serve([])
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -137,7 +137,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ssad-tune", description=__doc__,
+    ap = argparse.ArgumentParser(prog="ssad-tune", description=(__doc__ or "").replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tune", help="tune on a server: upload TRAIN and TEST, follow the "
@@ -148,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--url", default=None,
                    help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
                         "`serve` uses them, else http://127.0.0.1:8000)")
-    t.add_argument("--n-trials", type=int, help="default: the server's (GET /docs)")
+    t.add_argument("--n-trials", type=int, help="trials in the study (default: the server's "
+                   "job default, 12)")
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
     t.add_argument("--objective")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "8", "--batch-size", "16", "--width", "8", "--quiet"]
+FAST = ["--train-steps", "8", "--batch-size", "16", "--width", "8", "--quiet"]
 
 
 def tune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -43,7 +43,7 @@ def files(tmp_path_factory: pytest.TempPathFactory,
 def test_small_real_study_prints_json_and_writes_scores(files: dict[str, Path]) -> None:
     out_csv = files["dir"] / "scores.csv"
     p = tune("--train", str(files["train"]), "--test", str(files["test"]), "--n-trials", "4",
-             "--augmentations", "cutout,rotate,noise", "--patch-size", "0.01,0.3",
+             "--augmentations", "cutout,rotate,noise", "--patch-size", "0.01", "0.3",
              "--scores-out", str(out_csv), *FAST)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
@@ -84,7 +84,7 @@ def test_end_to_end_mode(files: dict[str, Path]) -> None:
     (["--train", "MISSING", "--test", "TEST"], "no such file"),
     (["--train", "TRAIN", "--test", "TEST", "--augmentations", "cutout,teleport"],
      "unknown augmentation"),
-    (["--train", "TRAIN", "--test", "TEST", "--patch-size", "0.5,0.1"], "min <= max"),
+    (["--train", "TRAIN", "--test", "TEST", "--patch-size", "0.5", "0.1"], "min <= max"),
     (["--train", "TRAIN", "--test", "TEST", "--contamination", "0"], "contamination"),
     (["--train", "TRAIN", "--test", "TEST", "--device", "tpu"], "device"),
 ])

@@ -17,7 +17,8 @@ from worker.settings import WorkerSettings
 
 def main(argv: list[str] | None = None) -> int:
     settings = WorkerSettings()
-    ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m worker",
+                                 description=(__doc__ or "").replace("``", ""))
     ap.add_argument("--device", default=settings.worker_device,
                     help="auto (CUDA if present), cpu, cuda or cuda:N")
     ap.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")

@@ -36,12 +36,6 @@ from ssad_common.search_space import (
 EXIT_USAGE = 2
 
 
-def _float_pair(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from None
-    return lo, hi
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--augmentations", default="",
                     help="comma-separated families to search (default: all but cutdiff); "
                          f"known: {','.join(FAMILIES)}")
-    ap.add_argument("--patch-size", type=_float_pair, default=None, metavar="MIN,MAX",
+    ap.add_argument("--patch-size", nargs=2, type=float, default=None,
+                    metavar=("MIN", "MAX"),
                     help="narrow the patch-size range of the local families")
     ap.add_argument("--contamination", type=float, default=DEFAULT_CONTAMINATION,
                     help="expected anomaly fraction of the test set, sizes |Y| "
                          f"({DEFAULT_CONTAMINATION})")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
-    ap.add_argument("--steps", type=int, default=d.steps, help=f"training steps ({d.steps})")
+    ap.add_argument("--train-steps", "--steps", dest="steps", type=int, default=d.steps,
+                    help=f"training steps per trial ({d.steps})")
     ap.add_argument("--batch-size", type=int, default=d.batch_size,
                     help=f"train images per step, plus as many augmented ({d.batch_size})")
     ap.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
