@@ -34,12 +34,8 @@ from service.metrics import Metrics
 from service.params import reject_unknown_query_params
 from service.settings import ApiSettings, get_settings
 from ssad_common.db import make_engine, session_factory
-from ssad_common.search_space import (
-    DEFAULT_AUGMENTATIONS,
-    DEFAULT_OBJECTIVE,
-    OBJECTIVE_NAMES,
-    describe,
-)
+from ssad_common.jobspec import DEFAULT_OBJECTIVE
+from ssad_common.search_space import DEFAULT_AUGMENTATIONS, OBJECTIVE_NAMES, describe
 
 log = logging.getLogger("ssad.api")
 

@@ -21,10 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-# The job defaults live in ssad_common/jobspec.py; re-exported here for the engine's importers.
-from ssad_common.jobspec import DEFAULT_CONTAMINATION as DEFAULT_CONTAMINATION
-from ssad_common.jobspec import DEFAULT_OBJECTIVE as DEFAULT_OBJECTIVE
-from ssad_common.jobspec import DEFAULT_SCORER as DEFAULT_SCORER
 from ssad_common.jobspec import ObjectiveName, ScorerName
 
 ParamValue = float | str

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssad_common.search_space import DEFAULT_CONTAMINATION, FAMILIES, ParamValue
+from ssad_common.jobspec import DEFAULT_CONTAMINATION
+from ssad_common.search_space import FAMILIES, ParamValue
 from worker.core.augmentations import CutDiff, build_augmentation
 from worker.core.data import PreparedData, evaluation_sets
 from worker.core.device import make_generator, seed_everything

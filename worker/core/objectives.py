@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ssad_common.search_space import DEFAULT_OBJECTIVE, OBJECTIVE_NAMES, augmented_count
+from ssad_common.jobspec import DEFAULT_OBJECTIVE
+from ssad_common.search_space import OBJECTIVE_NAMES, augmented_count
 
 EPS = 1e-8
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
-from ssad_common.search_space import DEFAULT_SCORER, SCORER_NAMES
+from ssad_common.jobspec import DEFAULT_SCORER
+from ssad_common.search_space import SCORER_NAMES
 
 
 def mahalanobis_fit(train_embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

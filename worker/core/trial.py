@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ssad_common.search_space import DEFAULT_CONTAMINATION, DEFAULT_OBJECTIVE, ParamValue
+from ssad_common.jobspec import DEFAULT_CONTAMINATION, DEFAULT_OBJECTIVE
+from ssad_common.search_space import ParamValue
 from worker.core.augmentations import build_augmentation
 from worker.core.data import PreparedData, evaluation_sets
 from worker.core.device import make_generator, seed_everything, synchronize
