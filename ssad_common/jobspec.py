@@ -14,14 +14,14 @@ import them from here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
 ScorerName = Literal["mahalanobis", "logit"]
 JobKind = Literal["tune", "score"]
-JOB_KINDS: Final[tuple[JobKind, ...]] = ("tune", "score")
+JOB_KINDS: Final[tuple[JobKind, ...]] = get_args(JobKind)
 
 DEFAULT_N_TRIALS: Final = 12
 DEFAULT_OBJECTIVE: Final[ObjectiveName] = "dsv"

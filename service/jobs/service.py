@@ -20,7 +20,7 @@ from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 from service.settings import ApiSettings
 from ssad_common import blobs
-from ssad_common.jobspec import DEFAULT_CONTAMINATION, ScoreSpec, TuneSpec, spec_dump
+from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec, spec_dump
 from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
 from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
 from ssad_common.search_space import SearchSpace, auto_image_size
@@ -190,7 +190,7 @@ def list_events(session: Session, tenant_id: str, job_id: str) -> Sequence[JobEv
 
 
 def _contamination(job: Job) -> float:
-    return float(job.spec.get("contamination", DEFAULT_CONTAMINATION))
+    return load_spec(job.kind, job.spec).contamination
 
 
 def _best_rows(session: Session, tenant_id: str, job_id: str
@@ -226,9 +226,11 @@ def _thresholds_for(session: Session, tenant_id: str, job: Job, values: np.ndarr
     if reference == "batch" or job.kind != "score":
         # A tuning job's own test set is its reference: "tuning" and "batch" coincide.
         return thresholds(values, _contamination(job)), job.id
-    ref = job.spec.get("threshold_reference")
+    spec = load_spec(job.kind, job.spec)
+    assert isinstance(spec, ScoreSpec)
+    ref = spec.threshold_reference
     if ref is None:  # a scoring job queued before references were kept: read it now
-        source_id = str(job.spec["source_job_id"])
+        source_id = spec.source_job_id
         if repo.get_job(session, tenant_id, source_id) is None:
             raise Conflict(f"job {job.id} was scored with job {source_id}, which has been "
                            "deleted, so its threshold is gone: ask for ?reference=batch")
