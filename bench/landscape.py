@@ -1,0 +1,176 @@
+"""Objective landscapes: where does each objective's minimum lie against the true patch size?
+
+For every injected-defect task (bench/tasks.py), the generating family is trained at each
+patch size of a log grid, once with the fill that matches the defect and once with the
+family's default fill, and every registered objective's loss and the AUROC are recorded
+for every point. If an objective's minimum sits far from the true size, no search can
+place the size; the fix then belongs in the objective or the working resolution.
+Only here are labels read (AUROC).
+
+    .venv/bin/python -m bench.landscape --out bench/results/landscape.json \
+        --plot docs/img/landscape.png [--tasks a,b] [--steps 150] [--points 8]
+    .venv/bin/python -m bench.landscape --report-only --out ... --plot ...
+
+Writes the JSON after each curve (a crash keeps what finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from sklearn.metrics import roc_auc_score
+
+from bench.tasks import Task, confirmation_injected_tasks, injected_tasks
+from worker.core.data import prepare
+from worker.core.objectives import OBJECTIVES
+from worker.core.training import TrainSettings
+from worker.core.trial import run_trial
+
+#: The defect's fill → the CutOut fill that reproduces it (white has no exact match: the
+#: per-image random grey level is the nearest).
+MATCHED_FILL = {"black": "zero", "grey": "grey", "white": "grey", "noise": "noise"}
+
+
+def curves_for(task: Task) -> list[tuple[str, str, dict[str, Any]]]:
+    """(family, label, fixed params) of each curve to sweep for this task."""
+    fam = task.truth["augmentation"]
+    if fam != "cutout":
+        return [(fam, fam, {})]
+    matched = MATCHED_FILL[task.truth["fill"]]
+    other = "zero" if matched != "zero" else "grey"
+    return [(fam, f"cutout fill={matched} (matched)", {"fill": matched}),
+            (fam, f"cutout fill={other}", {"fill": other})]
+
+
+def sweep(task: Task, grid: np.ndarray, steps: int, seed: int,
+          image_size: int | None) -> list[dict[str, Any]]:
+    data = prepare(task.train, task.test, torch.device("cpu"), image_size)
+    settings = TrainSettings(steps=steps)
+    out = []
+    for family, label, fixed in curves_for(task):
+        points = []
+        for ps in grid:
+            r = run_trial(data, family, {**fixed, "patch_size": float(ps)}, settings,
+                          seed=seed)
+            points.append({"patch_size": float(ps), "losses": r.losses,
+                           "auroc": float(roc_auc_score(task.labels, r.scores)),
+                           "total_s": r.timings["total_s"]})
+        out.append({"task": task.name, "truth": task.truth, "family": family,
+                    "curve": label, "image_size": data.image_size, "points": points})
+    return out
+
+
+def argmin_ratio(curve: dict[str, Any], key: str) -> float:
+    """patch size at the curve's minimum of ``key`` (an objective) / true size."""
+    pts = curve["points"]
+    best = min(pts, key=lambda p: p["losses"][key])
+    return best["patch_size"] / curve["truth"]["patch_size"]
+
+
+def report(curves: list[dict[str, Any]]) -> str:
+    names = list(OBJECTIVES)
+    lines = ["| task | curve | true size | best-AUROC size (AUROC) | "
+             + " | ".join(f"{n}: argmin / true (AUROC there)" for n in names) + " |",
+             "|" + "---|" * (4 + len(names))]
+    for c in curves:
+        pts = c["points"]
+        true = c["truth"]["patch_size"]
+        top = max(pts, key=lambda p: p["auroc"])
+        cells = [c["task"], c["curve"], f"{true:.3f}",
+                 f"{top['patch_size']:.3f} ({top['auroc']:.3f})"]
+        for n in names:
+            best = min(pts, key=lambda p: p["losses"][n])
+            cells.append(f"{best['patch_size'] / true:.2f}× ({best['auroc']:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: list[dict[str, Any]], path: Path, objectives: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(c["task"] for c in curves))
+    fig, axes = plt.subplots(len(objectives) + 1, len(tasks),
+                             figsize=(3.2 * len(tasks), 2.4 * (len(objectives) + 1)),
+                             squeeze=False, sharex=True)
+    for j, name in enumerate(tasks):
+        for c in (c for c in curves if c["task"] == name):
+            xs = [p["patch_size"] for p in c["points"]]
+            style = "-o" if "matched" in c["curve"] or "fill" not in c["curve"] else "--s"
+            rows = [[p["losses"][o] for p in c["points"]] for o in objectives]
+            rows.append([p["auroc"] for p in c["points"]])
+            for i, ys in enumerate(rows):
+                ax = axes[i][j]
+                ax.plot(xs, ys, style, ms=3, label=c["curve"].replace(" (matched)", "*"))
+                ax.axvline(c["truth"]["patch_size"], color="k", lw=0.8, ls=":")
+                ax.set_xscale("log")
+        axes[0][j].set_title(name, fontsize=9)
+        axes[0][j].legend(fontsize=6)
+        axes[-1][j].set_xlabel("patch size (area fraction)")
+    for i, o in enumerate([*objectives, "AUROC (labels)"]):
+        axes[i][0].set_ylabel(o, fontsize=8)
+    fig.suptitle("Loss (lower = chosen) and AUROC against CutOut/scar patch size; "
+                 "dotted: the true defect size; * = fill matched", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/landscape.json")
+    ap.add_argument("--plot", default="docs/img/landscape.png")
+    ap.add_argument("--tasks", default="", help="comma-separated task names (default: the "
+                    "development injected tasks)")
+    ap.add_argument("--confirmation", action="store_true",
+                    help="sweep the confirmation injected tasks instead (only after every "
+                    "design decision is taken)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--points", type=int, default=8)
+    ap.add_argument("--low", type=float, default=0.005)
+    ap.add_argument("--high", type=float, default=0.3)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objectives", default="dsv,st-ssad,mmd")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(args.out)
+    objectives = [o for o in args.objectives.split(",") if o]
+    if args.report_only:
+        curves = json.loads(out.read_text())["curves"]
+    else:
+        wanted = set(filter(None, args.tasks.split(",")))
+        pool = confirmation_injected_tasks() if args.confirmation else injected_tasks()
+        tasks = [t for t in pool if not wanted or t.name in wanted]
+        grid = np.geomspace(args.low, args.high, args.points)
+        meta = {"command": "python -m bench.landscape " + " ".join(argv or sys.argv[1:]),
+                "machine": f"{platform.processor() or platform.machine()}, "
+                           f"{torch.get_num_threads()} torch threads, torch "
+                           f"{torch.__version__}",
+                "steps": args.steps, "grid": grid.tolist(), "seed": args.seed}
+        curves = []
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for task in tasks:
+            t0 = time.perf_counter()
+            curves.extend(sweep(task, grid, args.steps, args.seed, args.image_size))
+            out.write_text(json.dumps({"meta": meta, "curves": curves}, indent=1))
+            print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
+    plot(curves, Path(args.plot), objectives)
+    print(report(curves))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
