@@ -1,11 +1,16 @@
 """Engine benchmark: how well does label-free selection work on real images?
 
-For every task, the product's own study runs (seeded TPE, warm start = one trial per family
-at its defaults, then TPE guided by the default objective). Every trial records the value of
-every registered objective on the same embeddings, so each objective's *selection* is the
-argmin of its loss over the same set of trials. Only here are labels read, to compute AUROC.
+For every task, the product's own study runs (``--strategy``: staged, the default, or tpe,
+the study before issue 11), guided by the default objective. Every trial records the value
+of every registered objective on the same embeddings, so each objective's *selection* is
+the argmin of its loss over the same set of selectable trials (full-length ones: a staged
+screen's short trials are never chosen). Only here are labels read, to compute AUROC.
 
-    .venv/bin/python -m bench.engine --out bench/results/engine.json [--tasks a,b] [--steps N]
+Tasks come in two sets (bench/tasks.py): ``dev``, on which every design decision was taken,
+and ``confirmation``, fixed in advance and never used for a decision.
+
+    .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
+        [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]
 
 Writes the JSON after each task (a crash keeps what finished) and prints a Markdown report.
 """
@@ -29,12 +34,16 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from bench.tasks import Task, all_tasks
+from bench.tasks import Task, all_tasks, confirmation_tasks, development_tasks
 from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
+from worker.core.selection import TOP_K, Candidate, decisiveness, ensemble_scores
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings
+from worker.core.trial import run_trial
+
+TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks, "all": all_tasks}
 
 
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:
@@ -58,13 +67,16 @@ def _zscore(s: np.ndarray) -> np.ndarray:
     return (s - s.mean()) / (s.std() + 1e-12)
 
 
-def run_task(task: Task, steps: int, n_trials: int, seed: int) -> dict[str, Any]:
+def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
+             legacy_budget: bool) -> dict[str, Any]:
     device = torch.device("cpu")
     data = prepare(task.train, task.test, device)
     space = SearchSpace.from_dict(task.search_space)
-    n = n_trials if task.search_space is None else max(n_trials - 2, len(space.augmentations))
+    n = n_trials
+    if legacy_budget and task.search_space is not None:  # the first runs' injected budget
+        n = max(n_trials - 2, len(space.augmentations))
     settings = StudySettings(n_trials=n, seed=seed, search_space=space,
-                             train=TrainSettings(steps=steps))
+                             train=TrainSettings(steps=steps), strategy=strategy)
     t0 = time.perf_counter()
     result = run_study(data, settings)
     wall = time.perf_counter() - t0
@@ -75,36 +87,51 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int) -> dict[str, Any]
         r = t.result
         trials.append({
             "number": t.number, "augmentation": r.augmentation, "params": r.params,
+            "stage": t.stage, "train_steps": r.train_steps,
             "losses": r.losses, "auroc": float(roc_auc_score(task.labels, r.scores)),
             "timings": r.timings,
         })
-    aurocs = np.array([t["auroc"] for t in trials])
-    ensemble = np.mean([_zscore(t.result.scores) for t in result.trials if t.result], axis=0)
+    eligible_numbers = {t.number for t in result.eligible}
+    selectable = [t for t in trials if t["number"] in eligible_numbers]
+    aurocs = np.array([t["auroc"] for t in selectable])
+    scores = {t.number: t.result.scores for t in result.trials if t.result is not None}
     default_name, default_params = CUTPASTE_DEFAULT
-    fixed = [t["auroc"] for t in trials if t["augmentation"] == default_name
-             and all(abs(float(t["params"][k]) - float(v)) < 1e-9
-                     for k, v in default_params.items())]
+    fixed = run_trial(data, default_name, default_params, TrainSettings(steps=steps),
+                      seed=seed)
     per_objective = {}
     for name in OBJECTIVES:
-        losses = np.array([t["losses"][name] for t in trials])
-        best = trials[int(np.argmin(losses))]
-        rho = spearmanr(-losses, aurocs).statistic if len(trials) > 2 else float("nan")
+        losses = np.array([t["losses"][name] for t in selectable])
+        best = selectable[int(np.argmin(losses))]
+        rho = (spearmanr(-losses, aurocs).statistic if len(selectable) > 2
+               else float("nan"))
+        cands = [Candidate(t["number"], t["augmentation"], t["losses"][name],
+                           scores[t["number"]]) for t in selectable]
         per_objective[name] = {
             "selected": {"augmentation": best["augmentation"], "params": best["params"],
-                         "auroc": best["auroc"]},
+                         "auroc": best["auroc"], "number": best["number"]},
             "regret": float(aurocs.max() - best["auroc"]),
             "spearman": float(rho),
+            "ensemble_top": float(roc_auc_score(task.labels, ensemble_scores(cands, TOP_K))),
+            "decisiveness": decisiveness(cands, settings.contamination),
         }
+    all_z = ensemble_scores([Candidate(t["number"], t["augmentation"], 0.0,
+                                       scores[t["number"]]) for t in selectable],
+                            k=len(selectable))
+    screen = [t["auroc"] for t in trials if t["stage"] == "screen"]
     out = {
         "task": task.name, "kind": task.kind, "n_train": len(task.train),
         "n_test": len(task.test), "anomaly_fraction": float(task.labels.mean()),
         "image_shape": list(task.train.shape[1:]), "truth": task.truth,
-        "search_space": space.to_dict(), "n_trials": len(trials), "study_wall_s": wall,
+        "search_space": space.to_dict(), "strategy": strategy, "plan": result.plan.to_json(),
+        "leaders": result.leaders, "n_trials": len(trials), "n_selectable": len(selectable),
+        "study_wall_s": wall,
+        "trial_equivalents": result.plan.total_steps / steps,
         "oracle": float(aurocs.max()), "mean": float(aurocs.mean()),
-        "fixed_cutpaste": fixed[0] if fixed else None,
-        "ensemble": float(roc_auc_score(task.labels, ensemble)),
+        "screen_mean": float(np.mean(screen)) if screen else None,
+        "fixed_cutpaste": float(roc_auc_score(task.labels, fixed.scores)),
+        "ensemble": float(roc_auc_score(task.labels, all_z)),
         "pixel": pixel_baselines(task, seed),
-        "median_trial_s": statistics.median(t["timings"]["total_s"] for t in trials),
+        "median_trial_s": statistics.median(t["timings"]["total_s"] for t in selectable),
         "objectives": per_objective, "trials": trials,
     }
     return out
@@ -117,9 +144,9 @@ def within(a: float, b: float, factor: float) -> bool:
 def report(results: list[dict[str, Any]]) -> str:
     lines = []
     names = list(OBJECTIVES)
-    lines.append("| task | oracle | mean | fixed cutpaste | ensemble | iforest | knn | "
-                 + " | ".join(names) + " | s/trial |")
-    lines.append("|" + "---|" * (8 + len(names)))
+    lines.append("| task | oracle | mean | fixed cutpaste | ensemble (all) | iforest | knn | "
+                 + " | ".join(names) + " | s/trial | trial-equivalents |")
+    lines.append("|" + "---|" * (9 + len(names)))
     for r in results:
         cells = [r["task"], f"{r['oracle']:.3f}", f"{r['mean']:.3f}",
                  "-" if r["fixed_cutpaste"] is None else f"{r['fixed_cutpaste']:.3f}",
@@ -129,53 +156,78 @@ def report(results: list[dict[str, Any]]) -> str:
             o = r["objectives"][n]
             cells.append(f"{o['selected']['auroc']:.3f} ({o['spearman']:+.2f})")
         cells.append(f"{r['median_trial_s']:.1f}")
+        cells.append(f"{r.get('trial_equivalents', r['n_trials']):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Cells per objective: AUROC of its selection (Spearman of −loss vs AUROC "
-                 "across the task's trials).")
+                 "across the task's selectable trials).")
     lines.append("")
-    lines.append("| objective | median regret | beats mean | beats both pixel baselines "
-                 "(median) | median Spearman |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| objective | median regret | beats mean | above both pixel baselines | "
+                 "median Spearman | top-3 ensemble beats the selection |")
+    lines.append("|---|---|---|---|---|---|")
     for n in names:
         regrets = [r["objectives"][n]["regret"] for r in results]
         sel = [r["objectives"][n]["selected"]["auroc"] for r in results]
-        beats = sum(r["objectives"][n]["selected"]["auroc"] > r["mean"] for r in results)
-        pix = statistics.median(sel) > max(statistics.median(r["pixel"]["iforest"]
-                                                             for r in results),
-                                           statistics.median(r["pixel"]["knn"]
-                                                             for r in results))
+        beats = sum(s_ > r["mean"] for s_, r in zip(sel, results, strict=True))
+        pix = sum(s_ > max(r["pixel"]["iforest"], r["pixel"]["knn"])
+                  for s_, r in zip(sel, results, strict=True))
         rho = statistics.median(r["objectives"][n]["spearman"] for r in results)
+        ens = [r["objectives"][n].get("ensemble_top") for r in results]
+        ens_s = ("-" if None in ens else
+                 f"{sum(e > s_ for e, s_ in zip(ens, sel, strict=True))}/{len(results)} "
+                 f"(median {statistics.median(ens):.3f} vs {statistics.median(sel):.3f})")
         lines.append(f"| {n} | {statistics.median(regrets):.3f} | {beats}/{len(results)} | "
-                     f"{'yes' if pix else 'no'} (median sel {statistics.median(sel):.3f}) | "
-                     f"{rho:+.2f} |")
+                     f"{pix}/{len(results)} | {rho:+.2f} | {ens_s} |")
     inj = [r for r in results if r["kind"] == "injected"]
     if inj:
         lines.append("")
         lines.append("| injected task | true family / patch | objective | selected family / "
-                     "patch | family ok | patch within 1.5× |")
-        lines.append("|---|---|---|---|---|---|")
+                     "patch | family ok | patch within 1.5× | AUROC |")
+        lines.append("|---|---|---|---|---|---|---|")
         for r in inj:
             t = r["truth"]
             for n in names:
-                s = r["objectives"][n]["selected"]
-                ps = s["params"].get("patch_size")
-                fam_ok = s["augmentation"] == t["augmentation"]
+                s_ = r["objectives"][n]["selected"]
+                ps = s_["params"].get("patch_size")
+                fam_ok = s_["augmentation"] == t["augmentation"]
                 ps_ok = fam_ok and ps is not None and within(float(ps), t["patch_size"], 1.5)
                 lines.append(
                     f"| {r['task']} | {t['augmentation']} {t['patch_size']:.3f} | {n} | "
-                    f"{s['augmentation']} {'-' if ps is None else f'{float(ps):.3f}'} | "
-                    f"{'yes' if fam_ok else 'no'} | {'yes' if ps_ok else 'no'} |")
+                    f"{s_['augmentation']} {'-' if ps is None else f'{float(ps):.3f}'} | "
+                    f"{'yes' if fam_ok else 'no'} | {'yes' if ps_ok else 'no'} | "
+                    f"{s_['auroc']:.3f} |")
+    dec = [r for r in results if "decisiveness" in r["objectives"]["dsv"]]
+    if dec:
+        lines.append("")
+        lines.append("| task (dsv) | family gap (share) | top-3 agreement (Jaccard / "
+                     "Spearman) | selection − fixed cutpaste | regret |")
+        lines.append("|---|---|---|---|---|")
+        for r in dec:
+            o = r["objectives"]["dsv"]
+            d = o["decisiveness"]
+            gap = ("-" if d["family_gap"] is None else
+                   f"{d['family_gap']:.3f} ({d['family_gap_share'] or 0:.2f})")
+            agree = ("-" if d["agreement_jaccard"] is None else
+                     f"{d['agreement_jaccard']:.2f} / {d['agreement_spearman']:+.2f}")
+            lines.append(f"| {r['task']} | {gap} | {agree} | "
+                         f"{o['selected']['auroc'] - r['fixed_cutpaste']:+.3f} | "
+                         f"{o['regret']:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/results/engine.json")
-    ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
+                    help="dev: the tasks decisions are taken on; confirmation: held out")
+    ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
+                    "(default: all of it)")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--n-trials", type=int, default=14)
+    ap.add_argument("--n-trials", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategy", default="staged", choices=("staged", "tpe"))
+    ap.add_argument("--legacy-budget", action="store_true",
+                    help="injected tasks get n_trials - 2 trials, as in the first runs")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -184,16 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         print(report(json.loads(out.read_text())["results"]))
         return 0
     wanted = set(filter(None, args.tasks.split(",")))
-    tasks = [t for t in all_tasks() if not wanted or t.name in wanted]
+    tasks = [t for t in TASK_SETS[args.set]() if not wanted or t.name in wanted]
     meta = {"command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
-            "steps": args.steps, "n_trials": args.n_trials, "seed": args.seed}
+            "steps": args.steps, "n_trials": args.n_trials, "seed": args.seed,
+            "strategy": args.strategy, "set": args.set}
     results: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         t0 = time.perf_counter()
-        results.append(run_task(task, args.steps, args.n_trials, args.seed))
+        results.append(run_task(task, args.steps, args.n_trials, args.seed, args.strategy,
+                                args.legacy_budget))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(report(results))

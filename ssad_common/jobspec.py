@@ -18,6 +18,8 @@ from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from ssad_common.strategy import DEFAULT_STRATEGY, StrategyName
+
 ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
 ScorerName = Literal["mahalanobis", "logit"]
 JobKind = Literal["tune", "score"]
@@ -56,6 +58,11 @@ class TuneSpec(BaseModel):
     batch_size: BatchSize = Field(description="after clamping to the train set's size")
     seed: Seed
     scorer: ScorerName = DEFAULT_SCORER
+    strategy: StrategyName = Field(
+        "tpe", description="how the budget is spent (ssad_common/strategy.py); rows written "
+                           "before strategies existed ran warm start + TPE, hence this "
+                           "default for stored rows (requests default to "
+                           f"{DEFAULT_STRATEGY!r})")
     requested_batch_size: int | None = Field(
         None, description="the request's batch_size, when it was clamped")
     images: dict[str, Any] | None = Field(

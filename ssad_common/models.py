@@ -216,6 +216,12 @@ class Job(Base):
     #: The running trial, as its worker last reported it: ``{"number", "step", "steps",
     #: "loss", "at"}``; None before the first training step and once the job has ended.
     trial_progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: Training steps of the stored trials, and the seconds they took (the API's estimate
+    #: of the time left: the plan's remaining steps at the pace so far).
+    train_steps_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    train_seconds_done: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    #: How decisive the choice was (worker/core/selection.py), written when the job succeeds.
+    selection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -251,6 +257,11 @@ class JobTrial(Base):
     duration_s: Mapped[float] = mapped_column(Float)
     #: Why a FAIL trial failed (e.g. the device ran out of memory); None when COMPLETE.
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The staged strategy's stage (screen: short, never the best; refine); None for the
+    #: tpe strategy and for trials stored before stages existed.
+    stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: How long its detector trained; None for trials stored before this was kept.
+    train_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

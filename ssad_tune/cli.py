@@ -121,7 +121,8 @@ def _tune(args: argparse.Namespace) -> int:
     from ssad_tune import client
 
     options: dict[str, object] = {}  # what is not given, the server's job defaults decide
-    for name in ("n_trials", "objective", "train_steps", "contamination", "seed", "batch_size"):
+    for name in ("n_trials", "strategy", "objective", "train_steps", "contamination", "seed",
+                 "batch_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     space: dict[str, object] = {}
@@ -148,8 +149,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--url", default=None,
                    help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
                         "`serve` uses them, else http://127.0.0.1:8000)")
-    t.add_argument("--n-trials", type=int, help="trials in the study (default: the server's "
-                   "job default, 12)")
+    t.add_argument("--n-trials", type=int, help="the study's budget in full-length trials "
+                   "(default: the server's job default, 12)")
+    t.add_argument("--strategy", choices=("staged", "tpe"),
+                   help="how the budget is spent (default: the server's, staged: a short "
+                        "screen of every family, then full-length trials over the leaders)")
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
     t.add_argument("--objective")

@@ -150,11 +150,52 @@ def step_counts(job: dict[str, Any]) -> tuple[int, int] | None:
     if not current or not current.get("steps"):
         return None
     steps = int(current["steps"])
-    total = int(progress["n_trials"]) * steps
     step = min(int(current["step"]), steps)
     stored = step >= steps and int(current.get("number", -1)) < int(progress["trials_completed"])
     in_trial = 0 if stored else step
+    if progress.get("train_steps_planned"):  # servers that state the plan (trials differ in
+        total = int(progress["train_steps_planned"])  # length under the staged strategy)
+        return min(int(progress.get("train_steps_done") or 0) + in_trial, total), total
+    total = int(progress["n_trials"]) * steps
     return min(int(progress["trials_completed"]) * steps + in_trial, total), total
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """The job's budget in words: trials, steps, and the families left out."""
+    screen, refine = plan["screen"], plan["refine"]
+    text = (f"budget: {plan['budget_trial_equivalents']} full-length trials = "
+            f"{plan['budget_train_steps']:,} training steps ({plan['strategy']}: ")
+    if plan["strategy"] == "staged" and screen["trials"]:
+        text += (f"screen {screen['trials']} families × {screen['train_steps_each']} steps, "
+                 f"then {refine['trials']} trials × {refine['train_steps_each']} steps)")
+    else:
+        text += (f"{screen['trials'] + refine['trials']} trials × "
+                 f"{refine['train_steps_each']} steps)")
+    if plan["skipped_families"]:
+        text += (f"\nnote: the budget cannot try every family; never tried: "
+                 f"{', '.join(plan['skipped_families'])} (raise --n-trials to include them)")
+    return text
+
+
+def describe_selection(sel: dict[str, Any]) -> str:
+    """How decisive the choice was, in a line."""
+    parts = []
+    if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
+        share = sel.get("family_gap_share")
+        parts.append(f"runner-up family {sel['runner_up_family']} is {sel['family_gap']:.4f} "
+                     f"behind" + ("" if share is None else f" ({share:.0%} of the loss range)"))
+    if sel.get("agreement_jaccard") is not None:
+        parts.append(f"the top {sel['top_k']} configurations agree on "
+                     f"{sel['agreement_jaccard']:.0%} of the images they flag")
+    return "selection: " + ("; ".join(parts) if parts else "one candidate only")
+
+
+def trial_counts(job: dict[str, Any]) -> tuple[int, int]:
+    """(trials finished, trials the job runs): the plan's trial count where the server
+    states it (the staged strategy runs more, shorter trials than its budget's n_trials)."""
+    progress = job["progress"]
+    return (int(progress["trials_completed"]),
+            int(progress.get("trials_planned") or progress["n_trials"]))
 
 
 def eta_seconds(done: int, total: int, done_at_start: int, elapsed: float) -> float | None:
@@ -196,7 +237,7 @@ class Progress:
                     self._draw(self.job)
 
     def line(self, job: dict[str, Any]) -> str:
-        done, total = job["progress"]["trials_completed"], job["progress"]["n_trials"]
+        done, total = trial_counts(job)
         if job["status"] == "running" and self.start is None:
             self.start, self.done_at_start = self.clock(), done
         now = self.clock()
@@ -269,7 +310,7 @@ def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
     """For a job that ended without succeeding: write the scores of its best finished
     trial, if any, to ``out``, and say plainly what they are."""
     best = job.get("best")
-    done, total = job["progress"]["trials_completed"], job["progress"]["n_trials"]
+    done, total = trial_counts(job)
     if not best:
         print(f"no trial finished ({done} of {total}): no scores to save", file=stream)
         return False
@@ -301,6 +342,8 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
                                      **job_options})
         job_id = created["id"]
         print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
+        if created.get("plan"):
+            print(describe_plan(created["plan"]), file=stream)
         bar = Progress(stream)
         job = created
         try:
@@ -325,6 +368,8 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         print(f"best: {best['augmentation']} {json.dumps(best['params'])} "
               f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
               file=stream)
+        if job.get("selection"):
+            print(describe_selection(job["selection"]), file=stream)
         print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
               f"{rule['n_flagged']} of {te['n_samples']} test images", file=stream)
         print(f"scores written to {out}", file=stream)

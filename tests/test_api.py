@@ -107,7 +107,18 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["best"] is None and job["error"] is None
-    assert job["progress"] == {"n_trials": 3, "trials_completed": 0, "current_trial": None}
+    assert job["progress"] == {"n_trials": 3, "trials_completed": 0, "current_trial": None,
+                               "trials_planned": 5, "train_steps_done": 0,
+                               "train_steps_planned": 18, "estimated_remaining_s": None}
+    # The default strategy's plan, stated at creation: 3 families screened at 2 steps (one
+    # trial-equivalent), then 2 full-length trials of 6 steps: the budget 3 × 6, exactly.
+    assert job["plan"] == {
+        "strategy": "staged", "budget_trial_equivalents": 3, "budget_train_steps": 18,
+        "planned_train_steps": 18,
+        "screen": {"trials": 3, "train_steps_each": 2,
+                   "families": ["invert", "flip", "rotate"]},
+        "refine": {"trials": 2, "train_steps_each": 6}, "skipped_families": []}
+    assert job["spec"]["strategy"] == "staged" and job["selection"] is None
     assert job["spec"]["objective"] == "st-ssad"
     assert job["spec"]["search_space"] == {"augmentations": ["invert", "flip", "rotate"]}
     assert api.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]

@@ -12,7 +12,9 @@ import torch
 from ssad_common.search_space import SearchSpace
 from worker.core.data import prepare
 from worker.core.study import (
+    StudyResult,
     StudySettings,
+    TrialRecord,
     failed_reason,
     run_study,
     sample_configuration,
@@ -59,7 +61,8 @@ def test_warm_start_is_one_trial_per_family_at_defaults() -> None:
 def test_study_runs_warm_start_then_tpe_and_picks_lowest_loss(data) -> None:  # type: ignore[no-untyped-def]
     space = SearchSpace.from_dict({"augmentations": ["cutout", "rotate"]})
     calls: list[int] = []
-    settings = StudySettings(n_trials=4, search_space=space, train=TINY, seed=1)
+    settings = StudySettings(n_trials=4, search_space=space, train=TINY, seed=1,
+                             strategy="tpe")
     result = run_study(data, settings, on_trial=lambda n, r: calls.append(n))
     assert calls == [0, 1, 2, 3]
     assert [t.augmentation for t in result.trials[:2]] == ["cutout", "rotate"]
@@ -77,7 +80,7 @@ def test_restarted_study_keeps_finished_trials_and_reruns_the_interrupted_one(
 ) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     space = SearchSpace.from_dict({"augmentations": ["invert", "flip", "mask", "noise"]})
-    settings = StudySettings(n_trials=4, search_space=space, train=TINY)
+    settings = StudySettings(n_trials=4, search_space=space, train=TINY, strategy="tpe")
     first: list[int] = []
     with pytest.raises(TrialInterrupted):  # a graceful stop during the third trial
         run_study(data, settings, storage=storage, study_name="job-1",
@@ -108,7 +111,7 @@ def test_a_trial_stored_before_the_crash_is_completed_not_rerun(
 ) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     space = SearchSpace.from_dict({"augmentations": ["invert", "flip"]})
-    settings = StudySettings(n_trials=2, search_space=space, train=TINY)
+    settings = StudySettings(n_trials=2, search_space=space, train=TINY, strategy="tpe")
     study = optuna.create_study(storage=storage, study_name="job-2")
     orphan = study.ask()  # died after its result was stored by the caller
     orphan.suggest_categorical("augmentation", list(space.augmentations))
@@ -126,7 +129,8 @@ def test_pruning_stops_trials_worse_than_the_median(data) -> None:  # type: igno
     storage = optuna.storages.InMemoryStorage()
     settings = StudySettings(
         n_trials=8, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
-        train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True)
+        train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True,
+        strategy="tpe")
     result = run_study(data, settings, storage=storage)
     assert len(result.trials) == 8
     assert {t.state for t in result.trials} <= {"COMPLETE", "PRUNED"}
@@ -157,7 +161,8 @@ def test_non_finite_losses_fail_the_trial_not_the_study(data, monkeypatch) -> No
 
     monkeypatch.setattr(study_mod, "run_trial", flaky)
     space = SearchSpace.from_dict({"augmentations": ["invert", "flip"]})
-    result = run_study(data, StudySettings(n_trials=2, search_space=space, train=TINY))
+    result = run_study(data, StudySettings(n_trials=2, search_space=space, train=TINY,
+                                           strategy="tpe"))
     assert [t.state for t in result.trials] == ["FAIL", "COMPLETE"]
     assert result.best.augmentation == "flip"
 
@@ -186,6 +191,98 @@ def test_a_job_and_the_engine_default_to_the_same_study() -> None:
     assert study_settings(spec) == StudySettings()
     args = build_parser().parse_args(["--train", "a", "--test", "b"])
     assert (args.n_trials, args.objective, args.contamination, args.seed, args.steps,
-            args.batch_size, args.scorer) == (
+            args.batch_size, args.scorer, args.strategy) == (
         request.n_trials, request.objective, request.contamination, request.seed,
-        request.train_steps, request.batch_size, request.scorer)
+        request.train_steps, request.batch_size, request.scorer, request.strategy)
+    assert request.strategy == "staged"
+
+
+# ------------------------------------------------------------------ the staged strategy
+
+
+def _by_stage(result: StudyResult, stage: str) -> list[TrialRecord]:
+    return [t for t in result.trials if t.stage == stage]
+
+
+def test_staged_default_budget_screens_every_family_then_searches_patch_size(data) -> None:  # type: ignore[no-untyped-def]
+    """The default study (12 families, 12 trial-equivalents): the screen costs a quarter of
+    the budget, the training steps add up to the budget exactly, the best is a full-length
+    trial, and the patch size is sampled more than once at full length."""
+    settings = StudySettings(train=TrainSettings(steps=8, batch_size=8, width=8))
+    assert settings.strategy == "staged" and settings.n_trials == 12
+    result = run_study(data, settings)
+    screen, refine = _by_stage(result, "screen"), _by_stage(result, "refine")
+    assert [t.augmentation for t in screen] == list(settings.search_space.augmentations)
+    assert {t.train_steps for t in screen} == {2} and len(refine) == 9
+    assert {t.train_steps for t in refine} == {8}
+    assert sum(t.train_steps or 0 for t in result.trials) == 12 * 8  # the budget, exactly
+    assert result.plan.skipped_families == ()
+    assert result.best.stage == "refine"
+    assert result.best.validation_loss == min(t.validation_loss for t in refine  # type: ignore[type-var]
+                                              if t.validation_loss is not None)
+    assert {t.augmentation for t in refine} <= set(result.leaders)
+    local = [t for t in refine if "patch_size" in t.params
+             and t.augmentation in ("cutout", "cutpaste", "cutpaste-scar")]
+    assert len({t.params["patch_size"] for t in local}) >= 2, local
+    # The leaders: the two best-screened families, plus the best local one if neither is.
+    ranked = [t.augmentation for t in sorted(
+        (t for t in screen if t.validation_loss is not None),
+        key=lambda t: (t.validation_loss, t.number))]
+    best_local = next(f for f in ranked if f in ("cutout", "cutpaste", "cutpaste-scar"))
+    assert result.leaders[:2] == ranked[:2]
+    assert best_local in result.leaders and len(result.leaders) <= 3
+
+
+def test_a_budget_too_small_for_every_family_names_the_skipped_ones(data) -> None:  # type: ignore[no-untyped-def]
+    space = SearchSpace.from_dict({"augmentations": ["invert", "flip", "mask", "noise",
+                                                     "rotate", "color"]})
+    settings = StudySettings(n_trials=2, search_space=space, train=TINY)
+    result = run_study(data, settings)
+    assert result.plan.screen_families == ("invert", "flip", "mask", "noise")
+    assert result.plan.skipped_families == ("rotate", "color")
+    assert {t.augmentation for t in result.trials} <= {"invert", "flip", "mask", "noise"}
+    assert len(result.trials) == 5 and sum(t.train_steps or 0 for t in result.trials) == 8
+
+
+def test_pruned_trials_never_become_the_best_and_count_against_the_budget(data) -> None:  # type: ignore[no-untyped-def]
+    storage = optuna.storages.InMemoryStorage()
+    settings = StudySettings(
+        n_trials=10, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
+        train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True)
+    result = run_study(data, settings, storage=storage)
+    assert len(result.trials) == result.plan.total_trials == 2 + 9
+    pruned = [t for t in result.trials if t.state == "PRUNED"]
+    assert pruned, "no trial was pruned"
+    assert all(t.stage == "refine" for t in pruned)  # the short screen is never pruned
+    assert result.best.state == "COMPLETE" and result.best.stage == "refine"
+    assert result.best.number not in {t.number for t in pruned}
+
+
+def test_a_resumed_staged_study_keeps_its_leaders_and_its_budget(
+    data, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = SearchSpace.from_dict({"augmentations": ["invert", "flip", "mask", "cutout"]})
+    settings = StudySettings(n_trials=6, search_space=space, train=TINY, leaders=1)
+    plan = settings.plan
+    assert (plan.n_screen, plan.n_refine) == (4, 5)
+    first: list[int] = []
+    with pytest.raises(TrialInterrupted):  # stopped during the second refine trial
+        run_study(data, settings, storage=storage, study_name="job-3",
+                  on_trial=lambda n, r: first.append(n),
+                  should_stop=lambda: len(first) >= plan.n_screen + 1)
+    study = optuna.load_study(study_name="job-3", storage=storage)
+    leaders = study.user_attrs["refine_leaders"]
+    assert "cutout" in leaders and 1 <= len(leaders) <= 2  # 1 leader (+ the best local)
+    # Resumed with the leaders' order changed under it would refine other families; the
+    # stored leaders are read back instead of chosen again.
+    second: list[int] = []
+    result = run_study(data, settings, storage=storage, study_name="job-3",
+                       on_trial=lambda n, r: second.append(n))
+    assert result.leaders == leaders
+    assert len(first) + len(second) == plan.total_trials
+    assert len(set(first) | set(second)) == plan.total_trials  # no trial stored twice
+    done = [t for t in result.trials if t.state == "COMPLETE"]
+    assert len(done) == plan.total_trials
+    assert sum(t.train_steps or 0 for t in done) == plan.total_steps <= 6 * TINY.steps
+    assert {t.augmentation for t in done if t.stage == "refine"} <= set(leaders)

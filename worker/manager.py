@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ssad_common.blobs import read_blob
@@ -234,6 +234,7 @@ class JobManager:
         self, job_id: str, attempt: int, number: int, *, augmentation: str,
         params: Mapping[str, Any], validation_loss: float, losses: Mapping[str, float],
         timings: Mapping[str, float], scores: Sequence[float], model: bytes | None = None,
+        stage: str | None = None, train_steps: int | None = None,
     ) -> None:
         """Store one finished trial, its scores and the job's progress in one transaction;
         if it is the best trial so far, ``model`` (its detector) becomes the job's ``model``
@@ -246,7 +247,8 @@ class JobManager:
                            state=TrialState.COMPLETE,
                            augmentation=augmentation, params=dict(params),
                            validation_loss=validation_loss, losses=dict(losses),
-                           timings=dict(timings), duration_s=float(timings.get("total_s", 0.0))))
+                           timings=dict(timings), duration_s=float(timings.get("total_s", 0.0)),
+                           stage=stage, train_steps=train_steps))
             s.flush()
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
@@ -302,10 +304,14 @@ class JobManager:
 
     def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
         best = self._best_trial(s, job_id)
-        completed = s.scalar(select(func.count()).select_from(JobTrial).where(
-            JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE)) or 0
+        completed, steps, seconds = s.execute(select(
+            func.count(), func.coalesce(func.sum(JobTrial.train_steps), 0),
+            func.coalesce(func.sum(case((JobTrial.train_steps.is_not(None),
+                                         JobTrial.duration_s), else_=0.0)), 0.0),
+        ).where(JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE)).one()
         s.execute(update(Job).where(Job.id == job_id).values(
-            trials_completed=completed,
+            trials_completed=completed, train_steps_done=int(steps),
+            train_seconds_done=float(seconds),
             best=None if best is None else _best_json(best),
             best_trial_number=None if best is None else best.number))
         return best
@@ -320,15 +326,42 @@ class JobManager:
 
     @staticmethod
     def _best_trial(s: Session, job_id: str) -> JobTrial | None:
+        """The lowest-loss trial; a staged screen's (short) trial only if no other
+        completed, as in worker.core.study."""
         return s.scalars(select(JobTrial).where(
             JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))
-            .order_by(JobTrial.validation_loss, JobTrial.number).limit(1)).first()
+            .order_by(case((JobTrial.stage == "screen", 1), else_=0),
+                      JobTrial.validation_loss, JobTrial.number).limit(1)).first()
+
+    @retry_transient
+    def selectable_trials(self, job_id: str, k: int
+                          ) -> list[tuple[JobTrial, list[float] | None]]:
+        """The selectable trials, best first (as :meth:`_best_trial` orders them; screen
+        trials left out when any other completed), the first ``k`` with their scores in
+        test order."""
+        with self._tx() as s:
+            rows = list(s.scalars(select(JobTrial).where(
+                JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))
+                .order_by(case((JobTrial.stage == "screen", 1), else_=0),
+                          JobTrial.validation_loss, JobTrial.number)))
+            if any(r.stage != "screen" for r in rows):
+                rows = [r for r in rows if r.stage != "screen"]
+            out: list[tuple[JobTrial, list[float] | None]] = []
+            for i, r in enumerate(rows):
+                scores = None if i >= k else list(s.scalars(select(TrialScore.score).where(
+                    TrialScore.job_id == job_id, TrialScore.trial_number == r.number)
+                    .order_by(TrialScore.index)))
+                s.expunge(r)
+                out.append((r, scores))
+            return out
 
     # ------------------------------------------------------------------ endings
 
     @retry_transient
-    def finish(self, job_id: str, attempt: int) -> None:
-        """The best stored trial (lowest loss) becomes the result: written once, fenced."""
+    def finish(self, job_id: str, attempt: int,
+               selection: Mapping[str, Any] | None = None) -> None:
+        """The best stored trial (lowest loss) becomes the result, with ``selection`` (how
+        decisive the choice was): written once, fenced."""
         with self._tx() as s:
             self._fenced(s, job_id, attempt, heartbeat_at=utcnow())  # lock, or LostLease
             best = self._best_trial(s, job_id)
@@ -338,7 +371,8 @@ class JobManager:
                       f"best trial {best.number}: {best.augmentation} "
                       f"(loss {best.validation_loss:.4g})",
                       finished_at=utcnow(), best=_best_json(best),
-                      best_trial_number=best.number, lease_expires_at=None, trial_progress=None)
+                      best_trial_number=best.number, lease_expires_at=None, trial_progress=None,
+                      selection=None if selection is None else dict(selection))
 
     @retry_transient
     def fail(self, job_id: str, attempt: int, reason: str) -> None:

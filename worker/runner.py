@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from ssad_common.db import is_transient
@@ -22,6 +23,7 @@ from worker.context import WorkerContext
 from worker.core.data import prepare
 from worker.core.export import ScoringModel
 from worker.core.plots import augmentation_sample
+from worker.core.selection import TOP_K, Candidate, decisiveness
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings, TrialInterrupted
 from worker.core.trial import TrialResult
@@ -39,6 +41,7 @@ def study_settings(spec: TuneSpec) -> StudySettings:
     return StudySettings(
         n_trials=spec.n_trials, objective=spec.objective, contamination=spec.contamination,
         seed=spec.seed, search_space=SearchSpace.from_dict(spec.search_space),
+        strategy=spec.strategy,
         train=TrainSettings(steps=spec.train_steps, batch_size=spec.batch_size,
                             scorer=spec.scorer))
 
@@ -129,6 +132,14 @@ def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: 
              len(scores), source, meta.get("trial_number"))
 
 
+def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[str, Any]:
+    """How decisive the choice was, from the stored trials (all attempts' trials count)."""
+    candidates = [Candidate(t.number, t.augmentation, float(t.validation_loss or 0.0),
+                            None if scores is None else np.asarray(scores, dtype=np.float64))
+                  for t, scores in manager.selectable_trials(job_id, TOP_K)]
+    return decisiveness(candidates, spec.contamination)
+
+
 def run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
     """Run ``job`` to an end state; returns what happened (for logs and tests). Every log
     line written meanwhile carries the job's id."""
@@ -155,9 +166,11 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
             manager.record_trial(job.id, job.attempt, number, augmentation=r.augmentation,
                                  params=r.params, validation_loss=r.validation_loss,
                                  losses=r.losses, timings=r.timings, scores=r.scores.tolist(),
-                                 model=None if r.model is None else r.model.to_bytes())
-            log.info("job %s: trial %d %s loss=%.4f (%.1fs)", job.id, number, r.augmentation,
-                     r.validation_loss, r.timings["total_s"])
+                                 model=None if r.model is None else r.model.to_bytes(),
+                                 stage=r.stage, train_steps=r.train_steps)
+            log.info("job %s: trial %d%s %s loss=%.4f (%.1fs)", job.id, number,
+                     f" ({r.stage})" if r.stage else "", r.augmentation, r.validation_loss,
+                     r.timings["total_s"])
 
         def record_failure(number: int, family: str, params: dict[str, Any], reason: str) -> None:
             manager.record_failed_trial(job.id, job.attempt, number, augmentation=family,
@@ -172,7 +185,7 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
                            on_fail=record_failure, on_progress=hb.report_progress)
         store_augmentation_sample(manager, job, data.train, result.best.augmentation,
                                   result.best.params, spec.seed)
-        manager.finish(job.id, job.attempt)
+        manager.finish(job.id, job.attempt, selection_summary(manager, job.id, spec))
         return "succeeded"
     except LostLease:
         log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)

@@ -32,6 +32,8 @@ from ssad_common.search_space import (
     SCORER_NAMES,
     SearchSpace,
 )
+from ssad_common.strategy import DEFAULT_STRATEGY, STRATEGIES
+from worker.core.selection import TOP_K, Candidate, decisiveness
 
 EXIT_USAGE = 2
 
@@ -75,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scorer", default=DEFAULT_SCORER, choices=SCORER_NAMES)
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     ap.add_argument("--backbone", default=None, help="local encoder weights file")
+    ap.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                    help=f"how the budget is spent ({DEFAULT_STRATEGY}; see "
+                         "ssad_common/strategy.py)")
     ap.add_argument("--no-warm-start", action="store_true",
-                    help="do not start with one trial per family at its defaults")
+                    help="tpe strategy: do not start with one trial per family at its "
+                         "defaults")
     ap.add_argument("--pruning", type=int, default=0, metavar="EVERY",
                     help="report the loss every EVERY steps and prune with a median pruner")
     ap.add_argument("--storage", default=None,
@@ -155,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             n_trials=args.n_trials, objective=args.objective,
             contamination=args.contamination, seed=args.seed, search_space=space,
             train=train_settings, warm_start=not args.no_warm_start,
-            pruning=args.pruning > 0,
+            pruning=args.pruning > 0, strategy=args.strategy,
         )
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -174,8 +180,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scores = result.best_scores
         out = {"best": {"augmentation": best.augmentation, "params": best.params,
                         "validation_loss": best.validation_loss, "number": best.number},
+               "plan": result.plan.to_json(), "leaders": result.leaders,
                "trials": [t.to_json() for t in result.trials],
                "study_name": result.study_name}
+        candidates = [Candidate(t.number, str(t.augmentation), float(t.validation_loss or 0),
+                                None if t.result is None else t.result.scores)
+                      for t in result.eligible]
+        if all(c.scores is not None for c in candidates[:TOP_K]):
+            out["selection"] = decisiveness(candidates, args.contamination)
     if args.scores_out:
         write_scores(args.scores_out, test.names, scores)
     return out

@@ -13,8 +13,12 @@ from sqlalchemy.orm import Session
 
 from service.jobs import service
 from service.jobs.cache import RENDERED
-from service.jobs.schemas import Best, JobOut, JobSummary, Progress, TrialOut
+from service.jobs.schemas import Best, JobOut, JobSummary, PlanOut, Progress, TrialOut
+from ssad_common.jobspec import InvalidJobSpec, TuneSpec, load_spec
+from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job, JobTrial
+from ssad_common.search_space import SearchSpace
+from ssad_common.strategy import StudyPlan, plan_study
 
 MEDIA = {"json": "application/json", "csv": "text/csv"}
 
@@ -28,25 +32,55 @@ def job_summary(job: Job, include_spec: bool) -> JobSummary:
     return JobSummary(**_job_fields(job), spec=job.spec if include_spec else None)
 
 
+def job_plan(job: Job) -> StudyPlan | None:
+    """A tuning job's plan, from its spec (a pure function of it); None for other kinds
+    and for a spec that cannot be read (the worker fails such a job, naming why)."""
+    if job.kind != "tune":
+        return None
+    try:
+        spec = load_spec(job.kind, job.spec)
+        assert isinstance(spec, TuneSpec)
+        families = SearchSpace.from_dict(spec.search_space).augmentations
+        return plan_study(spec.strategy, spec.n_trials, spec.train_steps, families)
+    except (InvalidJobSpec, ValueError):
+        return None
+
+
+def _progress(job: Job, plan: StudyPlan | None) -> Progress:
+    remaining = None
+    active = job.status in (JobStatus.queued, JobStatus.running)
+    if plan is not None and job.train_steps_done > 0 and active:
+        pace = job.train_seconds_done / job.train_steps_done
+        remaining = max(0, plan.total_steps - job.train_steps_done) * pace
+    return Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,
+                    trials_planned=None if plan is None else plan.total_trials,
+                    train_steps_done=job.train_steps_done,
+                    train_steps_planned=None if plan is None else plan.total_steps,
+                    estimated_remaining_s=remaining, current_trial=job.trial_progress)
+
+
 def _job_fields(job: Job) -> dict[str, Any]:
     best = None
     if job.best is not None and job.best_trial_number is not None:
         best = Best(trial_number=job.best_trial_number, **job.best)
+    plan = job_plan(job)
     return dict(
         id=job.id, kind=job.kind,
         status=job.status,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        progress=Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,
-                          current_trial=job.trial_progress),
+        progress=_progress(job, plan),
         best=best, error=job.error, attempt=job.attempt, lost_leases=job.lost_leases,
         cancel_requested=job.cancel_requested,
-        train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id)
+        train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id,
+        plan=None if plan is None else PlanOut(**plan.to_json()),
+        selection=job.selection)
 
 
 def trial_out(t: JobTrial) -> TrialOut:
     return TrialOut(number=t.number, state=t.state, augmentation=t.augmentation,
                     params=t.params, validation_loss=t.validation_loss, losses=t.losses,
-                    duration_s=t.duration_s, attempt=t.attempt, error=t.error)
+                    duration_s=t.duration_s, attempt=t.attempt, error=t.error,
+                    stage=t.stage, train_steps=t.train_steps)
 
 
 def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],

@@ -22,6 +22,7 @@ from ssad_common.jobspec import (
     Seed,
     TrainSteps,
 )
+from ssad_common.strategy import DEFAULT_STRATEGY, StrategyName
 
 
 class SearchSpaceIn(BaseModel):
@@ -50,7 +51,19 @@ class JobCreate(BaseModel):
 
     train_dataset_id: str = Field(max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
     test_dataset_id: str = Field(max_length=64, pattern=ID_PATTERN, description=ID_DESCRIPTION)
-    n_trials: NTrials = Field(DEFAULT_N_TRIALS, description="trials in the study")
+    n_trials: NTrials = Field(
+        DEFAULT_N_TRIALS,
+        description="the study's budget in full-length trials (trial-equivalents): "
+                    "n_trials × train_steps training steps in all. The staged strategy "
+                    "spends part of it on short screen trials, so it runs more, shorter "
+                    "trials; the job's `plan` says how many")
+    strategy: StrategyName = Field(
+        DEFAULT_STRATEGY,
+        description="staged: a short screen of every family at its defaults (at most half "
+                    "the budget; a quarter with the 12 default families and 12 trials), "
+                    "then full-length trials over the leading families and the best local "
+                    "family's patch size; only full-length trials can be chosen. tpe: one "
+                    "full-length trial per family at its defaults, then TPE over all")
     search_space: SearchSpaceIn | None = None
     objective: ObjectiveName = DEFAULT_OBJECTIVE
     contamination: Contamination = Field(
@@ -82,10 +95,73 @@ class TrialProgress(BaseModel):
 
 
 class Progress(BaseModel):
-    n_trials: int
+    n_trials: int = Field(description="the budget, in full-length trials")
     trials_completed: int
+    trials_planned: int | None = Field(
+        None, description="trials the plan runs (screen + refine); null for scoring jobs")
+    train_steps_done: int = Field(0, description="training steps of the finished trials")
+    train_steps_planned: int | None = Field(
+        None, description="training steps the plan runs in all (at most n_trials × "
+                          "train_steps)")
+    estimated_remaining_s: float | None = Field(
+        None, description="the plan's remaining training steps at the pace of the finished "
+                          "trials on this job's worker; null before the first trial ends")
     current_trial: TrialProgress | None = Field(
         None, description="while a trial trains: its step and latest training loss")
+
+
+class ScreenPlan(BaseModel):
+    trials: int
+    train_steps_each: int
+    families: list[str] = Field(description="screened, in this order")
+
+
+class RefinePlan(BaseModel):
+    trials: int
+    train_steps_each: int
+
+
+class PlanOut(BaseModel):
+    """How the study spends its budget (ssad_common/strategy.py), fixed when the job is
+    created."""
+
+    strategy: StrategyName
+    budget_trial_equivalents: int
+    budget_train_steps: int
+    planned_train_steps: int
+    screen: ScreenPlan = Field(description="staged: short trials, one per family at its "
+                                           "defaults; tpe: the full-length warm start")
+    refine: RefinePlan = Field(description="full-length trials over the leading families "
+                                           "(staged) or all families (tpe)")
+    skipped_families: list[str] = Field(
+        description="families of the search space the budget cannot screen: never tried")
+
+
+class SelectionOut(BaseModel):
+    """How decisive the choice was, without labels (worker/core/selection.py): a small
+    family gap or a low agreement says the tuned detector may be no better than its
+    runner-up."""
+
+    best_trial: int
+    best_family: str
+    runner_up_family: str | None = Field(description="the best other family among the "
+                                                     "candidates (full-length trials)")
+    runner_up_trial: int | None
+    family_gap: float | None = Field(description="runner-up family's best loss − the best "
+                                                 "loss")
+    family_gap_share: float | None = Field(
+        description="family_gap / (largest − smallest candidate loss)")
+    top_k: int
+    top_trials: list[int]
+    flagged_share: float = Field(description="the contamination: each of the top_k flags "
+                                             "this share of the test images")
+    agreement_jaccard: float | None = Field(
+        description="mean Jaccard overlap of the best's flagged images with each other top "
+                    "trial's; 1 = they flag the same images")
+    agreement_spearman: float | None = Field(
+        description="mean Spearman correlation of the best's scores with each other top "
+                    "trial's")
+    candidates: int
 
 
 #: The v1 field ``augmentation`` names an augmentation *family* (cutout, rotate, ...); the
@@ -130,6 +206,9 @@ class JobOut(BaseModel):
     cancel_requested: bool
     train_dataset_id: str
     test_dataset_id: str
+    plan: PlanOut | None = Field(None, description="tuning jobs: how the budget is spent")
+    selection: SelectionOut | None = Field(
+        None, description="succeeded tuning jobs: how decisive the choice was")
     spec: dict[str, Any]
 
 
@@ -169,6 +248,10 @@ class TrialOut(BaseModel):
     duration_s: float
     attempt: int
     error: str | None = Field(None, description="why a FAIL trial failed")
+    stage: Literal["screen", "refine"] | None = Field(
+        None, description="staged strategy: screen (short, never chosen) or refine; null "
+                          "for the tpe strategy")
+    train_steps: int | None = Field(None, description="how long its detector trained")
 
 
 class TrialList(BaseModel):

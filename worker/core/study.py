@@ -3,17 +3,27 @@
 Each trial samples the augmentation family (categorical) and then only that family's
 hyperparameters (define-by-run, so the space is conditional), trains a detector through
 :func:`worker.core.trial.run_trial` and returns the validation loss; the study minimises it.
-The sampler is a seeded TPE. By default the study starts with one trial per family at its
-default hyperparameters (``warm_start``), so even a small budget sees every family once
-before TPE refines the best ones. Storage is whatever the caller passes (in memory, or an
-RDB URL so a restarted study keeps its finished trials).
+The sampler is a seeded TPE. How the budget is spent is the strategy's
+(:mod:`ssad_common.strategy`):
+
+* ``staged`` (default): a short screen of every family at its defaults, then full-length
+  trials over the leading families only (each leader at its defaults, one more of the best
+  local family, then TPE over the leaders' hyperparameters under ``refine.``-prefixed
+  names, so TPE never mixes short and full-length losses). Only full-length trials can be
+  the best. The leaders are kept in the study (``refine_leaders``), so a resumed study
+  refines the same families.
+* ``tpe``: one full-length trial per family at its defaults (``warm_start``), then TPE.
+
+Storage is whatever the caller passes (in memory, or an RDB URL so a restarted study keeps
+its finished trials).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -32,6 +42,7 @@ from ssad_common.search_space import (
     ParamValue,
     SearchSpace,
 )
+from ssad_common.strategy import DEFAULT_STRATEGY, LEADERS, STRATEGIES, StudyPlan, plan_study
 from worker.core.data import PreparedData
 from worker.core.device import out_of_memory_reason
 from worker.core.objectives import get_objective
@@ -40,6 +51,10 @@ from worker.core.trial import TrialResult, run_trial
 
 AUGMENTATION_KEY = "augmentation"
 FAILED_REASON = "error"  # the trial's user attribute naming why it failed
+#: Refine-stage parameters carry this prefix: TPE models them apart from the screen's.
+REFINE_PREFIX = "refine."
+SCREEN, REFINE = "screen", "refine"
+LEADERS_ATTR = "refine_leaders"  # the study's user attribute holding the refine families
 
 
 @dataclass(frozen=True)
@@ -50,17 +65,28 @@ class StudySettings:
     seed: int = DEFAULT_SEED
     search_space: SearchSpace = field(default_factory=SearchSpace)
     train: TrainSettings = field(default_factory=TrainSettings)
-    warm_start: bool = True
+    warm_start: bool = True  # the tpe strategy's one trial per family at its defaults
     pruning: bool = False
+    strategy: str = DEFAULT_STRATEGY
+    leaders: int = LEADERS
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:
             raise ValueError("n_trials must be >= 1")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; known: {list(STRATEGIES)}")
+        if self.leaders < 1:
+            raise ValueError("leaders must be >= 1")
         get_objective(self.objective)
         if not 0.0 < self.contamination < 1.0:
             raise ValueError("contamination must be in (0, 1)")
         if self.pruning and not self.train.eval_every:
             raise ValueError("pruning needs train.eval_every > 0 (intermediate losses)")
+
+    @property
+    def plan(self) -> StudyPlan:
+        return plan_study(self.strategy, self.n_trials, self.train.steps,
+                          self.search_space.augmentations)
 
 
 class TrialFailed(Exception):
@@ -79,12 +105,15 @@ class TrialRecord:
     validation_loss: float | None
     duration_s: float | None
     result: TrialResult | None = None
+    stage: str | None = None  # screen or refine (staged strategy); None for tpe
+    train_steps: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "number": self.number, "state": self.state, "augmentation": self.augmentation,
             "params": self.params, "validation_loss": self.validation_loss,
-            "duration_s": self.duration_s,
+            "duration_s": self.duration_s, "stage": self.stage,
+            "train_steps": self.train_steps,
         }
         if self.result is not None:
             out["losses"] = self.result.losses
@@ -97,6 +126,13 @@ class StudyResult:
     best: TrialRecord
     trials: list[TrialRecord]
     study_name: str
+    plan: StudyPlan
+    leaders: list[str] = field(default_factory=list)  # the refine stage's families
+
+    @property
+    def eligible(self) -> list[TrialRecord]:
+        """The completed trials the best was chosen among (full-length ones), best first."""
+        return _eligible(self.trials)
 
     @property
     def best_scores(self) -> np.ndarray | None:
@@ -104,17 +140,20 @@ class StudyResult:
 
 
 def sample_configuration(
-    trial: optuna.trial.BaseTrial, space: SearchSpace
+    trial: optuna.trial.BaseTrial, space: SearchSpace, families: Sequence[str] | None = None,
+    prefix: str = "",
 ) -> tuple[str, dict[str, ParamValue]]:
     """Define-by-run: the family first, then only that family's searched hyperparameters.
 
     Parameter names are prefixed with the family (``cutout.patch_size``) so TPE keeps a
-    separate model of each family's ranges.
+    separate model of each family's ranges; ``families`` (default: the space's) and
+    ``prefix`` serve the refine stage (``refine.augmentation`` over the leaders).
     """
-    family = str(trial.suggest_categorical(AUGMENTATION_KEY, list(space.augmentations)))
+    choices = list(space.augmentations if families is None else families)
+    family = str(trial.suggest_categorical(prefix + AUGMENTATION_KEY, choices))
     sampled: dict[str, ParamValue] = {}
     for p in space.searched_params(family):
-        key = f"{family}.{p.name}"
+        key = f"{prefix}{family}.{p.name}"
         if isinstance(p, FloatParam):
             sampled[p.name] = trial.suggest_float(key, p.low, p.high, log=p.log)
         elif isinstance(p, CategoricalParam):
@@ -122,22 +161,28 @@ def sample_configuration(
     return family, space.complete(family, sampled)
 
 
+def default_configuration(space: SearchSpace, family: str, prefix: str = "") -> dict[str, Any]:
+    """One family at its defaults (clipped into the searched range), as Optuna parameters."""
+    params: dict[str, Any] = {prefix + AUGMENTATION_KEY: family}
+    for p in space.searched_params(family):
+        value = p.default
+        if isinstance(p, FloatParam):
+            value = min(max(float(value), p.low), p.high)
+        params[f"{prefix}{family}.{p.name}"] = value
+    return params
+
+
 def warm_start_configurations(space: SearchSpace) -> list[dict[str, Any]]:
     """One Optuna parameter dict per family: its defaults, clipped into the searched range."""
-    out = []
-    for family in space.augmentations:
-        params: dict[str, Any] = {AUGMENTATION_KEY: family}
-        for p in space.searched_params(family):
-            value = p.default
-            if isinstance(p, FloatParam):
-                value = min(max(float(value), p.low), p.high)
-            params[f"{family}.{p.name}"] = value
-        out.append(params)
-    return out
+    return [default_configuration(space, family) for family in space.augmentations]
 
 
 def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
-    n_startup = len(settings.search_space.augmentations) if settings.warm_start else 10
+    if settings.strategy == "staged":
+        # Enqueued screen, anchor and probe trials first; TPE proper right after them.
+        n_startup = settings.plan.n_screen + settings.leaders + 2
+    else:
+        n_startup = len(settings.search_space.augmentations) if settings.warm_start else 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
@@ -159,10 +204,84 @@ def create_study(
         storage=storage, study_name=study_name, direction="minimize",
         sampler=make_sampler(settings), pruner=pruner, load_if_exists=True,
     )
-    if settings.warm_start and not study.trials:
-        for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
-            study.enqueue_trial(params, skip_if_exists=True)
+    if not study.trials:
+        if settings.strategy == "staged":
+            for family in settings.plan.screen_families:
+                study.enqueue_trial(default_configuration(settings.search_space, family))
+        elif settings.warm_start:
+            for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
+                study.enqueue_trial(params, skip_if_exists=True)
     return study
+
+
+def _stage(t: optuna.trial.FrozenTrial, strategy: str) -> str | None:
+    """screen or refine for the staged strategy, else None: screen trials have an
+    unprefixed family (queued or sampled), refine trials a ``refine.`` one."""
+    if strategy != "staged":
+        return None
+    params = t.params or t.system_attrs.get("fixed_params") or {}
+    return SCREEN if AUGMENTATION_KEY in params else REFINE
+
+
+def _counted(t: optuna.trial.FrozenTrial) -> bool:
+    """Does this trial use up budget? Finished or pruned ones, and ones that failed while
+    running (out of memory, a non-finite loss); not those interrupted with their process,
+    which are rerun."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return t.state in states or (t.state == optuna.trial.TrialState.FAIL
+                                 and FAILED_REASON in t.user_attrs)
+
+
+def choose_leaders(study: optuna.Study, settings: StudySettings) -> list[str]:
+    """The refine stage's families: the ``settings.leaders`` families with the lowest screen
+    loss, then the best-screened local family with a searched patch size if none of them
+    is (so the patch size is always searched). Without a completed screen trial (no
+    screen, or every one failed), the space's first family."""
+    space = settings.search_space
+    screened = sorted(
+        (t for t in study.get_trials(deepcopy=False,
+                                     states=(optuna.trial.TrialState.COMPLETE,))
+         if _stage(t, settings.strategy) == SCREEN),
+        key=lambda t: (t.value, t.number))
+    ranked = list(dict.fromkeys(str(t.params[AUGMENTATION_KEY]) for t in screened))
+    if not ranked:
+        return [space.augmentations[0]]
+    leaders = ranked[: settings.leaders]
+    local = next((f for f in ranked if _searches_patch_size(space, f)), None)
+    if local is not None and local not in leaders:
+        leaders.append(local)
+    return leaders
+
+
+def _searches_patch_size(space: SearchSpace, family: str) -> bool:
+    return any(p.name == "patch_size" for p in space.searched_params(family))
+
+
+def start_refine(study: optuna.Study, settings: StudySettings) -> list[str]:
+    """Fix the leaders (once: a resumed study reads them back) and queue the refine stage's
+    first trials: each leader at its defaults, then one trial of the best local leader
+    with its hyperparameters left to the sampler. Idempotent."""
+    stored = study.user_attrs.get(LEADERS_ATTR)
+    leaders = [str(f) for f in stored] if stored else choose_leaders(study, settings)
+    if not stored:
+        study.set_user_attr(LEADERS_ATTR, leaders)
+    space, n_refine = settings.search_space, settings.plan.n_refine
+    queued: list[dict[str, Any]] = [default_configuration(space, f, REFINE_PREFIX)
+                                    for f in leaders]
+    local = next((f for f in leaders if _searches_patch_size(space, f)), None)
+    if local is not None:
+        queued.append({REFINE_PREFIX + AUGMENTATION_KEY: local})
+    for params in queued[:n_refine]:
+        study.enqueue_trial(params, skip_if_exists=True)
+    return leaders
+
+
+def _eligible(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Completed trials that may be chosen, best first: the full-length ones (every trial
+    but the staged screen's), or the screen's when no full-length trial completed."""
+    done = [t for t in trials if t.state == "COMPLETE" and t.validation_loss is not None]
+    full = [t for t in done if t.stage != SCREEN] or done
+    return sorted(full, key=lambda t: (t.validation_loss, t.number))
 
 
 def rerun_interrupted_trials(
@@ -208,9 +327,12 @@ def _record(t: optuna.trial.FrozenTrial, result: TrialResult | None) -> TrialRec
     params = dict(t.user_attrs.get("params", {}))
     duration = t.duration.total_seconds() if t.duration is not None else None
     value = t.value if t.state == optuna.trial.TrialState.COMPLETE else None
+    family = t.params.get(AUGMENTATION_KEY, t.params.get(REFINE_PREFIX + AUGMENTATION_KEY))
+    steps = t.user_attrs.get("train_steps")
     return TrialRecord(
-        number=t.number, state=t.state.name, augmentation=t.params.get(AUGMENTATION_KEY),
+        number=t.number, state=t.state.name, augmentation=family,
         params=params, validation_loss=value, duration_s=duration, result=result,
+        stage=t.user_attrs.get("stage"), train_steps=None if steps is None else int(steps),
     )
 
 
@@ -242,8 +364,11 @@ def run_study(
     the running trial's training (see ``run_trial``'s ``progress``).
     """
     study = create_study(settings, storage, study_name)
+    plan = settings.plan
     results: dict[int, TrialResult] = {}
     failures: list[str] = []
+    leaders: list[str] = []
+    current: list[str | None] = [None]  # the stage being run (its trials are run in order)
 
     def fail(trial: optuna.Trial, family: str, params: dict[str, ParamValue],
              reason: str) -> NoReturn:
@@ -254,8 +379,22 @@ def run_study(
         raise TrialFailed(reason)
 
     def objective(trial: optuna.Trial) -> float:
-        family, params = sample_configuration(trial, settings.search_space)
+        stage = current[0]
+        if stage == REFINE:
+            if not leaders:
+                raise RuntimeError("a refine trial started before the leaders were chosen")
+            family, params = sample_configuration(trial, settings.search_space, leaders,
+                                                  REFINE_PREFIX)
+        else:
+            family, params = sample_configuration(trial, settings.search_space)
+        train = settings.train
+        if stage == SCREEN:
+            train = dataclasses.replace(train, steps=plan.screen_steps)
         trial.set_user_attr("params", params)
+        trial.set_user_attr("train_steps", train.steps)
+        if stage is not None:
+            trial.set_user_attr("stage", stage)
+        prune = settings.pruning and stage != SCREEN
 
         def report(step: int, value: float) -> bool:
             trial.report(value, step)
@@ -269,9 +408,9 @@ def run_study(
             if should_stop is not None and should_stop():
                 raise TrialInterrupted("stopped between trials")
             result = run_trial(
-                data, family, params, settings.train, objective=settings.objective,
+                data, family, params, train, objective=settings.objective,
                 contamination=settings.contamination, seed=settings.seed + trial.number,
-                report=report if settings.pruning else None, should_stop=should_stop,
+                report=report if prune else None, should_stop=should_stop,
                 progress=progress if on_progress is not None else None,
             )
         except TrialPruned as exc:
@@ -287,6 +426,7 @@ def run_study(
         if not math.isfinite(result.validation_loss):
             fail(trial, family, params, f"the validation loss is not finite "
                                         f"({result.validation_loss})")
+        result = dataclasses.replace(result, stage=stage)
         # The caller's copy first: if the study's storage fails next, the result survives
         # and a resumed study completes this trial from it (``recover``).
         if on_trial is not None:
@@ -296,16 +436,25 @@ def run_study(
         trial.set_user_attr("timings", result.timings)
         return result.validation_loss
 
+    def run_stage(stage: str | None, budget: int) -> None:
+        current[0] = stage
+        used = sum(1 for t in study.get_trials(deepcopy=False)
+                   if _counted(t) and _stage(t, settings.strategy) == stage)
+        if budget - used > 0:
+            study.optimize(objective, n_trials=budget - used, gc_after_trial=False,
+                           catch=(TrialFailed,))
+
     rerun_interrupted_trials(study, recover)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = settings.n_trials - len(study.get_trials(deepcopy=False, states=finished))
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, gc_after_trial=False,
-                       catch=(TrialFailed,))
+    if settings.strategy == "staged":
+        run_stage(SCREEN, plan.n_screen)
+        leaders.extend(start_refine(study, settings))
+        run_stage(REFINE, plan.n_refine)
+    else:
+        run_stage(None, settings.n_trials)
     trials = [_record(t, results.get(t.number)) for t in study.get_trials(deepcopy=False)]
-    complete = [t for t in trials if t.state == "COMPLETE" and t.validation_loss is not None]
-    if not complete:
+    eligible = _eligible(trials)
+    if not eligible:
         detail = f"; first failure: {failures[0]}" if failures else ""
         raise RuntimeError(f"no trial completed: every trial failed or was pruned{detail}")
-    best = min(complete, key=lambda t: (t.validation_loss, t.number))
-    return StudyResult(best=best, trials=trials, study_name=study.study_name)
+    return StudyResult(best=eligible[0], trials=trials, study_name=study.study_name,
+                       plan=plan, leaders=leaders)

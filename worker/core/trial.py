@@ -47,6 +47,8 @@ class TrialResult:
     #: The trained detector and its scorer fit (to score new data later); None if the
     #: caller asked not to keep it.
     model: ScoringModel | None = None
+    train_steps: int = 0  # how long the detector trained
+    stage: str | None = None  # set by the study: screen or refine (staged strategy)
 
 
 def run_trial(
@@ -118,4 +120,5 @@ def run_trial(
         n_y=len(y_idx),
         seed=seed,
         model=evaluation.model,
+        train_steps=settings.steps,
     )

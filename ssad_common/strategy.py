@@ -1,0 +1,111 @@
+"""How a study spends its budget (method.md §5): the plan, as plain data.
+
+The budget of a tuning job is ``n_trials`` *trial-equivalents*: ``n_trials × train_steps``
+training steps of the detector. Two strategies spend it:
+
+``staged`` (the default)
+    1. **Screen**: every family once at its default hyperparameters, each trained for a
+       fraction of ``train_steps`` (at least ``1 / SCREEN_TRIALS_PER_EQUIVALENT`` of it:
+       the 12 default families cost 3 of the default 12 trial-equivalents). The screen
+       takes at most half the budget; a budget too small to screen every family screens
+       the first ones in the space's order and names the rest.
+    2. **Refine**: the rest of the budget as full-length trials over the *leaders* (the
+       ``LEADERS`` families with the lowest screen loss, plus the best local family with a
+       searched patch size, so the patch size is always searched): each leader once at its
+       defaults, one more trial of the best local family, then TPE over the leaders'
+       hyperparameters. Only full-length trials can be chosen as the best.
+
+``tpe``
+    The study before issue 11: one full-length trial per family at its defaults (in the
+    space's order, as many as the budget allows), then TPE over every family.
+
+If the budget cannot screen every family, the families left out are named
+(``skipped_families``) in the job's plan. This module is torch-free: the API states the
+plan when a job is created, and the worker runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+
+StrategyName = Literal["staged", "tpe"]
+STRATEGIES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
+DEFAULT_STRATEGY: Final[StrategyName] = "staged"
+
+#: Screen trials per trial-equivalent, at most: a screen trial trains for at least
+#: ``train_steps / 4`` (more when fewer families share the screen's whole equivalents).
+SCREEN_TRIALS_PER_EQUIVALENT: Final = 4
+#: Families carried from the screen to the refine stage (plus the best local family).
+LEADERS: Final = 2
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What a study will run: ``screen_families`` at ``screen_steps`` each, then
+    ``n_refine`` trials at ``train_steps``. ``total_steps`` never exceeds the budget."""
+
+    strategy: StrategyName
+    n_trials: int
+    train_steps: int
+    screen_families: tuple[str, ...]
+    screen_steps: int
+    n_refine: int
+    skipped_families: tuple[str, ...]
+
+    @property
+    def n_screen(self) -> int:
+        return len(self.screen_families)
+
+    @property
+    def total_trials(self) -> int:
+        return self.n_screen + self.n_refine
+
+    @property
+    def total_steps(self) -> int:
+        return self.n_screen * self.screen_steps + self.n_refine * self.train_steps
+
+    @property
+    def budget_steps(self) -> int:
+        return self.n_trials * self.train_steps
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy, "budget_trial_equivalents": self.n_trials,
+            "budget_train_steps": self.budget_steps, "planned_train_steps": self.total_steps,
+            "screen": {"trials": self.n_screen, "train_steps_each": self.screen_steps,
+                       "families": list(self.screen_families)},
+            "refine": {"trials": self.n_refine, "train_steps_each": self.train_steps},
+            "skipped_families": list(self.skipped_families),
+        }
+
+
+def plan_study(strategy: str, n_trials: int, train_steps: int,
+               families: Sequence[str]) -> StudyPlan:
+    """The plan for a budget of ``n_trials`` full-length trials over ``families`` (in the
+    search space's order, which is also the order families are screened in when the
+    budget cannot screen them all)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+    if n_trials < 1 or train_steps < 1 or not families:
+        raise ValueError("a plan needs n_trials >= 1, train_steps >= 1 and a family")
+    fams = tuple(families)
+    if strategy == "tpe":
+        screened = fams[:n_trials]
+        return StudyPlan("tpe", n_trials, train_steps, screened, train_steps,
+                         n_trials - len(screened), fams[len(screened):])
+    # Screen as many families as fit in half the budget, always keeping at least one
+    # full-length trial for the refine stage; a screen trial trains for at least one step.
+    per_equivalent = min(SCREEN_TRIALS_PER_EQUIVALENT, train_steps)
+    n_screen = min(len(fams), (n_trials // 2) * per_equivalent,
+                   (n_trials - 1) * per_equivalent)
+    if n_screen < 2:
+        # Nothing to screen between (one family), or no budget to screen and refine: the
+        # first family's trials are all full length.
+        return StudyPlan("staged", n_trials, train_steps, (), train_steps, n_trials, fams[1:])
+    screen_equivalents = math.ceil(n_screen / per_equivalent)
+    screen_steps = screen_equivalents * train_steps // n_screen
+    return StudyPlan("staged", n_trials, train_steps, fams[:n_screen], screen_steps,
+                     n_trials - screen_equivalents, fams[n_screen:])

@@ -1,0 +1,95 @@
+"""How far to trust a study's choice, without labels (issue 11 §4).
+
+Two signals, from what every study already has:
+
+* **family gap**: the loss of the best trial of the runner-up family minus the best
+  trial's loss, also as a share of the spread of the losses among the candidates. A small
+  gap says another family did about as well: the choice between them is close to a coin.
+* **agreement**: do the top configurations flag the same test images? Each of the top-k
+  candidates (by loss) flags its ``contamination`` share of highest-scoring test images;
+  agreement is the mean Jaccard overlap of the best's flagged set with each runner-up's,
+  and the mean Spearman correlation of their scores. When the top configurations disagree,
+  which images are anomalous depends on a choice the loss barely made.
+
+:func:`ensemble_scores` is the mean of the z-scored scores of the top-k candidates.
+Pure numpy: the worker calls it when a job finishes, the benchmark on every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+#: How many of the best candidates the agreement and the ensemble use.
+TOP_K = 3
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A completed, selectable trial: its family, loss and test scores (needed for the
+    top ``k`` only)."""
+
+    number: int
+    augmentation: str
+    validation_loss: float
+    scores: np.ndarray | None
+
+
+def _scores(c: Candidate) -> np.ndarray:
+    if c.scores is None:
+        raise ValueError(f"trial {c.number} has no scores")
+    return c.scores
+
+
+def _flagged(scores: np.ndarray, share: float) -> set[int]:
+    n = max(1, round(len(scores) * share))
+    return set(np.argsort(-scores, kind="stable")[:n].tolist())
+
+
+def decisiveness(candidates: Sequence[Candidate], contamination: float,
+                 k: int = TOP_K) -> dict[str, Any]:
+    """The family gap and the agreement of the top ``k`` candidates (best = lowest loss).
+    Fields are None where they cannot be computed (one family, one candidate)."""
+    ranked = sorted(candidates, key=lambda c: (c.validation_loss, c.number))
+    if not ranked:
+        raise ValueError("no candidate to judge")
+    best = ranked[0]
+    losses = np.array([c.validation_loss for c in ranked])
+    spread = float(losses.max() - losses.min())
+    runner = next((c for c in ranked if c.augmentation != best.augmentation), None)
+    gap = None if runner is None else float(runner.validation_loss - best.validation_loss)
+    top = ranked[:k]
+    jaccard, rho = [], []
+    if any(c.scores is None for c in top):
+        raise ValueError(f"the top {k} candidates need their scores")
+    best_scores = _scores(best)
+    flagged = _flagged(best_scores, contamination)
+    for other in top[1:]:
+        theirs = _flagged(_scores(other), contamination)
+        jaccard.append(len(flagged & theirs) / len(flagged | theirs))
+        rho.append(float(spearmanr(best_scores, _scores(other)).statistic))
+    return {
+        "best_trial": best.number, "best_family": best.augmentation,
+        "runner_up_family": None if runner is None else runner.augmentation,
+        "runner_up_trial": None if runner is None else runner.number,
+        "family_gap": gap,
+        "family_gap_share": None if gap is None or spread == 0 else gap / spread,
+        "top_k": len(top), "top_trials": [c.number for c in top],
+        "flagged_share": contamination,
+        "agreement_jaccard": float(np.mean(jaccard)) if jaccard else None,
+        "agreement_spearman": float(np.mean(rho)) if rho else None,
+        "candidates": len(ranked),
+    }
+
+
+def ensemble_scores(candidates: Sequence[Candidate], k: int = TOP_K) -> np.ndarray:
+    """Mean of the z-scored test scores of the ``k`` lowest-loss candidates."""
+    ranked = sorted(candidates, key=lambda c: (c.validation_loss, c.number))[:k]
+    if not ranked:
+        raise ValueError("no candidate to ensemble")
+    z = [(s - s.mean()) / (s.std() + 1e-12) for s in map(_scores, ranked)]
+    return np.mean(z, axis=0)
