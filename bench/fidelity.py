@@ -37,15 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/fidelity.json")
     ap.add_argument("--steps", type=int, default=37)
     ap.add_argument("--objective", default="dsv")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out and run only the missing tasks")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = {r["task"]: r for r in json.loads(Path(args.engine).read_text())["results"]}
     full_steps = json.loads(Path(args.engine).read_text())["meta"]["steps"]
     seed0 = json.loads(Path(args.engine).read_text())["meta"]["seed"]
     rows: list[dict[str, Any]] = []
+    if args.resume and Path(args.out).exists():
+        rows = json.loads(Path(args.out).read_text())["rows"]
+    done_tasks = {r["task"] for r in rows}
     for task in development_tasks():
         ref = engine.get(task.name)
-        if ref is None:
+        if ref is None or task.name in done_tasks:
             continue
         families = ref["search_space"]["augmentations"]
         warm = {t["number"]: t for t in ref["trials"]}

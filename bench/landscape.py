@@ -11,7 +11,7 @@ Only here are labels read (AUROC).
         --plot docs/img/landscape.png [--tasks a,b] [--steps 150] [--points 8]
     .venv/bin/python -m bench.landscape --report-only --out ... --plot ...
 
-Writes the JSON after each curve (a crash keeps what finished).
+Writes the JSON after each curve (a crash keeps what finished; --resume goes on from it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,14 @@ def curves_for(task: Task) -> list[tuple[str, str, dict[str, Any]]]:
             (fam, f"cutout fill={other}", {"fill": other})]
 
 
-def sweep(task: Task, grid: np.ndarray, steps: int, seed: int,
-          image_size: int | None) -> list[dict[str, Any]]:
+def sweep(task: Task, grid: np.ndarray, steps: int, seed: int, image_size: int | None,
+          done: set[tuple[str, str]], save: Callable[[dict[str, Any]], None]) -> None:
+    """Sweep each curve of ``task`` not in ``done`` and ``save`` it as soon as it ends."""
     data = prepare(task.train, task.test, torch.device("cpu"), image_size)
     settings = TrainSettings(steps=steps)
-    out = []
     for family, label, fixed in curves_for(task):
+        if (task.name, label) in done:
+            continue
         points = []
         for ps in grid:
             r = run_trial(data, family, {**fixed, "patch_size": float(ps)}, settings,
@@ -64,9 +67,8 @@ def sweep(task: Task, grid: np.ndarray, steps: int, seed: int,
             points.append({"patch_size": float(ps), "losses": r.losses,
                            "auroc": float(roc_auc_score(task.labels, r.scores)),
                            "total_s": r.timings["total_s"]})
-        out.append({"task": task.name, "truth": task.truth, "family": family,
-                    "curve": label, "image_size": data.image_size, "points": points})
-    return out
+        save({"task": task.name, "truth": task.truth, "family": family,
+              "curve": label, "image_size": data.image_size, "points": points})
 
 
 def argmin_ratio(curve: dict[str, Any], key: str) -> float:
@@ -144,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objectives", default="dsv,st-ssad,mmd")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the curves already in --out and sweep only the missing ones")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out)
     objectives = [o for o in args.objectives.split(",") if o]
+    curves: list[dict[str, Any]] = []
     if args.report_only:
         curves = json.loads(out.read_text())["curves"]
     else:
@@ -160,12 +165,19 @@ def main(argv: list[str] | None = None) -> int:
                            f"{torch.get_num_threads()} torch threads, torch "
                            f"{torch.__version__}",
                 "steps": args.steps, "grid": grid.tolist(), "seed": args.seed}
-        curves = []
+        if args.resume and out.exists():
+            curves = json.loads(out.read_text())["curves"]
         out.parent.mkdir(parents=True, exist_ok=True)
+
+        def save(curve: dict[str, Any]) -> None:
+            curves.append(curve)
+            out.write_text(json.dumps({"meta": meta, "curves": curves}, indent=1))
+            print(f"# {curve['task']} / {curve['curve']}: done", flush=True)
+
+        done = {(c["task"], c["curve"]) for c in curves}
         for task in tasks:
             t0 = time.perf_counter()
-            curves.extend(sweep(task, grid, args.steps, args.seed, args.image_size))
-            out.write_text(json.dumps({"meta": meta, "curves": curves}, indent=1))
+            sweep(task, grid, args.steps, args.seed, args.image_size, done, save)
             print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
     plot(curves, Path(args.plot), objectives)
     print(report(curves))

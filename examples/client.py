@@ -45,7 +45,7 @@ def follow(c: httpx.Client, job_id: str) -> dict:
                 job = json.loads(line[5:])
                 best = job["best"]["validation_loss"] if job["best"] else None
                 print(f"  {job['status']}: {job['progress']['trials_completed']}/"
-                      f"{job['progress']['n_trials']} trials, best loss {best}")
+                      f"{job['progress']['trials_planned']} trials, best loss {best}")
     return job
 
 
@@ -73,8 +73,11 @@ def main(train: str, test: str, new: str | None = None) -> int:
                                  "n_trials": N_TRIALS, "train_steps": TRAIN_STEPS},
                headers={"Idempotency-Key": str(uuid.uuid4())})
     r.raise_for_status()
-    job_id = r.json()["id"]
-    print(f"job {job_id}")
+    job_id, plan = r.json()["id"], r.json()["plan"]
+    print(f"job {job_id}: {plan['screen']['trials']} families screened, then "
+          f"{plan['refine']['trials']} full-length trials")
+    if plan["skipped_families"]:  # the budget (n_trials) is too small to try them all
+        print(f"  never tried: {', '.join(plan['skipped_families'])}")
     job = follow(c, job_id)
     if job["status"] != "succeeded":  # why: its error, and its last event
         last = c.get(f"/v1/jobs/{job_id}/events").json()["events"][-1]["message"]

@@ -45,13 +45,14 @@ job=$(api -f -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
   -H "Idempotency-Key: tune-$train_id-$test_id-$N_TRIALS-$TRAIN_STEPS" \
   -d "{\"train_dataset_id\": \"$train_id\", \"test_dataset_id\": \"$test_id\", \"n_trials\": $N_TRIALS, \"train_steps\": $TRAIN_STEPS}")
 job_id=$(field "['id']" <<<"$job")
-echo "job $job_id queued"
+planned=$(field "['progress']['trials_planned']" <<<"$job")
+echo "job $job_id queued: $(field "['plan']['screen']['trials']" <<<"$job") families screened, then $(field "['plan']['refine']['trials']" <<<"$job") full-length trials"
 
 while true; do
   state=$(api -f "$URL/v1/jobs/$job_id")
   status=$(field "['status']" <<<"$state")
   done_=$(field "['progress']['trials_completed']" <<<"$state")
-  echo "  $status: $done_/$N_TRIALS trials"
+  echo "  $status: $done_/$planned trials"
   case $status in
     succeeded) break ;;
     failed|cancelled)  # its error, and its last event (e.g. "cancelled while running")

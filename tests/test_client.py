@@ -60,7 +60,12 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         assert p.returncode == 0, p.stderr
         lines = p.stderr.splitlines()
         bars = [line for line in lines if line.startswith("[")]
-        assert bars[-1].startswith("[" + "#" * 20 + "] 3/3 trials  best ")
+        # 3 trial-equivalents: the 3 families screened, then 2 full-length trials.
+        assert bars[-1].startswith("[" + "#" * 20 + "] 5/5 trials  best ")
+        assert any(line.startswith("budget: 3 full-length trials = 90 training steps "
+                                   "(staged: screen 3 families × 10 steps, then 2 trials × "
+                                   "30 steps)") for line in p.stdout.splitlines() + lines)
+        assert any(line.startswith("selection: ") for line in p.stdout.splitlines() + lines)
         assert "succeeded" in bars[-1]
         assert any("running" in b and "ETA" in b for b in bars)  # followed live
         assert any(line.startswith("best: ") for line in lines)
@@ -102,7 +107,7 @@ def test_stream_sends_progress_until_the_end(pg_url: str, tmp_path: Path, digits
         assert seen[0]["status"] in ("queued", "running")
         assert seen[-1]["status"] == "succeeded"
         done = [j["progress"]["trials_completed"] for j in seen]
-        assert done == sorted(done) and done[-1] == 3 and len(set(done)) >= 3  # live steps
+        assert done == sorted(done) and done[-1] == 5 and len(set(done)) >= 3  # live steps
     finally:
         for proc in (worker, api):
             if proc is not None:
@@ -194,7 +199,7 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
         (loss, [float(number + i) for i in range(4)]) for number, loss in enumerate((0.5, 0.2))])
     assert cli.returncode == 1, stderr
     assert "job cancelled: cancelled while running (a cancel was requested" in stderr
-    assert "the job cancelled after 2 of 5 trials" in stderr
+    assert "the job cancelled after 2 of 11 trials" in stderr  # 5 trial-equivalents: 8 + 3
     assert "best trial that finished (trial 1: rotate" in stderr
     rows = list(csv.DictReader(out.open()))
     assert [float(r["score"]) for r in rows] == [1.0, 2.0, 3.0, 4.0]  # trial 1's scores

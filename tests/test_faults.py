@@ -72,12 +72,16 @@ def test_a_trial_out_of_device_memory_fails_alone(db_url: str, tmp_path: Path, d
         trials = api.get(f"/v1/jobs/{job_id}/trials").json()["trials"]
         events = api.get(f"/v1/jobs/{job_id}/events").json()["events"]
         assert api.get(f"/v1/jobs/{job_id}/trials/1/scores").status_code == 404
-    assert job["status"] == "succeeded" and job["progress"]["trials_completed"] == 2
+    # The default plan: 3 screen trials (trial 1 runs out of memory), 2 full-length ones.
+    assert job["status"] == "succeeded" and job["progress"]["trials_completed"] == 4
     states = {t["number"]: (t["state"], t["error"]) for t in trials}
     assert states[0] == ("COMPLETE", None) and states[2] == ("COMPLETE", None)
     assert states[1][0] == "FAIL" and "out of memory" in states[1][1]
     assert "batch_size" in states[1][1]  # says what to change
-    assert job["best"]["trial_number"] in (0, 2)
+    failed = next(t for t in trials if t["number"] == 1)
+    assert (failed["stage"], failed["train_steps"]) == ("screen", 2)  # it used its steps
+    assert job["progress"]["train_steps_done"] == job["progress"]["train_steps_planned"]
+    assert len(trials) == 5 and job["best"]["trial_number"] in (3, 4)  # full-length only
     assert any("trial 1 failed: out of memory" in (e["message"] or "") for e in events)
 
 
@@ -90,7 +94,7 @@ def test_a_job_whose_every_trial_runs_out_of_memory_fails_clearly(
         job = job_status(api, job_id)
         trials = api.get(f"/v1/jobs/{job_id}/trials").json()["trials"]
     assert job["status"] == "failed" and "out of memory" in job["error"]
-    assert [t["state"] for t in trials] == ["FAIL"] * 3
+    assert [t["state"] for t in trials] == ["FAIL"] * 5  # the whole plan, no more
 
 
 # --------------------------------------------------------------------------- Postgres down
@@ -117,6 +121,7 @@ def test_postgres_restart_under_a_running_job_and_a_serving_api(
             tr, te = upload_pair(c, npz(train[:60, 0]), npz(test[:40, 0]))
             job_id = c.post("/v1/jobs", json=tiny_job(tr, te, n_trials=4, train_steps=40)
                             ).json()["id"]
+            planned = c.get(f"/v1/jobs/{job_id}").json()["progress"]["trials_planned"]
             wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json()["progress"][
                 "trials_completed"] >= 1, timeout=120)
 
@@ -134,7 +139,7 @@ def test_postgres_restart_under_a_running_job_and_a_serving_api(
                             in ("succeeded", "failed") and j, timeout=240)
             assert done["status"] == "succeeded", done
             trials = c.get(f"/v1/jobs/{job_id}/trials").json()["trials"]
-            assert sum(t["state"] == "COMPLETE" for t in trials) == 4
+            assert sum(t["state"] == "COMPLETE" for t in trials) == planned == 6
             assert c.get(f"/v1/jobs/{job_id}/scores").status_code == 200
         worker.terminate()
         assert worker.wait(timeout=60) == 0

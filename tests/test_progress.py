@@ -23,7 +23,10 @@ def test_a_running_trial_reports_its_step_and_loss(pg_url: str, tmp_path: Path,
     train, test, _ = digits
     with client(pg_url) as api:
         tr, te = upload_pair(api, npz(train[:30, 0]), npz(test[:20, 0]))
-        job_id = api.post("/v1/jobs", json=tiny_job(tr, te, train_steps=50_000)).json()["id"]
+        created = api.post("/v1/jobs", json=tiny_job(tr, te, train_steps=50_000)).json()
+        job_id = created["id"]
+        screen_steps = created["plan"]["screen"]["train_steps_each"]  # the first trial's
+        assert screen_steps == 50_000 // 3
         engine = make_engine(pg_url)
         manager = JobManager(engine, lease_seconds=60)
         claimed = manager.claim_next_job("progress-test")
@@ -38,7 +41,7 @@ def test_a_running_trial_reports_its_step_and_loss(pg_url: str, tmp_path: Path,
                 return cur if cur is not None and cur["step"] > min_step else None
 
             first = wait_for(lambda: current(0), timeout=120)
-            assert first["number"] == 0 and first["steps"] == 50_000
+            assert first["number"] == 0 and first["steps"] == screen_steps
             assert isinstance(first["loss"], float) and first["at"]
             later = wait_for(lambda: current(first["step"]), timeout=60)  # it moves on
             assert later["step"] > first["step"] and later["number"] == 0

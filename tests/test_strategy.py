@@ -55,3 +55,30 @@ def test_unknown_strategies_and_empty_budgets_are_refused() -> None:
         plan_study("grid", 12, 400, DEFAULT_AUGMENTATIONS)
     with pytest.raises(ValueError):
         plan_study("staged", 0, 400, DEFAULT_AUGMENTATIONS)
+
+
+def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreement() -> None:
+    import numpy as np
+
+    from worker.core.selection import Candidate, decisiveness, ensemble_scores
+
+    a = np.array([0.0, 1.0, 2.0, 3.0, 9.0, 8.0, 0.5, 0.2, 0.1, 0.3])
+    same = a * 2 + 1  # flags the same images
+    other = -a  # flags the opposite ones
+    cands = [Candidate(4, "rotate", -0.2, other), Candidate(1, "cutout", -0.5, a),
+             Candidate(2, "cutout", -0.4, same), Candidate(3, "flip", 0.3, None)]
+    d = decisiveness(cands, contamination=0.2)
+    assert (d["best_trial"], d["best_family"]) == (1, "cutout")
+    assert (d["runner_up_family"], d["runner_up_trial"]) == ("rotate", 4)
+    assert d["family_gap"] == pytest.approx(0.3)
+    assert d["family_gap_share"] == pytest.approx(0.3 / 0.8)
+    assert d["top_trials"] == [1, 2, 4] and d["candidates"] == 4
+    # best vs same: the 2 flagged images coincide (1.0); best vs other: none do (0.0).
+    assert d["agreement_jaccard"] == pytest.approx(0.5)
+    assert d["agreement_spearman"] == pytest.approx(0.0)
+    z = ensemble_scores(cands[:3], k=2)  # the two cutout trials: the same ranking as a
+    assert list(np.argsort(z)) == list(np.argsort(a))
+    alone = decisiveness([Candidate(0, "rotate", 1.0, a)], contamination=0.1)
+    assert alone["runner_up_family"] is None and alone["agreement_jaccard"] is None
+    with pytest.raises(ValueError, match="scores"):
+        decisiveness([*cands[:1], Candidate(9, "x", -9.0, None)], contamination=0.1)

@@ -50,10 +50,14 @@ def test_small_real_study_prints_json_and_writes_scores(files: dict[str, Path]) 
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert out["best"]["augmentation"] in {"cutout", "rotate", "noise"}
-    assert len(out["trials"]) == 4
+    # 4 trial-equivalents: the 3 families screened (one equivalent), 3 full-length trials.
+    assert out["plan"]["screen"]["trials"] == 3 and out["plan"]["refine"]["trials"] == 3
+    assert len(out["trials"]) == 6
     assert [t["augmentation"] for t in out["trials"][:3]] == ["cutout", "rotate", "noise"]
-    best_loss = min(t["validation_loss"] for t in out["trials"])
+    assert [t["stage"] for t in out["trials"]] == ["screen"] * 3 + ["refine"] * 3
+    best_loss = min(t["validation_loss"] for t in out["trials"][3:])
     assert out["best"]["validation_loss"] == best_loss
+    assert out["selection"]["best_trial"] == out["best"]["number"]
     rows = list(csv.DictReader(out_csv.open()))
     n_test = len(np.load(files["test"]))
     assert [int(r["index"]) for r in rows] == list(range(n_test))

@@ -54,12 +54,32 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         assert worker.wait(timeout=240) == 0
         done = job_status(api, job["id"])
         assert done["status"] == "succeeded", done
-        assert done["attempt"] == 1 and done["progress"]["trials_completed"] == 3
+        # The default (staged) plan of 3 trial-equivalents of 6 steps: the 3 families
+        # screened at 2 steps, then 2 full-length trials; the budget used exactly.
+        progress = done["progress"]
+        assert done["attempt"] == 1 and progress["trials_completed"] == 5
+        assert progress["train_steps_done"] == progress["train_steps_planned"] == 18
+        assert progress["estimated_remaining_s"] is None  # the job has ended
         trials = api.get(f"/v1/jobs/{job['id']}/trials").json()["trials"]
-        assert [t["augmentation"] for t in trials] == ["invert", "flip", "rotate"]
-        best = min(trials, key=lambda t: t["validation_loss"])
+        assert [(t["augmentation"], t["stage"], t["train_steps"]) for t in trials[:3]] == [
+            ("invert", "screen", 2), ("flip", "screen", 2), ("rotate", "screen", 2)]
+        refine = trials[3:]
+        assert [(t["stage"], t["train_steps"]) for t in refine] == [("refine", 6)] * 2
+        leaders = [t["augmentation"] for t in sorted(trials[:3], key=lambda t: (
+            t["validation_loss"], t["number"]))][:2]
+        assert [t["augmentation"] for t in refine] == leaders  # each leader at its defaults
+        best = min(refine, key=lambda t: t["validation_loss"])  # never a screen trial
         assert done["best"]["trial_number"] == best["number"]
         assert done["best"]["validation_loss"] == best["validation_loss"]
+        # How decisive the choice was, computed from the stored full-length trials.
+        sel = done["selection"]
+        other = next(t for t in refine if t["number"] != best["number"])
+        assert sel["best_trial"] == best["number"] and sel["candidates"] == 2
+        assert sel["runner_up_trial"] == other["number"]
+        assert sel["family_gap"] == pytest.approx(other["validation_loss"]
+                                                  - best["validation_loss"])
+        assert sel["top_trials"] == [best["number"], other["number"]]
+        assert 0.0 <= sel["agreement_jaccard"] <= 1.0
         scores = api.get(f"/v1/jobs/{job['id']}/scores").json()
         assert scores["trial_number"] == best["number"]
         assert [s["index"] for s in scores["scores"]] == list(range(n_test))
@@ -81,8 +101,9 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
     study = optuna.load_study(study_name=f"job-{job['id']}",
                               storage=optuna_storage_url(db_url.replace("+psycopg", "")
                                                          if "postgresql" in db_url else db_url))
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    assert study.best_value == done["best"]["validation_loss"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
+    assert study.user_attrs["refine_leaders"] == leaders
+    assert min(t.value for t in study.trials[3:]) == done["best"]["validation_loss"]
 
 
 def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,
@@ -112,8 +133,8 @@ def test_killed_worker_job_is_finished_by_another_without_redoing_trials(
     families = ["invert", "flip", "mask", "noise", "rotate"]
     with client(pg_url) as api:
         tr, te = upload_pair(api, train_b, test_b)
-        job = api.post("/v1/jobs", json=tiny_job(
-            tr, te, n_trials=5, train_steps=60,
+        job = api.post("/v1/jobs", json=tiny_job(  # one full-length trial per family
+            tr, te, n_trials=5, train_steps=60, strategy="tpe",
             search_space={"augmentations": families})).json()
         first = start_worker(pg_url, tmp_path, SSAD_LEASE_SECONDS="3")
         wait_for(lambda: job_status(api, job["id"])["progress"]["trials_completed"] >= 2,
@@ -161,7 +182,9 @@ def test_sigterm_gives_the_job_back_and_another_worker_finishes_it(
         assert second.wait(timeout=240) == 0
         done = job_status(api, job["id"])
         assert done["status"] == "succeeded" and done["attempt"] == 2
-        assert done["progress"]["trials_completed"] == 2
+        # The staged plan (3 families screened, 1 full-length trial), exactly, across both.
+        assert done["progress"]["trials_completed"] == done["progress"]["trials_planned"] == 4
+        assert len(api.get(f"/v1/jobs/{job['id']}/trials").json()["trials"]) == 4
 
 
 def test_zombie_writes_are_fenced_and_attempts_are_capped(db_url: str) -> None:

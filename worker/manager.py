@@ -262,15 +262,19 @@ class JobManager:
 
     @retry_transient
     def record_failed_trial(self, job_id: str, attempt: int, number: int, *,
-                            augmentation: str, params: Mapping[str, Any], reason: str) -> None:
-        """Store a trial that could not finish (state FAIL) with its reason."""
+                            augmentation: str, params: Mapping[str, Any], reason: str,
+                            stage: str | None = None, train_steps: int | None = None) -> None:
+        """Store a trial that could not finish (state FAIL) with its reason; it used up
+        its ``train_steps`` of the plan."""
         with self._tx() as s:
             if not self._fenced_new_trial(s, job_id, attempt, number):
                 return
             s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state=TrialState.FAIL,
                            augmentation=augmentation, params=dict(params),
                            validation_loss=None, losses={}, timings={}, duration_s=0.0,
-                           error=reason[:4000]))
+                           error=reason[:4000], stage=stage, train_steps=train_steps))
+            s.flush()
+            self._update_progress(s, job_id)
             record_event(s, job_id, JobStatus.running, attempt,
                          f"trial {number} failed: {reason}"[:4000])
 
@@ -304,11 +308,15 @@ class JobManager:
 
     def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
         best = self._best_trial(s, job_id)
+        # Steps done: the plan's steps used up, failed trials' too; the pace (seconds per
+        # step) comes from the completed ones only.
         completed, steps, seconds = s.execute(select(
-            func.count(), func.coalesce(func.sum(JobTrial.train_steps), 0),
-            func.coalesce(func.sum(case((JobTrial.train_steps.is_not(None),
+            func.count().filter(JobTrial.state == TrialState.COMPLETE),
+            func.coalesce(func.sum(JobTrial.train_steps), 0),
+            func.coalesce(func.sum(case((JobTrial.train_steps.is_not(None)
+                                         & (JobTrial.state == TrialState.COMPLETE),
                                          JobTrial.duration_s), else_=0.0)), 0.0),
-        ).where(JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE)).one()
+        ).where(JobTrial.job_id == job_id)).one()
         s.execute(update(Job).where(Job.id == job_id).values(
             trials_completed=completed, train_steps_done=int(steps),
             train_seconds_done=float(seconds),

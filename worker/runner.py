@@ -172,9 +172,11 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
                      f" ({r.stage})" if r.stage else "", r.augmentation, r.validation_loss,
                      r.timings["total_s"])
 
-        def record_failure(number: int, family: str, params: dict[str, Any], reason: str) -> None:
+        def record_failure(number: int, family: str, params: dict[str, Any], reason: str,
+                           stage: str | None, train_steps: int) -> None:
             manager.record_failed_trial(job.id, job.attempt, number, augmentation=family,
-                                        params=params, reason=reason)
+                                        params=params, reason=reason, stage=stage,
+                                        train_steps=train_steps)
             log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
 
         storage = ctx.open_storage()
@@ -185,7 +187,12 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
                            on_fail=record_failure, on_progress=hb.report_progress)
         store_augmentation_sample(manager, job, data.train, result.best.augmentation,
                                   result.best.params, spec.seed)
-        manager.finish(job.id, job.attempt, selection_summary(manager, job.id, spec))
+        try:
+            selection = selection_summary(manager, job.id, spec)
+        except Exception:  # a summary is not worth failing a finished study over
+            log.exception("job %s: could not summarise how decisive the choice was", job.id)
+            selection = None
+        manager.finish(job.id, job.attempt, selection)
         return "succeeded"
     except LostLease:
         log.warning("job %s: lease lost; dropping attempt %d", job.id, job.attempt)

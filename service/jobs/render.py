@@ -49,7 +49,7 @@ def job_plan(job: Job) -> StudyPlan | None:
 def _progress(job: Job, plan: StudyPlan | None) -> Progress:
     remaining = None
     active = job.status in (JobStatus.queued, JobStatus.running)
-    if plan is not None and job.train_steps_done > 0 and active:
+    if plan is not None and job.train_seconds_done > 0 and active:
         pace = job.train_seconds_done / job.train_steps_done
         remaining = max(0, plan.total_steps - job.train_steps_done) * pace
     return Progress(n_trials=job.n_trials, trials_completed=job.trials_completed,

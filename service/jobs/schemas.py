@@ -104,8 +104,8 @@ class Progress(BaseModel):
         None, description="training steps the plan runs in all (at most n_trials × "
                           "train_steps)")
     estimated_remaining_s: float | None = Field(
-        None, description="the plan's remaining training steps at the pace of the finished "
-                          "trials on this job's worker; null before the first trial ends")
+        None, description="the plan's remaining training steps at the pace of the job's "
+                          "finished trials; null before the first trial ends")
     current_trial: TrialProgress | None = Field(
         None, description="while a trial trains: its step and latest training loss")
 
@@ -249,8 +249,9 @@ class TrialOut(BaseModel):
     attempt: int
     error: str | None = Field(None, description="why a FAIL trial failed")
     stage: Literal["screen", "refine"] | None = Field(
-        None, description="staged strategy: screen (short, never chosen) or refine; null "
-                          "for the tpe strategy")
+        None, description="staged strategy: screen (short; chosen only if no full-length "
+                          "trial completed) or refine; null for the tpe strategy and for "
+                          "trials stored before stages existed")
     train_steps: int | None = Field(None, description="how long its detector trained")
 
 

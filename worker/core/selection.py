@@ -71,7 +71,8 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
     for other in top[1:]:
         theirs = _flagged(_scores(other), contamination)
         jaccard.append(len(flagged & theirs) / len(flagged | theirs))
-        rho.append(float(spearmanr(best_scores, _scores(other)).statistic))
+        r = float(spearmanr(best_scores, _scores(other)).statistic)
+        rho.append(r if np.isfinite(r) else 0.0)  # constant scores: no rank agreement
     return {
         "best_trial": best.number, "best_family": best.augmentation,
         "runner_up_family": None if runner is None else runner.augmentation,

@@ -179,15 +179,17 @@ def warm_start_configurations(space: SearchSpace) -> list[dict[str, Any]]:
 
 def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
     if settings.strategy == "staged":
-        # Enqueued screen, anchor and probe trials first; TPE proper right after them.
-        n_startup = settings.plan.n_screen + settings.leaders + 2
+        # Queued screen, anchor and probe trials first (the probe's patch size drawn at
+        # random, not next to the anchor's); TPE proper right after them.
+        plan = settings.plan
+        n_startup = min(plan.n_screen + settings.leaders + 2, max(1, plan.total_trials - 1))
     else:
-        n_startup = len(settings.search_space.augmentations) if settings.warm_start else 10
+        n_startup = min(len(settings.search_space.augmentations) if settings.warm_start
+                        else 10, max(1, settings.n_trials - 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=settings.seed, multivariate=True, group=True,
-            n_startup_trials=min(n_startup, max(1, settings.n_trials - 1)),
+            seed=settings.seed, multivariate=True, group=True, n_startup_trials=n_startup,
         )
 
 
@@ -197,20 +199,23 @@ def create_study(
 ) -> optuna.Study:
     """Create, or load if it exists in ``storage``, the study (minimising the loss)."""
     pruner: optuna.pruners.BasePruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+        # n_min_trials: a staged study's screen trials report nothing, so counting them
+        # towards the start-up would prune against a single full-length trial.
+        optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0, n_min_trials=4)
         if settings.pruning else optuna.pruners.NopPruner()
     )
     study = optuna.create_study(
         storage=storage, study_name=study_name, direction="minimize",
         sampler=make_sampler(settings), pruner=pruner, load_if_exists=True,
     )
-    if not study.trials:
-        if settings.strategy == "staged":
-            for family in settings.plan.screen_families:
-                study.enqueue_trial(default_configuration(settings.search_space, family))
-        elif settings.warm_start:
-            for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
-                study.enqueue_trial(params, skip_if_exists=True)
+    if settings.strategy == "staged":
+        # On every start, so a process that died while queueing them leaves none out.
+        for family in settings.plan.screen_families:
+            study.enqueue_trial(default_configuration(settings.search_space, family),
+                                skip_if_exists=True)
+    elif not study.trials and settings.warm_start:
+        for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
+            study.enqueue_trial(params, skip_if_exists=True)
     return study
 
 
@@ -299,6 +304,11 @@ def rerun_interrupted_trials(
         if stored is not None:
             study.tell(t.number, stored)
             continue
+        if FAILED_REASON in t.user_attrs:
+            # It failed on its own (out of memory, a non-finite loss) and the process died
+            # before Optuna recorded it: settle it as failed, do not run it again.
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            continue
         rerun.append(t.number)
         # Optuna's public API cannot set an attribute on a trial this process did not start,
         # so the reason is kept on the study (read it with ``failed_reason``).
@@ -344,7 +354,8 @@ def run_study(
     on_trial: Callable[[int, TrialResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     recover: Callable[[int], float | None] | None = None,
-    on_fail: Callable[[int, str, dict[str, ParamValue], str], None] | None = None,
+    on_fail: Callable[[int, str, dict[str, ParamValue], str, str | None, int], None]
+    | None = None,
     on_progress: Callable[[int, int, int, float], None] | None = None,
 ) -> StudyResult:
     """Run (or resume) the study until it holds ``n_trials`` finished trials.
@@ -358,7 +369,8 @@ def run_study(
     passed to :func:`rerun_interrupted_trials` when a study is resumed.
 
     A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
-    with its reason (``on_fail(number, family, params, reason)``) and the study goes on; it
+    with its reason (``on_fail(number, family, params, reason, stage, train_steps)``) and
+    the study goes on; it
     counts against ``n_trials``. Any other exception ends the study. The best trial is the
     completed one with the lowest loss. ``on_progress(number, step, steps, loss)`` reports
     the running trial's training (see ``run_trial``'s ``progress``).
@@ -371,11 +383,11 @@ def run_study(
     current: list[str | None] = [None]  # the stage being run (its trials are run in order)
 
     def fail(trial: optuna.Trial, family: str, params: dict[str, ParamValue],
-             reason: str) -> NoReturn:
+             reason: str, stage: str | None, train_steps: int) -> NoReturn:
         trial.set_user_attr(FAILED_REASON, reason)
         failures.append(f"trial {trial.number} ({family}): {reason}")
         if on_fail is not None:
-            on_fail(trial.number, family, params, reason)
+            on_fail(trial.number, family, params, reason, stage, train_steps)
         raise TrialFailed(reason)
 
     def objective(trial: optuna.Trial) -> float:
@@ -422,15 +434,21 @@ def run_study(
             reason = out_of_memory_reason(exc)
             if reason is None:
                 raise
-            fail(trial, family, params, reason)
+            fail(trial, family, params, reason, stage, train.steps)
         if not math.isfinite(result.validation_loss):
             fail(trial, family, params, f"the validation loss is not finite "
-                                        f"({result.validation_loss})")
+                                        f"({result.validation_loss})", stage, train.steps)
         result = dataclasses.replace(result, stage=stage)
         # The caller's copy first: if the study's storage fails next, the result survives
         # and a resumed study completes this trial from it (``recover``).
         if on_trial is not None:
-            on_trial(trial.number, result)
+            try:
+                on_trial(trial.number, result)
+            except BaseException:
+                # Not stored (a database outage, a lost lease): a resumed study runs this
+                # configuration again instead of drawing another in its place.
+                study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+                raise
         results[trial.number] = result
         trial.set_user_attr("losses", result.losses)
         trial.set_user_attr("timings", result.timings)
