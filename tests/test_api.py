@@ -125,6 +125,10 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
     assert api.get("/v1/jobs", params={"status": "queued"}).json()["total"] == 1
     assert api.get("/v1/jobs", params={"status": "running"}).json()["total"] == 0
     assert_error(api.get(f"/v1/jobs/{job['id']}/scores"), 409, "Conflict", "queued")
+    assert_error(api.get(f"/v1/jobs/{job['id']}/scores", params={"ensemble": 3}), 409,
+                 "Conflict", "queued")
+    assert_error(api.get(f"/v1/jobs/{job['id']}/scores", params={"ensemble": 1}), 422,
+                 "ValidationError", "ensemble")
     assert_error(api.get(f"/v1/jobs/{job['id']}/trials/0/scores"), 404, "NotFound")
     assert api.get(f"/v1/jobs/{job['id']}/trials").json() == {"job_id": job["id"], "trials": []}
     # A dataset a job uses cannot be deleted; nor can a queued job.

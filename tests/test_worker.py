@@ -80,6 +80,19 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
                                                   - best["validation_loss"])
         assert sel["top_trials"] == [best["number"], other["number"]]
         assert 0.0 <= sel["agreement_jaccard"] <= 1.0
+        # The top-2 ensemble: the z-scored mean of the two full-length trials' scores.
+        ens = api.get(f"/v1/jobs/{job['id']}/scores", params={"ensemble": 2}).json()
+        assert ens["trial_number"] == best["number"]
+        assert ens["ensemble_trials"] == [best["number"], other["number"]]
+        each = [np.array([s["score"] for s in api.get(
+            f"/v1/jobs/{job['id']}/trials/{n}/scores").json()["scores"]])
+            for n in ens["ensemble_trials"]]
+        expected = np.mean([(a - a.mean()) / (a.std() + 1e-12) for a in each], axis=0)
+        assert np.allclose([s["score"] for s in ens["scores"]], expected)
+        ens_csv = api.get(f"/v1/jobs/{job['id']}/scores",
+                          params={"ensemble": 2, "format": "csv"})
+        assert "ensemble-2-scores.csv" in ens_csv.headers["content-disposition"]
+        assert len(ens_csv.text.splitlines()) == n_test + 1
         scores = api.get(f"/v1/jobs/{job['id']}/scores").json()
         assert scores["trial_number"] == best["number"]
         assert [s["index"] for s in scores["scores"]] == list(range(n_test))

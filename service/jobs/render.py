@@ -84,7 +84,7 @@ def trial_out(t: JobTrial) -> TrialOut:
 
 
 def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
-                  fmt: str) -> bytes:
+                  fmt: str, ensemble: list[int] | None = None) -> bytes:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -92,9 +92,11 @@ def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
         w.writerows((i, n, repr(s)) for i, n, s in rows)
         return buf.getvalue().encode()
     # Plain dicts and the C JSON encoder: 10,000 pydantic objects cost more than the query.
-    return json.dumps({"job_id": job_id, "trial_number": number,
-                       "scores": [{"index": i, "name": n, "score": s} for i, n, s in rows]},
-                      allow_nan=False, separators=(",", ":")).encode()
+    body: dict[str, Any] = {"job_id": job_id, "trial_number": number}
+    if ensemble is not None:
+        body["ensemble_trials"] = ensemble
+    body["scores"] = [{"index": i, "name": n, "score": s} for i, n, s in rows]
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
 
 
 def scores_body(session: Session, tenant_id: str, job_id: str, number: int | None,
@@ -112,6 +114,19 @@ def scores_body(session: Session, tenant_id: str, job_id: str, number: int | Non
         return render_scores(job_id, n, rows, fmt)
 
     return trial, RENDERED.get((job_id, trial, fmt), render)
+
+
+def ensemble_body(session: Session, tenant_id: str, job_id: str, k: int,
+                  fmt: str) -> tuple[int, bytes]:
+    """The top-``k`` ensemble's scores in ``fmt`` (a succeeded job's trials never change:
+    rendered once per process, like the best trial's)."""
+    number = service.best_trial(session, tenant_id, job_id)  # ownership, 409 if not done
+
+    def render() -> bytes:
+        best, trials, rows = service.ensemble_scores(session, tenant_id, job_id, k)
+        return render_scores(job_id, best, rows, fmt, ensemble=trials)
+
+    return number, RENDERED.get((job_id, number, f"ensemble-{k}-{fmt}"), render)
 
 
 def plot_png(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:

@@ -11,7 +11,15 @@ from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StreamTenan
 from service.errors import error_responses
 from service.jobs import service
 from service.jobs.events import progress_stream
-from service.jobs.render import MEDIA, job_out, job_summary, plot_png, scores_body, trial_out
+from service.jobs.render import (
+    MEDIA,
+    ensemble_body,
+    job_out,
+    job_summary,
+    plot_png,
+    scores_body,
+    trial_out,
+)
 from service.jobs.schemas import (
     EventList,
     EventOut,
@@ -24,6 +32,7 @@ from service.jobs.schemas import (
     TrialList,
 )
 from service.params import JobId, Limit, Offset, TrialNumber, reject_unknown_query_params
+from ssad_common.ensemble import MAX_K, MIN_K
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"],
                    dependencies=[Depends(reject_unknown_query_params)])
@@ -107,13 +116,19 @@ def list_events(session: SessionDep, tenant: TenantDep, job_id: JobId) -> EventL
 
 
 def scores_response(session: Session, tenant_id: str, job_id: str, number: int | None,
-                    fmt: str, request: Request) -> Response:
+                    fmt: str, request: Request, ensemble: int | None = None) -> Response:
     best = number is None
-    number, body = scores_body(session, tenant_id, job_id, number, fmt)
-    etag = f'"{job_id}-{number}-{fmt}"'
+    if ensemble is not None:
+        number, body = ensemble_body(session, tenant_id, job_id, ensemble, fmt)
+        etag = f'"{job_id}-{number}-ensemble-{ensemble}-{fmt}"'
+    else:
+        number, body = scores_body(session, tenant_id, job_id, number, fmt)
+        etag = f'"{job_id}-{number}-{fmt}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
     if fmt == "csv":  # a browser or `curl -OJ` saves it under a name that says what it is
-        name = f"{job_id}-scores.csv" if best else f"{job_id}-trial-{number}-scores.csv"
+        name = (f"{job_id}-ensemble-{ensemble}-scores.csv" if ensemble is not None
+                else f"{job_id}-scores.csv" if best
+                else f"{job_id}-trial-{number}-scores.csv")
         headers["Content-Disposition"] = f'attachment; filename="{name}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
@@ -129,8 +144,15 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the best trial), in test order")
 def job_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, request: Request,
-               format: Literal["json", "csv"] = "json") -> Response:
-    return scores_response(session, tenant, job_id, None, format, request)
+               format: Literal["json", "csv"] = "json",
+               ensemble: Annotated[int | None, Query(
+                   ge=MIN_K, le=MAX_K,
+                   description="instead of the best trial's scores: the mean of the z-scored "
+                               "scores of the best `ensemble` full-length trials (listed in "
+                               "`ensemble_trials`). Worth it when the job's `selection` is "
+                               "not decisive (docs/benchmarks.md §7)")] = None,
+               ) -> Response:
+    return scores_response(session, tenant, job_id, None, format, request, ensemble)
 
 
 @router.get("/{job_id}/trials/{number}/scores", response_model=ScoresOut,

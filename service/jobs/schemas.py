@@ -283,7 +283,9 @@ class ScoresOut(BaseModel):
             {"index": 1, "name": "part_0001.png", "score": 9.87}]}})
 
     job_id: str
-    trial_number: int
+    trial_number: int = Field(description="the best trial (also with ?ensemble=k)")
+    ensemble_trials: list[int] | None = Field(
+        None, description="with ?ensemble=k: the trials averaged, best first")
     scores: list[ScoreItem]
 
 

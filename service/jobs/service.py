@@ -20,6 +20,7 @@ from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 from service.settings import ApiSettings
 from ssad_common import blobs
+from ssad_common.ensemble import zscore_mean
 from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec, spec_dump
 from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
 from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
@@ -182,6 +183,25 @@ def scores(session: Session, tenant_id: str, job_id: str, trial_number: int
     names = test.names if test is not None else []
     rows = repo.trial_scores(session, job_id, trial_number)
     return trial_number, [(i, names[i] if i < len(names) else str(i), s) for i, s in rows]
+
+
+def ensemble_scores(session: Session, tenant_id: str, job_id: str, k: int
+                    ) -> tuple[int, list[int], list[tuple[int, str, float]]]:
+    """(best trial, the trials ensembled, [(index, name, score)]): the mean of the z-scored
+    scores of the succeeded job's ``k`` best selectable trials (full-length ones; the
+    screen's only if none completed), best first, as the worker chose its best."""
+    number = best_trial(session, tenant_id, job_id)  # ownership; 409 unless succeeded
+    job = get_job(session, tenant_id, job_id)
+    done = [t for t in repo.list_trials(session, job_id)
+            if t.state == TrialState.COMPLETE and t.validation_loss is not None]
+    full = [t for t in done if t.stage != "screen"] or done
+    top = sorted(full, key=lambda t: (t.validation_loss, t.number))[:k]
+    mean = zscore_mean([np.array([s for _, s in repo.trial_scores(session, job_id, t.number)])
+                        for t in top])
+    test = dataset_repo.get_dataset(session, tenant_id, job.test_dataset_id)
+    names = test.names if test is not None else []
+    rows = [(i, names[i] if i < len(names) else str(i), float(v)) for i, v in enumerate(mean)]
+    return number, [t.number for t in top], rows
 
 
 def list_events(session: Session, tenant_id: str, job_id: str) -> Sequence[JobEvent]:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from ssad_common.ensemble import zscore_mean
+
 #: How many of the best candidates the agreement and the ensemble use.
 TOP_K = 3
 
@@ -92,5 +94,4 @@ def ensemble_scores(candidates: Sequence[Candidate], k: int = TOP_K) -> np.ndarr
     ranked = sorted(candidates, key=lambda c: (c.validation_loss, c.number))[:k]
     if not ranked:
         raise ValueError("no candidate to ensemble")
-    z = [(s - s.mean()) / (s.std() + 1e-12) for s in map(_scores, ranked)]
-    return np.mean(z, axis=0)
+    return zscore_mean([_scores(c) for c in ranked])
