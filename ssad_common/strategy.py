@@ -27,9 +27,9 @@ plan when a job is created, and the worker runs it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, Protocol, TypeVar, get_args
 
 StrategyName = Literal["staged", "tpe"]
 STRATEGIES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
@@ -40,6 +40,30 @@ DEFAULT_STRATEGY: Final[StrategyName] = "staged"
 SCREEN_TRIALS_PER_EQUIVALENT: Final = 4
 #: Families carried from the screen to the refine stage (plus the best local family).
 LEADERS: Final = 2
+#: A trial's stage under the staged strategy (``job_trials.stage``; None under tpe).
+SCREEN: Final = "screen"
+REFINE: Final = "refine"
+
+
+class _Trial(Protocol):
+    @property
+    def number(self) -> int: ...
+    @property
+    def stage(self) -> str | None: ...
+    @property
+    def validation_loss(self) -> float | None: ...
+
+
+T = TypeVar("T", bound=_Trial)
+
+
+def selectable(completed: Iterable[T]) -> list[T]:
+    """The completed trials the result is chosen among, best (lowest loss) first: the
+    full-length ones, or the screen's when no full-length trial completed. The one rule
+    behind the study's best, the job's ``best`` and ``selection``, and ``?ensemble=k``."""
+    done = [t for t in completed if t.validation_loss is not None]
+    full = [t for t in done if t.stage != SCREEN] or done
+    return sorted(full, key=lambda t: (t.validation_loss, t.number))
 
 
 @dataclass(frozen=True)

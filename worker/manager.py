@@ -34,6 +34,7 @@ from ssad_common.models import (
     TrialScore,
     utcnow,
 )
+from ssad_common.strategy import SCREEN, selectable
 
 log = logging.getLogger("ssad.worker")
 
@@ -335,25 +336,20 @@ class JobManager:
     @staticmethod
     def _best_trial(s: Session, job_id: str) -> JobTrial | None:
         """The lowest-loss trial; a staged screen's (short) trial only if no other
-        completed, as in worker.core.study."""
+        completed: ssad_common.strategy.selectable's order, in SQL (one row, every trial)."""
         return s.scalars(select(JobTrial).where(
             JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))
-            .order_by(case((JobTrial.stage == "screen", 1), else_=0),
+            .order_by(case((JobTrial.stage == SCREEN, 1), else_=0),
                       JobTrial.validation_loss, JobTrial.number).limit(1)).first()
 
     @retry_transient
     def selectable_trials(self, job_id: str, k: int
                           ) -> list[tuple[JobTrial, list[float] | None]]:
-        """The selectable trials, best first (as :meth:`_best_trial` orders them; screen
-        trials left out when any other completed), the first ``k`` with their scores in
-        test order."""
+        """The selectable trials, best first (ssad_common.strategy.selectable), the first
+        ``k`` with their scores in test order."""
         with self._tx() as s:
-            rows = list(s.scalars(select(JobTrial).where(
-                JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))
-                .order_by(case((JobTrial.stage == "screen", 1), else_=0),
-                          JobTrial.validation_loss, JobTrial.number)))
-            if any(r.stage != "screen" for r in rows):
-                rows = [r for r in rows if r.stage != "screen"]
+            rows = selectable(s.scalars(select(JobTrial).where(
+                JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE)))
             out: list[tuple[JobTrial, list[float] | None]] = []
             for i, r in enumerate(rows):
                 scores = None if i >= k else list(s.scalars(select(TrialScore.score).where(

@@ -25,6 +25,7 @@ from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec, spec_dump
 from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
 from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
 from ssad_common.search_space import SearchSpace, auto_image_size
+from ssad_common.strategy import selectable
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -192,10 +193,8 @@ def ensemble_scores(session: Session, tenant_id: str, job_id: str, k: int
     screen's only if none completed), best first, as the worker chose its best."""
     number = best_trial(session, tenant_id, job_id)  # ownership; 409 unless succeeded
     job = get_job(session, tenant_id, job_id)
-    done = [t for t in repo.list_trials(session, job_id)
-            if t.state == TrialState.COMPLETE and t.validation_loss is not None]
-    full = [t for t in done if t.stage != "screen"] or done
-    top = sorted(full, key=lambda t: (t.validation_loss, t.number))[:k]
+    top = selectable(t for t in repo.list_trials(session, job_id)
+                     if t.state == TrialState.COMPLETE)[:k]
     mean = zscore_mean([np.array([s for _, s in repo.trial_scores(session, job_id, t.number)])
                         for t in top])
     test = dataset_repo.get_dataset(session, tenant_id, job.test_dataset_id)

@@ -42,7 +42,16 @@ from ssad_common.search_space import (
     ParamValue,
     SearchSpace,
 )
-from ssad_common.strategy import DEFAULT_STRATEGY, LEADERS, STRATEGIES, StudyPlan, plan_study
+from ssad_common.strategy import (
+    DEFAULT_STRATEGY,
+    LEADERS,
+    REFINE,
+    SCREEN,
+    STRATEGIES,
+    StudyPlan,
+    plan_study,
+    selectable,
+)
 from worker.core.data import PreparedData
 from worker.core.device import out_of_memory_reason
 from worker.core.objectives import get_objective
@@ -53,7 +62,6 @@ AUGMENTATION_KEY = "augmentation"
 FAILED_REASON = "error"  # the trial's user attribute naming why it failed
 #: Refine-stage parameters carry this prefix: TPE models them apart from the screen's.
 REFINE_PREFIX = "refine."
-SCREEN, REFINE = "screen", "refine"
 LEADERS_ATTR = "refine_leaders"  # the study's user attribute holding the refine families
 
 
@@ -132,7 +140,7 @@ class StudyResult:
     @property
     def eligible(self) -> list[TrialRecord]:
         """The completed trials the best was chosen among (full-length ones), best first."""
-        return _eligible(self.trials)
+        return selectable(t for t in self.trials if t.state == "COMPLETE")
 
     @property
     def best_scores(self) -> np.ndarray | None:
@@ -279,14 +287,6 @@ def start_refine(study: optuna.Study, settings: StudySettings) -> list[str]:
     for params in queued[:n_refine]:
         study.enqueue_trial(params, skip_if_exists=True)
     return leaders
-
-
-def _eligible(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
-    """Completed trials that may be chosen, best first: the full-length ones (every trial
-    but the staged screen's), or the screen's when no full-length trial completed."""
-    done = [t for t in trials if t.state == "COMPLETE" and t.validation_loss is not None]
-    full = [t for t in done if t.stage != SCREEN] or done
-    return sorted(full, key=lambda t: (t.validation_loss, t.number))
 
 
 def rerun_interrupted_trials(
@@ -470,7 +470,7 @@ def run_study(
     else:
         run_stage(None, settings.n_trials)
     trials = [_record(t, results.get(t.number)) for t in study.get_trials(deepcopy=False)]
-    eligible = _eligible(trials)
+    eligible = selectable(t for t in trials if t.state == "COMPLETE")
     if not eligible:
         detail = f"; first failure: {failures[0]}" if failures else ""
         raise RuntimeError(f"no trial completed: every trial failed or was pruned{detail}")
