@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
-from ssad_common.models import Job, JobStatus, JobTrial, TrialState, utcnow
+from ssad_common.models import Job, JobSlot, JobStatus, JobTrial, TrialState, utcnow
 
 log = logging.getLogger("ssad.api")
 
@@ -55,8 +55,8 @@ class DatabaseCollector(Collector):
                 select(Job.status, func.count()).group_by(Job.status)).all())
             oldest = conn.execute(select(func.min(Job.created_at)).where(
                 Job.status == JobStatus.queued)).scalar()
-            beats = conn.execute(select(Job.worker_id, func.min(Job.heartbeat_at)).where(
-                Job.status == JobStatus.running).group_by(Job.worker_id)).all()
+            beats = conn.execute(select(JobSlot.worker_id, func.min(JobSlot.heartbeat_at))
+                                 .group_by(JobSlot.worker_id)).all()
             trials = dict(conn.execute(
                 select(JobTrial.state, func.count()).group_by(JobTrial.state)).all())
             done = JobTrial.state == TrialState.COMPLETE

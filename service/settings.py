@@ -43,6 +43,11 @@ class ApiSettings(CommonSettings):
         50_000_000, description="training images one job may process: n_trials × "
         "train_steps × batch_size (403 ComputeQuotaExceeded beyond it)")
     idempotency_ttl_hours: float = 24.0
+    # Parallel trials (a job's `parallelism`): what a job gets when it does not say, and the
+    # most it may ask for (422 beyond it). 1 suits the embedded single-worker mode; a fleet
+    # of N workers sets the default nearer N.
+    default_parallelism: int = Field(1, ge=1)
+    max_parallelism: int = Field(16, ge=1)
 
     def for_embedded_mode(self) -> ApiSettings:
         """What ``python -m service`` runs with: on SQLite (single user, one machine) no keys

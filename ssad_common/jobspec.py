@@ -39,6 +39,8 @@ Contamination = Annotated[float, Field(gt=0, lt=1)]
 TrainSteps = Annotated[int, Field(ge=1, le=100_000)]
 BatchSize = Annotated[int, Field(ge=2, le=4096)]
 Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+#: Trials of one job run at once (on as many workers); servers may cap it lower.
+Parallelism = Annotated[int, Field(ge=1, le=256)]
 
 
 class TuneSpec(BaseModel):
@@ -65,6 +67,9 @@ class TuneSpec(BaseModel):
                            f"{DEFAULT_STRATEGY!r})")
     requested_batch_size: int | None = Field(
         None, description="the request's batch_size, when it was clamped")
+    parallelism: Parallelism = Field(
+        1, description="trials run at once on different workers (the jobs.parallelism "
+                       "column is what claims read); rows written before it ran one")
     images: dict[str, Any] | None = Field(
         None, description="train and test image sizes and the working size")
 

@@ -204,8 +204,14 @@ class Job(Base):
     best: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     best_trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    #: Claims so far; also the fencing token every worker write is checked against.
+    #: Claims so far (of the job, or of one of its trial slots): each claim's number is its
+    #: fencing token, held in ``job_slots`` while the claim is alive.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: How many of its trials may run at once, on different workers (one slot each).
+    parallelism: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    #: The plan's trials (ssad_common/strategy.py): the job takes another slot only while
+    #: fewer than these are stored or running. None for jobs queued before slots existed.
+    trials_planned: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: Leases that expired (the worker died or went silent): only these count against
     #: ``max_attempts``; a job given back cleanly (SIGTERM, a database outage) is not charged.
     lost_leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -225,6 +231,27 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class JobSlot(Base):
+    """One live claim on a job: a worker running its trials. A job has up to
+    ``parallelism`` of them; the row exists while the claim is alive (its lease renewed by
+    heartbeats) and every write of its worker is fenced by ``(job_id, attempt)``."""
+
+    __tablename__ = "job_slots"
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(255))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    #: The study trial this slot has reserved (running, or told and not yet replaced);
+    #: a trial running in the study that no live slot reserves was interrupted.
+    trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    trial_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: Its running trial's progress, as in ``jobs.trial_progress``.
+    trial_progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobEvent(Base):
@@ -262,6 +289,10 @@ class JobTrial(Base):
     stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
     #: How long its detector trained; None for trials stored before this was kept.
     train_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The worker that ran it and when (None for trials stored before this was kept).
+    worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -9,15 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from ssad_common.db import make_engine, session_factory
-from ssad_common.models import Job, JobTrial
+from ssad_common.models import Job, JobSlot, JobTrial, utcnow
 from ssad_common.settings import optuna_storage_url
 from tests.helpers import (
     ROOT,
@@ -265,8 +266,11 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
     """run_job for an attempt that lost its lease mid-study: it returns "lost", and the job
     (now held by another attempt) is left exactly as the current holder has it."""
     job_id, engine, manager, zombie = queue_and_claim(db_url, digits, "zombie")
-    with session_factory(engine)() as s:  # another worker took over (attempt 2)
+    with session_factory(engine)() as s:  # its lease expired; another worker took over
+        s.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
         s.execute(update(Job).where(Job.id == job_id).values(attempt=2))
+        s.add(JobSlot(job_id=job_id, attempt=2, worker_id="other",
+                      lease_expires_at=utcnow() + timedelta(minutes=5)))
         s.commit()
     outcome = run_in_process(zombie, manager, db_url, tmp_path)
     assert outcome == "lost"
@@ -279,6 +283,7 @@ def test_a_zombie_runner_drops_the_job_without_touching_it(db_url: str, tmp_path
 
 OPENER = """
 import sys, time
+from datetime import timedelta
 from pathlib import Path
 from worker.storage import open_study_storage
 barrier, urls = Path(sys.argv[1]), sys.argv[2:]

@@ -55,4 +55,6 @@ def run_worker(ctx: WorkerContext[Q], *, max_jobs: int | None = None) -> int:
         ran += 1
         if outcome in ("released", "abandoned") and not stop.is_set():
             stop.wait(backoff)
+        elif outcome == "left":  # its last trials run elsewhere: look again in a while
+            stop.wait(ctx.poll_seconds)
     return ran

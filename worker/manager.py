@@ -1,10 +1,11 @@
 """Every job query a worker runs: claim, heartbeat, record a trial, finish, fail, cancel,
 release, requeue stale. The loop that schedules work (worker/loop.py) contains no SQL.
 
-Every write by a worker is fenced by the attempt number it claimed: the statement only
-matches ``status = 'running' AND attempt = :attempt``, so a worker whose lease expired and
-whose job was claimed again (a zombie) has its late writes refused (:class:`LostLease`).
-Torch-free.
+A worker claims a *slot* of a job (a job runs up to ``parallelism`` trials at once, one per
+slot, all in one Optuna study). Every write by a worker is fenced by the attempt number its
+slot claimed: the slot's row must still exist and the job still be running, so a worker
+whose lease expired (a zombie), or whose job another slot ended, has its late writes refused
+(:class:`LostLease`). Torch-free.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, case, delete, func, insert, select, update
+from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from ssad_common.blobs import read_blob
@@ -30,6 +31,7 @@ from ssad_common.models import (
     Dataset,
     Job,
     JobArtifact,
+    JobSlot,
     JobTrial,
     TrialScore,
     utcnow,
@@ -64,6 +66,7 @@ class ClaimedJob:
     test: DatasetRef
     lost_leases: int = 0
     kind: str = "tune"  # the jobs.kind column: which model of ssad_common/jobspec.py spec follows
+    parallelism: int = 1  # how many slots (workers) the job may have at once
 
     @property
     def releases(self) -> int:
@@ -108,7 +111,33 @@ def _ref(d: Dataset) -> DatasetRef:
     return DatasetRef(d.id, d.sha256, d.n_samples, d.channels, d.height, d.width)
 
 
+#: A slot's reservation while it finishes the job (no trial has a negative number): the
+#: other slots see it and leave instead of finishing too.
+FINISHING = -1
+
+
+@dataclass
+class GateHold:
+    """What a slot sees inside :meth:`JobManager.trial_gate`: the trials the job's *other*
+    live slots have reserved, whether a cancel was asked; it sets ``number`` to the trial it
+    reserves (or :data:`FINISHING`, or None for none)."""
+
+    reserved: frozenset[int]
+    cancel_requested: bool
+    number: int | None = None
+
+    def reserve(self, number: int | None) -> None:
+        self.number = number
+
+
 class JobManager:
+    """The job queue in the database. The unit a worker claims is a *slot* of a job: a job
+    with ``parallelism`` P has up to P live slots (``job_slots`` rows), each with its own
+    attempt number (the job's claim counter), lease and heartbeat; every write a worker
+    makes is fenced by its slot (the row must still exist and the job still be running).
+    Writes lock the job's row first and then the slot's, so concurrent slots of one job
+    serialise on it and never deadlock; a heartbeat touches only its slot."""
+
     def __init__(self, engine: Engine, lease_seconds: float = 60.0, max_attempts: int = 3):
         self.engine = engine
         self.lease = timedelta(seconds=lease_seconds)
@@ -121,101 +150,214 @@ class JobManager:
         yield from transaction(self._sessions)
 
     def _fenced(self, s: Session, job_id: str, attempt: int, **values: Any) -> Job:
-        """Update the job only if this attempt still holds it; returns the row (locked)."""
-        row = s.execute(
-            update(Job).where(Job.id == job_id, Job.attempt == attempt,
-                              Job.status == JobStatus.running)
-            .values(**values).returning(Job.id)).scalar_one_or_none()
-        if row is None:
+        """Lock the job's row (setting ``values`` on it), then renew this slot's lease: the
+        slot must still be alive and the job running (or LostLease). Returns the job."""
+        job = s.execute(select(Job).where(Job.id == job_id).with_for_update()
+                        .execution_options(populate_existing=True)).scalar_one_or_none()
+        if job is None or job.status != JobStatus.running:
             raise _lost(job_id, attempt)
-        job = s.get(Job, job_id, populate_existing=True)
-        assert job is not None
+        now = utcnow()
+        alive = s.execute(
+            update(JobSlot).where(JobSlot.job_id == job_id, JobSlot.attempt == attempt)
+            .values(heartbeat_at=now, lease_expires_at=now + self.lease)
+            .returning(JobSlot.attempt)).scalar_one_or_none()
+        if alive is None:
+            raise _lost(job_id, attempt)
+        if values:
+            s.execute(update(Job).where(Job.id == job_id).values(**values))
         return job
 
-    @staticmethod
-    def _end(s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
+    def _end(self, s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
              **values: Any) -> None:
-        """Move the job this attempt still holds out of ``running`` (or LostLease)."""
-        if not transition(s, job_id, to, expected=JobStatus.running, fence=attempt,
-                          message=message, **values):
+        """Move the job this slot still holds out of ``running`` (or LostLease); every other
+        slot of the job ends with it (their next write is refused)."""
+        self._fenced(s, job_id, attempt)
+        if not transition(s, job_id, to, expected=JobStatus.running, message=message,
+                          **values):
             raise _lost(job_id, attempt)
+        s.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
+
+    def _drop_slot(self, s: Session, job: Job, attempt: int, message: str) -> None:
+        """End one slot of a running job; the last one gives the job back to the queue."""
+        s.execute(delete(JobSlot).where(JobSlot.job_id == job.id, JobSlot.attempt == attempt))
+        if _live_slots(s, job.id):
+            record_event(s, job.id, JobStatus.running, attempt, message)
+        elif not transition(s, job.id, JobStatus.queued, expected=JobStatus.running,
+                            message=message, worker_id=None, trial_progress=None):
+            raise _lost(job.id, attempt)
 
     # ------------------------------------------------------------------ claiming
 
     def claim_next_job(self, worker_id: str) -> ClaimedJob | None:
-        """Claim the oldest queued job: lock it (``FOR UPDATE SKIP LOCKED`` on Postgres, so
-        racing workers pick different jobs), then move it to running. SQLite serialises
-        writers but does not lock on reading: if another worker moved the job in between,
-        the conditional move misses and the next oldest is tried."""
+        """Claim a slot of the oldest job that can take one: a queued job, or a running one
+        with fewer live slots than its ``parallelism`` and more planned trials than it has
+        stored or running. The job's row is locked (``FOR UPDATE SKIP LOCKED`` on
+        Postgres, so racing workers pick different jobs or wait their turn on one) and its
+        claim counter becomes the new slot's attempt. SQLite serialises writers but does
+        not lock on reading: if another worker changed the job in between, the
+        conditional update misses and the next candidate is tried."""
         now = utcnow()
-        oldest = (select(Job.id).where(Job.status == JobStatus.queued)
-                  .order_by(Job.created_at, Job.id).limit(1).with_for_update(skip_locked=True))
+        slots = (select(func.count()).select_from(JobSlot)
+                 .where(JobSlot.job_id == Job.id).scalar_subquery())
+        stored = (select(func.count()).select_from(JobTrial)
+                  .where(JobTrial.job_id == Job.id).scalar_subquery())
+        open_slot = and_(Job.status == JobStatus.running, Job.cancel_requested.is_(False),
+                         Job.trials_planned.is_not(None), slots < Job.parallelism,
+                         stored + slots < Job.trials_planned)
+        candidates = (select(Job.id)
+                      .where(or_(Job.status == JobStatus.queued, open_slot))
+                      .order_by(Job.created_at, Job.id).limit(1)
+                      .with_for_update(skip_locked=True))
+        tried: set[str] = set()
         with self._tx() as s:
             while True:
-                job_id = s.scalar(oldest)
+                job_id = s.scalar(candidates.where(Job.id.not_in(tried)))
                 if job_id is None:
                     return None
-                if transition(s, job_id, JobStatus.running, expected=JobStatus.queued,
-                              message=f"claimed by {worker_id}", attempt=Job.attempt + 1,
-                              worker_id=worker_id, lease_expires_at=now + self.lease,
-                              heartbeat_at=now, started_at=func.coalesce(Job.started_at, now)):
+                tried.add(job_id)
+                # The row is ours now; read it and its slots afresh (the candidate query's
+                # snapshot may predate another claim's commit).
+                status, attempt, parallelism, planned, cancel = s.execute(
+                    select(Job.status, Job.attempt, Job.parallelism, Job.trials_planned,
+                           Job.cancel_requested).where(Job.id == job_id)).one()
+                claim: dict[str, Any] = {"attempt": attempt + 1, "worker_id": worker_id,
+                                         "heartbeat_at": now,
+                                         "started_at": func.coalesce(Job.started_at, now)}
+                message = f"claimed by {worker_id}"
+                if status == JobStatus.queued:
+                    if transition(s, job_id, JobStatus.running, expected=JobStatus.queued,
+                                  message=message, **claim):
+                        break
+                    continue
+                live = _live_slots(s, job_id)
+                n_stored = s.scalar(select(func.count()).select_from(JobTrial)
+                                    .where(JobTrial.job_id == job_id)) or 0
+                if (status != JobStatus.running or cancel or planned is None
+                        or live >= parallelism or n_stored + live >= planned):
+                    continue
+                if s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt,
+                                               Job.status == JobStatus.running)
+                             .values(**claim).returning(Job.id)).first() is not None:
+                    record_event(s, job_id, JobStatus.running, attempt + 1,
+                                 f"another trial slot {message}")
                     break
+            s.add(JobSlot(job_id=job_id, attempt=attempt + 1, worker_id=worker_id,
+                          claimed_at=now, heartbeat_at=now, lease_expires_at=now + self.lease))
             job = s.get(Job, job_id, populate_existing=True)
             assert job is not None
             train = s.get(Dataset, job.train_dataset_id)
             test = s.get(Dataset, job.test_dataset_id)
             assert train is not None and test is not None
             return ClaimedJob(job_id, job.attempt, dict(job.spec), _ref(train), _ref(test),
-                              lost_leases=job.lost_leases, kind=job.kind)
+                              lost_leases=job.lost_leases, kind=job.kind,
+                              parallelism=job.parallelism)
 
     def requeue_stale(self) -> list[str]:
-        """Running jobs whose lease expired (their worker died or went silent) go back to the
-        queue, or fail once ``max_attempts`` of their leases have expired. Only expired
-        leases count: a job its worker gave back (:meth:`release`: SIGTERM, a database
-        outage) is not charged. Returns the affected ids."""
+        """Slots whose lease expired (their worker died or went silent) end; their running
+        trials are rerun by the job's next slot. A job left with no live slot goes back to
+        the queue, or fails once ``max_attempts`` of its leases have expired (with
+        ``cancel_requested``: is cancelled). Only expired leases count: a slot its worker
+        gave back (:meth:`release`: SIGTERM, a database outage) is not charged. Returns the
+        affected jobs' ids."""
         now = utcnow()
+        moved = []
         with self._tx() as s:
-            stale = s.execute(
-                select(Job.id, Job.attempt, Job.lost_leases, Job.cancel_requested)
-                .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
-                .with_for_update(skip_locked=True)).all()
-            moved = []
-            for job_id, attempt, lost_before, cancel in stale:
-                lost = lost_before + 1
-                if cancel:
-                    status, msg = JobStatus.cancelled, "cancelled (its worker stopped)"
-                elif lost >= self.max_attempts:
-                    status = JobStatus.failed
-                    msg = (f"failed: its worker stopped responding {lost} time(s) "
-                           f"(max_attempts={self.max_attempts})")
-                else:
-                    status = JobStatus.queued
-                    msg = (f"requeued: lease of attempt {attempt} expired "
-                           f"({lost} of max_attempts={self.max_attempts})")
-                values: dict[str, Any] = {"worker_id": None, "lease_expires_at": None,
-                                          "lost_leases": lost, "trial_progress": None}
-                if status != JobStatus.queued:
-                    values.update(finished_at=now, error=msg if status == JobStatus.failed
-                                  else None)
-                if transition(s, job_id, status, expected=JobStatus.running, fence=attempt,
-                              message=msg, **values):
+            job_ids = s.scalars(select(JobSlot.job_id).where(JobSlot.lease_expires_at < now)
+                                .distinct()).all()
+            for job_id in job_ids:
+                job = s.execute(select(Job).where(Job.id == job_id)
+                                .with_for_update(skip_locked=True)
+                                .execution_options(populate_existing=True)).scalar_one_or_none()
+                if job is not None and self._expire_slots(s, job, now):
                     moved.append(job_id)
-                    log.warning("job %s: %s", job_id, msg)
-            return moved
+        return moved
+
+    def _expire_slots(self, s: Session, job: Job, now: datetime) -> bool:
+        """End the expired slots of ``job`` (its row locked by the caller), so that their
+        workers' late writes are refused before their trials are rerun; move the job on if
+        that leaves it without a live slot or uses up ``max_attempts``. Whether any ended."""
+        stale = s.scalars(select(JobSlot.attempt).where(
+            JobSlot.job_id == job.id, JobSlot.lease_expires_at < now)).all()
+        if not stale:
+            return False
+        s.execute(delete(JobSlot).where(JobSlot.job_id == job.id, JobSlot.attempt.in_(stale)))
+        if job.status != JobStatus.running:
+            return True
+        lost = job.lost_leases + len(stale)
+        attempt = max(stale)
+        left = _live_slots(s, job.id)
+        if job.cancel_requested and not left:
+            status, msg = JobStatus.cancelled, "cancelled (its worker stopped)"
+        elif lost >= self.max_attempts:
+            status = JobStatus.failed
+            msg = (f"failed: its worker stopped responding {lost} time(s) "
+                   f"(max_attempts={self.max_attempts})")
+        elif not left:
+            status = JobStatus.queued
+            msg = (f"requeued: lease of attempt {attempt} expired "
+                   f"({lost} of max_attempts={self.max_attempts})")
+        else:  # the job's other slots go on; the next turn at the budget reruns its trial
+            s.execute(update(Job).where(Job.id == job.id).values(lost_leases=lost))
+            msg = (f"the slot of attempt {attempt} lost its lease ({lost} of "
+                   f"max_attempts={self.max_attempts}); its trial will be rerun")
+            record_event(s, job.id, JobStatus.running, attempt, msg)
+            log.warning("job %s: %s", job.id, msg)
+            return True
+        values: dict[str, Any] = {"worker_id": None, "lost_leases": lost,
+                                  "trial_progress": None}
+        if status != JobStatus.queued:
+            values.update(finished_at=now, error=msg if status == JobStatus.failed else None)
+        if transition(s, job.id, status, expected=JobStatus.running, message=msg, **values):
+            s.execute(delete(JobSlot).where(JobSlot.job_id == job.id))
+            log.warning("job %s: %s", job.id, msg)
+        return True
+
+    @contextmanager
+    def trial_gate(self, job_id: str, attempt: int) -> Iterator[GateHold]:
+        """One slot's turn at the job's budget: the job's row stays locked for the block,
+        so the job's slots decide one at a time which trial to start (the budget is never
+        overrun, no trial is started twice). The block sees the other slots' reservations
+        and stores its own (``hold.reserve``) when it ends; an exception rolls it back."""
+        with self._tx() as s:
+            job = self._fenced(s, job_id, attempt)
+            # A slot that stopped renewing its lease is ended here, not only by the next
+            # requeue_stale: its trial is then rerun at once, and its worker fenced out.
+            if self._expire_slots(s, job, utcnow()):
+                job = self._fenced(s, job_id, attempt)
+            reserved = frozenset(n for n in s.scalars(select(JobSlot.trial_number).where(
+                JobSlot.job_id == job_id, JobSlot.attempt != attempt)) if n is not None)
+            hold = GateHold(reserved, bool(job.cancel_requested))
+            yield hold
+            s.execute(update(JobSlot).where(JobSlot.job_id == job_id,
+                                            JobSlot.attempt == attempt)
+                      .values(trial_number=hold.number, trial_started_at=utcnow(),
+                              trial_progress=None))
 
     # ------------------------------------------------------------------ while running
 
     def heartbeat(self, job_id: str, attempt: int,
                   progress: Mapping[str, Any] | None = None) -> Heartbeat:
-        """Renew the lease (fenced); with ``progress``, also store the running trial's
-        progress (``{"number", "step", "steps", "loss"}``) for the API to show."""
+        """Renew this slot's lease; with ``progress``, also store its running trial's
+        progress (``{"number", "step", "steps", "loss"}``) on the slot and, for the API to
+        show, on the job (the job's row first, as every write that touches both)."""
         now = utcnow()
         values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + self.lease}
-        if progress is not None:
-            values["trial_progress"] = {**progress, "at": now.isoformat()}
         with self._tx() as s:
-            job = self._fenced(s, job_id, attempt, **values)
-            return Heartbeat(cancel_requested=job.cancel_requested)
+            if progress is not None:
+                values["trial_progress"] = {**progress, "at": now.isoformat()}
+                mine = (select(JobSlot.attempt)
+                        .where(JobSlot.job_id == job_id, JobSlot.attempt == attempt).exists())
+                s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running,
+                                            mine)
+                          .values(trial_progress=values["trial_progress"]))
+            alive = s.execute(
+                update(JobSlot).where(JobSlot.job_id == job_id, JobSlot.attempt == attempt)
+                .values(**values).returning(JobSlot.attempt)).scalar_one_or_none()
+            job = s.execute(select(Job.status, Job.cancel_requested)
+                            .where(Job.id == job_id)).first()
+            if alive is None or job is None or job.status != JobStatus.running:
+                raise _lost(job_id, attempt)
+            return Heartbeat(cancel_requested=bool(job.cancel_requested))
 
     @retry_transient
     def is_cancel_requested(self, job_id: str) -> bool:
@@ -242,10 +384,11 @@ class JobManager:
         artifact. A repeat (a retry after the commit's acknowledgement was lost) stores
         nothing."""
         with self._tx() as s:
-            if not self._fenced_new_trial(s, job_id, attempt, number):
+            ran = self._fenced_new_trial(s, job_id, attempt, number)
+            if ran is None:
                 return
             s.add(JobTrial(job_id=job_id, number=number, attempt=attempt,
-                           state=TrialState.COMPLETE,
+                           state=TrialState.COMPLETE, **ran,
                            augmentation=augmentation, params=dict(params),
                            validation_loss=validation_loss, losses=dict(losses),
                            timings=dict(timings), duration_s=float(timings.get("total_s", 0.0)),
@@ -268,9 +411,11 @@ class JobManager:
         """Store a trial that could not finish (state FAIL) with its reason; it used up
         its ``train_steps`` of the plan."""
         with self._tx() as s:
-            if not self._fenced_new_trial(s, job_id, attempt, number):
+            ran = self._fenced_new_trial(s, job_id, attempt, number)
+            if ran is None:
                 return
             s.add(JobTrial(job_id=job_id, number=number, attempt=attempt, state=TrialState.FAIL,
+                           **ran,
                            augmentation=augmentation, params=dict(params),
                            validation_loss=None, losses={}, timings={}, duration_s=0.0,
                            error=reason[:4000], stage=stage, train_steps=train_steps))
@@ -279,12 +424,18 @@ class JobManager:
             record_event(s, job_id, JobStatus.running, attempt,
                          f"trial {number} failed: {reason}"[:4000])
 
-    def _fenced_new_trial(self, s: Session, job_id: str, attempt: int, number: int) -> bool:
-        """Renew the lease (or LostLease); False if trial ``number`` is already stored (a
-        retried write whose first commit did land)."""
-        now = utcnow()
-        self._fenced(s, job_id, attempt, heartbeat_at=now, lease_expires_at=now + self.lease)
-        return s.get(JobTrial, (job_id, number)) is None
+    def _fenced_new_trial(self, s: Session, job_id: str, attempt: int, number: int
+                          ) -> dict[str, Any] | None:
+        """Lock the job and renew the slot's lease (or LostLease); None if trial ``number``
+        is already stored (a retried write whose first commit did land), else who ran it
+        and when (the slot's worker, from its reservation until now)."""
+        self._fenced(s, job_id, attempt)
+        if s.get(JobTrial, (job_id, number)) is not None:
+            return None
+        slot = s.get(JobSlot, (job_id, attempt))
+        assert slot is not None  # _fenced checked it
+        started = slot.trial_started_at if slot.trial_number == number else None
+        return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @staticmethod
     def _put_artifact(s: Session, job_id: str, name: str, content_type: str, data: bytes,
@@ -298,7 +449,7 @@ class JobManager:
     def store_artifact(self, job_id: str, attempt: int, name: str, content_type: str,
                        data: bytes, meta: Mapping[str, Any]) -> None:
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, heartbeat_at=utcnow())
+            self._fenced(s, job_id, attempt)
             self._put_artifact(s, job_id, name, content_type, data, meta)
 
     @retry_transient
@@ -367,7 +518,7 @@ class JobManager:
         """The best stored trial (lowest loss) becomes the result, with ``selection`` (how
         decisive the choice was): written once, fenced."""
         with self._tx() as s:
-            self._fenced(s, job_id, attempt, heartbeat_at=utcnow())  # lock, or LostLease
+            self._fenced(s, job_id, attempt)  # lock, or LostLease
             best = self._best_trial(s, job_id)
             if best is None:
                 raise RuntimeError("no completed trial to choose from")
@@ -375,31 +526,50 @@ class JobManager:
                       f"best trial {best.number}: {best.augmentation} "
                       f"(loss {best.validation_loss:.4g})",
                       finished_at=utcnow(), best=_best_json(best),
-                      best_trial_number=best.number, lease_expires_at=None, trial_progress=None,
+                      best_trial_number=best.number, trial_progress=None,
                       selection=None if selection is None else dict(selection))
 
     @retry_transient
     def fail(self, job_id: str, attempt: int, reason: str) -> None:
         with self._tx() as s:
             self._end(s, job_id, attempt, JobStatus.failed, reason[:4000],
-                      finished_at=utcnow(), error=reason[:4000], lease_expires_at=None,
-                      trial_progress=None)
+                      finished_at=utcnow(), error=reason[:4000], trial_progress=None)
 
     @retry_transient
     def mark_cancelled(self, job_id: str, attempt: int) -> None:
+        """Cancel the job this slot holds; a no-op if another slot of it already did (the
+        cancel reaches every slot; the first to stop ends the job)."""
         with self._tx() as s:
+            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            if status == JobStatus.cancelled:
+                return
             self._end(s, job_id, attempt, JobStatus.cancelled, "cancelled while running",
-                      finished_at=utcnow(), lease_expires_at=None, trial_progress=None)
+                      finished_at=utcnow(), trial_progress=None)
 
     @retry_transient
     def release(self, job_id: str, attempt: int, reason: str) -> None:
-        """Give a job back to the queue (the worker is stopping, the database went away);
-        its trials are kept. Free: a release does not count against ``max_attempts`` (only
-        expired leases do), and the next claim's new attempt number still fences out this
-        one."""
+        """Give this slot back (the worker is stopping, the database went away); the job's
+        trials are kept, and its interrupted trial is rerun by whichever slot runs next.
+        The job returns to the queue when no other slot holds it. Free: a release does not
+        count against ``max_attempts`` (only expired leases do), and the next claim's new
+        attempt number still fences out this one."""
         with self._tx() as s:
-            self._end(s, job_id, attempt, JobStatus.queued, reason, worker_id=None,
-                      lease_expires_at=None, trial_progress=None)
+            job = self._fenced(s, job_id, attempt)
+            self._drop_slot(s, job, attempt, reason)
+
+    @retry_transient
+    def leave(self, job_id: str, attempt: int) -> None:
+        """End this slot: every trial left is running or reserved on other slots, which
+        finish the job. (Were they all to vanish at once, the job returns to the queue.)"""
+        with self._tx() as s:
+            job = self._fenced(s, job_id, attempt)
+            self._drop_slot(s, job, attempt,
+                            f"the slot of attempt {attempt} left: no trial left to start")
+
+
+def _live_slots(s: Session, job_id: str) -> int:
+    return int(s.scalar(select(func.count()).select_from(JobSlot)
+                        .where(JobSlot.job_id == job_id)) or 0)
 
 
 def _lost(job_id: str, attempt: int) -> LostLease:
@@ -411,4 +581,5 @@ def _best_json(t: JobTrial) -> dict[str, Any]:
             "validation_loss": t.validation_loss}
 
 
-__all__ = ["ClaimedJob", "DatasetRef", "Heartbeat", "JobManager", "LostLease"]
+__all__ = ["FINISHING", "ClaimedJob", "DatasetRef", "GateHold", "Heartbeat", "JobManager",
+           "LostLease"]

@@ -24,7 +24,7 @@ from worker.core.data import prepare
 from worker.core.export import ScoringModel
 from worker.core.plots import augmentation_sample
 from worker.core.selection import TOP_K, Candidate, decisiveness
-from worker.core.study import StudySettings, run_study
+from worker.core.study import StudySettings, run_study_slot
 from worker.core.training import TrainSettings, TrialInterrupted
 from worker.core.trial import TrialResult
 from worker.manager import ClaimedJob, JobManager, LostLease
@@ -36,12 +36,13 @@ log = logging.getLogger("ssad.worker")
 MAX_OUTAGE_RELEASES = 20
 
 
-def study_settings(spec: TuneSpec) -> StudySettings:
-    """The engine's settings for a tuning job's validated spec."""
+def study_settings(spec: TuneSpec, sampler_offset: int = 0) -> StudySettings:
+    """The engine's settings for a tuning job's validated spec (``sampler_offset``: see
+    StudySettings; a slot of a job with parallel trials passes its attempt)."""
     return StudySettings(
         n_trials=spec.n_trials, objective=spec.objective, contamination=spec.contamination,
         seed=spec.seed, search_space=SearchSpace.from_dict(spec.search_space),
-        strategy=spec.strategy,
+        strategy=spec.strategy, sampler_offset=sampler_offset,
         train=TrainSettings(steps=spec.train_steps, batch_size=spec.batch_size,
                             scorer=spec.scorer))
 
@@ -180,11 +181,16 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
             log.warning("job %s: trial %d %s failed: %s", job.id, number, family, reason)
 
         storage = ctx.open_storage()
-        result = run_study(data, study_settings(spec), storage=storage,
-                           study_name=f"job-{job.id}", on_trial=record,
-                           should_stop=hb.should_stop,
-                           recover=lambda number: manager.stored_trial_loss(job.id, number),
-                           on_fail=record_failure, on_progress=hb.report_progress)
+        result = run_study_slot(
+            data, study_settings(spec, 0 if job.parallelism == 1 else job.attempt),
+            storage=storage, study_name=f"job-{job.id}", on_trial=record,
+            should_stop=hb.should_stop,
+            recover=lambda number: manager.stored_trial_loss(job.id, number),
+            on_fail=record_failure, on_progress=hb.report_progress,
+            gate=lambda: manager.trial_gate(job.id, job.attempt))
+        if result is None:  # the job's last trials run on other slots, which finish it
+            manager.leave(job.id, job.attempt)
+            return "left"
         store_augmentation_sample(manager, job, data.train, result.best.augmentation,
                                   result.best.params, spec.seed)
         try:
@@ -199,11 +205,13 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
         return "lost"
     except TrialInterrupted:
         try:
-            if hb.lost.is_set():
-                raise LostLease(job.id)
+            # A cancel first: another slot of the job may have ended it already (so this
+            # slot's lease reads as lost), which mark_cancelled accepts.
             if hb.cancelled.is_set() or manager.is_cancel_requested(job.id):
                 manager.mark_cancelled(job.id, job.attempt)
                 return "cancelled"
+            if hb.lost.is_set():
+                raise LostLease(job.id)
             manager.release(job.id, job.attempt, "requeued: its worker is stopping")
             return "released"
         except LostLease:

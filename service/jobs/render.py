@@ -80,7 +80,8 @@ def trial_out(t: JobTrial) -> TrialOut:
     return TrialOut(number=t.number, state=t.state, augmentation=t.augmentation,
                     params=t.params, validation_loss=t.validation_loss, losses=t.losses,
                     duration_s=t.duration_s, attempt=t.attempt, error=t.error,
-                    stage=t.stage, train_steps=t.train_steps)
+                    stage=t.stage, train_steps=t.train_steps, worker=t.worker_id,
+                    started_at=t.started_at, finished_at=t.finished_at)
 
 
 def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],

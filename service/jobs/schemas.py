@@ -18,6 +18,7 @@ from ssad_common.jobspec import (
     Contamination,
     NTrials,
     ObjectiveName,
+    Parallelism,
     ScorerName,
     Seed,
     TrainSteps,
@@ -82,6 +83,13 @@ class JobCreate(BaseModel):
                                               "the tenant's compute quota (403 otherwise)")
     seed: Seed = DEFAULT_SEED
     scorer: ScorerName = DEFAULT_SCORER
+    parallelism: Parallelism | None = Field(
+        None, description="how many of the job's trials may run at once, each on its own "
+                          "worker, all in one Optuna study (Katib's parallelTrialCount); "
+                          "default: the server's SSAD_DEFAULT_PARALLELISM (1 unless set); "
+                          "at most SSAD_MAX_PARALLELISM (422 beyond it). More workers "
+                          "finish a job sooner; TPE then draws a few points knowing only "
+                          "that the others are running (constant liar)")
 
 
 class TrialProgress(BaseModel):
@@ -107,7 +115,8 @@ class Progress(BaseModel):
         None, description="the plan's remaining training steps at the pace of the job's "
                           "finished trials; null before the first trial ends")
     current_trial: TrialProgress | None = Field(
-        None, description="while a trial trains: its step and latest training loss")
+        None, description="while a trial trains: its step and latest training loss (with "
+                          "parallel trials, the one whose worker reported last)")
 
 
 class ScreenPlan(BaseModel):
@@ -253,6 +262,10 @@ class TrialOut(BaseModel):
                           "trial completed) or refine; null for the tpe strategy and for "
                           "trials stored before stages existed")
     train_steps: int | None = Field(None, description="how long its detector trained")
+    worker: str | None = Field(None, description="the worker that ran it (host:pid:id); "
+                                                 "null for trials stored before this was kept")
+    started_at: datetime | None = Field(None, description="when its worker started it")
+    finished_at: datetime | None = Field(None, description="when its result was stored")
 
 
 class TrialList(BaseModel):
@@ -260,7 +273,8 @@ class TrialList(BaseModel):
         {"number": 0, "state": "COMPLETE", "augmentation": "cutout",
          "params": {"patch_size": 0.05, "aspect": 1.0, "fill": "zero"},
          "validation_loss": -0.42, "losses": {"dsv": -0.42, "mmd": 0.03}, "duration_s": 41.8,
-         "attempt": 1, "error": None},
+         "attempt": 1, "error": None, "worker": "gpu-3:412:9c1e2a",
+         "started_at": "2026-11-29T12:00:02Z", "finished_at": "2026-11-29T12:00:44Z"},
         {"number": 1, "state": "FAIL", "augmentation": "cutpaste", "params": {},
          "validation_loss": None, "losses": {}, "duration_s": 0.0, "attempt": 1,
          "error": "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); a "

@@ -25,7 +25,7 @@ from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec, spec_dump
 from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
 from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
 from ssad_common.search_space import SearchSpace, auto_image_size
-from ssad_common.strategy import selectable
+from ssad_common.strategy import plan_study, selectable
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -86,9 +86,13 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
     tenants.check_job(session, tenant_id, quotas, request.n_trials)
     limits.check_compute(cost, n_trials=request.n_trials, train_steps=request.train_steps,
                          quota=quotas.max_compute_per_job)
+    parallelism = request.parallelism or settings.default_parallelism
+    if parallelism > settings.max_parallelism:
+        raise InvalidRequest(f"parallelism must be at most {settings.max_parallelism} on "
+                             "this server (SSAD_MAX_PARALLELISM)")
     images, resized = working_images(train, test)
-    spec = TuneSpec(**request.model_dump(exclude={"search_space"}),
-                    search_space=space.to_dict(), images=images)
+    spec = TuneSpec(**request.model_dump(exclude={"search_space", "parallelism"}),
+                    search_space=space.to_dict(), images=images, parallelism=parallelism)
     notes = []
     if cost.batch_size != request.batch_size:
         spec.batch_size, spec.requested_batch_size = cost.batch_size, request.batch_size
@@ -99,7 +103,9 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
     message = "; ".join(["queued", *notes])
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued,
               train_dataset_id=train.id, test_dataset_id=test.id, kind=spec.kind,
-              spec=spec_dump(spec),
+              spec=spec_dump(spec), parallelism=parallelism,
+              trials_planned=plan_study(spec.strategy, spec.n_trials, spec.train_steps,
+                                        space.augmentations).total_trials,
               n_trials=request.n_trials, trials_completed=0, attempt=0,
               cancel_requested=False)
     repo.insert_job(session, job, message)
@@ -325,6 +331,7 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued,
               train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
               kind=spec.kind, spec=spec_dump(spec), n_trials=spec.n_trials,
+              trials_planned=spec.n_trials, parallelism=1,
               trials_completed=0, attempt=0, cancel_requested=False)
     repo.insert_job(session, job, f"queued: score with job {source_id}'s detector")
     if idempotency_key is not None:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import optuna
@@ -77,6 +79,9 @@ class StudySettings:
     pruning: bool = False
     strategy: str = DEFAULT_STRATEGY
     leaders: int = LEADERS
+    #: Added to the sampler's seed: runners of one study at once must not draw the same
+    #: points (0 for a study run by one runner, so it replays the same draws).
+    sampler_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:
@@ -196,8 +201,11 @@ def make_sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
                         else 10, max(1, settings.n_trials - 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # constant_liar: trials running elsewhere count as bad points, so runners of one
+        # study at once (parallel trials) do not all sample next to the same good one.
         return optuna.samplers.TPESampler(
-            seed=settings.seed, multivariate=True, group=True, n_startup_trials=n_startup,
+            seed=settings.seed + settings.sampler_offset, multivariate=True, group=True,
+            n_startup_trials=n_startup, constant_liar=True,
         )
 
 
@@ -290,16 +298,20 @@ def start_refine(study: optuna.Study, settings: StudySettings) -> list[str]:
 
 
 def rerun_interrupted_trials(
-    study: optuna.Study, recover: Callable[[int], float | None] | None = None
+    study: optuna.Study, recover: Callable[[int], float | None] | None = None,
+    keep: Collection[int] = (),
 ) -> list[int]:
-    """Settle trials left RUNNING by a process that died. If ``recover(number)`` knows the
+    """Settle trials left RUNNING by a process that died: every RUNNING trial but those
+    in ``keep`` (reserved by a runner still alive). If ``recover(number)`` knows the
     trial's loss (the caller stored its result before dying), the trial is completed with
     it; otherwise it is marked FAIL and its parameters are queued again, so it is rerun.
-    Only the holder of a study may call this (the service's job lease guarantees one runner
-    per study). Returns the numbers of the trials queued again."""
+    Call it only inside a turn of the study's gate (:data:`TrialGate`), which tells live
+    reservations apart. Returns the numbers of the trials queued again."""
     interrupted = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     rerun = []
     for t in interrupted:
+        if t.number in keep:
+            continue
         stored = recover(t.number) if recover is not None else None
         if stored is not None:
             study.tell(t.number, stored)
@@ -346,6 +358,43 @@ def _record(t: optuna.trial.FrozenTrial, result: TrialResult | None) -> TrialRec
     )
 
 
+class GateHold(Protocol):
+    """One turn at the study's budget (see :data:`TrialGate`): the trials other runners of
+    the study have reserved, and the reservation of this one."""
+
+    reserved: frozenset[int]
+
+    def reserve(self, number: int | None) -> None: ...
+
+
+#: Opens one turn at the budget. Whoever runs a study's trials (one process, or several
+#: workers at once, each a slot of the job: worker/manager.py's ``trial_gate``) decides
+#: inside a turn which trial to start next; turns of one study never overlap, so the budget
+#: is never overrun and a trial left running by a runner that died (running in the study,
+#: reserved by no one) is told apart from one running elsewhere.
+TrialGate = Callable[[], AbstractContextManager[GateHold]]
+
+#: The reservation of a runner that finishes the study: the others see it and leave.
+FINISHING = -1
+
+
+@dataclass
+class _AloneHold:
+    reserved: frozenset[int] = frozenset()
+
+    def reserve(self, number: int | None) -> None:
+        pass
+
+
+def run_alone() -> AbstractContextManager[GateHold]:
+    """The gate of a study run by one process: nothing else reserves trials."""
+    return nullcontext(_AloneHold())
+
+
+#: How often a runner waiting for the screen to finish elsewhere looks again (seconds).
+WAIT_SECONDS = 1.0
+
+
 def run_study(
     data: PreparedData,
     settings: StudySettings,
@@ -358,29 +407,58 @@ def run_study(
     | None = None,
     on_progress: Callable[[int, int, int, float], None] | None = None,
 ) -> StudyResult:
-    """Run (or resume) the study until it holds ``n_trials`` finished trials.
+    """Run (or resume) the study alone until it holds ``n_trials`` finished trials (see
+    :func:`run_study_slot`, which this is with a gate that nothing else shares)."""
+    result = run_study_slot(data, settings, storage, study_name, on_trial=on_trial,
+                            should_stop=should_stop, recover=recover, on_fail=on_fail,
+                            on_progress=on_progress, gate=run_alone)
+    assert result is not None  # alone, nothing else can be running its last trials
+    return result
+
+
+def run_study_slot(
+    data: PreparedData,
+    settings: StudySettings,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    on_trial: Callable[[int, TrialResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    recover: Callable[[int], float | None] | None = None,
+    on_fail: Callable[[int, str, dict[str, ParamValue], str, str | None, int], None]
+    | None = None,
+    on_progress: Callable[[int, int, int, float], None] | None = None,
+    gate: TrialGate = run_alone,
+    wait_seconds: float = WAIT_SECONDS,
+) -> StudyResult | None:
+    """Run trials of the study, one at a time, until its plan is used up; with a shared
+    ``gate``, other runners (workers) run trials of the same study at once.
+
+    Each trial starts in a turn of the ``gate``: trials left running by a runner that died
+    are settled first (:func:`rerun_interrupted_trials`, with ``recover``), then the
+    strategy's next trial is reserved (a staged study's refine stage starts only once
+    every screen trial has finished, here or elsewhere: until then this runner waits,
+    checking ``should_stop``). Returns the result if this runner finished the study, or
+    None if the study's last trials are running elsewhere (their runner finishes it).
 
     ``on_trial(number, result)`` is called for each finished trial *before* Optuna records
     it as complete, so a caller that persists results (the service) never has a trial
     complete in the study but missing from its own tables; if it raises, the trial is
     failed and the study stops. ``should_stop()`` is checked between trials and at every
     training step; when it returns True the running trial's configuration is queued again
-    (a resumed study reruns it) and :class:`TrialInterrupted` propagates. ``recover`` is
-    passed to :func:`rerun_interrupted_trials` when a study is resumed.
+    (a resumed study reruns it) and :class:`TrialInterrupted` propagates.
 
     A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
     with its reason (``on_fail(number, family, params, reason, stage, train_steps)``) and
-    the study goes on; it
-    counts against ``n_trials``. Any other exception ends the study. The best trial is the
-    completed one with the lowest loss. ``on_progress(number, step, steps, loss)`` reports
-    the running trial's training (see ``run_trial``'s ``progress``).
+    the study goes on; it counts against ``n_trials``. Any other exception ends the study.
+    The best trial is the completed full-length one with the lowest loss.
+    ``on_progress(number, step, steps, loss)`` reports the running trial's training (see
+    ``run_trial``'s ``progress``).
     """
     study = create_study(settings, storage, study_name)
     plan = settings.plan
     results: dict[int, TrialResult] = {}
     failures: list[str] = []
     leaders: list[str] = []
-    current: list[str | None] = [None]  # the stage being run (its trials are run in order)
 
     def fail(trial: optuna.Trial, family: str, params: dict[str, ParamValue],
              reason: str, stage: str | None, train_steps: int) -> NoReturn:
@@ -390,11 +468,8 @@ def run_study(
             on_fail(trial.number, family, params, reason, stage, train_steps)
         raise TrialFailed(reason)
 
-    def objective(trial: optuna.Trial) -> float:
-        stage = current[0]
+    def objective(trial: optuna.Trial, stage: str | None) -> float:
         if stage == REFINE:
-            if not leaders:
-                raise RuntimeError("a refine trial started before the leaders were chosen")
             family, params = sample_configuration(trial, settings.search_space, leaders,
                                                   REFINE_PREFIX)
         else:
@@ -454,21 +529,22 @@ def run_study(
         trial.set_user_attr("timings", result.timings)
         return result.validation_loss
 
-    def run_stage(stage: str | None, budget: int) -> None:
-        current[0] = stage
-        used = sum(1 for t in study.get_trials(deepcopy=False)
-                   if _counted(t) and _stage(t, settings.strategy) == stage)
-        if budget - used > 0:
-            study.optimize(objective, n_trials=budget - used, gc_after_trial=False,
-                           catch=(TrialFailed,))
-
-    rerun_interrupted_trials(study, recover)
-    if settings.strategy == "staged":
-        run_stage(SCREEN, plan.n_screen)
-        leaders.extend(start_refine(study, settings))
-        run_stage(REFINE, plan.n_refine)
-    else:
-        run_stage(None, settings.n_trials)
+    while True:
+        with gate() as hold:
+            step, stage = _next_step(study, settings, hold, recover, leaders)
+            if isinstance(step, optuna.Trial):
+                hold.reserve(step.number)
+            elif step == _FINISH:
+                hold.reserve(FINISHING)
+        if step == _LEAVE:
+            return None
+        if step == _FINISH:
+            break
+        if step == _WAIT:
+            _wait(wait_seconds, should_stop)
+            continue
+        assert isinstance(step, optuna.Trial)
+        _run_one(study, step, stage, objective)
     trials = [_record(t, results.get(t.number)) for t in study.get_trials(deepcopy=False)]
     eligible = selectable(t for t in trials if t.state == "COMPLETE")
     if not eligible:
@@ -476,3 +552,62 @@ def run_study(
         raise RuntimeError(f"no trial completed: every trial failed or was pruned{detail}")
     return StudyResult(best=eligible[0], trials=trials, study_name=study.study_name,
                        plan=plan, leaders=leaders)
+
+
+_WAIT, _LEAVE, _FINISH = "wait", "leave", "finish"
+
+
+def _next_step(study: optuna.Study, settings: StudySettings, hold: GateHold,
+               recover: Callable[[int], float | None] | None,
+               leaders: list[str]) -> tuple[optuna.Trial | str, str | None]:
+    """Inside a turn of the gate: the next trial to run (asked of the study, so it is
+    RUNNING there before the turn ends) and its stage, or wait, leave or finish."""
+    rerun_interrupted_trials(study, recover, keep=hold.reserved)
+    trials = study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+    def used(stage: str | None) -> int:
+        return sum(1 for t in trials if (_counted(t) or t in running)
+                   and _stage(t, settings.strategy) == stage)
+
+    plan = settings.plan
+    if settings.strategy != "staged":
+        stage: str | None = None if used(None) < settings.n_trials else _FINISH
+    elif used(SCREEN) < plan.n_screen:
+        stage = SCREEN
+    elif any(_stage(t, settings.strategy) == SCREEN for t in running):
+        return _WAIT, None  # the refine stage's leaders need every screen result
+    else:
+        if not leaders:
+            leaders.extend(start_refine(study, settings))
+        stage = REFINE if used(REFINE) < plan.n_refine else _FINISH
+    if stage == _FINISH:
+        return (_LEAVE if running or FINISHING in hold.reserved else _FINISH), None
+    return study.ask(), stage
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, stage: str | None,
+             objective: Callable[[optuna.Trial, str | None], float]) -> None:
+    """Run one asked trial and tell the study how it ended (as ``Study.optimize`` would):
+    complete, pruned, failed (TrialFailed: the study goes on), or failed and raised."""
+    try:
+        value = objective(trial, stage)
+    except optuna.TrialPruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    except TrialFailed:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    except BaseException:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    study.tell(trial, value)
+
+
+def _wait(seconds: float, should_stop: Callable[[], bool] | None) -> None:
+    """Wait for trials running elsewhere, stopping early if asked to."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_stop is not None and should_stop():
+            raise TrialInterrupted("stopped while waiting for the screen to finish")
+        time.sleep(min(0.1, seconds))
