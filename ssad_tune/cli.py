@@ -4,7 +4,7 @@
                                             (server: --url, SSAD_URL or SSAD_HOST/SSAD_PORT;
                                             key: SSAD_API_KEY)
     ssad-tune serve                         the API (+ embedded worker on SQLite)
-    ssad-tune worker [--device cuda:0]      one worker
+    ssad-tune worker [--device cuda:0]      one worker (--concurrency N: N processes)
     ssad-tune migrate                       alembic upgrade head on SSAD_DATABASE_URL
     ssad-tune keys create --tenant NAME     a new API key (printed once; stored hashed)
     ssad-tune keys list | keys revoke ID
@@ -122,7 +122,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     options: dict[str, object] = {}  # what is not given, the server's job defaults decide
     for name in ("n_trials", "strategy", "objective", "train_steps", "contamination", "seed",
-                 "batch_size"):
+                 "batch_size", "parallelism"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     space: dict[str, object] = {}
@@ -154,6 +154,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=("staged", "tpe"),
                    help="how the budget is spent (default: the server's, staged: a short "
                         "screen of every family, then full-length trials over the leaders)")
+    t.add_argument("--parallelism", type=int,
+                   help="trials run at once, each on its own worker (default: the server's, "
+                        "SSAD_DEFAULT_PARALLELISM)")
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
     t.add_argument("--objective")
@@ -165,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the API (settings: SSAD_* variables, see the README)"
                    ).set_defaults(fn=_serve)
     # Listed for --help only: main() hands `worker ...` to the worker's own parser.
-    sub.add_parser("worker", help="run one worker (options: ssad-tune worker --help)")
+    sub.add_parser("worker", help="run one worker, or N with --concurrency N (options: "
+                                  "ssad-tune worker --help)")
     sub.add_parser("migrate", help="upgrade the database schema").set_defaults(fn=_migrate)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="action", required=True)

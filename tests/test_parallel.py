@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,11 +85,19 @@ def _pid(worker_id: str | None) -> int:
     return int(worker_id.split(":")[1])
 
 
+def _started(tmp: Path) -> int:
+    """Worker loops started, by their first log line (``worker HOST:PID:ID on cpu``)."""
+    return sum(len(re.findall(r"worker \S+ on cpu", p.read_text(errors="replace")))
+               for p in tmp.glob("worker-*.log"))
+
+
 def test_two_workers_run_one_job_at_once_and_the_budget_stays_exact(
         pg_url: str, tmp_path: Path, digits: Any) -> None:
-    workers = [start_worker(pg_url, tmp_path) for _ in range(2)]
+    """Two worker processes from one command (``--concurrency 2``, a thread each)."""
+    supervisor = start_worker(pg_url, tmp_path, "--concurrency", "2")
+    workers = [supervisor]
     try:
-        wait_for(lambda: all(_ready(w, tmp_path) for w in workers), timeout=180)
+        wait_for(lambda: _started(tmp_path) == 2, timeout=180)
         job_id, created = _submit(pg_url, digits, n_trials=4, train_steps=150,
                                   parallelism=2)
         assert created["progress"]["trials_planned"] > 4  # screen + refine
@@ -125,6 +134,11 @@ def test_two_workers_run_one_job_at_once_and_the_budget_stays_exact(
         last_screen = max(t.finished_at for t in trials if t.stage == "screen")  # type: ignore[type-var]
         assert all(t.started_at >= last_screen for t in trials  # type: ignore[operator]
                    if t.stage == "refine")
+        # SIGTERM to the supervisor reaches both workers; all exit cleanly.
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=120) == 0
+        log = "".join(p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log"))
+        assert log.count("stopping after this step") == 2, log
     finally:
         _stop(*workers)
 
@@ -181,11 +195,15 @@ def test_a_cancel_reaches_every_worker_of_the_job(
         wait_for(lambda: not _rows(pg_url, job_id)[2], timeout=120)
         job, trials, _, _ = _rows(pg_url, job_id)
         assert job.status == "cancelled" and trials == []
-        logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log"))
-        wait_for(lambda: sum(1 for p in tmp_path.glob("worker-*.log")
-                             if f"job {job_id}: cancelled" in p.read_text(errors="replace"))
-                 == 2, timeout=120)
-        assert all(w.poll() is None for w in workers), logs  # back to polling, not dead
+        def logs() -> list[str]:
+            return [p.read_text(errors="replace") for p in tmp_path.glob("worker-*.log")]
+
+        try:
+            wait_for(lambda: sum(f"job {job_id}: cancelled" in log for log in logs()) == 2,
+                     timeout=120)
+        except TimeoutError:
+            raise AssertionError("\n----\n".join(logs())) from None
+        assert all(w.poll() is None for w in workers), logs()  # back to polling, not dead
     finally:
         _stop(*workers)
 

@@ -187,7 +187,7 @@ def test_a_job_and_the_engine_default_to_the_same_study() -> None:
     from worker.tune import build_parser
 
     request = JobCreate(train_dataset_id="a", test_dataset_id="b")
-    spec = TuneSpec(**request.model_dump(exclude={"search_space"}))
+    spec = TuneSpec(**request.model_dump(exclude={"search_space", "parallelism"}))
     assert study_settings(spec) == StudySettings()
     args = build_parser().parse_args(["--train", "a", "--test", "b"])
     assert (args.n_trials, args.objective, args.contamination, args.seed, args.steps,

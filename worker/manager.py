@@ -540,7 +540,8 @@ class JobManager:
         """Cancel the job this slot holds; a no-op if another slot of it already did (the
         cancel reaches every slot; the first to stop ends the job)."""
         with self._tx() as s:
-            status = s.scalar(select(Job.status).where(Job.id == job_id))
+            # Locked first: another slot may be cancelling it right now.
+            status = s.scalar(select(Job.status).where(Job.id == job_id).with_for_update())
             if status == JobStatus.cancelled:
                 return
             self._end(s, job_id, attempt, JobStatus.cancelled, "cancelled while running",
