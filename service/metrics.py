@@ -31,6 +31,14 @@ log = logging.getLogger("ssad.api")
 TRIAL_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
+def slots_wanted(parallelism: int, planned: int | None, stored: int, live: int) -> int:
+    """Workers one active job could use now: its parallelism, fewer when fewer trials are
+    left to run than that (a job planned before plans were kept: one), never fewer than it
+    holds."""
+    left = 1 if planned is None else max(0, planned - stored)
+    return max(live, min(parallelism, left))
+
+
 class DatabaseCollector(Collector):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -59,6 +67,13 @@ class DatabaseCollector(Collector):
                                  .group_by(JobSlot.worker_id)).all()
             trials = dict(conn.execute(
                 select(JobTrial.state, func.count()).group_by(JobTrial.state)).all())
+            live = (select(func.count()).select_from(JobSlot)
+                    .where(JobSlot.job_id == Job.id).scalar_subquery())
+            stored = (select(func.count()).select_from(JobTrial)
+                      .where(JobTrial.job_id == Job.id).scalar_subquery())
+            active = conn.execute(select(Job.parallelism, Job.trials_planned, stored, live)
+                                  .where(Job.status.in_([JobStatus.queued,
+                                                         JobStatus.running]))).all()
             done = JobTrial.state == TrialState.COMPLETE
             buckets = conn.execute(select(
                 *[func.coalesce(func.sum(case((done & (JobTrial.duration_s <= b), 1),
@@ -67,6 +82,13 @@ class DatabaseCollector(Collector):
                 func.coalesce(func.sum(case((done, JobTrial.duration_s), else_=0.0)), 0.0),
             )).one()
 
+        yield GaugeMetricFamily(
+            "ssad_trial_slots_wanted",
+            "Trial slots (one worker each) the queued and running jobs could use now, the "
+            "busy ones included: the workers' autoscaling target",
+            value=sum(slots_wanted(*row) for row in active))
+        yield GaugeMetricFamily("ssad_trial_slots_running", "Trial slots held by workers",
+                                value=sum(row[3] for row in active))
         jobs = GaugeMetricFamily("ssad_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status], by_status.get(status, 0))

@@ -61,6 +61,9 @@ def test_metrics_follow_the_queue(db_url: str) -> None:
     assert m[("ssad_jobs", (("status", "queued"),))] == 1 == m[("ssad_queue_depth", ())]
     assert m[("ssad_queue_oldest_age_seconds", ())] >= 0
     assert m[("ssad_workers_busy", ())] == 1
+    # The autoscaling target: the running job's slot and the queued job's one (parallelism 1).
+    assert m[("ssad_trial_slots_wanted", ())] == 2
+    assert m[("ssad_trial_slots_running", ())] == 1
     assert ("ssad_worker_heartbeat_age_seconds", (("worker", "worker-a"),)) in m
     assert m[("ssad_trials", (("state", "COMPLETE"),))] == 2
     assert m[("ssad_trial_duration_seconds_count", ())] == 2
