@@ -1,0 +1,154 @@
+"""The API side of the fleet (issue 12): requests/s and p99 latency of GET /v1/jobs/{id}
+and of GET /v1/jobs/{id}/scores (10,000 scores) against a bare FastAPI endpoint that
+returns the same bodies from memory (bench/bare_app.py), both served the same way (uvicorn,
+one process per core) and loaded with wrk (a C load generator, so the client does not eat
+the cores the way a Python client does), at 10 and 50 connections. The API runs on
+Postgres with authentication off; the bodies are the API's own responses. Servers and
+load generator share this machine; each cell's ratio is taken within one round, and the
+rounds alternate API and bare endpoint. Needs `wrk` (the Debian package).
+
+    python -m bench.api_load --out bench/results/api_load.json   # about 4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.service import npz_bytes
+from service.migrate import upgrade_head
+from ssad_common.db import make_engine
+from tests.helpers import wait_http_ok
+from tests.pg import free_port, running_postgres
+from worker.manager import JobManager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve(app: str, env: dict[str, str], processes: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(port),
+         "--workers", str(processes), "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    url = f"http://127.0.0.1:{port}"
+    wait_http_ok(f"{url}/v1/jobs/x" if "bare" in app else f"{url}/readyz")
+    return proc, url
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    assert p99 is not None, out
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale,
+            "non_2xx": int(errors.group(1)) if errors else 0}
+
+
+def make_job(db: str) -> tuple[str, str]:
+    """A succeeded job with 10,000 scores, through the API and the worker's manager."""
+    proc, url = serve("service.app:create_app", {"SSAD_DATABASE_URL": db, "SSAD_AUTH": "off"}, 1)
+    try:
+        test = np.random.default_rng(0).integers(0, 256, (10_000, 8, 8), dtype=np.uint8)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            ds = c.post("/v1/datasets", files={"file": ("t.npz", npz_bytes(test))}).json()["id"]
+            job = c.post("/v1/jobs", json={"train_dataset_id": ds, "test_dataset_id": ds,
+                                           "n_trials": 1}).json()["id"]
+    finally:
+        proc.terminate()
+        proc.wait()
+    engine = make_engine(db)
+    manager = JobManager(engine)
+    claimed = manager.claim_next_job("bench")
+    assert claimed is not None
+    manager.record_trial(claimed.id, claimed.attempt, 0, augmentation="invert", params={},
+                         validation_loss=0.0, losses={"dsv": 0.0}, timings={"total_s": 1.0},
+                         scores=np.random.default_rng(1).normal(size=10_000).tolist())
+    manager.finish(claimed.id, claimed.attempt)
+    engine.dispose()
+    return job, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="bench/results/api_load.json")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, nargs="+", default=[10, 50])
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    processes = os.cpu_count() or 1
+    cells: dict[str, list[dict[str, Any]]] = {}
+    with running_postgres() as server, tempfile.TemporaryDirectory() as tmp:
+        db = server.url(server.create_database())
+        upgrade_head(db)
+        job, _ = make_job(db)
+        api, api_url = serve("service.app:create_app",
+                             {"SSAD_DATABASE_URL": db, "SSAD_AUTH": "off",
+                              "SSAD_LOG_FORMAT": "json"}, processes)
+        try:
+            paths = {"job": f"/v1/jobs/{job}", "scores_10k": f"/v1/jobs/{job}/scores"}
+            with httpx.Client(base_url=api_url, timeout=60) as c:
+                bodies = {k: c.get(p).content for k, p in paths.items()}
+            for k, body in bodies.items():
+                (Path(tmp) / k).write_bytes(body)
+            bare, bare_url = serve("bench.bare_app:create_app",
+                                   {"BENCH_BARE_JOB": str(Path(tmp) / "job"),
+                                    "BENCH_BARE_SCORES": str(Path(tmp) / "scores_10k")},
+                                   processes)
+            try:
+                for r in range(args.rounds):
+                    for name, path in paths.items():
+                        for conns in args.connections:
+                            for url in (api_url, bare_url):
+                                wrk(url + path, conns, 2)  # warm-up
+                            a = wrk(api_url + path, conns, args.seconds)
+                            b = wrk(bare_url + path, conns, args.seconds)
+                            cell = f"{name}@{conns}"
+                            cells.setdefault(cell, []).append(
+                                {"api": a, "bare": b, "ratio": a["rps"] / b["rps"]})
+                            print(f"round {r + 1} {cell}: api {a['rps']:.0f}/s p99 "
+                                  f"{a['p99_ms']:.1f} ms, bare {b['rps']:.0f}/s p99 "
+                                  f"{b['p99_ms']:.1f} ms, ratio {a['rps'] / b['rps']:.2f}",
+                                  flush=True)
+            finally:
+                bare.terminate()
+                bare.wait()
+        finally:
+            api.terminate()
+            api.wait()
+    summary = {cell: {"median_ratio": statistics.median(x["ratio"] for x in xs),
+                      "median_api_rps": statistics.median(x["api"]["rps"] for x in xs),
+                      "median_bare_rps": statistics.median(x["bare"]["rps"] for x in xs),
+                      "median_api_p99_ms": statistics.median(x["api"]["p99_ms"] for x in xs),
+                      "median_bare_p99_ms": statistics.median(x["bare"]["p99_ms"] for x in xs),
+                      "api_non_2xx": sum(x["api"]["non_2xx"] for x in xs)}
+               for cell, xs in cells.items()}
+    out = {"machine": f"{platform.node()}, {os.cpu_count()} cores",
+           "uvicorn_processes": processes, "seconds_per_run": args.seconds,
+           "rounds": args.rounds, "summary": summary, "cells": cells}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
