@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLAIMER = r'''
 import json, sys, time
 from ssad_common.db import make_engine
-from worker.manager import FINISHING, JobManager, LostLease
+from ssad_common.strategy import FINISHING
+from worker.manager import JobManager, LostLease
 from ssad_common.db import session_factory
 from ssad_common.models import JobTrial
 from sqlalchemy import select

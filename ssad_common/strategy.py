@@ -43,6 +43,9 @@ LEADERS: Final = 2
 #: A trial's stage under the staged strategy (``job_trials.stage``; None under tpe).
 SCREEN: Final = "screen"
 REFINE: Final = "refine"
+#: What a runner of a study reserves while it finishes it (trial numbers are never
+#: negative): the study's other runners (parallel trials) see it and leave.
+FINISHING: Final = -1
 
 
 class _Trial(Protocol):

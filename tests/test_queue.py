@@ -114,3 +114,38 @@ def test_max_attempts_expired_leases_still_fail_the_job(db_url: str) -> None:
         assert manager.claim_next_job("w") is None
     finally:
         engine.dispose()
+
+
+def test_a_job_claimed_before_trial_slots_existed_is_requeued_once_its_lease_expires(
+        db_url: str) -> None:
+    """Migration 0009: a job a pre-slot worker held has its lease on the job's row and no
+    slot; when that lease runs out it goes back to the queue, uncharged, and is claimed as
+    any other."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from ssad_common.models import utcnow
+
+    job_id = _one_queued_job(db_url)
+    engine = make_engine(db_url)
+    manager = JobManager(engine)
+    try:
+        with session_factory(engine)() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(
+                status="running", attempt=1, worker_id="old",
+                lease_expires_at=utcnow() + timedelta(minutes=5)))
+            s.commit()
+        assert manager.requeue_stale() == []  # its lease still runs
+        with session_factory(engine)() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(
+                lease_expires_at=utcnow() - timedelta(seconds=1)))
+            s.commit()
+        assert manager.requeue_stale() == [job_id]
+        claimed = manager.claim_next_job("new")
+        assert claimed is not None and claimed.id == job_id and claimed.attempt == 2
+        with session_factory(engine)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and (job.status, job.lost_leases) == ("running", 0)
+    finally:
+        engine.dispose()

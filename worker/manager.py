@@ -36,7 +36,7 @@ from ssad_common.models import (
     TrialScore,
     utcnow,
 )
-from ssad_common.strategy import SCREEN, selectable
+from ssad_common.strategy import FINISHING, SCREEN, selectable
 
 log = logging.getLogger("ssad.worker")
 
@@ -109,11 +109,6 @@ def retry_transient(method: Callable[Concatenate[JobManager, P], R]
 
 def _ref(d: Dataset) -> DatasetRef:
     return DatasetRef(d.id, d.sha256, d.n_samples, d.channels, d.height, d.width)
-
-
-#: A slot's reservation while it finishes the job (no trial has a negative number): the
-#: other slots see it and leave instead of finishing too.
-FINISHING = -1
 
 
 @dataclass
@@ -269,6 +264,17 @@ class JobManager:
                                 .with_for_update(skip_locked=True)
                                 .execution_options(populate_existing=True)).scalar_one_or_none()
                 if job is not None and self._expire_slots(s, job, now):
+                    moved.append(job_id)
+            # Jobs claimed before trial slots existed (migration 0009) hold their lease on
+            # the job's row: once it expires they go back to the queue, uncharged.
+            legacy = s.scalars(select(Job.id).where(
+                Job.status == JobStatus.running, Job.lease_expires_at < now,
+                ~select(JobSlot.attempt).where(JobSlot.job_id == Job.id).exists())
+                .with_for_update(skip_locked=True)).all()
+            for job_id in legacy:
+                if transition(s, job_id, JobStatus.queued, expected=JobStatus.running,
+                              message="requeued: its worker predates trial slots",
+                              worker_id=None, lease_expires_at=None, trial_progress=None):
                     moved.append(job_id)
         return moved
 
@@ -582,5 +588,5 @@ def _best_json(t: JobTrial) -> dict[str, Any]:
             "validation_loss": t.validation_loss}
 
 
-__all__ = ["FINISHING", "ClaimedJob", "DatasetRef", "GateHold", "Heartbeat", "JobManager",
+__all__ = ["ClaimedJob", "DatasetRef", "GateHold", "Heartbeat", "JobManager",
            "LostLease"]

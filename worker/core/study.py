@@ -15,7 +15,9 @@ The sampler is a seeded TPE. How the budget is spent is the strategy's
 * ``tpe``: one full-length trial per family at its defaults (``warm_start``), then TPE.
 
 Storage is whatever the caller passes (in memory, or an RDB URL so a restarted study keeps
-its finished trials).
+its finished trials). Several runners may run one study's trials at once
+(:func:`run_study_slot`, the service's parallel trials): they take turns at the budget
+through a shared gate, so the plan is never overrun.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ssad_common.search_space import (
 )
 from ssad_common.strategy import (
     DEFAULT_STRATEGY,
+    FINISHING,
     LEADERS,
     REFINE,
     SCREEN,
@@ -373,10 +376,6 @@ class GateHold(Protocol):
 #: is never overrun and a trial left running by a runner that died (running in the study,
 #: reserved by no one) is told apart from one running elsewhere.
 TrialGate = Callable[[], AbstractContextManager[GateHold]]
-
-#: The reservation of a runner that finishes the study: the others see it and leave.
-FINISHING = -1
-
 
 @dataclass
 class _AloneHold:
