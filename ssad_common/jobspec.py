@@ -22,6 +22,8 @@ from ssad_common.strategy import DEFAULT_STRATEGY, StrategyName
 
 ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
 ScorerName = Literal["mahalanobis", "logit"]
+#: The detector's encoder (what each is and costs: ssad_common/detectors.py).
+DetectorName = Literal["small", "resnet18"]
 JobKind = Literal["tune", "score"]
 JOB_KINDS: Final[tuple[JobKind, ...]] = get_args(JobKind)
 
@@ -32,6 +34,7 @@ DEFAULT_TRAIN_STEPS: Final = 400
 DEFAULT_BATCH_SIZE: Final = 64
 DEFAULT_SEED: Final = 0
 DEFAULT_SCORER: Final[ScorerName] = "mahalanobis"
+DEFAULT_DETECTOR: Final[DetectorName] = "small"
 
 #: The bounds of each parameter (the API's 422s, and what the worker accepts).
 NTrials = Annotated[int, Field(ge=1)]
@@ -67,6 +70,12 @@ class TuneSpec(BaseModel):
                            f"{DEFAULT_STRATEGY!r})")
     requested_batch_size: int | None = Field(
         None, description="the request's batch_size, when it was clamped")
+    detector: DetectorName = Field(
+        DEFAULT_DETECTOR, description="the detector's encoder (ssad_common/detectors.py); "
+                                      "rows written before the choice existed used small")
+    image_size: int | None = Field(
+        None, ge=16, le=256, description="the working size asked for; None: the detector's "
+                                         "default for the images (images.working_size)")
     parallelism: Parallelism = Field(
         1, description="trials run at once on different workers (the jobs.parallelism "
                        "column is what claims read); rows written before it ran one")

@@ -72,3 +72,24 @@ def test_compute_over_the_tenants_quota_is_refused_and_a_tenant_may_get_more(
         finally:
             engine.dispose()
         assert api.post("/v1/jobs", json=big).status_code == 202
+
+
+def test_the_detector_choice_is_checked_and_its_compute_counted(db_url: str) -> None:
+    """ResNet-18 at 128 px costs about 46 small-detector images per image: the quota counts
+    it, its working size must be 128-256, and the job's spec keeps the choice."""
+    with client(db_url, max_compute_per_job=1000) as api:
+        ds = _dataset(api, 4)  # 3 trials × 6 steps × 4 images = 72 images
+        r = api.post("/v1/jobs", json=tiny_job(ds, ds, detector="resnet18"))
+        assert_error(r, 403, "ComputeQuotaExceeded", "the resnet18 detector's cost")
+        assert "72 images × 46.2" in r.json()["detail"]
+        r = api.post("/v1/jobs", json=tiny_job(ds, ds, detector="resnet18", image_size=64))
+        assert_error(r, 422, "InvalidRequest", "image_size must be in [128, 256]")
+        assert count(db_url, Job) == 0
+        ok = api.post("/v1/jobs", json=tiny_job(ds, ds, train_steps=2, batch_size=2,
+                                                detector="resnet18", image_size=128))
+        assert ok.status_code == 202, ok.text  # 3 × 2 × 2 × 46.2 = 555
+        spec = ok.json()["spec"]
+        assert (spec["detector"], spec["image_size"], spec["images"]["working_size"]) == (
+            "resnet18", 128, 128)
+        small = api.post("/v1/jobs", json=tiny_job(ds, ds, image_size=48)).json()["spec"]
+        assert (small["detector"], small["images"]["working_size"]) == ("small", 48)

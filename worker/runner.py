@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ssad_common.db import is_transient
+from ssad_common.detectors import working_size
 from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec
 from ssad_common.logs import current_job, job_context
 from ssad_common.models import MODEL_ARTIFACT
@@ -44,7 +45,7 @@ def study_settings(spec: TuneSpec, sampler_offset: int = 0) -> StudySettings:
         seed=spec.seed, search_space=SearchSpace.from_dict(spec.search_space),
         strategy=spec.strategy, sampler_offset=sampler_offset,
         train=TrainSettings(steps=spec.train_steps, batch_size=spec.batch_size,
-                            scorer=spec.scorer))
+                            scorer=spec.scorer, arch=spec.detector))
 
 
 #: How often the running trial's progress (step, loss) is written, at most.
@@ -161,7 +162,9 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
             run_score_job(job, spec, manager, cache, device)
             manager.finish(job.id, job.attempt)
             return "succeeded"
-        data = prepare(cache.load(job.train, manager), cache.load(job.test, manager), device)
+        train = cache.load(job.train, manager)
+        size = working_size(spec.detector, spec.image_size, job.train.height, job.train.width)
+        data = prepare(train, cache.load(job.test, manager), device, size)
 
         def record(number: int, r: TrialResult) -> None:
             manager.record_trial(job.id, job.attempt, number, augmentation=r.augmentation,

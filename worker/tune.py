@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ssad_common.detectors import DETECTORS, working_size
 from ssad_common.images import ImageDataError, ImageSet, load_path
 from ssad_common.jobspec import (
     DEFAULT_CONTAMINATION,
@@ -73,9 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
     ap.add_argument("--width", type=int, default=d.width, help=f"encoder width ({d.width})")
     ap.add_argument("--image-size", type=int, default=None,
-                    help="working size (auto: 32 up to 40 px, 64 up to 96 px, else 128)")
+                    help="working size (small: auto, 32 up to 40 px, 64 up to 96 px, else "
+                         "128; resnet18: 128-256, auto 224 for images of 224 px or more, "
+                         "else 128)")
     ap.add_argument("--scorer", default=DEFAULT_SCORER, choices=SCORER_NAMES)
-    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp,
+                    help="bfloat16 autocast for training on CUDA (default: on)")
+    ap.add_argument("--detector", choices=DETECTORS, default=d.arch,
+                    help=f"the encoder: small (CPU-sized) or resnet18 (GPU-sized, 128-256 px "
+                         f"working size) ({d.arch})")
     ap.add_argument("--backbone", default=None, help="local encoder weights file")
     ap.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=STRATEGIES,
                     help=f"how the budget is spent ({DEFAULT_STRATEGY}; see "
@@ -126,9 +133,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
         image_size=args.image_size, scorer=args.scorer, amp=args.amp, backbone=args.backbone,
+        arch=args.detector,
         eval_every=args.pruning,
     )
-    data = prepare(train.images, test.images, device, args.image_size)
+    size = working_size(args.detector, args.image_size, *train.images.shape[2:])
+    data = prepare(train.images, test.images, device, size)
 
     def progress(msg: str) -> None:
         if not args.quiet:

@@ -10,13 +10,16 @@ A job's cost is set by a few request fields and the train set's size (method.md 
   than the set only repeats images at a cost in memory (4096 on 2 images: 6.7 GB and a NaN
   loss). It is clamped to the train set's size; the job's ``spec`` says so
   (``batch_size`` is the one used, ``requested_batch_size`` the one asked for).
-* Compute: n_trials × train_steps × batch_size training images, against the tenant's
+* Compute: n_trials × train_steps × batch_size training images, times the detector's cost
+  per image relative to the default one (``ssad_common.detectors.compute_factor``: 1 for
+  the small detector, about 141 for ResNet-18 at 224 px), against the tenant's
   ``max_compute_per_job`` (``SSAD_MAX_COMPUTE_PER_JOB``, or the tenant's own quota set with
   ``ssad-tune tenants quota NAME --compute-per-job N``): 403 ``ComputeQuotaExceeded``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from service.errors import ComputeQuotaExceeded, InvalidRequest
@@ -30,10 +33,16 @@ class Cost:
     n_x: int
     n_y: int
     training_images: int  # n_trials × train_steps × batch_size
+    factor: float = 1.0  # the detector's cost per image (ssad_common/detectors.py)
+
+    @property
+    def compute(self) -> int:
+        """Training images of the default detector this job costs."""
+        return math.ceil(self.training_images * self.factor)
 
 
 def check_request(*, n_trials: int, train_steps: int, batch_size: int, contamination: float,
-                  n_train: int, settings: ApiSettings) -> Cost:
+                  n_train: int, settings: ApiSettings, factor: float = 1.0) -> Cost:
     """422 ``InvalidRequest`` if |Y| is over its cap; the cost with the batch clamped."""
     n_x = min(n_train, MAX_EMBED_TRAIN)
     n_y = augmented_count(n_x, contamination)
@@ -47,13 +56,17 @@ def check_request(*, n_trials: int, train_steps: int, batch_size: int, contamina
             f"{cap} (SSAD_MAX_AUGMENTED_IMAGES): use contamination <= {r_max}")
     batch = min(batch_size, n_train)
     return Cost(batch_size=batch, n_x=n_x, n_y=n_y,
-                training_images=n_trials * train_steps * batch)
+                training_images=n_trials * train_steps * batch, factor=factor)
 
 
-def check_compute(cost: Cost, *, n_trials: int, train_steps: int, quota: int) -> None:
-    if cost.training_images > quota:
+def check_compute(cost: Cost, *, n_trials: int, train_steps: int, quota: int,
+                  detector: str = "small") -> None:
+    if cost.compute > quota:
+        weighted = ("" if cost.factor == 1.0 else
+                    f" × {cost.factor:.1f} (the {detector} detector's cost per image) = "
+                    f"{cost.compute:,}")
         raise ComputeQuotaExceeded(
             f"this job would train on n_trials × train_steps × batch_size = {n_trials} × "
-            f"{train_steps} × {cost.batch_size} = {cost.training_images:,} images, over this "
-            f"tenant's quota of {quota:,} per job: lower one of them, or ask an operator "
-            "to raise it (ssad-tune tenants quota NAME --compute-per-job N)")
+            f"{train_steps} × {cost.batch_size} = {cost.training_images:,} images{weighted}, "
+            f"over this tenant's quota of {quota:,} per job: lower one of them, or ask an "
+            "operator to raise it (ssad-tune tenants quota NAME --compute-per-job N)")

@@ -9,6 +9,7 @@ from service.params import ID_DESCRIPTION, ID_PATTERN
 from ssad_common.jobspec import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTAMINATION,
+    DEFAULT_DETECTOR,
     DEFAULT_N_TRIALS,
     DEFAULT_OBJECTIVE,
     DEFAULT_SCORER,
@@ -16,6 +17,7 @@ from ssad_common.jobspec import (
     DEFAULT_TRAIN_STEPS,
     BatchSize,
     Contamination,
+    DetectorName,
     NTrials,
     ObjectiveName,
     Parallelism,
@@ -83,6 +85,18 @@ class JobCreate(BaseModel):
                                               "the tenant's compute quota (403 otherwise)")
     seed: Seed = DEFAULT_SEED
     scorer: ScorerName = DEFAULT_SCORER
+    detector: DetectorName = Field(
+        DEFAULT_DETECTOR,
+        description="the detector trained in each trial: small (a 16-wide ResNet whose stem "
+                    "brings every image to 32 px; sized for a CPU) or resnet18 (ResNet-18 "
+                    "from scratch at 128-256 px, DSV's protocol; sized for a GPU: about "
+                    "141× the small one's compute per image at 224 px, which the compute "
+                    "quota counts)")
+    image_size: int | None = Field(
+        None, ge=16, le=256,
+        description="working size (px) every image is resized to; default: small 32, 64 "
+                    "or 128 from the train images' size, resnet18 224 for images of at "
+                    "least 224 px, else 128. resnet18 takes 128-256 (422 otherwise)")
     parallelism: Parallelism | None = Field(
         None, description="how many of the job's trials may run at once, each on its own "
                           "worker, all in one Optuna study (Katib's parallelTrialCount); "

@@ -20,11 +20,12 @@ from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 from service.settings import ApiSettings
 from ssad_common import blobs
+from ssad_common.detectors import DEFAULT_DETECTOR, compute_factor, working_size
 from ssad_common.ensemble import zscore_mean
 from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec, spec_dump
 from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
 from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
-from ssad_common.search_space import SearchSpace, auto_image_size
+from ssad_common.search_space import SearchSpace
 from ssad_common.strategy import plan_study, selectable
 
 
@@ -36,11 +37,16 @@ def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Da
     return d
 
 
-def working_images(train: Dataset, test: Dataset) -> tuple[dict[str, Any], str]:
+def working_images(train: Dataset, test: Dataset, detector: str = DEFAULT_DETECTOR,
+                   requested: int | None = None) -> tuple[dict[str, Any], str]:
     """The one size rule for a job, as the engine applies it: train and test images are all
-    resized to working size x working size (from the train images' size). The sizes, for the
-    job's spec, and a note for its first event when anything is resized ("" otherwise)."""
-    size = auto_image_size(train.height, train.width)
+    resized to working size x working size (the one asked for, else the detector's default
+    for the train images' size). The sizes, for the job's spec, and a note for its first
+    event when anything is resized ("" otherwise). InvalidRequest: a size out of range."""
+    try:
+        size = working_size(detector, requested, train.height, train.width)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     images = {"train": [train.height, train.width], "test": [test.height, test.width],
               "working_size": size}
     resized = [f"{role} {d.height}x{d.width}" for role, d in (("train", train), ("test", test))
@@ -78,19 +84,20 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
             else request.search_space.model_dump(exclude_none=True))
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(str(exc)) from None
+    images, resized = working_images(train, test, request.detector, request.image_size)
     cost = limits.check_request(
         n_trials=request.n_trials, train_steps=request.train_steps,
         batch_size=request.batch_size, contamination=request.contamination,
-        n_train=train.n_samples, settings=settings)
+        n_train=train.n_samples, settings=settings,
+        factor=compute_factor(request.detector, images["working_size"]))
     quotas = tenants.lock_tenant(session, tenant_id, settings)
     tenants.check_job(session, tenant_id, quotas, request.n_trials)
     limits.check_compute(cost, n_trials=request.n_trials, train_steps=request.train_steps,
-                         quota=quotas.max_compute_per_job)
+                         quota=quotas.max_compute_per_job, detector=request.detector)
     parallelism = request.parallelism or settings.default_parallelism
     if parallelism > settings.max_parallelism:
         raise InvalidRequest(f"parallelism must be at most {settings.max_parallelism} on "
                              "this server (SSAD_MAX_PARALLELISM)")
-    images, resized = working_images(train, test)
     spec = TuneSpec(**request.model_dump(exclude={"search_space", "parallelism"}),
                     search_space=space.to_dict(), images=images, parallelism=parallelism)
     notes = []

@@ -1,10 +1,17 @@
 """The detector of method.md §2: a ResNet-style encoder, an MLP head and a 2-way classifier.
 
 The encoder is trained from scratch by default. Inputs of any size from 28 to 256 px are
-resized (by the caller, see :func:`worker.core.data.to_working_tensor`) to a working size;
-the stem downsamples working sizes above 32 px to 32 px so that the residual stages cost
-the same for every input size. The embedding used by the objectives and scorers is the
-encoder's pooled feature, L2-normalised.
+resized (by the caller, see :func:`worker.core.data.to_working_tensor`) to a working size.
+Two encoders (``DetectorConfig.arch``):
+
+* ``small`` (the CPU default): a 16-wide ResNet whose stem downsamples working sizes above
+  32 px to 32 px, so that the residual stages cost the same for every input size;
+* ``resnet18``: the ResNet-18 of DSV's protocol (7×7 stride-2 stem, max-pool, four stages
+  of two basic blocks, 64 to 512 channels), trained from scratch at a working size of
+  128–256 px: sized for a GPU.
+
+The embedding used by the objectives and scorers is the encoder's pooled feature,
+L2-normalised.
 """
 
 from __future__ import annotations
@@ -16,15 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+ARCHS = ("small", "resnet18")
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
     in_channels: int
     image_size: int
-    width: int = 16
+    width: int = 16  # the small encoder's; resnet18's is fixed (64)
     head_dim: int = 128
+    arch: str = "small"
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown detector {self.arch!r}; known: {list(ARCHS)}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not 16 <= self.image_size <= 512:
@@ -85,13 +97,36 @@ class Encoder(nn.Module):
         return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
 
 
+class ResNet18Encoder(nn.Module):
+    """ResNet-18 (He et al. 2016) without its classifier: 7×7 stride-2 stem and max-pool,
+    then [2, 2, 2, 2] basic blocks at 64, 128, 256 and 512 channels; 512-d pooled feature."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        blocks: list[nn.Module] = []
+        c_in = 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.stages = nn.Sequential(*blocks)
+        self.out_dim = 512
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(self.stages(self.stem(x)), 1).flatten(1)
+
+
 class Detector(nn.Module):
     """Encoder → MLP head → 2-way classifier (0 = original, 1 = augmented)."""
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config.in_channels, config.image_size, config.width)
+        self.encoder: Encoder | ResNet18Encoder = (
+            ResNet18Encoder(config.in_channels) if config.arch == "resnet18"
+            else Encoder(config.in_channels, config.image_size, config.width))
         d = self.encoder.out_dim
         self.head = nn.Sequential(
             nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, config.head_dim)

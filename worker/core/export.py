@@ -43,7 +43,7 @@ class ScoringModel:
             "format": FORMAT, "scorer": self.scorer,
             "config": {"in_channels": self.config.in_channels,
                        "image_size": self.config.image_size, "width": self.config.width,
-                       "head_dim": self.config.head_dim},
+                       "head_dim": self.config.head_dim, "arch": self.config.arch},
             "state_dict": self.state_dict,
             "location": None if self.location is None else torch.from_numpy(self.location),
             "precision": None if self.precision is None else torch.from_numpy(self.precision),

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ssad_common.jobspec import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_STEPS
 from ssad_common.search_space import MAX_EMBED_TRAIN
 from worker.core.detector import Detector, DetectorConfig
-from worker.core.device import autocast, synchronize
+from worker.core.device import autocast
 from worker.core.scoring import DEFAULT_SCORER, SCORERS
 
 
@@ -36,10 +36,11 @@ class TrainSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = 1e-3
     width: int = 16
+    arch: str = "small"  # the encoder: small (CPU default) or resnet18 (worker/core/detector.py)
     image_size: int | None = None  # working size; None = auto from the input size
     max_embed_train: int = MAX_EMBED_TRAIN  # |X| cap for the loss and the scorer's Gaussian
     scorer: str = DEFAULT_SCORER
-    amp: bool = False  # bfloat16 autocast for training, CUDA only
+    amp: bool = True  # bfloat16 autocast for training on CUDA (on a CPU: nothing)
     backbone: str | None = None  # local encoder weights file (weights_only=True)
     eval_every: int = 0  # report intermediate losses every N steps (0 = never)
 
@@ -60,10 +61,13 @@ def build_detector(
     channels: int, image_size: int, settings: TrainSettings, device: torch.device
 ) -> Detector:
     """A fresh detector for images of this shape, with the backbone's weights if one is set."""
-    model = Detector(DetectorConfig(channels, image_size, settings.width))
+    model = Detector(DetectorConfig(channels, image_size, settings.width, arch=settings.arch))
     if settings.backbone:
         model.load_backbone(settings.backbone)
-    return model.to(device)
+    model = model.to(device)
+    if device.type == "cuda":  # convolutions run fastest on NHWC tensors there
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
 
 
 class DetectorTraining:
@@ -79,20 +83,44 @@ class DetectorTraining:
         self.optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
         self.labels = torch.cat([torch.zeros(self.batch_size, dtype=torch.long),
                                  torch.ones(self.batch_size, dtype=torch.long)]).to(self.device)
-        self.augment_s = 0.0  # time spent augmenting, over all steps
+        self.cuda = self.device.type == "cuda"
+        self._augment_s = 0.0  # CPU: seconds spent augmenting, over all steps
+        # CUDA: a pair of events per step, read once at the end: timing the augmentation
+        # with a host clock would wait for the device at every step.
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @property
+    def augment_s(self) -> float:
+        """Seconds spent augmenting so far (on CUDA this waits for the device once)."""
+        if not self._events:
+            return self._augment_s
+        self._events[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
 
     def step(self) -> Tensor:
-        """One update; returns the batch's loss (still on the device)."""
+        """One update; returns the batch's loss (still on the device). On CUDA nothing in
+        here waits for the device."""
         self.model.train()
         batch = self.train[torch.randint(0, len(self.train), (self.batch_size,),
                                          generator=self.g, device=self.device)]
-        t_aug = time.perf_counter()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
+        else:
+            t_aug = time.perf_counter()
         with torch.no_grad():
             augmented = self.augment(batch, self.g)
-        synchronize(self.device)
-        self.augment_s += time.perf_counter() - t_aug
+        if self.cuda:
+            end.record()
+            self._events.append((start, end))
+        else:
+            self._augment_s += time.perf_counter() - t_aug
+        inputs = torch.cat([batch, augmented])
+        if self.cuda:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
-            loss = F.cross_entropy(self.model(torch.cat([batch, augmented])), self.labels)
+            loss = F.cross_entropy(self.model(inputs), self.labels)
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
