@@ -95,6 +95,17 @@ def test_worker_reserves_a_gpu_and_builds_the_torch_image() -> None:
     assert COMPOSE["services"]["api"]["build"]["target"] == "api"
 
 
+def test_the_worker_scales_to_n_replicas() -> None:
+    """`docker compose up --scale worker=N` (docs/deploy.md): nothing in the worker's service
+    may be unique to one container (a fixed name, a published port, a host path), and
+    workers share only the database (the URL) and a named cache volume."""
+    worker = COMPOSE["services"]["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert all(not str(v).startswith(("/", ".")) for v in worker.get("volumes", []))
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+    assert "--scale worker=N" in (ROOT / "docker-compose.yml").read_text()
+
+
 def test_dockerfile_targets() -> None:
     stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", DOCKERFILE,
                              flags=re.S | re.M))

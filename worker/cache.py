@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ class ArrayCache:
             if hashlib.sha256(data).hexdigest() != ref.sha256:
                 raise RuntimeError(f"dataset blob {ref.sha256} is corrupt (hash mismatch)")
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            # Unique per writer: workers in several containers share one cache volume
+            # (docker compose --scale), where process ids repeat.
+            tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
         arr = np.load(path, allow_pickle=False)
