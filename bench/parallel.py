@@ -75,6 +75,8 @@ def run_job(db: str, work: Path, files: tuple[bytes, bytes], workers: int, n_tri
         "trials_per_worker": sorted(per_worker.values(), reverse=True),
         "best": done["best"],
         "scores": [s["score"] for s in scores],
+        "trial_list": [{k: t[k] for k in ("number", "stage", "augmentation", "params",
+                                          "validation_loss", "worker")} for t in trials],
     }
 
 
@@ -104,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         run["same_best_as_first"] = run["best"] == base["best"]
         run["same_scores_as_first"] = bool(run["scores"]) and np.allclose(
             run["scores"], base["scores"], rtol=0, atol=1e-9)
+        # The queued trials (screen, refine anchors) are the same configurations with the
+        # same seeds whoever runs them: their losses should match the sequential run's.
+        first = {(t["augmentation"], json.dumps(t["params"], sort_keys=True), t["stage"]):
+                 t["validation_loss"] for t in base["trial_list"]}
+        same = [abs(first[k] - t["validation_loss"]) < 1e-6 for t in run["trial_list"]
+                if (k := (t["augmentation"], json.dumps(t["params"], sort_keys=True),
+                          t["stage"])) in first]
+        run["trials_matching_a_sequential_configuration"] = len(same)
+        run["of_which_same_loss"] = sum(same)
     out = {"task": task.name, "n_trials": args.n_trials, "seed": args.seed,
            "machine": f"{platform.node()}, {os.cpu_count()} cores", "runs": [
                {k: v for k, v in r.items() if k != "scores"} for r in runs]}

@@ -36,7 +36,7 @@ from ssad_common.models import (
     TrialScore,
     utcnow,
 )
-from ssad_common.strategy import FINISHING, SCREEN, selectable
+from ssad_common.strategy import SCREEN, selectable
 
 log = logging.getLogger("ssad.worker")
 

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypedDict, Unpack
 
 import numpy as np
 import optuna
@@ -394,23 +394,26 @@ def run_alone() -> AbstractContextManager[GateHold]:
 WAIT_SECONDS = 1.0
 
 
+class StudyHooks(TypedDict, total=False):
+    """How a caller follows and steers a study (every one optional; see run_study_slot)."""
+
+    on_trial: Callable[[int, TrialResult], None]
+    should_stop: Callable[[], bool]
+    recover: Callable[[int], float | None]
+    on_fail: Callable[[int, str, dict[str, ParamValue], str, str | None, int], None]
+    on_progress: Callable[[int, int, int, float], None]
+
+
 def run_study(
     data: PreparedData,
     settings: StudySettings,
     storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
-    on_trial: Callable[[int, TrialResult], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    recover: Callable[[int], float | None] | None = None,
-    on_fail: Callable[[int, str, dict[str, ParamValue], str, str | None, int], None]
-    | None = None,
-    on_progress: Callable[[int, int, int, float], None] | None = None,
+    **hooks: Unpack[StudyHooks],
 ) -> StudyResult:
     """Run (or resume) the study alone until it holds ``n_trials`` finished trials (see
     :func:`run_study_slot`, which this is with a gate that nothing else shares)."""
-    result = run_study_slot(data, settings, storage, study_name, on_trial=on_trial,
-                            should_stop=should_stop, recover=recover, on_fail=on_fail,
-                            on_progress=on_progress, gate=run_alone)
+    result = run_study_slot(data, settings, storage, study_name, gate=run_alone, **hooks)
     assert result is not None  # alone, nothing else can be running its last trials
     return result
 
@@ -420,14 +423,9 @@ def run_study_slot(
     settings: StudySettings,
     storage: str | optuna.storages.BaseStorage | None = None,
     study_name: str | None = None,
-    on_trial: Callable[[int, TrialResult], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    recover: Callable[[int], float | None] | None = None,
-    on_fail: Callable[[int, str, dict[str, ParamValue], str, str | None, int], None]
-    | None = None,
-    on_progress: Callable[[int, int, int, float], None] | None = None,
     gate: TrialGate = run_alone,
     wait_seconds: float = WAIT_SECONDS,
+    **hooks: Unpack[StudyHooks],
 ) -> StudyResult | None:
     """Run trials of the study, one at a time, until its plan is used up; with a shared
     ``gate``, other runners (workers) run trials of the same study at once.
@@ -439,12 +437,12 @@ def run_study_slot(
     checking ``should_stop``). Returns the result if this runner finished the study, or
     None if the study's last trials are running elsewhere (their runner finishes it).
 
-    ``on_trial(number, result)`` is called for each finished trial *before* Optuna records
-    it as complete, so a caller that persists results (the service) never has a trial
-    complete in the study but missing from its own tables; if it raises, the trial is
-    failed and the study stops. ``should_stop()`` is checked between trials and at every
-    training step; when it returns True the running trial's configuration is queued again
-    (a resumed study reruns it) and :class:`TrialInterrupted` propagates.
+    The ``hooks``: ``on_trial(number, result)`` is called for each finished trial *before*
+    Optuna records it as complete, so a caller that persists results (the service) never
+    has a trial complete in the study but missing from its own tables; if it raises, the
+    trial is failed and the study stops. ``should_stop()`` is checked between trials and at
+    every training step; when it returns True the running trial's configuration is queued
+    again (a resumed study reruns it) and :class:`TrialInterrupted` propagates.
 
     A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
     with its reason (``on_fail(number, family, params, reason, stage, train_steps)``) and
@@ -453,6 +451,9 @@ def run_study_slot(
     ``on_progress(number, step, steps, loss)`` reports the running trial's training (see
     ``run_trial``'s ``progress``).
     """
+    on_trial, should_stop, recover = (hooks.get("on_trial"), hooks.get("should_stop"),
+                                      hooks.get("recover"))
+    on_fail, on_progress = hooks.get("on_fail"), hooks.get("on_progress")
     study = create_study(settings, storage, study_name)
     plan = settings.plan
     results: dict[int, TrialResult] = {}
