@@ -168,7 +168,7 @@ def test_a_worker_killed_mid_trial_loses_only_its_own_trial(
             assert job_status(api, job_id)["status"] == "succeeded"
         job, trials, slots, events = _rows(pg_url, job_id)
         assert job.lost_leases == 1
-        assert any("lost its lease" in m or "lease of attempt" in m for m in events), events
+        assert any("lost their lease" in m or "lease of attempt" in m for m in events), events
         assert len(trials) == job.trials_planned  # the lost trial was rerun, nothing more
         assert len({t.number for t in trials}) == len(trials)
         assert lost_trial not in {t.number for t in trials}  # rerun under a new number

@@ -149,3 +149,42 @@ def test_a_job_claimed_before_trial_slots_existed_is_requeued_once_its_lease_exp
             assert job is not None and (job.status, job.lost_leases) == ("running", 0)
     finally:
         engine.dispose()
+
+
+def test_slots_lost_together_count_as_one_lost_lease_while_the_job_goes_on(
+        db_url: str) -> None:
+    """A machine holding two of a job's three slots dies: one lost lease, the job keeps
+    running on its live slot (never failed while a slot is alive), and the dead slots'
+    late writes are refused."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from ssad_common.models import JobSlot, utcnow
+
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, tr, parallelism=3)).json()["id"]
+    engine = make_engine(db_url)
+    manager = JobManager(engine, max_attempts=1)
+    try:
+        slots = [manager.claim_next_job(f"w{i}") for i in range(3)]
+        assert all(s is not None and s.id == job_id for s in slots)
+        dead = [slots[0], slots[1]]
+        with session_factory(engine)() as s:
+            s.execute(update(JobSlot).where(JobSlot.attempt.in_([d.attempt for d in dead]))
+                      .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+            s.commit()
+        live = slots[2]
+        assert live is not None
+        with manager.trial_gate(job_id, live.attempt) as hold:  # its turn ends them
+            hold.reserve(0)
+        with session_factory(engine)() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and (job.status, job.lost_leases) == ("running", 1)
+        for d in dead:
+            with pytest.raises(LostLease):
+                manager.heartbeat(job_id, d.attempt)
+        manager.heartbeat(job_id, live.attempt)
+    finally:
+        engine.dispose()

@@ -286,3 +286,25 @@ def test_a_resumed_staged_study_keeps_its_leaders_and_its_budget(
     assert len(done) == plan.total_trials
     assert sum(t.train_steps or 0 for t in done) == plan.total_steps <= 6 * TINY.steps
     assert {t.augmentation for t in done if t.stage == "refine"} <= set(leaders)
+
+
+def test_an_interrupted_trial_is_queued_again_once() -> None:
+    """A runner whose trial was interrupted queues its configuration again, unless another
+    runner already settled it (found its slot expired and queued it itself): then a second
+    copy would run the same configuration twice."""
+    from worker.core.study import _queue_again, rerun_interrupted_trials
+
+    def waiting(study: optuna.Study) -> int:
+        return len(study.get_trials(states=(optuna.trial.TrialState.WAITING,)))
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_categorical("augmentation", ["invert", "flip"])
+    _queue_again(study, trial)  # still running here: queued again
+    assert waiting(study) == 1
+    other = study.ask()  # pops the queued copy
+    other.suggest_categorical("augmentation", ["invert", "flip"])
+    assert rerun_interrupted_trials(study, keep={other.number}) == [trial.number]
+    assert waiting(study) == 1  # the other runner's turn queued it again
+    _queue_again(study, trial)  # the late runner: already settled, nothing more
+    assert waiting(study) == 1

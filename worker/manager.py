@@ -280,35 +280,40 @@ class JobManager:
 
     def _expire_slots(self, s: Session, job: Job, now: datetime) -> bool:
         """End the expired slots of ``job`` (its row locked by the caller), so that their
-        workers' late writes are refused before their trials are rerun; move the job on if
-        that leaves it without a live slot or uses up ``max_attempts``. Whether any ended."""
+        workers' late writes are refused before their trials are rerun. Slots found
+        expired together (a machine lost) count as one lost lease. While another slot is
+        alive the job goes on; a job left without one is requeued, or fails once
+        ``max_attempts`` leases were lost (or, if a cancel was asked, is cancelled).
+        Whether any slot ended."""
         stale = s.scalars(select(JobSlot.attempt).where(
             JobSlot.job_id == job.id, JobSlot.lease_expires_at < now)).all()
         if not stale:
             return False
-        s.execute(delete(JobSlot).where(JobSlot.job_id == job.id, JobSlot.attempt.in_(stale)))
+        s.execute(delete(JobSlot).where(JobSlot.job_id == job.id, JobSlot.attempt.in_(stale),
+                                        JobSlot.lease_expires_at < now))
         if job.status != JobStatus.running:
             return True
-        lost = job.lost_leases + len(stale)
+        lost = job.lost_leases + 1
         attempt = max(stale)
         left = _live_slots(s, job.id)
-        if job.cancel_requested and not left:
+        if left:  # the job's other slots go on; the next turn at the budget reruns its trial
+            s.execute(update(Job).where(Job.id == job.id).values(lost_leases=lost))
+            msg = (f"the slot(s) of attempt(s) {', '.join(map(str, sorted(stale)))} lost "
+                   f"their lease ({lost} of max_attempts={self.max_attempts}); their trials "
+                   "will be rerun")
+            record_event(s, job.id, JobStatus.running, attempt, msg)
+            log.warning("job %s: %s", job.id, msg)
+            return True
+        if job.cancel_requested:
             status, msg = JobStatus.cancelled, "cancelled (its worker stopped)"
         elif lost >= self.max_attempts:
             status = JobStatus.failed
             msg = (f"failed: its worker stopped responding {lost} time(s) "
                    f"(max_attempts={self.max_attempts})")
-        elif not left:
+        else:
             status = JobStatus.queued
             msg = (f"requeued: lease of attempt {attempt} expired "
                    f"({lost} of max_attempts={self.max_attempts})")
-        else:  # the job's other slots go on; the next turn at the budget reruns its trial
-            s.execute(update(Job).where(Job.id == job.id).values(lost_leases=lost))
-            msg = (f"the slot of attempt {attempt} lost its lease ({lost} of "
-                   f"max_attempts={self.max_attempts}); its trial will be rerun")
-            record_event(s, job.id, JobStatus.running, attempt, msg)
-            log.warning("job %s: %s", job.id, msg)
-            return True
         values: dict[str, Any] = {"worker_id": None, "lost_leases": lost,
                                   "trial_progress": None}
         if status != JobStatus.queued:
@@ -328,8 +333,8 @@ class JobManager:
             job = self._fenced(s, job_id, attempt)
             # A slot that stopped renewing its lease is ended here, not only by the next
             # requeue_stale: its trial is then rerun at once, and its worker fenced out.
-            if self._expire_slots(s, job, utcnow()):
-                job = self._fenced(s, job_id, attempt)
+            # (This slot is alive, so the job goes on.)
+            self._expire_slots(s, job, utcnow())
             reserved = frozenset(n for n in s.scalars(select(JobSlot.trial_number).where(
                 JobSlot.job_id == job_id, JobSlot.attempt != attempt)) if n is not None)
             hold = GateHold(reserved, bool(job.cancel_requested))

@@ -227,15 +227,27 @@ def create_study(
         storage=storage, study_name=study_name, direction="minimize",
         sampler=make_sampler(settings), pruner=pruner, load_if_exists=True,
     )
+    return study
+
+
+QUEUED_ATTR = "start_queued"  # the study's user attribute: its first trials are queued
+
+
+def queue_start(study: optuna.Study, settings: StudySettings) -> None:
+    """Queue the strategy's first trials (staged: the screen; tpe: the warm start), once.
+    Called inside a turn of the gate, so runners starting the study at once never queue
+    them twice (``skip_if_exists`` alone is not safe across processes); the attribute is
+    set last, so a runner that died while queueing leaves the rest to the next turn."""
+    if study.user_attrs.get(QUEUED_ATTR):
+        return
     if settings.strategy == "staged":
-        # On every start, so a process that died while queueing them leaves none out.
         for family in settings.plan.screen_families:
             study.enqueue_trial(default_configuration(settings.search_space, family),
                                 skip_if_exists=True)
     elif not study.trials and settings.warm_start:
         for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
             study.enqueue_trial(params, skip_if_exists=True)
-    return study
+    study.set_user_attr(QUEUED_ATTR, True)
 
 
 def _stage(t: optuna.trial.FrozenTrial, strategy: str) -> str | None:
@@ -503,7 +515,7 @@ def run_study_slot(
         except TrialPruned as exc:
             raise optuna.TrialPruned(str(exc)) from None
         except TrialInterrupted:
-            study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+            _queue_again(study, trial)
             raise
         except Exception as exc:
             reason = out_of_memory_reason(exc)
@@ -514,6 +526,10 @@ def run_study_slot(
             fail(trial, family, params, f"the validation loss is not finite "
                                         f"({result.validation_loss})", stage, train.steps)
         result = dataclasses.replace(result, stage=stage)
+        # Written before the caller's copy, so that nothing but Optuna's own tell can fail
+        # once the result is stored (a failure in between would rerun a stored trial).
+        trial.set_user_attr("losses", result.losses)
+        trial.set_user_attr("timings", result.timings)
         # The caller's copy first: if the study's storage fails next, the result survives
         # and a resumed study completes this trial from it (``recover``).
         if on_trial is not None:
@@ -522,11 +538,9 @@ def run_study_slot(
             except BaseException:
                 # Not stored (a database outage, a lost lease): a resumed study runs this
                 # configuration again instead of drawing another in its place.
-                study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+                _queue_again(study, trial)
                 raise
         results[trial.number] = result
-        trial.set_user_attr("losses", result.losses)
-        trial.set_user_attr("timings", result.timings)
         return result.validation_loss
 
     while True:
@@ -562,6 +576,7 @@ def _next_step(study: optuna.Study, settings: StudySettings, hold: GateHold,
                leaders: list[str]) -> tuple[optuna.Trial | str, str | None]:
     """Inside a turn of the gate: the next trial to run (asked of the study, so it is
     RUNNING there before the turn ends) and its stage, or wait, leave or finish."""
+    queue_start(study, settings)
     rerun_interrupted_trials(study, recover, keep=hold.reserved)
     trials = study.get_trials(deepcopy=False)
     running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
@@ -599,9 +614,19 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, stage: str | None,
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
     except BaseException:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        # skip_if_finished: another runner may have settled it already (see _queue_again).
+        study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         raise
     study.tell(trial, value)
+
+
+def _queue_again(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Queue an interrupted trial's configuration again, so that it is rerun rather than
+    replaced by a new draw, unless the trial is no longer running: then another runner's
+    turn at the gate found this runner's slot expired and already queued it again."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if any(t.number == trial.number for t in running):
+        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
 
 
 def _wait(seconds: float, should_stop: Callable[[], bool] | None) -> None:
