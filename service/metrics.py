@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
 from ssad_common.models import Job, JobSlot, JobStatus, JobTrial, TrialState, utcnow
+from ssad_common.slots import slot_count, stored_trial_count
 
 log = logging.getLogger("ssad.api")
 
@@ -67,11 +68,8 @@ class DatabaseCollector(Collector):
                                  .group_by(JobSlot.worker_id)).all()
             trials = dict(conn.execute(
                 select(JobTrial.state, func.count()).group_by(JobTrial.state)).all())
-            live = (select(func.count()).select_from(JobSlot)
-                    .where(JobSlot.job_id == Job.id).scalar_subquery())
-            stored = (select(func.count()).select_from(JobTrial)
-                      .where(JobTrial.job_id == Job.id).scalar_subquery())
-            active = conn.execute(select(Job.parallelism, Job.trials_planned, stored, live)
+            active = conn.execute(select(Job.parallelism, Job.trials_planned,
+                                         stored_trial_count(Job.id), slot_count(Job.id))
                                   .where(Job.status.in_([JobStatus.queued,
                                                          JobStatus.running]))).all()
             done = JobTrial.state == TrialState.COMPLETE

@@ -36,6 +36,7 @@ from ssad_common.models import (
     TrialScore,
     utcnow,
 )
+from ssad_common.slots import slot_count, stored_trial_count
 from ssad_common.strategy import SCREEN, selectable
 
 log = logging.getLogger("ssad.worker")
@@ -114,11 +115,10 @@ def _ref(d: Dataset) -> DatasetRef:
 @dataclass
 class GateHold:
     """What a slot sees inside :meth:`JobManager.trial_gate`: the trials the job's *other*
-    live slots have reserved, whether a cancel was asked; it sets ``number`` to the trial it
-    reserves (or :data:`FINISHING`, or None for none)."""
+    live slots have reserved; it sets ``number`` to the trial it reserves (or
+    :data:`FINISHING`, or None for none)."""
 
     reserved: frozenset[int]
-    cancel_requested: bool
     number: int | None = None
 
     def reserve(self, number: int | None) -> None:
@@ -144,9 +144,9 @@ class JobManager:
     def _tx(self) -> Iterator[Session]:
         yield from transaction(self._sessions)
 
-    def _fenced(self, s: Session, job_id: str, attempt: int, **values: Any) -> Job:
-        """Lock the job's row (setting ``values`` on it), then renew this slot's lease: the
-        slot must still be alive and the job running (or LostLease). Returns the job."""
+    def _fenced(self, s: Session, job_id: str, attempt: int) -> Job:
+        """Lock the job's row, then renew this slot's lease: the slot must still be alive
+        and the job running (or LostLease). Returns the job."""
         job = s.execute(select(Job).where(Job.id == job_id).with_for_update()
                         .execution_options(populate_existing=True)).scalar_one_or_none()
         if job is None or job.status != JobStatus.running:
@@ -158,19 +158,13 @@ class JobManager:
             .returning(JobSlot.attempt)).scalar_one_or_none()
         if alive is None:
             raise _lost(job_id, attempt)
-        if values:
-            s.execute(update(Job).where(Job.id == job_id).values(**values))
         return job
 
     def _end(self, s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
              **values: Any) -> None:
-        """Move the job this slot still holds out of ``running`` (or LostLease); every other
-        slot of the job ends with it (their next write is refused)."""
+        """Move the job this slot holds (fenced here) out of ``running``; see _close."""
         self._fenced(s, job_id, attempt)
-        if not transition(s, job_id, to, expected=JobStatus.running, message=message,
-                          **values):
-            raise _lost(job_id, attempt)
-        s.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
+        _close(s, job_id, attempt, to, message, **values)
 
     def _drop_slot(self, s: Session, job: Job, attempt: int, message: str) -> None:
         """End one slot of a running job; the last one gives the job back to the queue."""
@@ -192,17 +186,13 @@ class JobManager:
         not lock on reading: if another worker changed the job in between, the
         conditional update misses and the next candidate is tried."""
         now = utcnow()
-        slots = (select(func.count()).select_from(JobSlot)
-                 .where(JobSlot.job_id == Job.id).scalar_subquery())
-        stored = (select(func.count()).select_from(JobTrial)
-                  .where(JobTrial.job_id == Job.id).scalar_subquery())
+        slots = slot_count(Job.id)
         open_slot = and_(Job.status == JobStatus.running, Job.cancel_requested.is_(False),
                          Job.trials_planned.is_not(None), slots < Job.parallelism,
-                         stored + slots < Job.trials_planned)
-        candidates = (select(Job.id)
-                      .where(or_(Job.status == JobStatus.queued, open_slot))
-                      .order_by(Job.created_at, Job.id).limit(1)
-                      .with_for_update(skip_locked=True))
+                         stored_trial_count(Job.id) + slots < Job.trials_planned)
+        claimable = or_(Job.status == JobStatus.queued, open_slot)
+        candidates = (select(Job.id).where(claimable).order_by(Job.created_at, Job.id)
+                      .limit(1).with_for_update(skip_locked=True))
         tried: set[str] = set()
         with self._tx() as s:
             while True:
@@ -210,11 +200,13 @@ class JobManager:
                 if job_id is None:
                     return None
                 tried.add(job_id)
-                # The row is ours now; read it and its slots afresh (the candidate query's
-                # snapshot may predate another claim's commit).
-                status, attempt, parallelism, planned, cancel = s.execute(
-                    select(Job.status, Job.attempt, Job.parallelism, Job.trials_planned,
-                           Job.cancel_requested).where(Job.id == job_id)).one()
+                # The row is ours now; ask again with a fresh statement (the candidate
+                # query's snapshot may predate another claim's commit).
+                row = s.execute(select(Job.status, Job.attempt)
+                                .where(Job.id == job_id, claimable)).first()
+                if row is None:
+                    continue
+                status, attempt = row
                 claim: dict[str, Any] = {"attempt": attempt + 1, "worker_id": worker_id,
                                          "heartbeat_at": now,
                                          "started_at": func.coalesce(Job.started_at, now)}
@@ -223,12 +215,6 @@ class JobManager:
                     if transition(s, job_id, JobStatus.running, expected=JobStatus.queued,
                                   message=message, **claim):
                         break
-                    continue
-                live = _live_slots(s, job_id)
-                n_stored = s.scalar(select(func.count()).select_from(JobTrial)
-                                    .where(JobTrial.job_id == job_id)) or 0
-                if (status != JobStatus.running or cancel or planned is None
-                        or live >= parallelism or n_stored + live >= planned):
                     continue
                 if s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt,
                                                Job.status == JobStatus.running)
@@ -337,7 +323,7 @@ class JobManager:
             self._expire_slots(s, job, utcnow())
             reserved = frozenset(n for n in s.scalars(select(JobSlot.trial_number).where(
                 JobSlot.job_id == job_id, JobSlot.attempt != attempt)) if n is not None)
-            hold = GateHold(reserved, bool(job.cancel_requested))
+            hold = GateHold(reserved)
             yield hold
             s.execute(update(JobSlot).where(JobSlot.job_id == job_id,
                                             JobSlot.attempt == attempt)
@@ -533,7 +519,7 @@ class JobManager:
             best = self._best_trial(s, job_id)
             if best is None:
                 raise RuntimeError("no completed trial to choose from")
-            self._end(s, job_id, attempt, JobStatus.succeeded,
+            _close(s, job_id, attempt, JobStatus.succeeded,
                       f"best trial {best.number}: {best.augmentation} "
                       f"(loss {best.validation_loss:.4g})",
                       finished_at=utcnow(), best=_best_json(best),
@@ -579,9 +565,17 @@ class JobManager:
                             f"the slot of attempt {attempt} left: no trial left to start")
 
 
+def _close(s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
+           **values: Any) -> None:
+    """Move a job whose row the caller has fenced out of ``running``; every other slot of
+    the job ends with it (their next write is refused)."""
+    if not transition(s, job_id, to, expected=JobStatus.running, message=message, **values):
+        raise _lost(job_id, attempt)
+    s.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
+
+
 def _live_slots(s: Session, job_id: str) -> int:
-    return int(s.scalar(select(func.count()).select_from(JobSlot)
-                        .where(JobSlot.job_id == job_id)) or 0)
+    return int(s.scalar(select(slot_count(job_id))) or 0)
 
 
 def _lost(job_id: str, attempt: int) -> LostLease:

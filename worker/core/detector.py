@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ARCHS = ("small", "resnet18")
+from ssad_common.detectors import DETECTORS
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class DetectorConfig:
     arch: str = "small"
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown detector {self.arch!r}; known: {list(ARCHS)}")
+        if self.arch not in DETECTORS:
+            raise ValueError(f"unknown detector {self.arch!r}; known: {list(DETECTORS)}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not 16 <= self.image_size <= 512:

@@ -582,7 +582,8 @@ def _next_step(study: optuna.Study, settings: StudySettings, hold: GateHold,
     running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
     def used(stage: str | None) -> int:
-        return sum(1 for t in trials if (_counted(t) or t in running)
+        return sum(1 for t in trials
+                   if (_counted(t) or t.state == optuna.trial.TrialState.RUNNING)
                    and _stage(t, settings.strategy) == stage)
 
     plan = settings.plan
