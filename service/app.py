@@ -33,6 +33,8 @@ from service.jobs.routes import router as jobs_router
 from service.metrics import Metrics
 from service.params import reject_unknown_query_params
 from service.settings import ApiSettings, get_settings
+from service.webhooks import Dispatcher
+from service.webhooks import router as webhooks_router
 from ssad_common.db import make_engine, session_factory
 from ssad_common.jobspec import DEFAULT_OBJECTIVE
 from ssad_common.search_space import DEFAULT_AUGMENTATIONS, OBJECTIVE_NAMES, describe
@@ -121,7 +123,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = session_factory(engine)
         app.state.metrics = Metrics(engine)
+        dispatcher = None
+        if settings.webhook_dispatch:
+            dispatcher = Dispatcher(app.state.session_factory, settings)
+            dispatcher.start()
         yield
+        if dispatcher is not None:
+            dispatcher.stop()
         engine.dispose()
 
     app = FastAPI(title="ssad-tune", version="1.0.0", description=DESCRIPTION,
@@ -131,6 +139,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
+    app.include_router(webhooks_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service.errors import Unauthorized
+from service.links import tenant_for_token
+from service.params import JobId
 from service.settings import ApiSettings
 from service.tenants import tenant_for_key
 from ssad_common.db import transaction
@@ -72,6 +74,44 @@ def get_tenant_without_session(request: Request, settings: SettingsDep,
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 StreamTenantDep = Annotated[str, Depends(get_tenant_without_session)]
+
+LinkToken = Annotated[str | None, Query(
+    max_length=256, description="instead of an API key: the token of a report link (POST "
+    "/v1/jobs/{id}/report-link), which lets a browser read this one job until it expires")]
+
+
+def _job_reader(settings: ApiSettings, credentials: HTTPAuthorizationCredentials | None,
+                session: Session | None, request: Request, job_id: str,
+                token: str | None) -> str:
+    if settings.auth == "off" or credentials is not None or token is None:
+        return _tenant(settings, credentials, session, request)
+    if session is None:
+        with request.app.state.session_factory.begin() as own:
+            tenant = tenant_for_token(own, settings, job_id, token)
+    else:
+        tenant = tenant_for_token(session, settings, job_id, token)
+    if tenant is None:
+        raise Unauthorized("this report link is invalid or has expired: ask for a new one "
+                           "(POST /v1/jobs/{id}/report-link with your API key)")
+    return tenant
+
+
+def get_job_reader(request: Request, settings: SettingsDep, session: SessionDep,
+                   credentials: CredentialsDep, job_id: JobId, token: LinkToken = None) -> str:
+    """The tenant reading job ``job_id``: from the API key, as :func:`get_tenant`, or
+    from a report link's ``token`` for that job (service/links.py)."""
+    return _job_reader(settings, credentials, session, request, job_id, token)
+
+
+def get_job_reader_without_session(request: Request, settings: SettingsDep,
+                                   credentials: CredentialsDep, job_id: JobId,
+                                   token: LinkToken = None) -> str:
+    """As :func:`get_job_reader`, for streams (a short session of its own)."""
+    return _job_reader(settings, credentials, None, request, job_id, token)
+
+
+JobReaderDep = Annotated[str, Depends(get_job_reader)]
+StreamJobReaderDep = Annotated[str, Depends(get_job_reader_without_session)]
 IdempotencyKeyDep = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
     description="Any unique string (e.g. a UUID): a retry with the same key and the same "

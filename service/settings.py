@@ -49,6 +49,29 @@ class ApiSettings(CommonSettings):
     default_parallelism: int = Field(1, ge=1)
     max_parallelism: int = Field(16, ge=1)
 
+    # Webhooks (service/webhooks.py): each API process sends the notices of ended jobs.
+    webhook_dispatch: bool = Field(True, description="this process sends webhook notices")
+    webhook_allow_private: bool = Field(
+        False, description="let notify_url reach loopback, private and link-local addresses "
+        "(refused by default: SSRF)")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="per attempt")
+    webhook_retry_seconds: float = Field(
+        24 * 3600.0, gt=0, description="a notice not delivered this long after the job "
+        "ended is marked failed")
+    webhook_backoff_seconds: float = Field(2.0, gt=0, description="first retry's delay; "
+                                           "doubled after each failed attempt")
+    webhook_max_backoff_seconds: float = Field(600.0, gt=0)
+    webhook_poll_seconds: float = Field(1.0, gt=0, description="how often due notices are "
+                                        "looked for")
+    webhook_senders: int = Field(4, ge=1, description="requests in flight at once")
+    # Report links (service/report.py): a signed, expiring URL a browser can open without
+    # an Authorization header.
+    link_secret: str | None = Field(
+        None, description="key that signs report links; unset: one made on first use and "
+        "kept in the database (shared by every API replica)")
+    link_ttl_seconds: int = Field(24 * 3600, ge=60, le=30 * 24 * 3600,
+                                  description="how long a report link stays valid")
+
     def for_embedded_mode(self) -> ApiSettings:
         """What ``python -m service`` runs with: on SQLite (single user, one machine) no keys
         unless SSAD_AUTH says so. Anything else that builds the app (uvicorn's factory, the

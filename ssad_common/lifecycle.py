@@ -5,7 +5,8 @@ Every status change of a job, by the API or by a worker, is a call to :func:`tra
 a move the table does not allow is a programming error (:class:`IllegalTransition`); an
 allowed one is one conditional ``UPDATE`` (the job must still be in an expected status and,
 for a worker, still be held by its attempt: the fencing token) and, only when that update
-hit the row, one :class:`~ssad_common.models.JobEvent` in the same transaction.
+hit the row, one :class:`~ssad_common.models.JobEvent` in the same transaction (and, for a
+terminal state of a job with a ``notify_url``, its webhook delivery: ssad_common/webhooks.py).
 
 The enums are declared beside the tables (ssad_common/models.py: the columns' types) and
 re-exported here. Torch-free.
@@ -20,6 +21,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ssad_common.models import Job, JobEvent, JobStatus, TrialState
+from ssad_common.webhooks import queue_notice
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
@@ -62,11 +64,14 @@ def transition(session: Session, job_id: str, to: JobStatus, *,
     where = [Job.id == job_id, Job.status.in_(sorted(current))]
     if fence is not None:
         where.append(Job.attempt == fence)
-    attempt = session.execute(update(Job).where(*where).values(status=to, **values)
-                              .returning(Job.attempt)).scalar_one_or_none()
-    if attempt is None:
+    row = session.execute(update(Job).where(*where).values(status=to, **values).returning(
+        Job.attempt, Job.notify_url, Job.tenant_id, Job.kind, Job.best)).one_or_none()
+    if row is None:
         return False
-    record_event(session, job_id, to, attempt, message)
+    record_event(session, job_id, to, row.attempt, message)
+    if to in TERMINAL and row.notify_url:
+        queue_notice(session, job_id=job_id, tenant_id=row.tenant_id, url=row.notify_url,
+                     kind=row.kind, status=to, message=message, best=row.best)
     return True
 
 

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -114,6 +115,8 @@ class Tenant(Base):
     max_trials_per_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: Training images one job may process: n_trials × train_steps × batch_size.
     max_compute_per_job: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: The key that signs the tenant's webhooks (HMAC-SHA256); made on first use.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -228,6 +231,8 @@ class Job(Base):
     train_seconds_done: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     #: How decisive the choice was (worker/core/selection.py), written when the job succeeds.
     selection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: Where to POST a signed notice when the job ends (a webhook_deliveries row each time).
+    notify_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -327,4 +332,54 @@ class JobArtifact(Base):
     content_type: Mapped[str] = mapped_column(String(64))
     data: Mapped[bytes] = mapped_column(LargeBinary)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One notice of a job's terminal state to its ``notify_url``: written in the same
+    transaction as the state (an outbox), sent by the API's dispatcher, retried with backoff
+    for ``SSAD_WEBHOOK_RETRY_SECONDS`` after ``created_at``. ``payload`` is the exact body
+    that is signed and sent."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "event"),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("tenants.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[str] = mapped_column(Text)
+    #: pending (to send, at ``next_attempt_at``), delivered (a 2xx), failed (gave up).
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One try at sending a delivery: the receiver's status code or the error."""
+
+    __tablename__ = "webhook_attempts"
+    delivery_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+
+class ServiceSecret(Base):
+    """A secret of the service itself, made on first use (the key that signs report links,
+    unless ``SSAD_LINK_SECRET`` sets one): shared by every API replica through the database."""
+
+    __tablename__ = "service_secrets"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

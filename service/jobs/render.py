@@ -73,7 +73,8 @@ def _job_fields(job: Job) -> dict[str, Any]:
         cancel_requested=job.cancel_requested,
         train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id,
         plan=None if plan is None else PlanOut(**plan.to_json()),
-        selection=job.selection)
+        selection=job.selection, notify_url=job.notify_url,
+        report_url=f"/v1/jobs/{job.id}/report")
 
 
 def trial_out(t: JobTrial) -> TrialOut:

@@ -1,13 +1,24 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
-from service.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StreamTenantDep, TenantDep
+from service import links, webhooks
+from service.deps import (
+    IdempotencyKeyDep,
+    JobReaderDep,
+    LinkToken,
+    SessionDep,
+    SettingsDep,
+    StreamJobReaderDep,
+    TenantDep,
+)
 from service.errors import error_responses
 from service.jobs import service
 from service.jobs.events import progress_stream
@@ -20,18 +31,21 @@ from service.jobs.render import (
     scores_body,
     trial_out,
 )
+from service.jobs.report import CSP, render_report
 from service.jobs.schemas import (
     EventList,
     EventOut,
     JobCreate,
     JobList,
     JobOut,
+    ReportLink,
     ScoreRequest,
     ScoresOut,
     ThresholdOut,
     TrialList,
 )
 from service.params import JobId, Limit, Offset, TrialNumber, reject_unknown_query_params
+from service.webhooks import DeliveryList
 from ssad_common.ensemble import MAX_K, MIN_K
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"],
@@ -72,7 +86,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422),
             summary="A job's status, progress and best trial so far")
-def get_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
+def get_job(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> JobOut:
     return job_out(service.get_job(session, tenant, job_id))
 
 
@@ -101,7 +115,7 @@ def cancel_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
 @router.get("/{job_id}/trials", response_model=TrialList,
             responses=error_responses(401, 404, 422),
             summary="Every stored trial: augmentation, parameters, losses, duration")
-def list_trials(session: SessionDep, tenant: TenantDep, job_id: JobId) -> TrialList:
+def list_trials(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> TrialList:
     return TrialList(job_id=job_id, trials=[
         trial_out(t) for t in service.list_trials(session, tenant, job_id)])
 
@@ -109,7 +123,7 @@ def list_trials(session: SessionDep, tenant: TenantDep, job_id: JobId) -> TrialL
 @router.get("/{job_id}/events", response_model=EventList,
             responses=error_responses(401, 404, 422),
             summary="The job's history: every status change, with its attempt")
-def list_events(session: SessionDep, tenant: TenantDep, job_id: JobId) -> EventList:
+def list_events(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> EventList:
     return EventList(job_id=job_id, events=[
         EventOut(at=e.at, status=e.status, attempt=e.attempt, message=e.message)
         for e in service.list_events(session, tenant, job_id)])
@@ -143,7 +157,7 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
 @router.get("/{job_id}/scores", response_model=ScoresOut,
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the best trial), in test order")
-def job_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, request: Request,
+def job_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, request: Request,
                format: Literal["json", "csv"] = "json",
                ensemble: Annotated[int | None, Query(
                    ge=MIN_K, le=MAX_K,
@@ -158,7 +172,7 @@ def job_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, request: R
 @router.get("/{job_id}/trials/{number}/scores", response_model=ScoresOut,
             responses={**_SCORES_DOC, **error_responses(401, 404, 422)},
             summary="Anomaly scores of one finished trial, in test order")
-def trial_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, number: TrialNumber,
+def trial_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, number: TrialNumber,
                  request: Request, format: Literal["json", "csv"] = "json") -> Response:
     return scores_response(session, tenant, job_id, number, format, request)
 
@@ -167,7 +181,7 @@ def trial_scores(session: SessionDep, tenant: TenantDep, job_id: JobId, number: 
             responses=error_responses(401, 404, 409, 422),
             summary="A suggested threshold (no labels) and the images it flags")
 def job_threshold(
-    session: SessionDep, tenant: TenantDep, job_id: JobId,
+    session: SessionDep, tenant: JobReaderDep, job_id: JobId,
     rule: Literal["mad", "contamination"] | None = None,
     reference: Annotated[Literal["tuning", "batch"] | None, Query(
         description="which scores set the threshold: `tuning` (default), the tuning job's "
@@ -194,7 +208,7 @@ def job_threshold(
                        "whenever it changes, then `end` once it has ended"},
     **error_responses(401, 404, 422)},
     summary="Live progress as server-sent events (used by `ssad-tune tune`)")
-async def stream_job(request: Request, tenant: StreamTenantDep,
+async def stream_job(request: Request, tenant: StreamJobReaderDep,
                      job_id: JobId) -> EventSourceResponse:
     factory = request.app.state.session_factory
 
@@ -218,11 +232,65 @@ def score_new_data(session: SessionDep, settings: SettingsDep, tenant: TenantDep
     at `GET /v1/jobs/{new id}/scores`, and `GET /v1/jobs/{new id}/threshold` flags them
     against this job's threshold."""
     job, replayed = service.create_score_job(session, tenant, job_id, body.dataset_id,
-                                             settings, idempotency_key)
+                                             settings, idempotency_key, body.notify_url)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return job_out(job)
+
+
+@router.get("/{job_id}/deliveries", response_model=DeliveryList,
+            responses=error_responses(401, 404, 422),
+            summary="The job's webhook notices (notify_url) and every attempt to send them")
+def list_deliveries(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> DeliveryList:
+    """One delivery per terminal state of a job created with `notify_url`, with its
+    signed body and each attempt: the receiver's status code or the error, and when it is
+    tried next while pending. Verify a notice with `ssad_tune.webhooks.verify` and the
+    secret from `GET /v1/webhooks/secret`."""
+    service.get_job(session, tenant, job_id)
+    return webhooks.list_deliveries(session, job_id)
+
+
+@router.get("/{job_id}/report", response_class=HTMLResponse, responses={
+    200: {"content": {"text/html": {"example": "<!doctype html>… (open the URL in a browser)"}},
+          "description": "a self-contained HTML page"}, **error_responses(401, 404, 422)},
+    summary="The job's report page (HTML): choice, trials, plots, scores, live progress")
+def job_report(session: SessionDep, settings: SettingsDep, tenant: JobReaderDep,
+               job_id: JobId, request: Request, token: LinkToken = None) -> HTMLResponse:
+    """One self-contained page (no CDN; plots inlined): the chosen family and
+    hyperparameters with how decisive the choice was, the loss landscape (Optuna's history
+    and slice plots, importances), the score histogram with both thresholds, the most
+    anomalous images with names and scores, the augmentation sample, the trials with their
+    timings and workers, and links to the CSV and JSON downloads. While the job runs the
+    page follows its progress live.
+
+    **In a browser with API keys on** (a browser cannot send the key): `POST
+    /v1/jobs/{id}/report-link` with the key, then open the `url` it returns; it carries a
+    token that lets the page (and its live view and downloads) read this job until
+    `expires_at`. `ssad-tune report JOB_ID` prints such a link."""
+    if token is None and settings.auth != "off":  # opened with the key: links need a token
+        token, _ = links.make_token(session, settings, job_id, tenant)
+    page = render_report(session, tenant, job_id, token)
+    return HTMLResponse(page, headers={"Content-Security-Policy": CSP,
+                                       "Cache-Control": "private, no-store",
+                                       "Referrer-Policy": "no-referrer",
+                                       "X-Content-Type-Options": "nosniff"})
+
+
+@router.post("/{job_id}/report-link", response_model=ReportLink,
+             responses=error_responses(401, 404, 422),
+             summary="A signed, expiring link to the report page, for a browser")
+def report_link(session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId,
+                request: Request) -> ReportLink:
+    """The report's URL with a token that lets whoever holds it read this one job (its
+    report, live progress, trials, scores, plots and downloads) without an API key, until
+    `expires_at` (SSAD_LINK_TTL_SECONDS, a day by default). Share it as you would a
+    presigned download link."""
+    service.get_job(session, tenant, job_id)
+    token, expires = links.make_token(session, settings, job_id, tenant)
+    path = f"/v1/jobs/{job_id}/report?token={token}"
+    return ReportLink(url=str(request.base_url).rstrip("/") + path, path=path,
+                      expires_at=datetime.fromtimestamp(expires, UTC))
 
 
 _PNG: dict[int | str, dict[str, Any]] = {200: {
@@ -233,7 +301,7 @@ _PNG: dict[int | str, dict[str, Any]] = {200: {
 @router.get("/{job_id}/plots/{name}.png", response_class=Response,
             responses={**_PNG, **error_responses(401, 404, 409, 422)},
             summary="Plots: trials, history, slice, importances, scores, top, augmentation")
-def job_plot(session: SessionDep, tenant: TenantDep, job_id: JobId,
+def job_plot(session: SessionDep, tenant: JobReaderDep, job_id: JobId,
              name: Literal["trials", "history", "slice", "importances", "scores", "top",
                            "augmentation"],
              k: Annotated[int, Query(ge=1, le=64, description="images in `top`")] = 16,

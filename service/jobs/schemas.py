@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.params import ID_DESCRIPTION, ID_PATTERN
+from service.webhooks import NotifyUrl
 from ssad_common.jobspec import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONTAMINATION,
@@ -104,6 +105,7 @@ class JobCreate(BaseModel):
                           "at most SSAD_MAX_PARALLELISM (422 beyond it). More workers "
                           "finish a job sooner; TPE then draws a few points knowing only "
                           "that the others are running (constant liar)")
+    notify_url: NotifyUrl = None
 
 
 class TrialProgress(BaseModel):
@@ -232,6 +234,11 @@ class JobOut(BaseModel):
     plan: PlanOut | None = Field(None, description="tuning jobs: how the budget is spent")
     selection: SelectionOut | None = Field(
         None, description="succeeded tuning jobs: how decisive the choice was")
+    notify_url: str | None = Field(None, description="where the job's end is notified "
+                                                     "(GET /v1/jobs/{id}/deliveries)")
+    report_url: str = Field(description="the job's HTML report (GET /v1/jobs/{id}/report; "
+                                        "for a browser with keys on: POST /v1/jobs/{id}/"
+                                        "report-link)")
     spec: dict[str, Any]
 
 
@@ -375,3 +382,16 @@ class ScoreRequest(BaseModel):
     dataset_id: str = Field(max_length=64, pattern=ID_PATTERN,
                             description="the new images (POST /v1/datasets); "
                                         "grey or RGB like the job's train set")
+    notify_url: NotifyUrl = None
+
+
+class ReportLink(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "url": "http://127.0.0.1:8000/v1/jobs/3f1c…/report?token=1764590400.Xk3…",
+        "path": "/v1/jobs/3f1c…/report?token=1764590400.Xk3…",
+        "expires_at": "2026-12-02T12:00:00Z"}})
+
+    url: str = Field(description="open it in a browser; anyone holding it can read the job")
+    path: str = Field(description="the same, relative to the server (behind a proxy that "
+                                  "rewrites the host, prefix your public address)")
+    expires_at: datetime

@@ -19,6 +19,7 @@ from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
 from service.settings import ApiSettings
+from service.webhooks import check_target
 from ssad_common import blobs
 from ssad_common.detectors import DEFAULT_DETECTOR, compute_factor, working_size
 from ssad_common.ensemble import zscore_mean
@@ -94,11 +95,14 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
     tenants.check_job(session, tenant_id, quotas, request.n_trials)
     limits.check_compute(cost, n_trials=request.n_trials, train_steps=request.train_steps,
                          quota=quotas.max_compute_per_job, detector=request.detector)
+    if request.notify_url is not None:
+        check_target(request.notify_url, allow_private=settings.webhook_allow_private)
     parallelism = request.parallelism or settings.default_parallelism
     if parallelism > settings.max_parallelism:
         raise InvalidRequest(f"parallelism must be at most {settings.max_parallelism} on "
                              "this server (SSAD_MAX_PARALLELISM)")
-    spec = TuneSpec(**request.model_dump(exclude={"search_space", "parallelism"}),
+    spec = TuneSpec(**request.model_dump(exclude={"search_space", "parallelism",
+                                                          "notify_url"}),
                     search_space=space.to_dict(), images=images, parallelism=parallelism)
     notes = []
     if cost.batch_size != request.batch_size:
@@ -114,7 +118,7 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
               trials_planned=plan_study(spec.strategy, spec.n_trials, spec.train_steps,
                                         space.augmentations).total_trials,
               n_trials=request.n_trials, trials_completed=0, attempt=0,
-              cancel_requested=False)
+              cancel_requested=False, notify_url=request.notify_url)
     repo.insert_job(session, job, message)
     if idempotency_key is not None:
         idempotency.remember(session, tenant_id, "jobs", idempotency_key, fp, job.id)
@@ -301,12 +305,14 @@ def threshold(session: Session, tenant_id: str, job_id: str, rule: str | None,
 
 
 def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_id: str,
-                     settings: ApiSettings, idempotency_key: str | None = None
-                     ) -> tuple[Job, bool]:
+                     settings: ApiSettings, idempotency_key: str | None = None,
+                     notify_url: str | None = None) -> tuple[Job, bool]:
     """Queue scoring ``dataset_id`` with the detector job ``source_id`` chose."""
     fp = ""
     if idempotency_key is not None:
-        fp = idempotency.json_fingerprint({"source": source_id, "dataset_id": dataset_id})
+        fp = idempotency.json_fingerprint({"source": source_id, "dataset_id": dataset_id,
+                                           **({"notify_url": notify_url} if notify_url
+                                              else {})})
         earlier = idempotency.replay(session, tenant_id, "score", idempotency_key, fp,
                                      settings.idempotency_ttl_hours,
                                      lambda i: repo.get_job(session, tenant_id, i))
@@ -332,6 +338,8 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
             f"the detector was trained on {train.channels}-channel images and dataset "
             f"{dataset_id} has {dataset.channels}: both must be grey or both RGB")
     tenants.check_job(session, tenant_id, quotas, 1)
+    if notify_url is not None:
+        check_target(notify_url, allow_private=settings.webhook_allow_private)
     spec = ScoreSpec(source_job_id=source_id, dataset_id=dataset.id,
                      contamination=_contamination(source),
                      threshold_reference=reference_thresholds(session, tenant_id, source_id))
@@ -339,7 +347,8 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
               train_dataset_id=source.train_dataset_id, test_dataset_id=dataset.id,
               kind=spec.kind, spec=spec_dump(spec), n_trials=spec.n_trials,
               trials_planned=spec.n_trials, parallelism=1,
-              trials_completed=0, attempt=0, cancel_requested=False)
+              trials_completed=0, attempt=0, cancel_requested=False,
+              notify_url=notify_url)
     repo.insert_job(session, job, f"queued: score with job {source_id}'s detector")
     if idempotency_key is not None:
         idempotency.remember(session, tenant_id, "score", idempotency_key, fp, job.id)
