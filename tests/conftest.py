@@ -85,12 +85,14 @@ POSTGRES_FIXTURES = {"postgres", "pg_template", "pg_url", "own_postgres"}
 # detectors for real: the fast lane leaves them to `make test`.
 SERVER_MODULES = {"test_acknowledged", "test_client", "test_deploy",
                   "test_docs_page", "test_examples", "test_faults", "test_migrations",
-                  "test_operations", "test_parallel", "test_queue", "test_scoring",
+                  "test_operations", "test_parallel", "test_queue", "test_report_browser",
+                  "test_scoring",
                   "test_worker"}
 # ...or fuzz the whole API (schemathesis: many requests per operation).
 SLOW_MODULES = {"test_detectors", "test_end_to_end", "test_fuzz", "test_study", "test_trial",
                 "test_tune"}
-SERVER_TESTS = {"test_keys_cli", "test_the_api_process_never_imports_torch"}  # subprocesses
+SERVER_TESTS = {"test_keys_cli", "test_the_api_process_never_imports_torch",
+                "test_a_slow_receiver_delays_neither_the_job_nor_other_notices"}  # subprocesses
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

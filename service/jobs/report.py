@@ -36,7 +36,9 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
 
 PLOTS = (
     ("history", "Optimisation history", "each trial's validation loss and the best so far"),
-    ("slice", "Loss against patch size", "one panel per local family (Optuna's slice plot)"),
+    ("slice", "Loss against each hyperparameter", "Optuna's slice plot: the patch size of "
+                                                  "each local family, the other families' "
+                                                  "parameters"),
     ("trials", "Trials by family", "validation loss of every finished trial; the best starred"),
     ("importances", "Hyperparameter importances", "for a job that searched one family"),
     ("scores", "Test scores", "histogram of the anomaly scores with both label-free "

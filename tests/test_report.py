@@ -1,0 +1,124 @@
+"""The job report page: what it shows, that it loads nothing from elsewhere, that names are
+escaped, and who may open it (API key, or a signed, expiring link to one job)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+
+from service import links
+from service.settings import ApiSettings
+from ssad_common.db import make_engine, session_scope
+from tests.helpers import (
+    assert_error,
+    client,
+    finish_job_with_scores,
+    make_key,
+    npz,
+    png_zip,
+    tiny_job,
+    upload,
+)
+
+HOSTILE = "<img src=x onerror=alert(1)>.png"
+
+
+def _finished_job(api: TestClient, db_url: str, digits: Any) -> str:
+    train, test, _ = digits
+    names = [f"{i:02d}.png" for i in range(29)] + [HOSTILE]  # sorted: HOSTILE last
+    tr = upload(api, npz(train[:40]), "train.npz").json()["id"]
+    te = upload(api, png_zip(test[:30, 0], names), "test.zip").json()["id"]
+    job = api.post("/v1/jobs", json=tiny_job(tr, te)).json()
+    scores = list(np.linspace(0.0, 1.0, 30))  # the hostile name scores highest
+    finish_job_with_scores(db_url, job["id"], [
+        ("flip", {}, -0.2, scores[::-1]),
+        ("rotate", {"angle": 90.0}, -0.6, scores)])
+    return str(job["id"])
+
+
+def test_report_shows_the_choice_and_loads_nothing_from_elsewhere(
+        db_url: str, digits: Any) -> None:
+    with client(db_url) as api:
+        job_id = _finished_job(api, db_url, digits)
+        r = api.get(f"/v1/jobs/{job_id}/report")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    page = r.text
+    assert re.search(r'id="best" class="chosen"><b>rotate</b> \(angle=90\)', page)
+    assert 'id="status" class="status succeeded"' in page
+    # Every image is inlined; no script, style or image comes from another host.
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert page.count('src="data:image/png;base64,') >= 5
+    for name in ("history", "slice", "trials", "scores", "top"):
+        assert f'<figure id="plot-{name}"><img' in page, name
+    assert 'id="plot-importances"' in page and "not available" in page  # two families
+    # The top-k table names the images, escaped (a name is the uploader's text).
+    assert HOSTILE not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page
+    assert f'href="/v1/jobs/{job_id}/scores?format=csv"' in page
+
+
+def test_report_of_a_queued_job_says_so_and_follows_it(db_url: str, digits: Any) -> None:
+    train, test, _ = digits
+    with client(db_url) as api:
+        tr = upload(api, npz(train[:40]), "a.npz").json()["id"]
+        te = upload(api, npz(test[:30]), "b.npz").json()["id"]
+        job = api.post("/v1/jobs", json=tiny_job(tr, te)).json()
+        page = api.get(f"/v1/jobs/{job['id']}/report").text
+    assert 'class="status queued"' in page and "No trial has finished yet" in page
+    assert f'"stream": "/v1/jobs/{job["id"]}/stream"' in page  # the live view's source
+    assert "Not yet:" in page  # thresholds need a succeeded job
+
+
+def test_with_keys_on_a_signed_link_reads_that_job_only(db_url: str, digits: Any) -> None:
+    key = make_key(db_url, "alice")
+    other = make_key(db_url, "bob")
+    with client(db_url, auth="required") as api:
+        api.headers["Authorization"] = f"Bearer {key}"
+        job_id = _finished_job(api, db_url, digits)
+        second = _finished_job(api, db_url, digits)
+        link = api.post(f"/v1/jobs/{job_id}/report-link").json()
+        assert link["url"].endswith(link["path"]) and "token=" in link["path"]
+        token = link["path"].split("token=")[1]
+        # The page opened with the key carries a token in its own links.
+        assert "token=" in api.get(f"/v1/jobs/{job_id}/report").text
+        api.headers.pop("Authorization")
+
+        assert_error(api.get(f"/v1/jobs/{job_id}/report"), 401, "Unauthorized")
+        page = api.get(link["path"])
+        assert page.status_code == 200 and "rotate" in page.text
+        assert f"scores?format=csv&amp;token={token}" in page.text
+        for path in ("/scores?format=csv", "/trials", "/plots/scores.png", "/threshold",
+                     "/stream", ""):
+            sep = "&" if "?" in path else "?"
+            r = api.get(f"/v1/jobs/{job_id}{path}{sep}token={token}")
+            assert r.status_code == 200, (path, r.text)
+        # Not another job, not a write, not the listing, not a tampered or expired token.
+        assert_error(api.get(f"/v1/jobs/{second}/report?token={token}"), 401, "Unauthorized")
+        # (A route a link cannot open does not take the parameter at all.)
+        assert_error(api.post(f"/v1/jobs/{job_id}/cancel?token={token}"), 422,
+                     "InvalidRequest", "token")
+        assert_error(api.get(f"/v1/jobs?token={token}"), 422, "InvalidRequest", "token")
+        assert_error(api.post(f"/v1/jobs/{job_id}/cancel"), 401, "Unauthorized")
+        expiry, sig = token.split(".")
+        forged = f"{int(expiry) + 3600}.{sig}"
+        assert_error(api.get(f"/v1/jobs/{job_id}/report?token={forged}"), 401, "Unauthorized")
+        settings = ApiSettings(database_url=db_url)
+        engine = make_engine(db_url)
+        try:
+            with session_scope(engine) as s:
+                tenant = links.tenant_for_token(s, settings, job_id, token)
+                old, _ = links.make_token(s, settings, job_id, tenant or "",
+                                          now=time.time() - 2 * settings.link_ttl_seconds)
+        finally:
+            engine.dispose()
+        assert_error(api.get(f"/v1/jobs/{job_id}/report?token={old}"), 401, "Unauthorized",
+                     "expired")
+        # Bob's key does not open Alice's job, and Bob's link to it cannot be made.
+        api.headers["Authorization"] = f"Bearer {other}"
+        assert_error(api.get(f"/v1/jobs/{job_id}/report"), 404, "NotFound")
+        assert_error(api.post(f"/v1/jobs/{job_id}/report-link"), 404, "NotFound")
