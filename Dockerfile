@@ -15,7 +15,7 @@ COPY migrations ./migrations
 
 FROM base AS api
 # The API and migrations only: ssad_common.search_space and ssad_common.images are torch-free.
-RUN pip install -c constraints.txt .
+RUN pip install -c constraints.txt ".[server]"
 USER ssad
 EXPOSE 8000
 CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e '.[worker,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[server,worker,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,7 +2,9 @@
 
     ssad-tune tune TRAIN TEST [-o scores.csv]   upload, tune, follow, save the scores
                                             (server: --url, SSAD_URL or SSAD_HOST/SSAD_PORT;
-                                            key: SSAD_API_KEY)
+                                            key: SSAD_API_KEY; TRAIN/TEST: a file or a
+                                            folder of images)
+    ssad-tune report JOB_ID                 the job's report page (a signed link with a key)
     ssad-tune serve                         the API (+ embedded worker on SQLite)
     ssad-tune worker [--device cuda:0]      one worker (--concurrency N: N processes)
     ssad-tune migrate                       alembic upgrade head on SSAD_DATABASE_URL
@@ -12,7 +14,9 @@
                                             [--trials-per-job T] [--compute-per-job C]
                                             (-1: back to default)
 
-Every command but ``tune`` reads the database from SSAD_DATABASE_URL (default: ./ssad.db).
+Every command but ``tune`` and ``report`` reads the database from SSAD_DATABASE_URL
+(default: ./ssad.db) and needs the server's packages (``pip install 'ssad-tune[server]'``;
+``worker`` needs ``ssad-tune[worker]``); ``tune`` and ``report`` need only the plain wheel.
 """
 
 from __future__ import annotations
@@ -137,6 +141,18 @@ def _tune(args: argparse.Namespace) -> int:
                        api_key=os.environ.get("SSAD_API_KEY"), job_options=options)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ssad_tune.client import Client, ClientError
+
+    try:
+        with Client(args.url) as c:
+            print(c.report_url(args.job_id))
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ssad-tune", description=(__doc__ or "").replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +181,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
     t.set_defaults(fn=_tune, operator=False)
+    rep = sub.add_parser("report", help="print the URL of a job's report page (with "
+                                        "SSAD_API_KEY set: a signed link a browser can open)")
+    rep.add_argument("job_id")
+    rep.add_argument("--url", default=None, help="server (as for tune)")
+    rep.set_defaults(fn=_report, operator=False)
     sub.add_parser("serve", help="run the API (settings: SSAD_* variables, see the README)"
                    ).set_defaults(fn=_serve)
     # Listed for --help only: main() hands `worker ...` to the worker's own parser.
@@ -196,17 +217,31 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: Packages of the extras: a command that fails to import one was installed without them.
+EXTRAS = {"fastapi": "server", "sqlalchemy": "server", "alembic": "server",
+          "uvicorn": "server", "pydantic": "server", "pydantic_settings": "server",
+          "optuna": "server", "torch": "worker", "kornia": "worker", "sklearn": "worker"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:  # every option, --help included, is the worker's own
-        from worker.__main__ import main as worker
+    try:
+        if argv[:1] == ["worker"]:  # every option, --help included, is the worker's own
+            from worker.__main__ import main as worker
 
-        return worker(argv[1:])
-    args = parser().parse_args(argv)
-    if not getattr(args, "operator", True):
-        tune: Callable[[argparse.Namespace], int] = args.fn
-        return tune(args)
-    return _operator(args.fn, args)
+            return worker(argv[1:])
+        args = parser().parse_args(argv)
+        if not getattr(args, "operator", True):
+            client_command: Callable[[argparse.Namespace], int] = args.fn
+            return client_command(args)
+        return _operator(args.fn, args)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `ssad-tune {argv[0]}` needs the {extra}'s packages ({exc.name} is "
+              f"missing): pip install 'ssad-tune[{extra}]'", file=sys.stderr)
+        return 2
 
 
 def _operator(fn: Callable[[argparse.Namespace, ApiSettings], int],

@@ -12,17 +12,20 @@ and 503s without ever creating a second dataset or job.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, TypedDict, cast
 
 import httpx
+import numpy as np
 from httpx_sse import connect_sse
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -48,13 +51,68 @@ class ClientError(Exception):
     """What to tell the user (the server's error detail, or why it could not be reached)."""
 
 
+class DatasetInfo(TypedDict, total=False):
+    """``POST /v1/datasets``'s answer (the fields a client uses; the server sends more)."""
+
+    id: str
+    name: str
+    n_samples: int
+    channels: int
+    height: int
+    width: int
+
+
+class JobInfo(TypedDict, total=False):
+    """A job as ``GET /v1/jobs/{id}`` returns it (the fields a client uses)."""
+
+    id: str
+    kind: str
+    status: str
+    progress: dict[str, Any]
+    best: dict[str, Any] | None
+    selection: dict[str, Any] | None
+    plan: dict[str, Any] | None
+    error: str | None
+    report_url: str
+
+
+#: What :meth:`Client.upload` takes: a file (.npz, .npy, .zip of images, or one image), a
+#: folder of images (zipped on the fly, names relative to it), or an array (N, H, W) or
+#: (N, C, H, W) of uint8.
+Source = str | os.PathLike[str] | np.ndarray
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
 class Client:
-    def __init__(self, url: str, api_key: str | None, *, timeout: float = 300.0,
-                 retries: int = 5) -> None:
+    """A typed client of the ssad-tune API (torch-free; httpx, numpy).
+
+    ``url`` defaults to :func:`default_url` (``SSAD_URL`` ...), ``api_key`` to
+    ``SSAD_API_KEY``. Creating requests carry an ``Idempotency-Key``, so connection errors and
+    503s are retried without creating anything twice. Use it as a context manager, or call
+    :meth:`close`::
+
+        with Client() as c:
+            job = c.create_job(c.upload("train/good"), c.upload("test/mixed"), n_trials=12)
+            job = c.wait(job["id"], progress=lambda j: print(j["progress"]))
+            scores = c.scores(job["id"])            # numpy, in test order
+            print(c.report_url(job["id"]))          # open in a browser
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = 300.0, retries: int = 5) -> None:
+        url = url or default_url()
+        api_key = api_key if api_key is not None else os.environ.get("SSAD_API_KEY") or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = api_key
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries = retries
         self.reached = False  # has any request got an answer from the server yet?
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.http.close()
@@ -83,22 +141,77 @@ class Client:
             delay = min(delay * 2, 15.0)
         raise AssertionError("unreachable")
 
-    def upload(self, path: Path) -> dict[str, Any]:
-        with path.open("rb") as f:
-            data = f.read()
-        r = self.request("POST", "/v1/datasets", files={"file": (path.name, data)},
+    def upload(self, source: Source, name: str | None = None) -> DatasetInfo:
+        """Upload images as a dataset; see :data:`Source` for what it takes."""
+        filename, data = _encode(source, name)
+        r = self.request("POST", "/v1/datasets", files={"file": (filename, data)},
                          headers={"Idempotency-Key": f"upload-{uuid.uuid4()}"})
-        return dict(r.json())
+        return cast(DatasetInfo, r.json())
 
-    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+    def create_job(self, train: str | Mapping[str, Any], test: str | Mapping[str, Any],
+                   **options: Any) -> JobInfo:
+        """Queue a tuning job on two datasets (ids, or what :meth:`upload` returned).
+        ``options`` are the job's fields (``n_trials``, ``search_space``, ``notify_url``,
+        ...: see ``POST /v1/jobs`` in /docs); what is left out, the server's defaults
+        decide."""
+        body = {"train_dataset_id": _id(train), "test_dataset_id": _id(test), **options}
         r = self.request("POST", "/v1/jobs", json=body,
                          headers={"Idempotency-Key": f"job-{uuid.uuid4()}"})
-        return dict(r.json())
+        return cast(JobInfo, r.json())
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/v1/jobs/{job_id}").json())
+    def wait(self, job_id: str, progress: Callable[[JobInfo], None] | None = None,
+             timeout: float | None = None) -> JobInfo:
+        """Follow the job until it ends (server-sent events; polling if the stream is
+        unavailable), calling ``progress`` with the job each time it changes; returns the
+        ended job, whatever its status. Raises TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.job(job_id)
+        for job in self.follow(job_id):
+            if progress is not None:
+                progress(job)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout} s")
+        return job
 
-    def follow(self, job_id: str, poll_seconds: float = 2.0) -> Iterator[dict[str, Any]]:
+    def scores(self, job_id: str, *,
+               format: Literal["numpy", "pandas", "records"] = "numpy",
+               ensemble: int | None = None) -> Any:
+        """The anomaly score of every test image, in test order (higher: more anomalous):
+        a float64 numpy array; with ``format="pandas"`` a DataFrame (index, name, score;
+        needs pandas); with ``format="records"`` a list of ``{"index", "name", "score"}``.
+        ``ensemble=k``: the top-k configurations' mean z-score instead of the best's."""
+        params: dict[str, Any] = {} if ensemble is None else {"ensemble": ensemble}
+        rows = self.request("GET", f"/v1/jobs/{job_id}/scores", params=params).json()["scores"]
+        if format == "records":
+            return rows
+        if format == "pandas":
+            try:
+                import pandas as pd
+            except ImportError:
+                raise ClientError("format='pandas' needs pandas: pip install pandas") from None
+            return pd.DataFrame(rows, columns=["index", "name", "score"])
+        return np.array([r["score"] for r in rows], dtype=np.float64)
+
+    def threshold(self, job_id: str, rule: str | None = None) -> dict[str, Any]:
+        """The label-free thresholds and the images above ``rule``'s (default: the
+        suggested one)."""
+        params = {} if rule is None else {"rule": rule}
+        return dict(self.request("GET", f"/v1/jobs/{job_id}/threshold", params=params).json())
+
+    def report_url(self, job_id: str) -> str:
+        """The job's report page, ready to open in a browser: with an API key, a signed
+        link that expires (``POST /v1/jobs/{id}/report-link``); else the plain URL."""
+        if self.api_key:
+            return str(self.request("POST", f"/v1/jobs/{job_id}/report-link").json()["url"])
+        return f"{self.http.base_url}/v1/jobs/{job_id}/report"
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return cast(JobInfo, self.request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def job(self, job_id: str) -> JobInfo:
+        return cast(JobInfo, self.request("GET", f"/v1/jobs/{job_id}").json())
+
+    def follow(self, job_id: str, poll_seconds: float = 2.0) -> Iterator[JobInfo]:
         """The job each time it changes, until it ends: server-sent events, reconnecting
         when the stream drops, and polling if the server cannot stream."""
         while True:
@@ -123,6 +236,34 @@ class Client:
             if job["status"] in TERMINAL:
                 return
             time.sleep(poll_seconds)
+
+
+def _id(dataset: str | Mapping[str, Any]) -> str:
+    return dataset if isinstance(dataset, str) else str(dataset["id"])
+
+
+def _encode(source: Source, name: str | None) -> tuple[str, bytes]:
+    """(file name, bytes) to upload: a file as it is, a folder as a zip of its images
+    (recursively, in sorted order, each named by its path in the folder), an array as .npy
+    (never pickled)."""
+    if isinstance(source, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(source), allow_pickle=False)
+        return name or "images.npy", buf.getvalue()
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ClientError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # PNG/JPEG: compressed
+            for f in files:
+                zf.write(f, f.relative_to(path).as_posix())
+        return name or f"{path.name or 'images'}.zip", buf.getvalue()
+    if not path.is_file():
+        raise ClientError(f"{path}: no such file or folder")
+    return name or path.name, path.read_bytes()
 
 
 def _detail(r: httpx.Response) -> str:
@@ -329,8 +470,8 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
          job_options: dict[str, Any], stream: TextIO = sys.stderr) -> int:
     """The whole round trip; returns the process exit code."""
     for p in (train, test):
-        if not p.is_file():
-            print(f"error: {p}: no such file", file=sys.stderr)
+        if not p.exists():
+            print(f"error: {p}: no such file or folder", file=sys.stderr)
             return 2
     client = Client(url, api_key)
     try:
@@ -338,16 +479,16 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         te = client.upload(test)
         print(f"uploaded {train.name}: {tr['n_samples']} images ({tr['id']}); "
               f"{test.name}: {te['n_samples']} images ({te['id']})", file=stream)
-        created = client.create_job({"train_dataset_id": tr["id"], "test_dataset_id": te["id"],
-                                     **job_options})
+        created: dict[str, Any] = dict(client.create_job(tr, te, **job_options))
         job_id = created["id"]
         print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
         if created.get("plan"):
             print(describe_plan(created["plan"]), file=stream)
         bar = Progress(stream)
-        job = created
+        job: dict[str, Any] = created
         try:
-            for job in client.follow(job_id):
+            for update in client.follow(job_id):
+                job = dict(update)
                 bar.update(job)
         except KeyboardInterrupt:
             bar.finish()

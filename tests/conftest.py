@@ -83,7 +83,7 @@ def pg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 POSTGRES_FIXTURES = {"postgres", "pg_template", "pg_url", "own_postgres"}
 # Modules whose tests start processes (API, workers, the CLI, alembic, a browser) or train
 # detectors for real: the fast lane leaves them to `make test`.
-SERVER_MODULES = {"test_acknowledged", "test_client", "test_deploy",
+SERVER_MODULES = {"test_acknowledged", "test_client", "test_client_library", "test_deploy",
                   "test_docs_page", "test_examples", "test_faults", "test_migrations",
                   "test_operations", "test_parallel", "test_queue", "test_report_browser",
                   "test_scoring",

@@ -112,6 +112,7 @@ def test_dockerfile_targets() -> None:
     assert {"base", "api", "worker"} <= set(stages)
     api_steps = [ln for ln in stages["api"].splitlines() if not ln.startswith("#")]
     assert not any("torch" in ln for ln in api_steps)  # the API image never installs torch
+    assert ".[server]" in stages["api"]  # the plain wheel is the client only
     assert "torch==2.13.0" in stages["worker"] and ".[worker]" in stages["worker"]
     cmd = re.search(r'^CMD (\[.*\])', stages["worker"], flags=re.M)
     assert cmd and "worker" in cmd.group(1)
