@@ -47,7 +47,11 @@ Label-free tuning of self-supervised anomaly detectors.
 1. `POST /v1/datasets` your unlabeled **train** images and your **test** images.
 2. `POST /v1/jobs` with both ids: a worker runs an Optuna study over augmentation families
    and their strength, minimising an alignment validation loss (no labels).
-3. Poll `GET /v1/jobs/{id}`; then `GET /v1/jobs/{id}/scores` (or `?format=csv`).
+3. Poll `GET /v1/jobs/{id}` (or give the job a `notify_url`: a signed webhook when it
+   ends); then `GET /v1/jobs/{id}/scores` (or `?format=csv`).
+4. Open `/v1/jobs/{id}/report` in a
+   browser: the whole job on one page, live while it runs (with API keys on, open the link
+   `POST /v1/jobs/{id}/report-link` returns).
 
 Every error is `{"error": "<ClassName>", "detail": "<what to fix>"}`.
 """

@@ -200,4 +200,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
             415: "Unsupported media type", 422: "Invalid input",
             429: "Too many active jobs for the tenant's quota; retry later",
             503: "Database unavailable or busy; retry after Retry-After seconds"}
-    return {c: {"model": ErrorResponse, "description": desc.get(c, "Error")} for c in codes}
+    # Errors are JSON whatever the route's own media type (a PNG, a page): say so, rather
+    # than let the route's response class name the error's content type.
+    schema = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {c: {"model": ErrorResponse, "description": desc.get(c, "Error"),
+                "content": {"application/json": {"schema": schema}}} for c in codes}

@@ -188,9 +188,11 @@ def _optuna_png(draw: Any, study: optuna.Study, title: str, **kwargs: Any) -> by
 
 
 def history_png(trials: Sequence[tuple[int, str, dict[str, Any], float]]) -> bytes:
-    """Optuna's optimisation history: each trial's loss and the best so far."""
+    """Optuna's optimisation history: each trial's loss and the best so far (the caller
+    passes the trials the result is chosen among: the full-length ones)."""
     return _optuna_png(optuna.visualization.matplotlib.plot_optimization_history,
-                       study_of(trials), "validation loss of each trial, and the best so far",
+                       study_of(trials), "validation loss of each full-length trial, and the "
+                       "best so far",
                        target_name="validation loss")
 
 

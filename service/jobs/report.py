@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import AppError
 from service.jobs import service
+from service.jobs.cache import RENDERED
 from service.jobs.render import job_out, plot_png, trial_out
 from service.jobs.schemas import JobOut
 from ssad_common.lifecycle import TERMINAL
@@ -35,7 +36,9 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
        "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 PLOTS = (
-    ("history", "Optimisation history", "each trial's validation loss and the best so far"),
+    ("history", "Optimisation history", "each full-length trial's validation loss and the "
+                                        "best so far (a short screen trial cannot be the "
+                                        "result)"),
     ("slice", "Loss against each hyperparameter", "Optuna's slice plot: the patch size of "
                                                   "each local family, the other families' "
                                                   "parameters"),
@@ -169,6 +172,14 @@ class Page:
                 f"{plan.refine.trials} × {plan.refine.train_steps_each} steps).{skipped}</p>")
 
     def plots(self) -> str:
+        """The plots section. An ended job's plots never change: drawn once per process
+        (service/jobs/cache.py), like the score bodies; a running job's each time."""
+        if self.job.status in TERMINAL:
+            return RENDERED.get((self.job_id, self.job.best_trial_number or -1, "report-plots"),
+                                lambda: self._draw_plots().encode()).decode()
+        return self._draw_plots()
+
+    def _draw_plots(self) -> str:
         parts = []
         for name, title, what in PLOTS:
             try:

@@ -371,9 +371,12 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
     """One of the job's plots, as PNG bytes (see service/jobs/plots.py)."""
     job = get_job(session, tenant_id, job_id)
     if name in STUDY_PLOTS or name == "trials":
+        completed = [t for t in repo.list_trials(session, job_id)
+                     if t.state == TrialState.COMPLETE and t.validation_loss is not None]
+        if name == "history":  # the best so far as the result is chosen: full-length only
+            completed = sorted(selectable(completed), key=lambda t: t.number)
         points = [(t.number, t.augmentation or "", t.params, t.validation_loss)
-                  for t in repo.list_trials(session, job_id)
-                  if t.state == TrialState.COMPLETE and t.validation_loss is not None]
+                  for t in completed if t.validation_loss is not None]
         if name == "trials":
             return plots.trials_png(points, job.best_trial_number)
         if not points:
