@@ -79,7 +79,11 @@ def notice_latency(http: httpx.Client, ids: tuple[str, str], n: int,
                    fail_first: bool) -> dict[str, Any]:
     receiver = Receiver(fail_first)
     sent: dict[str, float] = {}
+    rng = np.random.default_rng(2)
     for _ in range(n):
+        # At a random moment of the dispatcher's 1 s cycle (back to back, every job would
+        # end just after a look and wait the whole second).
+        time.sleep(float(rng.uniform(0, 1)))
         job = http.post("/v1/jobs", json={"train_dataset_id": ids[0],
                                           "test_dataset_id": ids[1],
                                           "notify_url": receiver.url}).json()

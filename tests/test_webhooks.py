@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from ssad_common.models import WebhookAttempt, WebhookDelivery
 from ssad_tune.webhooks import sign, verify
 from tests.conftest import fresh_database
 from tests.helpers import (
@@ -23,6 +24,7 @@ from tests.helpers import (
     client,
     finish_job_with_scores,
     npz,
+    row_counts,
     start_worker,
     tiny_job,
     upload_pair,
@@ -150,6 +152,9 @@ def test_notice_is_signed_retried_after_a_500_and_recorded(
         done = wait_for(lambda: [d for d in _deliveries(api, job["id"])
                                  if d["status"] == "delivered"], timeout=60)
         secret = api.get("/v1/webhooks/secret").json()["secret"]
+        assert api.delete(f"/v1/jobs/{job['id']}").status_code == 204  # deliveries go too
+        assert row_counts(db_url, WebhookDelivery, WebhookAttempt) == {
+            "webhook_deliveries": 0, "webhook_attempts": 0}
     (delivery,) = done
     assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
     assert delivery["attempts"][0]["error"] == "the receiver answered 500"
