@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import migrate
+from service.backbones import router as backbones_router
 from service.datasets.routes import router as datasets_router
 from service.deps import StreamTenantDep
 from service.errors import (
@@ -144,6 +145,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(jobs_router)
     app.include_router(webhooks_router)
+    app.include_router(backbones_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -27,6 +27,8 @@ class ApiSettings(CommonSettings):
     db_pool_timeout_seconds: float = 10.0
 
     max_upload_bytes: int = 512 * 1024**2
+    max_backbone_bytes: int = Field(256 * 1024**2, description="the largest backbone file "
+                                    "(ResNet-18's encoder is about 45 MB)")
     max_images: int = 200_000
     max_pixels_per_image: int = 1024 * 1024
     max_decoded_bytes: int = 2 * 1024**3

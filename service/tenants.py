@@ -24,7 +24,7 @@ from service.errors import (
     TooManyActiveJobs,
 )
 from service.settings import ApiSettings
-from ssad_common.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
+from ssad_common.models import ApiKey, Backbone, Dataset, Job, JobStatus, Tenant, utcnow
 
 KEY_PREFIX = "ssad_"
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -149,13 +149,15 @@ def lock_tenant(session: Session, tenant_id: str, settings: ApiSettings) -> Quot
 
 
 def check_storage(session: Session, tenant_id: str, quotas: Quotas, adding: int) -> None:
-    used = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0))
-                          .where(Dataset.tenant_id == tenant_id)) or 0
+    """Stored bytes: the tenant's datasets (decoded) and backbones (as uploaded)."""
+    used = sum(session.scalar(select(func.coalesce(func.sum(m.size_bytes), 0))
+                              .where(m.tenant_id == tenant_id)) or 0
+               for m in (Dataset, Backbone))
     if used + adding > quotas.max_stored_bytes:
         raise QuotaExceeded(
-            f"storing this dataset ({adding} bytes decoded) would bring this tenant's datasets "
-            f"to {used + adding} bytes, over its quota of {quotas.max_stored_bytes}: delete "
-            "datasets you no longer need")
+            f"storing this upload ({adding} bytes) would bring this tenant's datasets and "
+            f"backbones to {used + adding} bytes, over its quota of {quotas.max_stored_bytes}:"
+            " delete datasets or backbones you no longer need")
 
 
 def check_job(session: Session, tenant_id: str, quotas: Quotas, n_trials: int) -> None:

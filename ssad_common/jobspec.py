@@ -79,6 +79,10 @@ class TuneSpec(BaseModel):
     parallelism: Parallelism = Field(
         1, description="trials run at once on different workers (the jobs.parallelism "
                        "column is what claims read); rows written before it ran one")
+    backbone_id: str | None = Field(
+        None, description="the uploaded encoder weights every trial starts from (None: "
+                          "from scratch)")
+    backbone_sha256: str | None = Field(None, description="their blob, as the API found it")
     images: dict[str, Any] | None = Field(
         None, description="train and test image sizes and the working size")
 

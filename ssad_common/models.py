@@ -185,6 +185,22 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Backbone(Base):
+    """Encoder weights a tenant uploaded (a ``torch.save``d state dict, stored as a blob):
+    a tuning job may start every trial's detector from them (``jobs.backbone_id``). The
+    worker reads the file with ``torch.load(weights_only=True)``."""
+
+    __tablename__ = "backbones"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36), ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64), ForeignKey("blobs.sha256"), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: What the upload's pickle references (e.g. ``torch FloatStorage``), and its tensors.
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -233,6 +249,9 @@ class Job(Base):
     selection: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     #: Where to POST a signed notice when the job ends (a webhook_deliveries row each time).
     notify_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    #: The uploaded encoder weights every trial starts from (None: from scratch).
+    backbone_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("backbones.id"), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

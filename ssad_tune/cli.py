@@ -136,9 +136,12 @@ def _tune(args: argparse.Namespace) -> int:
         space["patch_size"] = args.patch_size
     if space:
         options["search_space"] = space
+    if args.detector:
+        options["detector"] = args.detector
     return client.tune(Path(args.train), Path(args.test), Path(args.out),
                        url=args.url or client.default_url(),
-                       api_key=os.environ.get("SSAD_API_KEY"), job_options=options)
+                       api_key=os.environ.get("SSAD_API_KEY"), job_options=options,
+                       backbone=Path(args.backbone) if args.backbone else None)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -180,6 +183,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
+    t.add_argument("--detector", choices=("small", "resnet18"))
+    t.add_argument("--backbone", metavar="FILE",
+                   help="start every trial from these encoder weights (torch.save(model."
+                        "encoder.state_dict(), FILE), for the job's detector and size)")
     t.set_defaults(fn=_tune, operator=False)
     rep = sub.add_parser("report", help="print the URL of a job's report page (with "
                                         "SSAD_API_KEY set: a signed link a browser can open)")

@@ -148,6 +148,17 @@ class Client:
                          headers={"Idempotency-Key": f"upload-{uuid.uuid4()}"})
         return cast(DatasetInfo, r.json())
 
+    def upload_backbone(self, path: str | os.PathLike[str],
+                        name: str | None = None) -> dict[str, Any]:
+        """Upload encoder weights (``torch.save(model.encoder.state_dict(), path)``) for
+        jobs to start from: pass the answer's ``id`` as ``backbone_id``."""
+        p = Path(path)
+        if not p.is_file():
+            raise ClientError(f"{p}: no such file")
+        r = self.request("POST", "/v1/backbones",
+                         files={"file": (name or p.name, p.read_bytes())})
+        return dict(r.json())
+
     def create_job(self, train: str | Mapping[str, Any], test: str | Mapping[str, Any],
                    **options: Any) -> JobInfo:
         """Queue a tuning job on two datasets (ids, or what :meth:`upload` returned).
@@ -467,7 +478,8 @@ def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
 
 
 def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
-         job_options: dict[str, Any], stream: TextIO = sys.stderr) -> int:
+         job_options: dict[str, Any], stream: TextIO = sys.stderr,
+         backbone: Path | None = None) -> int:
     """The whole round trip; returns the process exit code."""
     for p in (train, test):
         if not p.exists():
@@ -479,6 +491,10 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         te = client.upload(test)
         print(f"uploaded {train.name}: {tr['n_samples']} images ({tr['id']}); "
               f"{test.name}: {te['n_samples']} images ({te['id']})", file=stream)
+        if backbone is not None:
+            bb = client.upload_backbone(backbone)
+            job_options = {**job_options, "backbone_id": bb["id"]}
+            print(f"uploaded backbone {backbone.name} ({bb['id']})", file=stream)
         created: dict[str, Any] = dict(client.create_job(tr, te, **job_options))
         job_id = created["id"]
         print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)

@@ -91,8 +91,10 @@ SERVER_MODULES = {"test_acknowledged", "test_client", "test_client_library", "te
 # ...or fuzz the whole API (schemathesis: many requests per operation).
 SLOW_MODULES = {"test_detectors", "test_end_to_end", "test_fuzz", "test_study", "test_trial",
                 "test_tune"}
+# ...or one test of a module that starts processes:
 SERVER_TESTS = {"test_keys_cli", "test_the_api_process_never_imports_torch",
-                "test_a_slow_receiver_delays_neither_the_job_nor_other_notices"}  # subprocesses
+                "test_a_slow_receiver_delays_neither_the_job_nor_other_notices",
+                "test_a_worker_trains_from_the_backbone_and_refuses_one_that_does_not_fit"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
-"""Decoded dataset arrays on the worker's local disk (``SSAD_CACHE_DIR``)."""
+"""Decoded dataset arrays and uploaded backbones on the worker's local disk
+(``SSAD_CACHE_DIR``), by sha256."""
 
 from __future__ import annotations
 
@@ -18,18 +19,23 @@ class ArrayCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def load(self, ref: DatasetRef, manager: JobManager) -> np.ndarray:
-        path = self.root / f"{ref.sha256}.npy"
+    def file(self, sha256: str, suffix: str, manager: JobManager) -> Path:
+        """The blob ``sha256`` as a local file (filled once, its hash verified)."""
+        path = self.root / f"{sha256}{suffix}"
         if not path.exists():
-            data = manager.load_blob(ref.sha256)
-            if hashlib.sha256(data).hexdigest() != ref.sha256:
-                raise RuntimeError(f"dataset blob {ref.sha256} is corrupt (hash mismatch)")
+            data = manager.load_blob(sha256)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise RuntimeError(f"blob {sha256} is corrupt (hash mismatch)")
             self.root.mkdir(parents=True, exist_ok=True)
             # Unique per writer: workers in several containers share one cache volume
             # (docker compose --scale), where process ids repeat.
             tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
+        return path
+
+    def load(self, ref: DatasetRef, manager: JobManager) -> np.ndarray:
+        path = self.file(ref.sha256, ".npy", manager)
         arr = np.load(path, allow_pickle=False)
         if arr.dtype != np.uint8 or arr.shape != (ref.n_samples, ref.channels, ref.height,
                                                   ref.width):

@@ -366,7 +366,7 @@ class JobManager:
         with self._tx() as s:
             data = read_blob(s, sha256)
         if data is None:
-            raise LookupError(f"dataset blob {sha256} is missing")
+            raise LookupError(f"blob {sha256} is missing")
         return data
 
     @retry_transient

@@ -26,7 +26,7 @@ from worker.core.export import ScoringModel
 from worker.core.plots import augmentation_sample
 from worker.core.selection import TOP_K, Candidate, decisiveness
 from worker.core.study import StudySettings, run_study_slot
-from worker.core.training import TrainSettings, TrialInterrupted
+from worker.core.training import TrainSettings, TrialInterrupted, build_detector
 from worker.core.trial import TrialResult
 from worker.manager import ClaimedJob, JobManager, LostLease
 from worker.storage import StorageUnavailable
@@ -37,15 +37,17 @@ log = logging.getLogger("ssad.worker")
 MAX_OUTAGE_RELEASES = 20
 
 
-def study_settings(spec: TuneSpec, sampler_offset: int = 0) -> StudySettings:
+def study_settings(spec: TuneSpec, sampler_offset: int = 0,
+                   backbone: str | None = None) -> StudySettings:
     """The engine's settings for a tuning job's validated spec (``sampler_offset``: see
-    StudySettings; a slot of a job with parallel trials passes its attempt)."""
+    StudySettings; a slot of a job with parallel trials passes its attempt; ``backbone``:
+    the local file of the spec's uploaded encoder weights)."""
     return StudySettings(
         n_trials=spec.n_trials, objective=spec.objective, contamination=spec.contamination,
         seed=spec.seed, search_space=SearchSpace.from_dict(spec.search_space),
         strategy=spec.strategy, sampler_offset=sampler_offset,
         train=TrainSettings(steps=spec.train_steps, batch_size=spec.batch_size,
-                            scorer=spec.scorer, arch=spec.detector))
+                            scorer=spec.scorer, arch=spec.detector, backbone=backbone))
 
 
 #: How often the running trial's progress (step, loss) is written, at most.
@@ -142,6 +144,23 @@ def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[
     return decisiveness(candidates, spec.contamination)
 
 
+def backbone_file(spec: TuneSpec, cache: ArrayCache, manager: JobManager, channels: int,
+                  size: int) -> str | None:
+    """The local file of the job's uploaded backbone, checked once against the job's
+    encoder (``weights_only=True``): a file that does not fit fails the job before any
+    trial, with the reason."""
+    if spec.backbone_sha256 is None:
+        return None
+    path = str(cache.file(spec.backbone_sha256, ".pt", manager))
+    try:
+        build_detector(channels, size, TrainSettings(arch=spec.detector, backbone=path),
+                       torch.device("cpu"))
+    except ValueError as exc:
+        raise ValueError(f"backbone {spec.backbone_id}: {exc}".replace(path, "the file")
+                         ) from None
+    return path
+
+
 def run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
     """Run ``job`` to an end state; returns what happened (for logs and tests). Every log
     line written meanwhile carries the job's id."""
@@ -165,6 +184,8 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
         train = cache.load(job.train, manager)
         size = working_size(spec.detector, spec.image_size, job.train.height, job.train.width)
         data = prepare(train, cache.load(job.test, manager), device, size)
+        settings = study_settings(spec, 0 if job.parallelism == 1 else job.attempt,
+                                  backbone_file(spec, cache, manager, job.train.channels, size))
 
         def record(number: int, r: TrialResult) -> None:
             manager.record_trial(job.id, job.attempt, number, augmentation=r.augmentation,
@@ -185,7 +206,7 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
 
         storage = ctx.open_storage()
         result = run_study_slot(
-            data, study_settings(spec, 0 if job.parallelism == 1 else job.attempt),
+            data, settings,
             storage=storage, study_name=f"job-{job.id}", on_trial=record,
             should_stop=hb.should_stop,
             recover=lambda number: manager.stored_trial_loss(job.id, number),

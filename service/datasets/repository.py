@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from ssad_common.models import Blob, BlobChunk, Dataset, Job
+from ssad_common.models import Backbone, Blob, BlobChunk, Dataset, Job
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:
@@ -42,13 +42,20 @@ def jobs_using_dataset(session: Session, dataset_id: str, limit: int = 5) -> lis
 
 
 def delete_dataset(session: Session, dataset: Dataset) -> None:
-    """Delete the dataset, and its blob when no other dataset (any tenant's) uses it. The
-    blob row is locked first, so an upload of the same content in another transaction
-    either sees it kept (its dataset counted here) or sees it gone and stores it again."""
-    sha = dataset.sha256
+    """Delete the dataset, and its blob when nothing else uses it."""
+    drop_blob_if_unused(session, dataset)
+
+
+def drop_blob_if_unused(session: Session, owner: Dataset | Backbone) -> None:
+    """Delete ``owner`` (a dataset or a backbone), and its blob when no dataset or backbone
+    (any tenant's) uses it any more. The blob row is locked first, so an upload of the same
+    content in another transaction either sees it kept (its row counted here) or sees it
+    gone and stores it again."""
+    sha = owner.sha256
     session.execute(select(Blob.sha256).where(Blob.sha256 == sha).with_for_update())
-    session.delete(dataset)
+    session.delete(owner)
     session.flush()
-    if not session.scalar(select(exists().where(Dataset.sha256 == sha))):
+    if not any(session.scalar(select(exists().where(m.sha256 == sha)))
+               for m in (Dataset, Backbone)):
         session.execute(delete(BlobChunk).where(BlobChunk.sha256 == sha))
         session.execute(delete(Blob).where(Blob.sha256 == sha))

@@ -106,6 +106,11 @@ class JobCreate(BaseModel):
                           "finish a job sooner; TPE then draws a few points knowing only "
                           "that the others are running (constant liar)")
     notify_url: NotifyUrl = None
+    backbone_id: str | None = Field(
+        None, max_length=64, pattern=ID_PATTERN,
+        description="start every trial's detector from these uploaded encoder weights "
+                    "(POST /v1/backbones) instead of from scratch; they must fit the job's "
+                    "detector, working size and channels (the job fails, saying why, if not)")
 
 
 class TrialProgress(BaseModel):

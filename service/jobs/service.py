@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from service import idempotency, tenants
+from service.backbones import get_backbone
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
 from service.jobs import limits, plots
@@ -101,9 +102,12 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
     if parallelism > settings.max_parallelism:
         raise InvalidRequest(f"parallelism must be at most {settings.max_parallelism} on "
                              "this server (SSAD_MAX_PARALLELISM)")
+    backbone = (None if request.backbone_id is None
+                else get_backbone(session, tenant_id, request.backbone_id))
     spec = TuneSpec(**request.model_dump(exclude={"search_space", "parallelism",
                                                           "notify_url"}),
-                    search_space=space.to_dict(), images=images, parallelism=parallelism)
+                    search_space=space.to_dict(), images=images, parallelism=parallelism,
+                    backbone_sha256=None if backbone is None else backbone.sha256)
     notes = []
     if cost.batch_size != request.batch_size:
         spec.batch_size, spec.requested_batch_size = cost.batch_size, request.batch_size
@@ -118,7 +122,8 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
               trials_planned=plan_study(spec.strategy, spec.n_trials, spec.train_steps,
                                         space.augmentations).total_trials,
               n_trials=request.n_trials, trials_completed=0, attempt=0,
-              cancel_requested=False, notify_url=request.notify_url)
+              cancel_requested=False, notify_url=request.notify_url,
+              backbone_id=request.backbone_id)
     repo.insert_job(session, job, message)
     if idempotency_key is not None:
         idempotency.remember(session, tenant_id, "jobs", idempotency_key, fp, job.id)
