@@ -36,20 +36,23 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_backbones_sha256'), 'backbones', ['sha256'])
     op.create_index(op.f('ix_backbones_tenant_id'), 'backbones', ['tenant_id'])
-    # On SQLite a batch rebuild of `jobs` (migrations/env.py turns foreign keys off for it,
-    # so its children are not cascaded, and checks them after).
-    with op.batch_alter_table('jobs') as batch:
-        batch.add_column(sa.Column('backbone_id', sa.String(length=36), nullable=True))
-        batch.create_index(batch.f('ix_jobs_backbone_id'), ['backbone_id'])
-        batch.create_foreign_key(batch.f('fk_jobs_backbone_id_backbones'), 'backbones',
-                                 ['backbone_id'], ['id'])
+    # No batch rebuild of `jobs` on SQLite (it would rewrite the table's other constraints
+    # in a form that 0007's downgrade cannot drop): SQLite takes the reference inline.
+    if op.get_bind().dialect.name == 'sqlite':
+        op.execute('ALTER TABLE jobs ADD COLUMN backbone_id VARCHAR(36) '
+                   'CONSTRAINT fk_jobs_backbone_id_backbones REFERENCES backbones (id)')
+    else:
+        op.add_column('jobs', sa.Column('backbone_id', sa.String(length=36), nullable=True))
+        op.create_foreign_key(op.f('fk_jobs_backbone_id_backbones'), 'jobs', 'backbones',
+                              ['backbone_id'], ['id'])
+    op.create_index(op.f('ix_jobs_backbone_id'), 'jobs', ['backbone_id'])
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('jobs') as batch:
-        batch.drop_constraint(batch.f('fk_jobs_backbone_id_backbones'), type_='foreignkey')
-        batch.drop_index(batch.f('ix_jobs_backbone_id'))
-        batch.drop_column('backbone_id')
+    op.drop_index(op.f('ix_jobs_backbone_id'), table_name='jobs')
+    if op.get_bind().dialect.name != 'sqlite':  # SQLite drops the inline reference with it
+        op.drop_constraint(op.f('fk_jobs_backbone_id_backbones'), 'jobs', type_='foreignkey')
+    op.drop_column('jobs', 'backbone_id')
     op.drop_index(op.f('ix_backbones_tenant_id'), table_name='backbones')
     op.drop_index(op.f('ix_backbones_sha256'), table_name='backbones')
     op.drop_table('backbones')
