@@ -2,9 +2,10 @@
 
 The queue's state is read from the database at each scrape, so every API process reports
 the same numbers and nothing is lost when one restarts: jobs by status, queue depth and the
-age of its oldest job, trials by state and a histogram of trial durations, and each running
-worker's heartbeat age. What only an API process sees (bytes uploaded, uploads refused) is
-counted per process; Prometheus sums those across processes.
+age of its oldest job, trials by state and a histogram of trial durations, each running
+worker's heartbeat age, and the webhook notices by status with the oldest one's wait.
+What only an API process sees (bytes uploaded, uploads refused) is counted per process;
+Prometheus sums those across processes.
 
 Labels carry no tenant or job ids; the endpoint is for operators (keep it off the public
 internet, like /readyz).
@@ -24,7 +25,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, case, func, select
 
-from ssad_common.models import Job, JobSlot, JobStatus, JobTrial, TrialState, utcnow
+from ssad_common.models import (
+    Job,
+    JobSlot,
+    JobStatus,
+    JobTrial,
+    TrialState,
+    WebhookDelivery,
+    utcnow,
+)
 from ssad_common.slots import slot_count, stored_trial_count
 
 log = logging.getLogger("ssad.api")
@@ -79,6 +88,10 @@ class DatabaseCollector(Collector):
                 func.coalesce(func.sum(case((done, 1), else_=0)), 0),
                 func.coalesce(func.sum(case((done, JobTrial.duration_s), else_=0.0)), 0.0),
             )).one()
+            notices = dict(conn.execute(select(WebhookDelivery.status, func.count())
+                                        .group_by(WebhookDelivery.status)).all())
+            waiting = conn.execute(select(func.min(WebhookDelivery.created_at)).where(
+                WebhookDelivery.status == "pending")).scalar()
 
         yield GaugeMetricFamily(
             "ssad_trial_slots_wanted",
@@ -117,6 +130,16 @@ class DatabaseCollector(Collector):
         hist.add_metric([], [(str(b), c) for b, c in zip(TRIAL_BUCKETS, counts, strict=True)]
                         + [("+Inf", total)], sum_value=total_s)
         yield hist
+        wh = GaugeMetricFamily("ssad_webhook_deliveries", "Webhook notices by status: "
+                               "pending (to send or retry), delivered, failed (gave up)",
+                               labels=["status"])
+        for outcome in ("pending", "delivered", "failed"):
+            wh.add_metric([outcome], notices.get(outcome, 0))
+        yield wh
+        yield GaugeMetricFamily(
+            "ssad_webhook_oldest_pending_age_seconds",
+            "How long the oldest undelivered notice has waited since its job ended (0: none)",
+            value=0.0 if waiting is None else max(0.0, (now - waiting).total_seconds()))
 
 
 class Metrics:

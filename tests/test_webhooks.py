@@ -202,10 +202,13 @@ def test_an_unreachable_receiver_is_retried_then_given_up(
         api.post(f"/v1/jobs/{job['id']}/cancel")
         (delivery,) = wait_for(lambda: [d for d in _deliveries(api, job["id"])
                                         if d["status"] == "failed"], timeout=60)
+        metrics = api.get("/metrics").text
     assert len(delivery["attempts"]) >= 2  # retried before giving up
     assert all(a["status_code"] is None and "Connect" in a["error"]
                for a in delivery["attempts"])
     assert delivery["next_attempt_at"] is None
+    assert 'ssad_webhook_deliveries{status="failed"} 1.0' in metrics
+    assert "ssad_webhook_oldest_pending_age_seconds 0.0" in metrics
 
 
 def test_a_slow_receiver_delays_neither_the_job_nor_other_notices(
