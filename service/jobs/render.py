@@ -104,11 +104,12 @@ def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
 def scores_body(session: Session, tenant_id: str, job_id: str, number: int | None,
                 fmt: str) -> tuple[int, bytes]:
     """The trial's number (``None``: the job's best trial) and its scores in ``fmt``.
-    Ownership first (one primary-key read), then the per-process cache of bodies."""
+    Ownership first (three columns of one row, by primary key), then the per-process cache
+    of bodies."""
     if number is None:
         trial = service.best_trial(session, tenant_id, job_id)
     else:
-        service.get_job(session, tenant_id, job_id)
+        service.result_state(session, tenant_id, job_id)  # ownership
         trial = number
 
     def render() -> bytes:

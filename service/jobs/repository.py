@@ -23,6 +23,18 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return job if job is not None and job.tenant_id == tenant_id else None
 
 
+def result_state(session: Session, tenant_id: str, job_id: str
+                 ) -> tuple[JobStatus, int | None] | None:
+    """The tenant's job's status and best trial number (None: no such job of the tenant's):
+    three columns of one row by primary key, not the whole row with its JSON (spec, best,
+    selection, progress), for the routes that serve cached bodies (scores, plots)."""
+    row = session.execute(select(Job.tenant_id, Job.status, Job.best_trial_number)
+                          .where(Job.id == job_id)).one_or_none()
+    if row is None or row.tenant_id != tenant_id:
+        return None
+    return row.status, row.best_trial_number
+
+
 def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None,
               kind: str | None = None) -> tuple[Sequence[Job], int]:
     q = select(Job).where(Job.tenant_id == tenant_id)

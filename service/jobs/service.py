@@ -186,13 +186,22 @@ def list_trials(session: Session, tenant_id: str, job_id: str) -> Sequence[JobTr
     return repo.list_trials(session, job_id)
 
 
+def result_state(session: Session, tenant_id: str, job_id: str
+                 ) -> tuple[JobStatus, int | None]:
+    """The tenant's job's status and best trial, read cheaply (404 if it has none such)."""
+    state = repo.result_state(session, tenant_id, job_id)
+    if state is None:
+        raise NotFound(f"job {job_id} not found")
+    return state
+
+
 def best_trial(session: Session, tenant_id: str, job_id: str) -> int:
     """The trial whose scores are the job's result (only once the job has succeeded)."""
-    job = get_job(session, tenant_id, job_id)
-    if job.best_trial_number is None or job.status != JobStatus.succeeded:
-        raise Conflict(f"job {job_id} is {job.status}; its scores are available once it "
+    status, number = result_state(session, tenant_id, job_id)
+    if number is None or status != JobStatus.succeeded:
+        raise Conflict(f"job {job_id} is {status}; its scores are available once it "
                        "has succeeded (per-trial scores: /trials/{number}/scores)")
-    return job.best_trial_number
+    return number
 
 
 def scores(session: Session, tenant_id: str, job_id: str, trial_number: int
