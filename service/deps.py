@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -14,17 +15,30 @@ from service.links import tenant_for_token
 from service.params import JobId
 from service.settings import ApiSettings
 from service.tenants import tenant_for_key
-from ssad_common.db import transaction
+from ssad_common.db import end_transaction
 from ssad_common.models import DEFAULT_TENANT_ID
 
+# The dependencies that do no I/O are ``async``: FastAPI runs a plain ``def`` dependency
+# in its thread pool, a trip that cost more than the work on every request (profiled in
+# docs/benchmarks.md §8). Those that query the database stay ``def``.
 
-def get_app_settings(request: Request) -> ApiSettings:
+
+async def get_app_settings(request: Request) -> ApiSettings:
     settings: ApiSettings = request.app.state.settings
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    yield from transaction(request.app.state.session_factory)
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's transaction: committed if the route returned, else rolled back, and
+    closed, in one trip through the thread pool (opening a session does no I/O: its
+    connection is taken at its first statement, in the route's thread)."""
+    session = request.app.state.session_factory()
+    done = False
+    try:
+        yield session
+        done = True
+    finally:
+        await run_in_threadpool(end_transaction, session, done)
 
 
 # scope="function": the commit runs when the route function returns, before the response
@@ -58,18 +72,23 @@ def _tenant(settings: ApiSettings, credentials: HTTPAuthorizationCredentials | N
     return tenant
 
 
-def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
-               credentials: CredentialsDep) -> str:
+async def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
+                     credentials: CredentialsDep) -> str:
     """The id of the tenant making the request: from its API key, or the default tenant
-    when the server runs with ``SSAD_AUTH=off`` (single-user mode)."""
-    return _tenant(settings, credentials, session, request)
+    when the server runs with ``SSAD_AUTH=off`` (single-user mode). The key's lookup runs
+    in the thread pool; single-user mode needs none."""
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    return await run_in_threadpool(_tenant, settings, credentials, session, request)
 
 
-def get_tenant_without_session(request: Request, settings: SettingsDep,
-                               credentials: CredentialsDep) -> str:
+async def get_tenant_without_session(request: Request, settings: SettingsDep,
+                                     credentials: CredentialsDep) -> str:
     """As :func:`get_tenant`, with a session of its own that is closed at once: for
     long-lived responses (streams) that must not hold the request's transaction open."""
-    return _tenant(settings, credentials, None, request)
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    return await run_in_threadpool(_tenant, settings, credentials, None, request)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
@@ -96,18 +115,25 @@ def _job_reader(settings: ApiSettings, credentials: HTTPAuthorizationCredentials
     return tenant
 
 
-def get_job_reader(request: Request, settings: SettingsDep, session: SessionDep,
-                   credentials: CredentialsDep, job_id: JobId, token: LinkToken = None) -> str:
+async def get_job_reader(request: Request, settings: SettingsDep, session: SessionDep,
+                         credentials: CredentialsDep, job_id: JobId,
+                         token: LinkToken = None) -> str:
     """The tenant reading job ``job_id``: from the API key, as :func:`get_tenant`, or
     from a report link's ``token`` for that job (service/links.py)."""
-    return _job_reader(settings, credentials, session, request, job_id, token)
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    return await run_in_threadpool(_job_reader, settings, credentials, session, request,
+                                   job_id, token)
 
 
-def get_job_reader_without_session(request: Request, settings: SettingsDep,
-                                   credentials: CredentialsDep, job_id: JobId,
-                                   token: LinkToken = None) -> str:
+async def get_job_reader_without_session(request: Request, settings: SettingsDep,
+                                         credentials: CredentialsDep, job_id: JobId,
+                                         token: LinkToken = None) -> str:
     """As :func:`get_job_reader`, for streams (a short session of its own)."""
-    return _job_reader(settings, credentials, None, request, job_id, token)
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    return await run_in_threadpool(_job_reader, settings, credentials, None, request,
+                                   job_id, token)
 
 
 JobReaderDep = Annotated[str, Depends(get_job_reader)]

@@ -61,12 +61,21 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """Yield a session; commit if the caller finished cleanly, else roll back."""
     session = factory()
+    done = False
     try:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+        done = True
+    finally:
+        end_transaction(session, done)
+
+
+def end_transaction(session: Session, done: bool) -> None:
+    """Commit (``done``: the work finished cleanly) or roll back, then close."""
+    try:
+        if done:
+            session.commit()
+        else:
+            session.rollback()
     finally:
         session.close()
 
