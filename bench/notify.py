@@ -30,9 +30,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,43 +41,26 @@ import numpy as np
 
 from service.migrate import upgrade_head
 from ssad_common.db import make_engine
-from tests.helpers import npz, wait_http_ok
+from tests.helpers import Receiver, npz, wait_for, wait_http_ok
 from tests.pg import free_port
 from worker.manager import JobManager
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Receiver:
-    def __init__(self, fail_first: bool) -> None:
-        self.fail_first = fail_first
-        self.arrived: dict[str, float] = {}
-        self.tries: dict[str, int] = {}
-        receiver = self
+def arrived(receiver: Receiver) -> dict[str, float]:
+    """When each notice was accepted (the receiver answered 200), by delivery id."""
+    return {h["SSAD-Delivery"]: t for (h, _), code, t in zip(
+        receiver.received, receiver.answered, receiver.at, strict=True) if code == 200}
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                job = self.headers["SSAD-Delivery"]
-                receiver.tries[job] = receiver.tries.get(job, 0) + 1
-                ok = not receiver.fail_first or receiver.tries[job] > 1
-                if ok:
-                    receiver.arrived[job] = time.monotonic()
-                self.send_response(200 if ok else 500)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+def _has_arrived(receiver: Receiver, delivery_id: str) -> bool:
+    return delivery_id in arrived(receiver)
 
 
 def notice_latency(http: httpx.Client, ids: tuple[str, str], n: int,
                    fail_first: bool) -> dict[str, Any]:
-    receiver = Receiver(fail_first)
+    receiver = Receiver(codes=[500, 200] * n if fail_first else []).start()
     sent: dict[str, float] = {}
     rng = np.random.default_rng(2)
     for _ in range(n):
@@ -91,13 +74,13 @@ def notice_latency(http: httpx.Client, ids: tuple[str, str], n: int,
         t = time.monotonic()
         delivery = http.get(f"/v1/jobs/{job['id']}/deliveries").json()["deliveries"][0]
         sent[delivery["id"]] = t
-        deadline = time.monotonic() + 60
-        while delivery["id"] not in receiver.arrived and time.monotonic() < deadline:
-            time.sleep(0.01)
-    receiver.server.shutdown()
-    lat = [receiver.arrived[d] - t for d, t in sent.items() if d in receiver.arrived]
+        wait_for(partial(_has_arrived, receiver, delivery["id"]), timeout=60, every=0.01)
+    receiver.stop()
+    done = arrived(receiver)
+    lat = [done[d] - t for d, t in sent.items() if d in done]
+    tries = Counter(h["SSAD-Delivery"] for h, _ in receiver.received)
     return {"jobs": n, "delivered": len(lat), "receiver_failed_first": fail_first,
-            "tries_per_notice": statistics.median(receiver.tries.values()),
+            "tries_per_notice": statistics.median(tries.values()),
             "median_s": statistics.median(lat), "p90_s": float(np.percentile(lat, 90)),
             "max_s": max(lat)}
 

@@ -7,9 +7,12 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -347,3 +350,57 @@ def queue_and_claim(db_url: str, digits: Any, worker_id: str) -> tuple[str, Any,
     claimed = manager.claim_next_job(worker_id)
     assert claimed is not None
     return job_id, engine, manager, claimed
+
+
+# A webhook receiver (tests/test_webhooks.py, bench/notify.py).
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: a real HTTP server on a free loopback port that answers each
+    POST with the next of ``codes`` (then 200), after waiting for ``release`` when it is
+    given, and keeps each request's headers and body (``received``) with the code it got
+    (``answered``) and the ``time.monotonic()`` it got it at (``at``)."""
+
+    codes: list[int] = field(default_factory=list)
+    release: threading.Event | None = None
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answered: list[int] = field(default_factory=list)
+    at: list[float] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def start(self) -> Receiver:
+        receiver, lock = self, threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.release is not None:
+                    receiver.release.wait(60)
+                with lock:  # handler threads run at once
+                    code = receiver.codes.pop(0) if receiver.codes else 200
+                    receiver.received.append((dict(self.headers), body))
+                    receiver.answered.append(code)
+                    receiver.at.append(time.monotonic())
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.release is not None:
+            self.release.set()
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()

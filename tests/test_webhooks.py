@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from ssad_common.models import WebhookAttempt, WebhookDelivery
 from ssad_tune.webhooks import sign, verify
 from tests.conftest import fresh_database
 from tests.helpers import (
+    Receiver,
     assert_error,
     client,
     finish_job_with_scores,
@@ -33,50 +32,6 @@ from tests.helpers import (
 
 FAST = {"webhook_allow_private": True, "webhook_backoff_seconds": 0.2,
         "webhook_poll_seconds": 0.1}
-
-
-@dataclass
-class Receiver:
-    """A real HTTP server on a free loopback port: answers each POST with the next of
-    ``codes`` (then 200), after waiting for ``release`` when it is given."""
-
-    codes: list[int] = field(default_factory=list)
-    release: threading.Event | None = None
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def start(self) -> Receiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if receiver.release is not None:
-                    receiver.release.wait(60)
-                receiver.received.append((dict(self.headers), body))
-                code = receiver.codes.pop(0) if receiver.codes else 200
-                self.send_response(code)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.release is not None:
-            self.release.set()
-        assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
