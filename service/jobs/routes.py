@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
@@ -79,15 +80,23 @@ def list_jobs(
                        Query(description="`spec`: each item carries its job's spec (the "
                                          "request it was created with), as GET "
                                          "/v1/jobs/{id} does")] = None,
-) -> JobList:
+) -> Response:
     rows, total = service.list_jobs(session, tenant, limit, offset, status_, kind)
-    return JobList(items=[job_summary(j, include == "spec") for j in rows], total=total)
+    return json_body(JobList(items=[job_summary(j, include == "spec") for j in rows],
+                             total=total))
+
+
+def json_body(model: BaseModel) -> Response:
+    """``model`` as JSON, serialised once by pydantic. Returned as a model, FastAPI would
+    validate it again against the response model (in the thread pool) before serialising
+    it: for the routes clients poll, that doubled the work (docs/benchmarks.md §8)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422),
             summary="A job's status, progress and best trial so far")
-def get_job(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> JobOut:
-    return job_out(service.get_job(session, tenant, job_id))
+def get_job(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> Response:
+    return json_body(job_out(service.get_job(session, tenant, job_id)))
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
