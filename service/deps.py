@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,9 +18,9 @@ from service.tenants import tenant_for_key
 from ssad_common.db import end_transaction
 from ssad_common.models import DEFAULT_TENANT_ID
 
-# The dependencies that do no I/O are ``async``: FastAPI runs a plain ``def`` dependency
-# in its thread pool, a trip that cost more than the work on every request (profiled in
-# docs/benchmarks.md §8). Those that query the database stay ``def``.
+# The dependencies are ``async``: FastAPI runs a plain ``def`` dependency in its thread
+# pool, a trip that cost more than the work on every request (profiled in
+# docs/benchmarks.md §8). Only a database query goes to the pool (:func:`_caller`).
 
 
 async def get_app_settings(request: Request) -> ApiSettings:
@@ -72,23 +72,26 @@ def _tenant(settings: ApiSettings, credentials: HTTPAuthorizationCredentials | N
     return tenant
 
 
+async def _caller(settings: ApiSettings, resolve: Callable[..., str], *args: Any) -> str:
+    """The default tenant in single-user mode (no I/O); else ``resolve(settings, *args)``,
+    which reads the database, in the thread pool."""
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    return await run_in_threadpool(resolve, settings, *args)
+
+
 async def get_tenant(request: Request, settings: SettingsDep, session: SessionDep,
                      credentials: CredentialsDep) -> str:
     """The id of the tenant making the request: from its API key, or the default tenant
-    when the server runs with ``SSAD_AUTH=off`` (single-user mode). The key's lookup runs
-    in the thread pool; single-user mode needs none."""
-    if settings.auth == "off":
-        return DEFAULT_TENANT_ID
-    return await run_in_threadpool(_tenant, settings, credentials, session, request)
+    when the server runs with ``SSAD_AUTH=off`` (single-user mode)."""
+    return await _caller(settings, _tenant, credentials, session, request)
 
 
 async def get_tenant_without_session(request: Request, settings: SettingsDep,
                                      credentials: CredentialsDep) -> str:
     """As :func:`get_tenant`, with a session of its own that is closed at once: for
     long-lived responses (streams) that must not hold the request's transaction open."""
-    if settings.auth == "off":
-        return DEFAULT_TENANT_ID
-    return await run_in_threadpool(_tenant, settings, credentials, None, request)
+    return await _caller(settings, _tenant, credentials, None, request)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
@@ -120,20 +123,14 @@ async def get_job_reader(request: Request, settings: SettingsDep, session: Sessi
                          token: LinkToken = None) -> str:
     """The tenant reading job ``job_id``: from the API key, as :func:`get_tenant`, or
     from a report link's ``token`` for that job (service/links.py)."""
-    if settings.auth == "off":
-        return DEFAULT_TENANT_ID
-    return await run_in_threadpool(_job_reader, settings, credentials, session, request,
-                                   job_id, token)
+    return await _caller(settings, _job_reader, credentials, session, request, job_id, token)
 
 
 async def get_job_reader_without_session(request: Request, settings: SettingsDep,
                                          credentials: CredentialsDep, job_id: JobId,
                                          token: LinkToken = None) -> str:
     """As :func:`get_job_reader`, for streams (a short session of its own)."""
-    if settings.auth == "off":
-        return DEFAULT_TENANT_ID
-    return await run_in_threadpool(_job_reader, settings, credentials, None, request,
-                                   job_id, token)
+    return await _caller(settings, _job_reader, credentials, None, request, job_id, token)
 
 
 JobReaderDep = Annotated[str, Depends(get_job_reader)]
