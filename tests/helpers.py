@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -131,6 +132,15 @@ def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen
     url = f"http://127.0.0.1:{port}"
     wait_http_ok(f"{url}/healthz")
     return proc, url
+
+
+def chromium_path() -> str | None:
+    """The system's Chromium for the browser tests (skipped without it), except under CI
+    (``CI`` set: .ci/run installs it), where its absence is an error, not a skip."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("CI"):
+        raise RuntimeError("chromium is not installed: the browser tests cannot run")
+    return found
 
 
 def wait_http_ok(url: str, timeout: float = 60) -> None:

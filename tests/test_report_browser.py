@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from tests.conftest import fresh_database
-from tests.helpers import make_key, npz, start_api, start_worker, tiny_job, wait_for
+from tests.helpers import chromium_path, make_key, npz, start_api, start_worker, tiny_job, wait_for
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = chromium_path()
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev extra")
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None,
