@@ -93,7 +93,12 @@ def check_target(url: str, *, allow_private: bool) -> None:
 
 
 def tenant_secret(session: Session, tenant_id: str, *, rotate: bool = False) -> str:
-    """The tenant's webhook signing secret, made on first use (or anew with ``rotate``)."""
+    """The tenant's webhook signing secret, made on first use (or anew with ``rotate``).
+    Reading an existing one takes no lock."""
+    if not rotate:
+        secret = session.scalar(select(Tenant.webhook_secret).where(Tenant.id == tenant_id))
+        if secret is not None:
+            return secret
     tenant = session.execute(select(Tenant).where(Tenant.id == tenant_id)
                              .with_for_update()).scalar_one()
     if tenant.webhook_secret is None or rotate:
@@ -115,12 +120,14 @@ class Claimed:
 
 
 class Dispatcher:
-    """Sends due deliveries from a pool of threads; see the module's docstring."""
-
-    BATCH = 16
+    """Sends due deliveries from a pool of threads; see the module's docstring. It claims
+    no more than it has free senders: a claimed notice waiting behind slow receivers could
+    outlive its lease and be claimed, and sent, a second time."""
 
     def __init__(self, factory: sessionmaker[Session], settings: ApiSettings) -> None:
         self.factory, self.settings = factory, settings
+        self.busy = 0  # notices claimed and not yet recorded
+        self.busy_lock = threading.Lock()
         self.stop_event = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=settings.webhook_senders,
                                        thread_name_prefix="ssad-webhook")
@@ -140,13 +147,17 @@ class Dispatcher:
     def run(self) -> None:
         while not self.stop_event.is_set():
             try:
-                for claimed in self.claim():
+                with self.busy_lock:
+                    free = self.settings.webhook_senders - self.busy
+                for claimed in self.claim(free) if free > 0 else []:
+                    with self.busy_lock:
+                        self.busy += 1
                     self.pool.submit(self.send, claimed)
             except Exception:  # the database is away: try again at the next tick
                 log.exception("webhook dispatcher: claiming deliveries failed")
             self.stop_event.wait(self.settings.webhook_poll_seconds)
 
-    def claim(self) -> list[Claimed]:
+    def claim(self, limit: int) -> list[Claimed]:
         """Due deliveries, each leased (its next attempt moved past the longest request)
         so no other dispatcher takes it while it is being sent."""
         now = utcnow()
@@ -156,13 +167,20 @@ class Dispatcher:
                 select(WebhookDelivery)
                 .where(WebhookDelivery.status == "pending",
                        WebhookDelivery.next_attempt_at <= now)
-                .order_by(WebhookDelivery.next_attempt_at).limit(self.BATCH)
+                .order_by(WebhookDelivery.next_attempt_at).limit(limit)
                 .with_for_update(skip_locked=True)).all()
             for row in rows:
                 row.next_attempt_at = now + lease
             return [Claimed(r.id, r.tenant_id, r.url, r.event, r.payload) for r in rows]
 
     def send(self, d: Claimed) -> None:
+        try:
+            self._send(d)
+        finally:
+            with self.busy_lock:
+                self.busy -= 1
+
+    def _send(self, d: Claimed) -> None:
         started = time.perf_counter()
         code: int | None = None
         error: str | None = None

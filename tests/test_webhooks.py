@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +197,34 @@ def test_a_slow_receiver_delays_neither_the_job_nor_other_notices(
         slow.stop()
         fast.stop()
     assert len(slow.received) == 1 and len(fast.received) == 1
+
+
+def test_no_more_notices_are_claimed_than_there_are_free_senders(
+        digits: Any, sqlite_url: str) -> None:
+    """A notice claimed while every sender hangs on a slow receiver would wait out its
+    lease in the queue and be claimed (and sent) again: none is claimed until one frees."""
+    slow = Receiver(release=threading.Event()).start()
+    try:
+        with client(sqlite_url, **FAST, webhook_senders=1, webhook_timeout_seconds=120.0) as api:
+            train_id, test_id = _datasets(api, digits)
+            jobs = [api.post("/v1/jobs", json=tiny_job(train_id, test_id,
+                                                       notify_url=slow.url)).json()
+                    for _ in range(2)]
+            for job in jobs:
+                api.post(f"/v1/jobs/{job['id']}/cancel")
+
+            def leased() -> list[bool]:
+                now = datetime.now(UTC)
+                return [datetime.fromisoformat(_deliveries(api, j["id"])[0]["next_attempt_at"])
+                        > now + timedelta(seconds=5) for j in jobs]
+
+            wait_for(lambda: any(leased()), timeout=60)
+            for _ in range(20):  # 20 of the dispatcher's 0.1 s looks: the other stays queued
+                assert sorted(leased()) == [False, True]
+                time.sleep(0.1)
+            slow.release.set()  # type: ignore[union-attr]
+            wait_for(lambda: all(_deliveries(api, j["id"])[0]["status"] == "delivered"
+                                 for j in jobs), timeout=60)
+    finally:
+        slow.stop()
+    assert len(slow.received) == 2
