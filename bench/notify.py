@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import numpy as np
 
 from service.migrate import upgrade_head
 from ssad_common.db import make_engine
-from tests.helpers import Receiver, npz, wait_for, wait_http_ok
+from tests.helpers import Receiver, build_wheel, npz, wait_for, wait_http_ok
 from tests.pg import free_port
 from worker.manager import JobManager
 
@@ -134,16 +133,7 @@ def du(path: Path) -> float:
 
 
 def wheel_footprint(tmp: Path) -> dict[str, Any]:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    for name in files:
-        if (ROOT / name).is_file():
-            (tmp / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tmp / "src" / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp / "dist"), str(tmp / "src")],
-                   check=True, capture_output=True)
-    (wheel,) = (tmp / "dist").glob("*.whl")
+    wheel = build_wheel(tmp)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     t = time.perf_counter()

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from service import tenants
 from service.datasets.repository import drop_blob_if_unused
+from service.datasets.routes import upload_size
 from service.datasets.service import check_name
 from service.deps import SessionDep, SettingsDep, TenantDep
 from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, error_responses
@@ -221,10 +222,8 @@ def upload_backbone(session: SessionDep, settings: SettingsDep, tenant: TenantDe
     without unpickling anything (only a state dict of tensors passes); the worker loads it
     with `weights_only=True` and fails the job, saying why, if it does not fit the encoder.
     Counts in the tenant's stored bytes; at most SSAD_MAX_BACKBONE_BYTES (413)."""
-    file.file.seek(0, 2)
-    size = file.file.tell()
-    file.file.seek(0)
-    backbone = create_backbone(session, tenant, file.file, size, file.filename or "",
+    backbone = create_backbone(session, tenant, file.file, upload_size(file),
+                               file.filename or "",
                                name, settings)
     return BackboneOut.model_validate(backbone)
 

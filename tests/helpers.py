@@ -134,6 +134,23 @@ def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen
     return proc, url
 
 
+def build_wheel(dest: Path) -> Path:
+    """The project's wheel built from this checkout's files as git sees them (tracked and
+    new, not ignored) into ``dest``; its path."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    src = dest / "src"
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(dest / "dist"), str(src)],
+                   check=True, capture_output=True, timeout=600)
+    (wheel,) = (dest / "dist").glob("ssad_tune-*.whl")
+    return wheel
+
+
 def chromium_path() -> str | None:
     """The system's Chromium for the browser tests (skipped without it), except under CI
     (``CI`` set: .ci/run installs it), where its absence is an error, not a skip."""

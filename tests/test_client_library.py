@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,32 +19,17 @@ import numpy as np
 import pytest
 
 from tests.conftest import fresh_database
-from tests.helpers import ROOT, make_key, start_api, start_worker
+from tests.helpers import ROOT, build_wheel, make_key, start_api, start_worker
 
 SERVER_PACKAGES = ("torch", "fastapi", "sqlalchemy", "alembic", "optuna", "kornia",
                    "sklearn", "pydantic", "uvicorn", "matplotlib")
-
-
-def _source_tree(dest: Path) -> Path:
-    """This checkout's files as git sees them (tracked and new, not ignored)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    return dest
 
 
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A new venv holding only the wheel (and what it depends on, pinned by constraints)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = _source_tree(tmp / "src")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
-                   check=True, capture_output=True, timeout=600)
-    (wheel,) = (tmp / "dist").glob("ssad_tune-*.whl")
+    wheel = build_wheel(tmp)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c",

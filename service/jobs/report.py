@@ -29,6 +29,7 @@ from service.jobs.render import job_out, plot_png, trial_out
 from service.jobs.schemas import JobOut
 from ssad_common.lifecycle import TERMINAL
 from ssad_common.models import Job, JobTrial
+from ssad_tune.client import fmt_duration
 
 #: Content-Security-Policy of the page: nothing from elsewhere, only its own inline parts,
 #: its inlined images and requests to this server (the stream, the trials).
@@ -65,12 +66,7 @@ def _when(at: datetime | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    whole = round(seconds)
-    h, rest = divmod(whole, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+    return "–" if seconds is None else fmt_duration(seconds)
 
 
 def _params(params: dict[str, Any]) -> str:
