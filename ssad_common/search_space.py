@@ -16,6 +16,7 @@ Conventions shared by every family:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -358,6 +359,19 @@ class SearchSpace:
                 p = FloatParam(p.name, lo, hi, min(max(p.default, lo), hi), log=True, doc=p.doc)
             out.append(p)
         return out
+
+    def searches_number(self, family: str) -> bool:
+        """Does the study sample a number (patch size, angle...) for ``family``?"""
+        return any(isinstance(p, FloatParam) for p in self.searched_params(family))
+
+    def variants(self, family: str) -> list[dict[str, str]]:
+        """Every combination of ``family``'s searched choices (fill, direction) but its
+        defaults, in the choices' order: what a screen tries besides the defaults."""
+        cats = [p for p in self.searched_params(family) if isinstance(p, CategoricalParam)]
+        combos = [dict(zip((p.name for p in cats), values, strict=True))
+                  for values in itertools.product(*(p.choices for p in cats))]
+        default = {p.name: p.default for p in cats}
+        return [c for c in combos if c != default]
 
     def complete(self, family: str, sampled: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
         """Defaults, then fixed values, then sampled values: the params a trial runs with."""

@@ -5,15 +5,20 @@ training steps of the detector. Two strategies spend it:
 
 ``staged`` (the default)
     1. **Screen**: every family once at its default hyperparameters, each trained for a
-       fraction of ``train_steps`` (at least ``1 / SCREEN_TRIALS_PER_EQUIVALENT`` of it:
-       the 12 default families cost 3 of the default 12 trial-equivalents). The screen
-       takes at most half the budget; a budget too small to screen every family screens
-       the first ones in the space's order and names the rest.
+       fraction of ``train_steps`` (at least ``1 / SCREEN_TRIALS_PER_EQUIVALENT`` of it).
+       The screen takes at least ``SCREEN_SHARE`` of the budget and at most half of it:
+       when the families alone would cost less (a small space: 3 families screen in one
+       trial-equivalent), the rest of its share screens more configurations of the
+       families with something to search (``screen_extra``: other fills, directions, and
+       patch sizes drawn at random), so one default fill cannot drop a family. The 12
+       default families fill the share exactly (3 of the default 12 trial-equivalents).
+       A budget too small to screen every family screens the first ones in the space's
+       order and names the rest.
     2. **Refine**: the rest of the budget as full-length trials over the *leaders* (the
        ``LEADERS`` families with the lowest screen loss, plus the best local family with a
        searched patch size, so the patch size is always searched): each leader once at its
-       defaults, one more trial of the best local family, then TPE over the leaders'
-       hyperparameters. Only full-length trials can be chosen as the best.
+       best screened configuration, one more trial of the best local family, then TPE over
+       the leaders' hyperparameters. Only full-length trials can be chosen as the best.
 
 ``tpe``
     The study before issue 11: one full-length trial per family at its defaults (in the
@@ -27,9 +32,12 @@ plan when a job is created, and the worker runs it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, get_args
+
+if TYPE_CHECKING:  # search_space imports jobspec, which imports this module
+    from ssad_common.search_space import SearchSpace
 
 StrategyName = Literal["staged", "tpe"]
 STRATEGIES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
@@ -38,6 +46,8 @@ DEFAULT_STRATEGY: Final[StrategyName] = "staged"
 #: Screen trials per trial-equivalent, at most: a screen trial trains for at least
 #: ``train_steps / 4`` (more when fewer families share the screen's whole equivalents).
 SCREEN_TRIALS_PER_EQUIVALENT: Final = 4
+#: The screen's share of the budget, at least (whole trial-equivalents, rounded down).
+SCREEN_SHARE: Final = 0.25
 #: Families carried from the screen to the refine stage (plus the best local family).
 LEADERS: Final = 2
 #: A trial's stage under the staged strategy (``job_trials.stage``; None under tpe).
@@ -71,8 +81,10 @@ def selectable(completed: Iterable[T]) -> list[T]:
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """What a study will run: ``screen_families`` at ``screen_steps`` each, then
-    ``n_refine`` trials at ``train_steps``. ``total_steps`` never exceeds the budget."""
+    """What a study will run: ``screen_families`` at their defaults and one more
+    configuration of each family in ``screen_extra`` (in that order), at ``screen_steps``
+    each, then ``n_refine`` trials at ``train_steps``. ``total_steps`` never exceeds the
+    budget."""
 
     strategy: StrategyName
     n_trials: int
@@ -81,10 +93,11 @@ class StudyPlan:
     screen_steps: int
     n_refine: int
     skipped_families: tuple[str, ...]
+    screen_extra: tuple[str, ...] = ()
 
     @property
     def n_screen(self) -> int:
-        return len(self.screen_families)
+        return len(self.screen_families) + len(self.screen_extra)
 
     @property
     def total_trials(self) -> int:
@@ -103,17 +116,21 @@ class StudyPlan:
             "strategy": self.strategy, "budget_trial_equivalents": self.n_trials,
             "budget_train_steps": self.budget_steps, "planned_train_steps": self.total_steps,
             "screen": {"trials": self.n_screen, "train_steps_each": self.screen_steps,
-                       "families": list(self.screen_families)},
+                       "families": list(self.screen_families),
+                       "extra": list(self.screen_extra)},
             "refine": {"trials": self.n_refine, "train_steps_each": self.train_steps},
             "skipped_families": list(self.skipped_families),
         }
 
 
 def plan_study(strategy: str, n_trials: int, train_steps: int,
-               families: Sequence[str]) -> StudyPlan:
+               families: Sequence[str], capacity: Mapping[str, float] | None = None,
+               ) -> StudyPlan:
     """The plan for a budget of ``n_trials`` full-length trials over ``families`` (in the
     search space's order, which is also the order families are screened in when the
-    budget cannot screen them all)."""
+    budget cannot screen them all). ``capacity``: how many configurations besides its
+    defaults each family has to screen (``math.inf`` when it searches a number; see
+    :func:`screen_capacity`); without it, each family is screened at its defaults only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
     if n_trials < 1 or train_steps < 1 or not families:
@@ -132,7 +149,32 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
         # Nothing to screen between (one family), or no budget to screen and refine: the
         # first family's trials are all full length.
         return StudyPlan("staged", n_trials, train_steps, (), train_steps, n_trials, fams[1:])
-    screen_equivalents = math.ceil(n_screen / per_equivalent)
-    screen_steps = screen_equivalents * train_steps // n_screen
-    return StudyPlan("staged", n_trials, train_steps, fams[:n_screen], screen_steps,
-                     n_trials - screen_equivalents, fams[n_screen:])
+    screened = fams[:n_screen]
+    # The screen's share, filled with more configurations of the screened families
+    # (round robin, in the space's order) as far as they have any.
+    share = max(math.ceil(n_screen / per_equivalent), int(n_trials * SCREEN_SHARE))
+    room = {f: (capacity or {}).get(f, 0) for f in screened}
+    extra: list[str] = []
+    while len(extra) < share * per_equivalent - n_screen and any(room.values()):
+        for f in screened:
+            if room[f] and len(extra) < share * per_equivalent - n_screen:
+                room[f] -= 1
+                extra.append(f)
+    screen_equivalents = math.ceil((n_screen + len(extra)) / per_equivalent)
+    screen_steps = screen_equivalents * train_steps // (n_screen + len(extra))
+    return StudyPlan("staged", n_trials, train_steps, screened, screen_steps,
+                     n_trials - screen_equivalents, fams[n_screen:], tuple(extra))
+
+
+def screen_capacity(space: SearchSpace) -> dict[str, float]:
+    """How many configurations besides its defaults each family of ``space`` can screen:
+    the other combinations of its searched choices (fill, direction), or no limit when it
+    searches a number (patch size, angle...: drawn at random)."""
+    return {f: math.inf if space.searches_number(f) else len(space.variants(f))
+            for f in space.augmentations}
+
+
+def plan_for(strategy: str, n_trials: int, train_steps: int, space: SearchSpace) -> StudyPlan:
+    """The plan of a study over ``space`` (what the API states and the worker runs)."""
+    return plan_study(strategy, n_trials, train_steps, space.augmentations,
+                      screen_capacity(space))

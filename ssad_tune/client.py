@@ -318,7 +318,10 @@ def describe_plan(plan: dict[str, Any]) -> str:
     text = (f"budget: {plan['budget_trial_equivalents']} full-length trials = "
             f"{plan['budget_train_steps']:,} training steps ({plan['strategy']}: ")
     if plan["strategy"] == "staged" and screen["trials"]:
-        text += (f"screen {screen['trials']} families × {screen['train_steps_each']} steps, "
+        families = len(screen["families"])
+        what = (f"{families} families" if screen["trials"] == families else
+                f"{screen['trials']} configurations of {families} families")
+        text += (f"screen {what} × {screen['train_steps_each']} steps, "
                  f"then {refine['trials']} trials × {refine['train_steps_each']} steps)")
     else:
         text += (f"{screen['trials'] + refine['trials']} trials × "

@@ -3,10 +3,12 @@ is named. Pure arithmetic, no training."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from ssad_common.search_space import DEFAULT_AUGMENTATIONS, FAMILIES
-from ssad_common.strategy import plan_study
+from ssad_common.search_space import DEFAULT_AUGMENTATIONS, FAMILIES, SearchSpace
+from ssad_common.strategy import plan_for, plan_study, screen_capacity
 
 
 def test_the_default_plan_screens_every_family_in_a_quarter_of_the_budget() -> None:
@@ -25,7 +27,8 @@ def test_no_plan_exceeds_its_budget_and_every_family_is_screened_or_named(
         fams = families[:n_families]
         for n_trials in range(1, 31):
             for steps in (1, 7, 400):
-                plan = plan_study(strategy, n_trials, steps, fams)
+                plan = plan_study(strategy, n_trials, steps, fams,
+                                  {f: math.inf for f in fams[::2]})
                 assert plan.total_steps <= plan.budget_steps, (n_families, n_trials, steps)
                 assert plan.n_refine >= (1 if strategy == "staged" else 0)
                 assert plan.screen_families + plan.skipped_families == fams or (
@@ -82,3 +85,25 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     assert alone["runner_up_family"] is None and alone["agreement_jaccard"] is None
     with pytest.raises(ValueError, match="scores"):
         decisiveness([*cands[:1], Candidate(9, "x", -9.0, None)], contamination=0.1)
+
+
+def test_a_small_space_fills_the_screens_share_with_more_configurations() -> None:
+    """Three local families would screen in one trial-equivalent of twelve: the screen's
+    quarter is filled with three more configurations of each (other fills, patch sizes
+    drawn at random), so one default fill cannot decide whether a family is refined."""
+    space = SearchSpace.from_dict({"augmentations": ["cutout", "cutpaste", "cutpaste-scar"]})
+    plan = plan_for("staged", 12, 400, space)
+    assert plan.screen_families == ("cutout", "cutpaste", "cutpaste-scar")
+    assert plan.screen_extra == ("cutout", "cutpaste", "cutpaste-scar") * 3
+    assert (plan.n_screen, plan.screen_steps, plan.n_refine) == (12, 100, 9)
+    assert plan.total_steps == plan.budget_steps
+    assert plan.to_json()["screen"]["extra"] == list(plan.screen_extra)
+    # A family with only choices to search screens each of them once, and no more: flip
+    # has one other direction, invert nothing; the screen then costs what it needs.
+    few = plan_for("staged", 12, 400, SearchSpace.from_dict(
+        {"augmentations": ["flip", "invert"]}))
+    assert few.screen_extra == ("flip",) and few.n_screen == 3
+    assert few.n_screen * few.screen_steps <= 400 and few.n_refine == 11
+    assert screen_capacity(space)["cutout"] == math.inf
+    # The 12 default families fill the quarter on their own: no extra screens.
+    assert plan_for("staged", 12, 400, SearchSpace()).screen_extra == ()

@@ -15,7 +15,9 @@ from worker.core.study import (
     StudyResult,
     StudySettings,
     TrialRecord,
+    create_study,
     failed_reason,
+    queue_start,
     run_study,
     sample_configuration,
     warm_start_configurations,
@@ -233,6 +235,43 @@ def test_staged_default_budget_screens_every_family_then_searches_patch_size(dat
     assert best_local in result.leaders and len(result.leaders) <= 3
 
 
+def test_a_small_space_screens_every_fill_and_refines_from_the_best_screened(data) -> None:  # type: ignore[no-untyped-def]
+    """Three families, eight trial-equivalents: the screen (a quarter of the budget) tries
+    cutout at each of its fills, patch sizes drawn at random, and flip in both directions;
+    each leader's first full-length trial is its best screened configuration."""
+    space = SearchSpace.from_dict({"augmentations": ["cutout", "flip", "invert"]})
+    settings = StudySettings(n_trials=8, search_space=space, train=TINY, leaders=2)
+    assert settings.plan.screen_extra == ("cutout", "flip", "cutout", "cutout", "cutout")
+    result = run_study(data, settings)
+    screen, refine = _by_stage(result, "screen"), _by_stage(result, "refine")
+    assert len(screen) == 8 and len(refine) == settings.plan.n_refine == 6
+    assert sum(t.train_steps or 0 for t in result.trials) == 8 * TINY.steps
+    cutouts = [t.params for t in screen if t.augmentation == "cutout"]
+    assert [str(p["fill"]) for p in cutouts] == ["grey", "zero", "mean", "noise", "zero"]
+    assert len({p["patch_size"] for p in cutouts}) == 5  # the default, then 4 draws
+    assert sorted(str(t.params["direction"]) for t in screen
+                  if t.augmentation == "flip") == ["horizontal", "vertical"]
+    best = {}
+    for t in sorted((t for t in screen if t.validation_loss is not None),
+                    key=lambda t: (t.validation_loss, t.number)):
+        best.setdefault(t.augmentation, t.params)
+    assert [(t.augmentation, t.params) for t in refine[:2]] == [
+        (f, best[f]) for f in result.leaders[:2]]
+
+
+def test_queueing_the_screen_again_adds_only_what_is_missing() -> None:
+    """A runner that died while queueing the screen leaves part of it queued: the next
+    turn queues the rest, repeats included, and nothing twice."""
+    space = SearchSpace.from_dict({"augmentations": ["cutpaste", "invert"]})
+    settings = StudySettings(n_trials=8, search_space=space, train=TINY)
+    study = create_study(settings)
+    queue_start(study, settings)
+    assert len(study.trials) == settings.plan.n_screen == 8  # cutpaste 7 times
+    study.set_user_attr("start_queued", False)
+    queue_start(study, settings)
+    assert len(study.trials) == 8
+
+
 def test_a_budget_too_small_for_every_family_names_the_skipped_ones(data) -> None:  # type: ignore[no-untyped-def]
     space = SearchSpace.from_dict({"augmentations": ["invert", "flip", "mask", "noise",
                                                      "rotate", "color"]})
@@ -247,10 +286,10 @@ def test_a_budget_too_small_for_every_family_names_the_skipped_ones(data) -> Non
 def test_pruned_trials_never_become_the_best_and_count_against_the_budget(data) -> None:  # type: ignore[no-untyped-def]
     storage = optuna.storages.InMemoryStorage()
     settings = StudySettings(
-        n_trials=10, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
+        n_trials=14, search_space=SearchSpace.from_dict({"augmentations": ["invert", "noise"]}),
         train=TrainSettings(steps=6, batch_size=8, width=8, eval_every=2), pruning=True)
     result = run_study(data, settings, storage=storage)
-    assert len(result.trials) == result.plan.total_trials == 2 + 9
+    assert len(result.trials) == result.plan.total_trials == 12 + 11  # 10 more noise screens
     pruned = [t for t in result.trials if t.state == "PRUNED"]
     assert pruned, "no trial was pruned"
     assert all(t.stage == "refine" for t in pruned)  # the short screen is never pruned

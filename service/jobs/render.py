@@ -18,7 +18,7 @@ from ssad_common.jobspec import InvalidJobSpec, TuneSpec, load_spec
 from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job, JobTrial
 from ssad_common.search_space import SearchSpace
-from ssad_common.strategy import StudyPlan, plan_study
+from ssad_common.strategy import StudyPlan, plan_for
 
 MEDIA = {"json": "application/json", "csv": "text/csv"}
 
@@ -40,8 +40,8 @@ def job_plan(job: Job) -> StudyPlan | None:
     try:
         spec = load_spec(job.kind, job.spec)
         assert isinstance(spec, TuneSpec)
-        families = SearchSpace.from_dict(spec.search_space).augmentations
-        return plan_study(spec.strategy, spec.n_trials, spec.train_steps, families)
+        space = SearchSpace.from_dict(spec.search_space)
+        return plan_for(spec.strategy, spec.n_trials, spec.train_steps, space)
     except (InvalidJobSpec, ValueError):
         return None
 

@@ -63,9 +63,10 @@ class JobCreate(BaseModel):
                     "trials; the job's `plan` says how many")
     strategy: StrategyName = Field(
         DEFAULT_STRATEGY,
-        description="staged: a short screen of every family at its defaults (at most half "
-                    "the budget; a quarter with the 12 default families and 12 trials), "
-                    "then full-length trials over the leading families and the best local "
+        description="staged: a short screen of every family at its defaults, and of more "
+                    "configurations of each when the space is small (at least a quarter of "
+                    "the budget, at most half), then full-length trials over the leading "
+                    "families, from their best screened configuration, and the best local "
                     "family's patch size; only full-length trials can be chosen. tpe: one "
                     "full-length trial per family at its defaults, then TPE over all")
     search_space: SearchSpaceIn | None = None
@@ -143,7 +144,12 @@ class Progress(BaseModel):
 class ScreenPlan(BaseModel):
     trials: int
     train_steps_each: int
-    families: list[str] = Field(description="screened, in this order")
+    families: list[str] = Field(description="screened at their defaults, in this order")
+    extra: list[str] = Field(
+        default_factory=list,
+        description="then one more configuration of each of these families (another fill "
+                    "or direction; the patch size and other numbers drawn at random): the "
+                    "screen's quarter of the budget, when the families alone cost less")
 
 
 class RefinePlan(BaseModel):
@@ -160,7 +166,9 @@ class PlanOut(BaseModel):
     budget_train_steps: int
     planned_train_steps: int
     screen: ScreenPlan = Field(description="staged: short trials, one per family at its "
-                                           "defaults; tpe: the full-length warm start")
+                                           "defaults, and more configurations of a small "
+                                           "space's families; tpe: the full-length warm "
+                                           "start")
     refine: RefinePlan = Field(description="full-length trials over the leading families "
                                            "(staged) or all families (tpe)")
     skipped_families: list[str] = Field(

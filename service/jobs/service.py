@@ -28,7 +28,7 @@ from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec, spec_dump
 from ssad_common.lifecycle import TERMINAL, JobStatus, TrialState
 from ssad_common.models import MODEL_ARTIFACT, Dataset, Job, JobEvent, JobTrial
 from ssad_common.search_space import SearchSpace
-from ssad_common.strategy import plan_study, selectable
+from ssad_common.strategy import plan_for, selectable
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str, role: str) -> Dataset:
@@ -119,8 +119,8 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
     job = Job(id=str(uuid.uuid4()), tenant_id=tenant_id, status=JobStatus.queued,
               train_dataset_id=train.id, test_dataset_id=test.id, kind=spec.kind,
               spec=spec_dump(spec), parallelism=parallelism,
-              trials_planned=plan_study(spec.strategy, spec.n_trials, spec.train_steps,
-                                        space.augmentations).total_trials,
+              trials_planned=plan_for(spec.strategy, spec.n_trials, spec.train_steps,
+                                      space).total_trials,
               n_trials=request.n_trials, trials_completed=0, attempt=0,
               cancel_requested=False, notify_url=request.notify_url,
               backbone_id=request.backbone_id)

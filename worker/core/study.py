@@ -54,7 +54,7 @@ from ssad_common.strategy import (
     SCREEN,
     STRATEGIES,
     StudyPlan,
-    plan_study,
+    plan_for,
     selectable,
 )
 from worker.core.data import PreparedData
@@ -101,8 +101,7 @@ class StudySettings:
 
     @property
     def plan(self) -> StudyPlan:
-        return plan_study(self.strategy, self.n_trials, self.train.steps,
-                          self.search_space.augmentations)
+        return plan_for(self.strategy, self.n_trials, self.train.steps, self.search_space)
 
 
 class TrialFailed(Exception):
@@ -188,6 +187,34 @@ def default_configuration(space: SearchSpace, family: str, prefix: str = "") -> 
     return params
 
 
+def screen_configurations(space: SearchSpace, plan: StudyPlan) -> list[dict[str, Any]]:
+    """The staged screen's trials, as Optuna parameters: each screened family at its
+    defaults, then each of ``plan.screen_extra`` with its next combination of searched
+    choices (fill, direction), its numbers (patch size...) left to the sampler, which
+    draws them at random during the screen."""
+    configs = [default_configuration(space, f) for f in plan.screen_families]
+    seen: dict[str, int] = {}
+    for family in plan.screen_extra:
+        variants = space.variants(family) or [{}]
+        combo = variants[seen.get(family, 0) % len(variants)]
+        seen[family] = seen.get(family, 0) + 1
+        configs.append({AUGMENTATION_KEY: family,
+                        **{f"{family}.{k}": v for k, v in combo.items()}})
+    return configs
+
+
+def _enqueue_missing(study: optuna.Study, configs: Sequence[dict[str, Any]]) -> None:
+    """Queue each of ``configs`` that the study does not hold yet, counting repeats (two
+    screen trials of one family may both leave its patch size to the sampler, which
+    Optuna's ``skip_if_exists`` would take for one)."""
+    held = [t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
+    for params in configs:
+        if params in held:
+            held.remove(params)
+        else:
+            study.enqueue_trial(params)
+
+
 def warm_start_configurations(space: SearchSpace) -> list[dict[str, Any]]:
     """One Optuna parameter dict per family: its defaults, clipped into the searched range."""
     return [default_configuration(space, family) for family in space.augmentations]
@@ -241,9 +268,7 @@ def queue_start(study: optuna.Study, settings: StudySettings) -> None:
     if study.user_attrs.get(QUEUED_ATTR):
         return
     if settings.strategy == "staged":
-        for family in settings.plan.screen_families:
-            study.enqueue_trial(default_configuration(settings.search_space, family),
-                                skip_if_exists=True)
+        _enqueue_missing(study, screen_configurations(settings.search_space, settings.plan))
     elif not study.trials and settings.warm_start:
         for params in warm_start_configurations(settings.search_space)[: settings.n_trials]:
             study.enqueue_trial(params, skip_if_exists=True)
@@ -274,12 +299,8 @@ def choose_leaders(study: optuna.Study, settings: StudySettings) -> list[str]:
     is (so the patch size is always searched). Without a completed screen trial (no
     screen, or every one failed), the space's first family."""
     space = settings.search_space
-    screened = sorted(
-        (t for t in study.get_trials(deepcopy=False,
-                                     states=(optuna.trial.TrialState.COMPLETE,))
-         if _stage(t, settings.strategy) == SCREEN),
-        key=lambda t: (t.value, t.number))
-    ranked = list(dict.fromkeys(str(t.params[AUGMENTATION_KEY]) for t in screened))
+    ranked = list(dict.fromkeys(str(t.params[AUGMENTATION_KEY])
+                                for t in _screened(study, settings)))
     if not ranked:
         return [space.augmentations[0]]
     leaders = ranked[: settings.leaders]
@@ -293,16 +314,29 @@ def _searches_patch_size(space: SearchSpace, family: str) -> bool:
     return any(p.name == "patch_size" for p in space.searched_params(family))
 
 
+def _screened(study: optuna.Study, settings: StudySettings) -> list[optuna.trial.FrozenTrial]:
+    """The completed screen trials, best (lowest loss) first."""
+    return sorted(
+        (t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+         if _stage(t, settings.strategy) == SCREEN),
+        key=lambda t: (t.value, t.number))
+
+
 def start_refine(study: optuna.Study, settings: StudySettings) -> list[str]:
     """Fix the leaders (once: a resumed study reads them back) and queue the refine stage's
-    first trials: each leader at its defaults, then one trial of the best local leader
-    with its hyperparameters left to the sampler. Idempotent."""
+    first trials: each leader at its best screened configuration (its defaults if none
+    completed), then one trial of the best local leader with its hyperparameters left to
+    the sampler. Idempotent."""
     stored = study.user_attrs.get(LEADERS_ATTR)
     leaders = [str(f) for f in stored] if stored else choose_leaders(study, settings)
     if not stored:
         study.set_user_attr(LEADERS_ATTR, leaders)
     space, n_refine = settings.search_space, settings.plan.n_refine
-    queued: list[dict[str, Any]] = [default_configuration(space, f, REFINE_PREFIX)
+    best: dict[str, dict[str, Any]] = {}
+    for t in _screened(study, settings):
+        best.setdefault(str(t.params[AUGMENTATION_KEY]),
+                        {REFINE_PREFIX + k: v for k, v in t.params.items()})
+    queued: list[dict[str, Any]] = [best.get(f) or default_configuration(space, f, REFINE_PREFIX)
                                     for f in leaders]
     local = next((f for f in leaders if _searches_patch_size(space, f)), None)
     if local is not None:
