@@ -6,7 +6,8 @@ training steps of the detector. Two strategies spend it:
 ``staged`` (the default)
     1. **Screen**: every family once at its default hyperparameters, each trained for a
        fraction of ``train_steps`` (at least ``1 / SCREEN_TRIALS_PER_EQUIVALENT`` of it).
-       The screen takes at least ``SCREEN_SHARE`` of the budget and at most half of it:
+       The screen takes at least ``SCREEN_SHARE`` of the budget (in whole
+       trial-equivalents, rounded down) and at most half of it:
        when the families alone would cost less (a small space: 3 families screen in one
        trial-equivalent), the rest of its share screens more configurations of the
        families with something to search (``screen_extra``: other fills, directions, and
@@ -152,12 +153,12 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
     screened = fams[:n_screen]
     # The screen's share, filled with more configurations of the screened families
     # (round robin, in the space's order) as far as they have any.
-    share = max(math.ceil(n_screen / per_equivalent), int(n_trials * SCREEN_SHARE))
+    slots = int(n_trials * SCREEN_SHARE) * per_equivalent
     room = {f: (capacity or {}).get(f, 0) for f in screened}
     extra: list[str] = []
-    while len(extra) < share * per_equivalent - n_screen and any(room.values()):
+    while len(extra) < slots - n_screen and any(room.values()):
         for f in screened:
-            if room[f] and len(extra) < share * per_equivalent - n_screen:
+            if room[f] and len(extra) < slots - n_screen:
                 room[f] -= 1
                 extra.append(f)
     screen_equivalents = math.ceil((n_screen + len(extra)) / per_equivalent)

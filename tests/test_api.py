@@ -116,7 +116,7 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
         "strategy": "staged", "budget_trial_equivalents": 3, "budget_train_steps": 18,
         "planned_train_steps": 18,
         "screen": {"trials": 3, "train_steps_each": 2,
-                   "families": ["invert", "flip", "rotate"]},
+                   "families": ["invert", "flip", "rotate"], "extra": []},
         "refine": {"trials": 2, "train_steps_each": 6}, "skipped_families": []}
     assert job["spec"]["strategy"] == "staged" and job["selection"] is None
     assert job["spec"]["objective"] == "st-ssad"

@@ -60,13 +60,11 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         assert p.returncode == 0, p.stderr
         lines = p.stderr.splitlines()
         bars = [line for line in lines if line.startswith("[")]
-        # 3 trial-equivalents: the 3 families screened and flip's other direction, then 2
-        # full-length trials.
-        assert bars[-1].startswith("[" + "#" * 20 + "] 6/6 trials  best ")
+        # 3 trial-equivalents: the 3 families screened, then 2 full-length trials.
+        assert bars[-1].startswith("[" + "#" * 20 + "] 5/5 trials  best ")
         assert any(line.startswith("budget: 3 full-length trials = 90 training steps "
-                                   "(staged: screen 4 configurations of 3 families × 7 "
-                                   "steps, then 2 trials × 30 steps)")
-                   for line in p.stdout.splitlines() + lines)
+                                   "(staged: screen 3 families × 10 steps, then 2 trials × "
+                                   "30 steps)") for line in p.stdout.splitlines() + lines)
         assert any(line.startswith("selection: ") for line in p.stdout.splitlines() + lines)
         assert "succeeded" in bars[-1]
         assert any("running" in b and "ETA" in b for b in bars)  # followed live

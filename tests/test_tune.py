@@ -50,12 +50,15 @@ def test_small_real_study_prints_json_and_writes_scores(files: dict[str, Path]) 
     assert len(lines) == 1
     out = json.loads(lines[0])
     assert out["best"]["augmentation"] in {"cutout", "rotate", "noise"}
-    # 4 trial-equivalents: the 3 families screened (one equivalent), 3 full-length trials.
-    assert out["plan"]["screen"]["trials"] == 3 and out["plan"]["refine"]["trials"] == 3
-    assert len(out["trials"]) == 6
-    assert [t["augmentation"] for t in out["trials"][:3]] == ["cutout", "rotate", "noise"]
-    assert [t["stage"] for t in out["trials"]] == ["screen"] * 3 + ["refine"] * 3
-    best_loss = min(t["validation_loss"] for t in out["trials"][3:])
+    # 4 trial-equivalents: the 3 families and one more cutout screened (the screen's
+    # quarter, one equivalent), then 3 full-length trials.
+    assert out["plan"]["screen"]["trials"] == 4 and out["plan"]["refine"]["trials"] == 3
+    assert out["plan"]["screen"]["extra"] == ["cutout"]
+    assert len(out["trials"]) == 7
+    assert [t["augmentation"] for t in out["trials"][:4]] == ["cutout", "rotate", "noise",
+                                                              "cutout"]
+    assert [t["stage"] for t in out["trials"]] == ["screen"] * 4 + ["refine"] * 3
+    best_loss = min(t["validation_loss"] for t in out["trials"][4:])
     assert out["best"]["validation_loss"] == best_loss
     assert out["selection"]["best_trial"] == out["best"]["number"]
     rows = list(csv.DictReader(out_csv.open()))

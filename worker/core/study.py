@@ -6,8 +6,9 @@ hyperparameters (define-by-run, so the space is conditional), trains a detector 
 The sampler is a seeded TPE. How the budget is spent is the strategy's
 (:mod:`ssad_common.strategy`):
 
-* ``staged`` (default): a short screen of every family at its defaults, then full-length
-  trials over the leading families only (each leader at its defaults, one more of the best
+* ``staged`` (default): a short screen of every family at its defaults (and of more
+  configurations of a small space's families), then full-length trials over the leading
+  families only (each leader at its best screened configuration, one more of the best
   local family, then TPE over the leaders' hyperparameters under ``refine.``-prefixed
   names, so TPE never mixes short and full-length losses). Only full-length trials can be
   the best. The leaders are kept in the study (``refine_leaders``), so a resumed study
