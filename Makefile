@@ -32,7 +32,7 @@ tune: examples/data/digits_train.npz
 		--scores-out examples/data/scores.csv
 
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=25
 
 # The developers' fast lane: no Postgres, no server or worker processes, no real training
 # or fuzzing (markers set in tests/conftest.py), on both cores (pytest-xdist); bytecode
