@@ -373,6 +373,13 @@ class SearchSpace:
         default = {p.name: p.default for p in cats}
         return [c for c in combos if c != default]
 
+    def screen_capacity(self) -> dict[str, float]:
+        """How many configurations besides its defaults each family can screen: the other
+        combinations of its searched choices, or no limit (``math.inf``) when it searches a
+        number (patch size, angle...: drawn at random)."""
+        return {f: math.inf if self.searches_number(f) else len(self.variants(f))
+                for f in self.augmentations}
+
     def complete(self, family: str, sampled: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
         """Defaults, then fixed values, then sampled values: the params a trial runs with."""
         spec = get_family(family)

@@ -35,10 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, get_args
-
-if TYPE_CHECKING:  # search_space imports jobspec, which imports this module
-    from ssad_common.search_space import SearchSpace
+from typing import Any, Final, Literal, Protocol, TypeVar, get_args
 
 StrategyName = Literal["staged", "tpe"]
 STRATEGIES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
@@ -131,7 +128,7 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
     search space's order, which is also the order families are screened in when the
     budget cannot screen them all). ``capacity``: how many configurations besides its
     defaults each family has to screen (``math.inf`` when it searches a number; see
-    :func:`screen_capacity`); without it, each family is screened at its defaults only."""
+    ``SearchSpace.screen_capacity``); without it, each family is screened at its defaults only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
     if n_trials < 1 or train_steps < 1 or not families:
@@ -167,15 +164,16 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
                      n_trials - screen_equivalents, fams[n_screen:], tuple(extra))
 
 
-def screen_capacity(space: SearchSpace) -> dict[str, float]:
-    """How many configurations besides its defaults each family of ``space`` can screen:
-    the other combinations of its searched choices (fill, direction), or no limit when it
-    searches a number (patch size, angle...: drawn at random)."""
-    return {f: math.inf if space.searches_number(f) else len(space.variants(f))
-            for f in space.augmentations}
+class Space(Protocol):
+    """What a plan needs of a search space (ssad_common.search_space.SearchSpace)."""
+
+    @property
+    def augmentations(self) -> tuple[str, ...]: ...
+
+    def screen_capacity(self) -> dict[str, float]: ...
 
 
-def plan_for(strategy: str, n_trials: int, train_steps: int, space: SearchSpace) -> StudyPlan:
+def plan_for(strategy: str, n_trials: int, train_steps: int, space: Space) -> StudyPlan:
     """The plan of a study over ``space`` (what the API states and the worker runs)."""
     return plan_study(strategy, n_trials, train_steps, space.augmentations,
-                      screen_capacity(space))
+                      space.screen_capacity())

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from ssad_common.search_space import DEFAULT_AUGMENTATIONS, FAMILIES, SearchSpace
-from ssad_common.strategy import plan_for, plan_study, screen_capacity
+from ssad_common.strategy import plan_for, plan_study
 
 
 def test_the_default_plan_screens_every_family_in_a_quarter_of_the_budget() -> None:
@@ -104,6 +104,6 @@ def test_a_small_space_fills_the_screens_share_with_more_configurations() -> Non
         {"augmentations": ["flip", "invert"]}))
     assert few.screen_extra == ("flip",) and few.n_screen == 3
     assert few.n_screen * few.screen_steps <= 400 and few.n_refine == 11
-    assert screen_capacity(space)["cutout"] == math.inf
+    assert space.screen_capacity()["cutout"] == math.inf
     # The 12 default families fill the quarter on their own: no extra screens.
     assert plan_for("staged", 12, 400, SearchSpace()).screen_extra == ()
