@@ -7,12 +7,12 @@ training steps of the detector. Two strategies spend it:
     1. **Screen**: every family once at its default hyperparameters, each trained for a
        fraction of ``train_steps`` (at least ``1 / SCREEN_TRIALS_PER_EQUIVALENT`` of it).
        The screen takes at least ``SCREEN_SHARE`` of the budget (in whole
-       trial-equivalents, rounded down) and at most half of it:
-       when the families alone would cost less (a small space: 3 families screen in one
-       trial-equivalent), the rest of its share screens more configurations of the
-       families with something to search (``screen_extra``: other fills, directions, and
-       patch sizes drawn at random), so one default fill cannot drop a family. The 12
-       default families fill the share exactly (3 of the default 12 trial-equivalents).
+       trial-equivalents, rounded down) and at most half of it: when the families alone
+       would cost less (a small space: 3 families screen in one trial-equivalent), the
+       rest of its share screens more configurations of the families with something to
+       search (``screen_extra``: other fills, directions, and patch sizes drawn at
+       random), so one default fill cannot drop a family. The 12 default families fill
+       the share exactly (3 of the default 12 trial-equivalents).
        A budget too small to screen every family screens the first ones in the space's
        order and names the rest.
     2. **Refine**: the rest of the budget as full-length trials over the *leaders* (the
@@ -32,6 +32,7 @@ plan when a job is created, and the worker runs it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
     search space's order, which is also the order families are screened in when the
     budget cannot screen them all). ``capacity``: how many configurations besides its
     defaults each family has to screen (``math.inf`` when it searches a number; see
-    ``SearchSpace.screen_capacity``); without it, each family is screened at its defaults only."""
+    ``SearchSpace.screen_capacity``); without it, each family is screened at its defaults
+    only."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
     if n_trials < 1 or train_steps < 1 or not families:
@@ -148,16 +150,11 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
         # first family's trials are all full length.
         return StudyPlan("staged", n_trials, train_steps, (), train_steps, n_trials, fams[1:])
     screened = fams[:n_screen]
-    # The screen's share, filled with more configurations of the screened families
-    # (round robin, in the space's order) as far as they have any.
-    slots = int(n_trials * SCREEN_SHARE) * per_equivalent
-    room = {f: (capacity or {}).get(f, 0) for f in screened}
-    extra: list[str] = []
-    while len(extra) < slots - n_screen and any(room.values()):
-        for f in screened:
-            if room[f] and len(extra) < slots - n_screen:
-                room[f] -= 1
-                extra.append(f)
+    # The rest of the screen's share: more configurations of the screened families, in
+    # turns (the space's order), each as far as it has any.
+    want = max(0, int(n_trials * SCREEN_SHARE) * per_equivalent - n_screen)
+    repeats = [[f] * int(min((capacity or {}).get(f, 0), want)) for f in screened]
+    extra = [f for turn in itertools.zip_longest(*repeats) for f in turn if f][:want]
     screen_equivalents = math.ceil((n_screen + len(extra)) / per_equivalent)
     screen_steps = screen_equivalents * train_steps // (n_screen + len(extra))
     return StudyPlan("staged", n_trials, train_steps, screened, screen_steps,
