@@ -107,3 +107,15 @@ def test_a_small_space_fills_the_screens_share_with_more_configurations() -> Non
     assert space.screen_capacity()["cutout"] == math.inf
     # The 12 default families fill the quarter on their own: no extra screens.
     assert plan_for("staged", 12, 400, SearchSpace()).screen_extra == ()
+
+
+def test_the_cli_states_a_screen_of_extra_configurations() -> None:
+    from ssad_tune.client import describe_plan
+
+    small = plan_for("staged", 12, 400, SearchSpace.from_dict(
+        {"augmentations": ["cutout", "cutpaste", "cutpaste-scar"]})).to_json()
+    assert describe_plan(small) == (
+        "budget: 12 full-length trials = 4,800 training steps (staged: screen 12 "
+        "configurations of 3 families × 100 steps, then 9 trials × 400 steps)")
+    assert "screen 12 families × 100 steps" in describe_plan(
+        plan_for("staged", 12, 400, SearchSpace()).to_json())
