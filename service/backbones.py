@@ -223,8 +223,7 @@ def upload_backbone(session: SessionDep, settings: SettingsDep, tenant: TenantDe
     with `weights_only=True` and fails the job, saying why, if it does not fit the encoder.
     Counts in the tenant's stored bytes; at most SSAD_MAX_BACKBONE_BYTES (413)."""
     backbone = create_backbone(session, tenant, file.file, upload_size(file),
-                               file.filename or "",
-                               name, settings)
+                               file.filename or "", name, settings)
     return BackboneOut.model_validate(backbone)
 
 

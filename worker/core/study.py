@@ -24,6 +24,7 @@ through a shared gate, so the plan is never overrun.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 import warnings
@@ -194,11 +195,9 @@ def screen_configurations(space: SearchSpace, plan: StudyPlan) -> list[dict[str,
     choices (fill, direction), its numbers (patch size...) left to the sampler, which
     draws them at random during the screen."""
     configs = [default_configuration(space, f) for f in plan.screen_families]
-    seen: dict[str, int] = {}
+    turns = {f: itertools.cycle(space.variants(f) or [{}]) for f in set(plan.screen_extra)}
     for family in plan.screen_extra:
-        variants = space.variants(family) or [{}]
-        combo = variants[seen.get(family, 0) % len(variants)]
-        seen[family] = seen.get(family, 0) + 1
+        combo = next(turns[family])
         configs.append({AUGMENTATION_KEY: family,
                         **{f"{family}.{k}": v for k, v in combo.items()}})
     return configs
@@ -294,17 +293,15 @@ def _counted(t: optuna.trial.FrozenTrial) -> bool:
                                  and FAILED_REASON in t.user_attrs)
 
 
-def choose_leaders(study: optuna.Study, settings: StudySettings) -> list[str]:
-    """The refine stage's families: the ``settings.leaders`` families with the lowest screen
-    loss, then the best-screened local family with a searched patch size if none of them
-    is (so the patch size is always searched). Without a completed screen trial (no
-    screen, or every one failed), the space's first family."""
+def choose_leaders(ranked: Sequence[str], settings: StudySettings) -> list[str]:
+    """The refine stage's families, from the screened ones ranked best first: the
+    ``settings.leaders`` first, then the best-screened local family with a searched patch
+    size if none of them is (so the patch size is always searched). Without a completed
+    screen trial (no screen, or every one failed), the space's first family."""
     space = settings.search_space
-    ranked = list(dict.fromkeys(str(t.params[AUGMENTATION_KEY])
-                                for t in _screened(study, settings)))
     if not ranked:
         return [space.augmentations[0]]
-    leaders = ranked[: settings.leaders]
+    leaders = list(ranked[: settings.leaders])
     local = next((f for f in ranked if _searches_patch_size(space, f)), None)
     if local is not None and local not in leaders:
         leaders.append(local)
@@ -315,12 +312,17 @@ def _searches_patch_size(space: SearchSpace, family: str) -> bool:
     return any(p.name == "patch_size" for p in space.searched_params(family))
 
 
-def _screened(study: optuna.Study, settings: StudySettings) -> list[optuna.trial.FrozenTrial]:
-    """The completed screen trials, best (lowest loss) first."""
-    return sorted(
-        (t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-         if _stage(t, settings.strategy) == SCREEN),
-        key=lambda t: (t.value, t.number))
+def _best_screened(study: optuna.Study, settings: StudySettings) -> dict[str, dict[str, Any]]:
+    """Each screened family's best completed configuration (its Optuna parameters), the
+    family with the lowest screen loss first."""
+    best: dict[str, dict[str, Any]] = {}
+    for t in sorted(
+            (t for t in study.get_trials(deepcopy=False,
+                                         states=(optuna.trial.TrialState.COMPLETE,))
+             if _stage(t, settings.strategy) == SCREEN),
+            key=lambda t: (t.value, t.number)):
+        best.setdefault(str(t.params[AUGMENTATION_KEY]), dict(t.params))
+    return best
 
 
 def start_refine(study: optuna.Study, settings: StudySettings) -> list[str]:
@@ -328,17 +330,15 @@ def start_refine(study: optuna.Study, settings: StudySettings) -> list[str]:
     first trials: each leader at its best screened configuration (its defaults if none
     completed), then one trial of the best local leader with its hyperparameters left to
     the sampler. Idempotent."""
+    best = _best_screened(study, settings)
     stored = study.user_attrs.get(LEADERS_ATTR)
-    leaders = [str(f) for f in stored] if stored else choose_leaders(study, settings)
+    leaders = [str(f) for f in stored] if stored else choose_leaders(list(best), settings)
     if not stored:
         study.set_user_attr(LEADERS_ATTR, leaders)
     space, n_refine = settings.search_space, settings.plan.n_refine
-    best: dict[str, dict[str, Any]] = {}
-    for t in _screened(study, settings):
-        best.setdefault(str(t.params[AUGMENTATION_KEY]),
-                        {REFINE_PREFIX + k: v for k, v in t.params.items()})
-    queued: list[dict[str, Any]] = [best.get(f) or default_configuration(space, f, REFINE_PREFIX)
-                                    for f in leaders]
+    queued: list[dict[str, Any]] = [
+        {REFINE_PREFIX + k: v for k, v in best[f].items()} if f in best
+        else default_configuration(space, f, REFINE_PREFIX) for f in leaders]
     local = next((f for f in leaders if _searches_patch_size(space, f)), None)
     if local is not None:
         queued.append({REFINE_PREFIX + AUGMENTATION_KEY: local})
