@@ -9,7 +9,9 @@ screen's short trials are never chosen). Only here are labels read, to compute A
 Tasks come in sets (bench/tasks.py): ``dev``, on which every design decision was taken;
 ``confirmation``, fixed in advance for the first staged design and never used for a decision
 about it (its failures then shaped the second design, so it is development for that one);
-``confirmation2``, fixed in advance for the second design.
+``confirmation2``, fixed in advance for the second design; ``confirmation3``, fixed in
+advance for the selection rule (the rank sum of DSV and MMD), chosen on the development
+runs of the rounds before.
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]
@@ -40,6 +42,7 @@ from bench.tasks import (
     Task,
     all_tasks,
     confirmation2_tasks,
+    confirmation3_tasks,
     confirmation_tasks,
     development_tasks,
 )
@@ -52,7 +55,8 @@ from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
 
 TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
-             "confirmation2": confirmation2_tasks, "all": all_tasks}
+             "confirmation2": confirmation2_tasks,
+             "confirmation3": confirmation3_tasks, "all": all_tasks}
 
 
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/engine.json")
     ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
                     help="dev: the tasks decisions are taken on; confirmation, "
-                    "confirmation2: held out (see the module's docstring)")
+                    "confirmation2, confirmation3: held out (see the module's docstring)")
     ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
                     "(default: all of it)")
     ap.add_argument("--steps", type=int, default=150)

@@ -194,6 +194,37 @@ def confirmation2_tasks() -> list[Task]:
     return [*confirmation2_injected_tasks(), mnist_one_class(7), cifar_one_class(6)]
 
 
+def confirmation3_injected_tasks() -> list[Task]:
+    """Injected defects for the selection rule of 2026-12-01 (rank sum of DSV and MMD):
+    digit, size and fill pairs never seen before, and other test images (seed 2)."""
+    px = 28 * 28
+    return [
+        mnist_injected("mnist-black-sq8-d5", 5, square_defect(0, 8),
+                       {"augmentation": "cutout", "patch_size": 64 / px, "fill": "black"},
+                       seed=2),
+        mnist_injected("mnist-noise-sq5-d3", 3, square_defect(None, 5),
+                       {"augmentation": "cutout", "patch_size": 25 / px, "fill": "noise"},
+                       seed=2),
+        mnist_injected("mnist-grey100-sq9-d9", 9, square_defect(100, 9),
+                       {"augmentation": "cutout", "patch_size": 81 / px, "fill": "grey"},
+                       seed=2),
+        mnist_injected("mnist-white-sq7-d1", 1, square_defect(255, 7),
+                       {"augmentation": "cutout", "patch_size": 49 / px, "fill": "white"},
+                       seed=2),
+        mnist_injected("mnist-scar-3x7-d4", 4, scar_defect(3, 7),
+                       {"augmentation": "cutpaste-scar", "patch_size": 21 / px}, seed=2),
+    ]
+
+
+def confirmation3_tasks() -> list[Task]:
+    """Chosen in advance for the selection rule (2026-12-01, committed before any run on
+    them) and never used for a decision. The rule was chosen on the development runs of
+    the first two rounds (``engine.json``, ``engine-staged-confirmation.json``,
+    ``engine-staged2-dev2.json``); the second confirmation set had already been seen, so it
+    cannot confirm it."""
+    return [*confirmation3_injected_tasks(), mnist_one_class(4), cifar_one_class(2)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -214,4 +245,5 @@ def confirmation_tasks() -> list[Task]:
 
 
 def all_tasks() -> list[Task]:
-    return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks()]
+    return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
+            *confirmation3_tasks()]
