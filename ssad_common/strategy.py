@@ -19,7 +19,8 @@ training steps of the detector. Two strategies spend it:
        ``LEADERS`` families with the lowest screen loss, plus the best local family with a
        searched patch size, so the patch size is always searched): each leader once at its
        best screened configuration, one more trial of the best local family, then TPE over
-       the leaders' hyperparameters. Only full-length trials can be chosen as the best.
+       the leaders' hyperparameters. Only full-length trials can be chosen as the best,
+       by the sum of their ranks under the objective and under MMD (:func:`ranked`).
 
 ``tpe``
     The study before issue 11: one full-length trial per family at its defaults (in the
@@ -36,7 +37,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TypeVar, get_args
+from typing import Any, Final, Literal, Protocol, TypeVar, cast, get_args
 
 StrategyName = Literal["staged", "tpe"]
 STRATEGIES: Final[tuple[StrategyName, ...]] = get_args(StrategyName)
@@ -57,6 +58,10 @@ REFINE: Final = "refine"
 FINISHING: Final = -1
 
 
+#: The second loss the result is chosen with (see :func:`selectable`).
+SECOND_OPINION: Final = "mmd"
+
+
 class _Trial(Protocol):
     @property
     def number(self) -> int: ...
@@ -64,18 +69,55 @@ class _Trial(Protocol):
     def stage(self) -> str | None: ...
     @property
     def validation_loss(self) -> float | None: ...
+    @property
+    def losses(self) -> Mapping[str, float]: ...
 
 
 T = TypeVar("T", bound=_Trial)
 
 
-def selectable(completed: Iterable[T]) -> list[T]:
-    """The completed trials the result is chosen among, best (lowest loss) first: the
-    full-length ones, or the screen's when no full-length trial completed. The one rule
-    behind the study's best, the job's ``best`` and ``selection``, and ``?ensemble=k``."""
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of ``values``, lowest first; tied values share their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def ranked(completed: Iterable[T]) -> list[tuple[float, T]]:
+    """The completed trials the result is chosen among, best first, each with its
+    selection score: the full-length ones (the screen's when no full-length trial
+    completed), scored by their rank under the study's objective (``validation_loss``)
+    plus their rank under MMD (``SECOND_OPINION``), lower is better; ties go to the lower
+    loss, then the earlier trial. A trial with no finite MMD ranks last by it.
+
+    Why two losses: DSV, the default objective, rewards augmentations that land far from
+    the train set, MMD rewards near ones; on the development tasks (docs/benchmarks.md
+    §7, *The selection rule*) the rank sum chose better than either alone. The objective
+    alone still drives the search; this rule only chooses among its trials."""
     done = [t for t in completed if t.validation_loss is not None]
     full = [t for t in done if t.stage != SCREEN] or done
-    return sorted(full, key=lambda t: (t.validation_loss, t.number))
+    second = [t.losses.get(SECOND_OPINION, math.inf) for t in full]
+    score = [a + b for a, b in zip(
+        _ranks([cast(float, t.validation_loss) for t in full]),
+        _ranks([v if math.isfinite(v) else math.inf for v in second]), strict=True)]
+    order = sorted(range(len(full)),
+                   key=lambda i: (score[i], full[i].validation_loss, full[i].number))
+    return [(score[i], full[i]) for i in order]
+
+
+def selectable(completed: Iterable[T]) -> list[T]:
+    """The completed trials the result is chosen among, best first (:func:`ranked`). The
+    one rule behind the study's best, the job's ``best`` and ``selection``, and
+    ``?ensemble=k``."""
+    return [t for _, t in ranked(completed)]
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ is named. Pure arithmetic, no training."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 
 from ssad_common.search_space import DEFAULT_AUGMENTATIONS, FAMILIES, SearchSpace
-from ssad_common.strategy import plan_for, plan_study
+from ssad_common.strategy import SCREEN, plan_for, plan_study, ranked, selectable
 
 
 def test_the_default_plan_screens_every_family_in_a_quarter_of_the_budget() -> None:
@@ -68,23 +69,66 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     a = np.array([0.0, 1.0, 2.0, 3.0, 9.0, 8.0, 0.5, 0.2, 0.1, 0.3])
     same = a * 2 + 1  # flags the same images
     other = -a  # flags the opposite ones
-    cands = [Candidate(4, "rotate", -0.2, other), Candidate(1, "cutout", -0.5, a),
-             Candidate(2, "cutout", -0.4, same), Candidate(3, "flip", 0.3, None)]
+    # Best first, with their selection scores (rank sums), as ssad_common.strategy.ranked
+    # gives them.
+    cands = [Candidate(1, "cutout", 2.0, a), Candidate(2, "cutout", 3.5, same),
+             Candidate(4, "rotate", 4.0, other), Candidate(3, "flip", 8.0, None)]
     d = decisiveness(cands, contamination=0.2)
     assert (d["best_trial"], d["best_family"]) == (1, "cutout")
     assert (d["runner_up_family"], d["runner_up_trial"]) == ("rotate", 4)
-    assert d["family_gap"] == pytest.approx(0.3)
-    assert d["family_gap_share"] == pytest.approx(0.3 / 0.8)
+    assert d["family_gap"] == pytest.approx(2.0)
+    assert d["family_gap_share"] == pytest.approx(2.0 / 6.0)
     assert d["top_trials"] == [1, 2, 4] and d["candidates"] == 4
     # best vs same: the 2 flagged images coincide (1.0); best vs other: none do (0.0).
     assert d["agreement_jaccard"] == pytest.approx(0.5)
     assert d["agreement_spearman"] == pytest.approx(0.0)
-    z = ensemble_scores(cands[:3], k=2)  # the two cutout trials: the same ranking as a
+    z = ensemble_scores(cands, k=2)  # the two cutout trials: the same ranking as a
     assert list(np.argsort(z)) == list(np.argsort(a))
     alone = decisiveness([Candidate(0, "rotate", 1.0, a)], contamination=0.1)
     assert alone["runner_up_family"] is None and alone["agreement_jaccard"] is None
     with pytest.raises(ValueError, match="scores"):
-        decisiveness([*cands[:1], Candidate(9, "x", -9.0, None)], contamination=0.1)
+        decisiveness([*cands[:1], Candidate(9, "x", 9.0, None)], contamination=0.1)
+
+
+@dataclass(frozen=True)
+class Done:
+    """A completed trial as ssad_common.strategy.ranked reads it."""
+
+    number: int
+    validation_loss: float | None
+    mmd: float | None = None
+    stage: str | None = None
+
+    @property
+    def losses(self) -> dict[str, float]:
+        return {} if self.mmd is None else {"mmd": self.mmd}
+
+
+def test_the_result_is_chosen_by_the_objectives_rank_plus_mmds() -> None:
+    """DSV alone rewards far-away augmentations, MMD near ones: the chosen trial has the
+    lowest sum of its two ranks, not the lowest loss; ties go to the lower loss, then the
+    earlier trial; screen trials are chosen only when nothing else completed."""
+    far = Done(0, -0.9, mmd=0.5)  # the objective's favourite, MMD's worst
+    both = Done(1, -0.8, mmd=0.1)  # second and first: the lowest rank sum
+    near = Done(2, -0.1, mmd=0.2)
+    assert [(score, t.number) for score, t in ranked([far, both, near])] == [
+        (3.0, 1), (4.0, 0), (5.0, 2)]
+    assert selectable([near, far, both])[0] == both
+    # Ties: a rank sum shared by two trials goes to the lower loss, then the earlier one.
+    a, b = Done(5, -0.5, mmd=0.2), Done(3, -0.4, mmd=0.1)
+    assert selectable([b, a]) == [a, b]
+    c, d = Done(7, -0.5, mmd=0.1), Done(6, -0.5, mmd=0.1)
+    assert [score for score, _ in ranked([c, d])] == [3.0, 3.0]
+    assert selectable([c, d]) == [d, c]
+    # No MMD (a trial stored before the rule) ranks last by MMD.
+    old = Done(8, -0.9)
+    assert [t.number for t in selectable([old, Done(9, -0.8, mmd=0.9),
+                                          Done(10, -0.7, mmd=1.0)])] == [9, 8, 10]
+    # Screen trials only when no full-length one completed; no loss, never.
+    screen = Done(10, -2.0, mmd=0.0, stage=SCREEN)
+    assert selectable([screen, near, Done(11, None)]) == [near]
+    assert selectable([screen, Done(11, None)]) == [screen]
+    assert selectable([]) == []
 
 
 def test_a_small_space_fills_the_screens_share_with_more_configurations() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ssad_common.search_space import SearchSpace
+from tests.helpers import by_selection_rule
 from worker.core.data import prepare
 from worker.core.study import (
     StudyResult,
@@ -60,7 +61,7 @@ def test_warm_start_is_one_trial_per_family_at_defaults() -> None:
     ]
 
 
-def test_study_runs_warm_start_then_tpe_and_picks_lowest_loss(data) -> None:  # type: ignore[no-untyped-def]
+def test_study_runs_warm_start_then_tpe_and_picks_by_the_selection_rule(data) -> None:  # type: ignore[no-untyped-def]
     space = SearchSpace.from_dict({"augmentations": ["cutout", "rotate"]})
     calls: list[int] = []
     settings = StudySettings(n_trials=4, search_space=space, train=TINY, seed=1,
@@ -70,7 +71,7 @@ def test_study_runs_warm_start_then_tpe_and_picks_lowest_loss(data) -> None:  # 
     assert [t.augmentation for t in result.trials[:2]] == ["cutout", "rotate"]
     assert result.trials[0].params == {"patch_size": 0.05, "aspect": 1.0, "fill": "grey"}
     losses = [t.validation_loss for t in result.trials]
-    assert result.best.validation_loss == min(losses)  # type: ignore[type-var]
+    assert result.best.number == by_selection_rule(result.trials)[0][1]
     assert result.best_scores is not None and len(result.best_scores) == len(data.test)
     again = run_study(data, settings)
     assert [t.params for t in again.trials] == [t.params for t in result.trials]
@@ -220,8 +221,7 @@ def test_staged_default_budget_screens_every_family_then_searches_patch_size(dat
     assert sum(t.train_steps or 0 for t in result.trials) == 12 * 8  # the budget, exactly
     assert result.plan.skipped_families == ()
     assert result.best.stage == "refine"
-    assert result.best.validation_loss == min(t.validation_loss for t in refine  # type: ignore[type-var]
-                                              if t.validation_loss is not None)
+    assert result.best.number == by_selection_rule(refine)[0][1]
     assert {t.augmentation for t in refine} <= set(result.leaders)
     local = [t for t in refine if "patch_size" in t.params
              and t.augmentation in ("cutout", "cutpaste", "cutpaste-scar")]

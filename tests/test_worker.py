@@ -23,6 +23,7 @@ from ssad_common.settings import optuna_storage_url
 from tests.helpers import (
     ROOT,
     assert_error,
+    by_selection_rule,
     client,
     job_status,
     npz,
@@ -69,16 +70,17 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         leaders = [t["augmentation"] for t in sorted(trials[:3], key=lambda t: (
             t["validation_loss"], t["number"]))][:2]
         assert [t["augmentation"] for t in refine] == leaders  # each leader at its defaults
-        best = min(refine, key=lambda t: t["validation_loss"])  # never a screen trial
+        # Chosen among the full-length trials only, by the rank sum of loss and MMD.
+        (best_sum, best_n), (other_sum, other_n) = by_selection_rule(refine)
+        best = next(t for t in refine if t["number"] == best_n)
+        other = next(t for t in refine if t["number"] == other_n)
         assert done["best"]["trial_number"] == best["number"]
         assert done["best"]["validation_loss"] == best["validation_loss"]
         # How decisive the choice was, computed from the stored full-length trials.
         sel = done["selection"]
-        other = next(t for t in refine if t["number"] != best["number"])
         assert sel["best_trial"] == best["number"] and sel["candidates"] == 2
         assert sel["runner_up_trial"] == other["number"]
-        assert sel["family_gap"] == pytest.approx(other["validation_loss"]
-                                                  - best["validation_loss"])
+        assert sel["family_gap"] == pytest.approx(other_sum - best_sum)
         assert sel["top_trials"] == [best["number"], other["number"]]
         assert 0.0 <= sel["agreement_jaccard"] <= 1.0
         # The top-2 ensemble: the z-scored mean of the two full-length trials' scores.
@@ -117,7 +119,7 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
                                                          if "postgresql" in db_url else db_url))
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5
     assert study.user_attrs["refine_leaders"] == leaders
-    assert min(t.value for t in study.trials[3:]) == done["best"]["validation_loss"]
+    assert study.trials[best_n].value == done["best"]["validation_loss"]
 
 
 def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,

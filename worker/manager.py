@@ -37,7 +37,7 @@ from ssad_common.models import (
     utcnow,
 )
 from ssad_common.slots import slot_count, stored_trial_count
-from ssad_common.strategy import SCREEN, selectable
+from ssad_common.strategy import ranked, selectable
 
 log = logging.getLogger("ssad.worker")
 
@@ -483,28 +483,27 @@ class JobManager:
 
     @staticmethod
     def _best_trial(s: Session, job_id: str) -> JobTrial | None:
-        """The lowest-loss trial; a staged screen's (short) trial only if no other
-        completed: ssad_common.strategy.selectable's order, in SQL (one row, every trial)."""
-        return s.scalars(select(JobTrial).where(
-            JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))
-            .order_by(case((JobTrial.stage == SCREEN, 1), else_=0),
-                      JobTrial.validation_loss, JobTrial.number).limit(1)).first()
+        """The trial the result is (so far) chosen as: the first of
+        ssad_common.strategy.selectable among the job's stored trials with a loss."""
+        rows = selectable(s.scalars(select(JobTrial).where(
+            JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))))
+        return rows[0] if rows else None
 
     @retry_transient
     def selectable_trials(self, job_id: str, k: int
-                          ) -> list[tuple[JobTrial, list[float] | None]]:
-        """The selectable trials, best first (ssad_common.strategy.selectable), the first
-        ``k`` with their scores in test order."""
+                          ) -> list[tuple[JobTrial, float, list[float] | None]]:
+        """The selectable trials, best first, each with its selection score
+        (ssad_common.strategy.ranked), the first ``k`` with their scores in test order."""
         with self._tx() as s:
-            rows = selectable(s.scalars(select(JobTrial).where(
+            rows = ranked(s.scalars(select(JobTrial).where(
                 JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE)))
-            out: list[tuple[JobTrial, list[float] | None]] = []
-            for i, r in enumerate(rows):
+            out: list[tuple[JobTrial, float, list[float] | None]] = []
+            for i, (score, r) in enumerate(rows):
                 scores = None if i >= k else list(s.scalars(select(TrialScore.score).where(
                     TrialScore.job_id == job_id, TrialScore.trial_number == r.number)
                     .order_by(TrialScore.index)))
                 s.expunge(r)
-                out.append((r, scores))
+                out.append((r, score, scores))
             return out
 
     # ------------------------------------------------------------------ endings
@@ -512,8 +511,8 @@ class JobManager:
     @retry_transient
     def finish(self, job_id: str, attempt: int,
                selection: Mapping[str, Any] | None = None) -> None:
-        """The best stored trial (lowest loss) becomes the result, with ``selection`` (how
-        decisive the choice was): written once, fenced."""
+        """The best stored trial (ssad_common.strategy.selectable) becomes the result,
+        with ``selection`` (how decisive the choice was): written once, fenced."""
         with self._tx() as s:
             self._fenced(s, job_id, attempt)  # lock, or LostLease
             best = self._best_trial(s, job_id)

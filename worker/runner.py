@@ -138,9 +138,9 @@ def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: 
 
 def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[str, Any]:
     """How decisive the choice was, from the stored trials (all attempts' trials count)."""
-    candidates = [Candidate(t.number, t.augmentation, float(t.validation_loss or 0.0),
+    candidates = [Candidate(t.number, t.augmentation, score,
                             None if scores is None else np.asarray(scores, dtype=np.float64))
-                  for t, scores in manager.selectable_trials(job_id, TOP_K)]
+                  for t, score, scores in manager.selectable_trials(job_id, TOP_K)]
     return decisiveness(candidates, spec.contamination)
 
 

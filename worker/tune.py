@@ -192,9 +192,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "plan": result.plan.to_json(), "leaders": result.leaders,
                "trials": [t.to_json() for t in result.trials],
                "study_name": result.study_name}
-        candidates = [Candidate(t.number, str(t.augmentation), float(t.validation_loss or 0),
+        candidates = [Candidate(t.number, str(t.augmentation), score,
                                 None if t.result is None else t.result.scores)
-                      for t in result.eligible]
+                      for score, t in result.eligible]
         if all(c.scores is not None for c in candidates[:TOP_K]):
             out["selection"] = decisiveness(candidates, args.contamination)
     if args.scores_out:

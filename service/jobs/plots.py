@@ -192,7 +192,7 @@ def history_png(trials: Sequence[tuple[int, str, dict[str, Any], float]]) -> byt
     passes the trials the result is chosen among: the full-length ones)."""
     return _optuna_png(optuna.visualization.matplotlib.plot_optimization_history,
                        study_of(trials), "validation loss of each full-length trial, and the "
-                       "best so far",
+                       "lowest so far",
                        target_name="validation loss")
 
 

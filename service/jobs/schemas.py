@@ -185,10 +185,12 @@ class SelectionOut(BaseModel):
     runner_up_family: str | None = Field(description="the best other family among the "
                                                      "candidates (full-length trials)")
     runner_up_trial: int | None
-    family_gap: float | None = Field(description="runner-up family's best loss − the best "
-                                                 "loss")
+    family_gap: float | None = Field(
+        description="the runner-up family's best rank sum − the best trial's (rank sum: "
+                    "the rank under the objective's loss plus the rank under MMD among the "
+                    "candidates; the best has the lowest)")
     family_gap_share: float | None = Field(
-        description="family_gap / (largest − smallest candidate loss)")
+        description="family_gap / (largest − smallest candidate rank sum)")
     top_k: int
     top_trials: list[int]
     flagged_share: float = Field(description="the contamination: each of the top_k flags "

@@ -2,11 +2,13 @@
 
 Two signals, from what every study already has:
 
-* **family gap**: the loss of the best trial of the runner-up family minus the best
-  trial's loss, also as a share of the spread of the losses among the candidates. A small
-  gap says another family did about as well: the choice between them is close to a coin.
+* **family gap**: the selection score (:func:`ssad_common.strategy.ranked`: the rank
+  under the objective plus the rank under MMD) of the best trial of the runner-up family
+  minus the best trial's, also as a share of the spread of the scores among the
+  candidates. A small gap says another family did about as well: the choice between them
+  is close to a coin.
 * **agreement**: do the top configurations flag the same test images? Each of the top-k
-  candidates (by loss) flags its ``contamination`` share of highest-scoring test images;
+  candidates flags its ``contamination`` share of highest-scoring test images;
   agreement is the mean Jaccard overlap of the best's flagged set with each runner-up's,
   and the mean Spearman correlation of their scores. When the top configurations disagree,
   which images are anomalous depends on a choice the loss barely made.
@@ -32,12 +34,12 @@ TOP_K = 3
 
 @dataclass(frozen=True)
 class Candidate:
-    """A completed, selectable trial: its family, loss and test scores (needed for the
-    top ``k`` only)."""
+    """A completed, selectable trial: its family, selection score (lower is better) and
+    test scores (needed for the top ``k`` only)."""
 
     number: int
     augmentation: str
-    validation_loss: float
+    score: float
     scores: np.ndarray | None
 
 
@@ -54,16 +56,17 @@ def _flagged(scores: np.ndarray, share: float) -> set[int]:
 
 def decisiveness(candidates: Sequence[Candidate], contamination: float,
                  k: int = TOP_K) -> dict[str, Any]:
-    """The family gap and the agreement of the top ``k`` candidates (best = lowest loss).
-    Fields are None where they cannot be computed (one family, one candidate)."""
-    ranked = sorted(candidates, key=lambda c: (c.validation_loss, c.number))
+    """The family gap and the agreement of the top ``k`` of ``candidates`` (best first, as
+    :func:`ssad_common.strategy.ranked` orders them). Fields are None where they cannot be
+    computed (one family, one candidate)."""
+    ranked = list(candidates)
     if not ranked:
         raise ValueError("no candidate to judge")
     best = ranked[0]
-    losses = np.array([c.validation_loss for c in ranked])
-    spread = float(losses.max() - losses.min())
+    values = np.array([c.score for c in ranked])
+    spread = float(values.max() - values.min())
     runner = next((c for c in ranked if c.augmentation != best.augmentation), None)
-    gap = None if runner is None else float(runner.validation_loss - best.validation_loss)
+    gap = None if runner is None else float(runner.score - best.score)
     top = ranked[:k]
     jaccard, rho = [], []
     if any(c.scores is None for c in top):
@@ -90,8 +93,8 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
 
 
 def ensemble_scores(candidates: Sequence[Candidate], k: int = TOP_K) -> np.ndarray:
-    """Mean of the z-scored test scores of the ``k`` lowest-loss candidates."""
-    ranked = sorted(candidates, key=lambda c: (c.validation_loss, c.number))[:k]
+    """Mean of the z-scored test scores of the first ``k`` of ``candidates`` (best first)."""
+    ranked = list(candidates)[:k]
     if not ranked:
         raise ValueError("no candidate to ensemble")
     return zscore_mean([_scores(c) for c in ranked])

@@ -57,6 +57,7 @@ from ssad_common.strategy import (
     STRATEGIES,
     StudyPlan,
     plan_for,
+    ranked,
     selectable,
 )
 from worker.core.data import PreparedData
@@ -124,6 +125,8 @@ class TrialRecord:
     result: TrialResult | None = None
     stage: str | None = None  # screen or refine (staged strategy); None for tpe
     train_steps: int | None = None
+    #: Every objective's loss (stored with the trial, so also for trials run elsewhere).
+    losses: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -132,8 +135,9 @@ class TrialRecord:
             "duration_s": self.duration_s, "stage": self.stage,
             "train_steps": self.train_steps,
         }
+        if self.losses:
+            out["losses"] = self.losses
         if self.result is not None:
-            out["losses"] = self.result.losses
             out["timings"] = self.result.timings
         return out
 
@@ -147,9 +151,10 @@ class StudyResult:
     leaders: list[str] = field(default_factory=list)  # the refine stage's families
 
     @property
-    def eligible(self) -> list[TrialRecord]:
-        """The completed trials the best was chosen among (full-length ones), best first."""
-        return selectable(t for t in self.trials if t.state == "COMPLETE")
+    def eligible(self) -> list[tuple[float, TrialRecord]]:
+        """The completed trials the best was chosen among (full-length ones), best first,
+        with their selection scores (ssad_common.strategy.ranked)."""
+        return ranked(t for t in self.trials if t.state == "COMPLETE")
 
     @property
     def best_scores(self) -> np.ndarray | None:
@@ -405,6 +410,7 @@ def _record(t: optuna.trial.FrozenTrial, result: TrialResult | None) -> TrialRec
         number=t.number, state=t.state.name, augmentation=family,
         params=params, validation_loss=value, duration_s=duration, result=result,
         stage=t.user_attrs.get("stage"), train_steps=None if steps is None else int(steps),
+        losses=dict(t.user_attrs.get("losses", {})),
     )
 
 
@@ -494,7 +500,8 @@ def run_study_slot(
     A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
     with its reason (``on_fail(number, family, params, reason, stage, train_steps)``) and
     the study goes on; it counts against ``n_trials``. Any other exception ends the study.
-    The best trial is the completed full-length one with the lowest loss.
+    The best trial is the completed full-length one with the lowest rank sum under the
+    objective and MMD (ssad_common.strategy.selectable).
     ``on_progress(number, step, steps, loss)`` reports the running trial's training (see
     ``run_trial``'s ``progress``).
     """

@@ -1,0 +1,106 @@
+"""Which label-free rule chooses the best trial? Offline, from recorded engine runs.
+
+Every trial of ``bench.engine`` records every objective's loss, so any rule that ranks the
+selectable (full-length) trials by those losses can be replayed without training: each
+rule's pick, its regret to the oracle (the best AUROC among the same trials), and whether it
+beats the mean configuration and both pixel baselines. Labels are read only here, to score
+the picks.
+
+The rule the product ships (ssad_common.strategy.ranked: the default objective's rank plus
+MMD's) was chosen with this script on the development runs, the six rules below being all
+that were compared:
+
+    .venv/bin/python -m bench.selection_rules bench/results/engine.json \
+        bench/results/engine-staged-confirmation.json bench/results/engine-staged2-dev2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+Trial = dict[str, Any]
+Rule = Callable[[Sequence[Trial]], np.ndarray]
+
+
+def _ranks(trials: Sequence[Trial], name: str) -> np.ndarray:
+    return np.asarray(rankdata([t["losses"][name] for t in trials]), dtype=float)
+
+
+def rank_sum(*names: str) -> Rule:
+    """Lowest sum of the trials' ranks under ``names`` (one name: its loss's argmin)."""
+    return lambda trials: sum((_ranks(trials, n) for n in names), np.zeros(len(trials)))
+
+
+#: Every rule compared, in the order they were tried. Ties go to the lower DSV loss.
+RULES: dict[str, Rule] = {
+    "dsv": rank_sum("dsv"),
+    "dsv-discordance": rank_sum("dsv-discordance"),
+    "st-ssad": rank_sum("st-ssad"),
+    "mean-distance": rank_sum("mean-distance"),
+    "mmd": rank_sum("mmd"),
+    "dsv + mmd ranks (shipped)": rank_sum("dsv", "mmd"),
+    "dsv + discordance ranks": rank_sum("dsv", "dsv-discordance"),
+    "dsv + discordance + mmd ranks": rank_sum("dsv", "dsv-discordance", "mmd"),
+    "all five ranks": rank_sum("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"),
+    "discordance + mmd ranks": rank_sum("dsv-discordance", "mmd"),
+    "dsv + mean-distance ranks": rank_sum("dsv", "mean-distance"),
+}
+
+
+def selectable(result: dict[str, Any]) -> list[Trial]:
+    """The trials a result is chosen among: the full-length ones (every trial of the runs
+    before the staged strategy, which recorded no stage)."""
+    return [t for t in result["trials"] if t.get("stage") != "screen"]
+
+
+def evaluate(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per rule, per task: the pick's AUROC, its regret, and the two comparisons."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in RULES}
+    for r in results:
+        trials = selectable(r)
+        aurocs = np.array([t["auroc"] for t in trials])
+        dsv = np.array([t["losses"]["dsv"] for t in trials])
+        pixel = max(r["pixel"].values())
+        for name, rule in RULES.items():
+            pick = int(np.lexsort((dsv, rule(trials)))[0])
+            out[name].append({"task": r["task"], "auroc": float(aurocs[pick]),
+                              "regret": float(aurocs.max() - aurocs[pick]),
+                              "beats_mean": bool(aurocs[pick] > r["mean"]),
+                              "above_pixels": bool(aurocs[pick] > pixel)})
+    return out
+
+
+def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
+    n = len(next(iter(per_rule.values())))
+    lines = [f"{n} task runs", "",
+             "| rule | median regret | mean regret | beats the mean | above both pixel "
+             "baselines |", "|---|---|---|---|---|"]
+    for name, rows in per_rule.items():
+        regrets = [x["regret"] for x in rows]
+        lines.append(f"| {name} | {statistics.median(regrets):.3f} | "
+                     f"{statistics.mean(regrets):.3f} | "
+                     f"{sum(x['beats_mean'] for x in rows)}/{n} | "
+                     f"{sum(x['above_pixels'] for x in rows)}/{n} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path, help="bench.engine result files")
+    args = ap.parse_args(argv)
+    results = [r for f in args.results for r in json.loads(f.read_text())["results"]]
+    print(report(evaluate(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
