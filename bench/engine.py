@@ -59,7 +59,7 @@ from worker.core.trial import run_trial
 
 #: The product's own choice (ssad_common.strategy.ranked: the default objective's rank
 #: plus MMD's), reported beside each objective's argmin.
-RULE = "selected"
+RULE = "dsv+mmd ranks"
 
 TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation2": confirmation2_tasks,

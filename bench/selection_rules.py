@@ -7,8 +7,8 @@ beats the mean configuration and both pixel baselines. Labels are read only here
 the picks.
 
 The rule the product ships (ssad_common.strategy.ranked: the default objective's rank plus
-MMD's) was chosen with this script on the development runs, the six rules below being all
-that were compared:
+MMD's) was chosen with this script on the development runs, the eleven rules below being
+all that were compared:
 
     .venv/bin/python -m bench.selection_rules bench/results/engine.json \
         bench/results/engine-staged-confirmation.json bench/results/engine-staged2-dev2.json

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(validation loss {best['validation_loss']:.4f})")
             if sel.get("agreement_jaccard") is not None:
                 print(f"decisiveness: runner-up {sel.get('runner_up_family')} "
-                      f"{sel.get('family_gap') or 0:.4f} behind; the top {sel['top_k']} agree "
-                      f"on {sel['agreement_jaccard']:.0%} of the images they flag")
+                      f"{sel.get('family_gap') or 0:g} rank points behind; the top "
+                      f"{sel['top_k']} agree on {sel['agreement_jaccard']:.0%} of the images "
+                      "they flag")
             print(f"report: {c.report_url(job['id'])}")
             thr = c.threshold(job["id"])
             rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])

@@ -336,6 +336,10 @@ class TrialScore(Base):
 
 #: The artifact holding a job's best trial's detector (worker/core/export.py's format).
 MODEL_ARTIFACT = "model"
+#: While a job runs, each completed trial that may still become its best keeps its detector
+#: as ``model-trial-<number>`` (under the selection rule an earlier trial can become the
+#: best again); the job's end keeps the best's as ``model`` and drops the rest.
+TRIAL_MODEL_PREFIX = "model-trial-"
 MODEL_CONTENT_TYPE = "application/vnd.ssad-tune.detector+torch"
 
 

@@ -91,6 +91,13 @@ def _ranks(values: Sequence[float]) -> list[float]:
     return ranks
 
 
+def _finite(value: object) -> float:
+    """A stored loss as a number to rank by: anything but a finite number ranks last."""
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return math.inf
+
+
 def ranked(completed: Iterable[T]) -> list[tuple[float, T]]:
     """The completed trials the result is chosen among, best first, each with its
     selection score: the full-length ones (the screen's when no full-length trial
@@ -104,10 +111,9 @@ def ranked(completed: Iterable[T]) -> list[tuple[float, T]]:
     alone still drives the search; this rule only chooses among its trials."""
     done = [t for t in completed if t.validation_loss is not None]
     full = [t for t in done if t.stage != SCREEN] or done
-    second = [t.losses.get(SECOND_OPINION, math.inf) for t in full]
+    second = [_finite(t.losses.get(SECOND_OPINION)) for t in full]
     score = [a + b for a, b in zip(
-        _ranks([cast(float, t.validation_loss) for t in full]),
-        _ranks([v if math.isfinite(v) else math.inf for v in second]), strict=True)]
+        _ranks([cast(float, t.validation_loss) for t in full]), _ranks(second), strict=True)]
     order = sorted(range(len(full)),
                    key=lambda i: (score[i], full[i].validation_loss, full[i].number))
     return [(score[i], full[i]) for i in order]

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from ssad_common.db import make_engine, session_factory
-from ssad_common.models import Job, JobEvent
+from ssad_common.models import Job, JobArtifact, JobEvent
 from tests.helpers import ROOT, client, npz, tiny_job, upload, wait_for
 from worker.manager import JobManager, LostLease
 
@@ -186,5 +186,60 @@ def test_slots_lost_together_count_as_one_lost_lease_while_the_job_goes_on(
             with pytest.raises(LostLease):
                 manager.heartbeat(job_id, d.attempt)
         manager.heartbeat(job_id, live.attempt)
+    finally:
+        engine.dispose()
+
+
+def test_the_job_keeps_its_best_trials_detector_when_an_earlier_trial_becomes_best(
+        db_url: str) -> None:
+    """The best is the lowest rank sum of loss and MMD, so a later trial can make an
+    earlier one the best again: every selectable trial's detector is kept while the job
+    runs, the best's becomes the job's ``model`` when it ends, and none other is left (nor
+    on a failed job); the screen's are dropped once a full-length trial has completed."""
+    first, second = _one_queued_job(db_url), _one_queued_job(db_url)
+    engine = make_engine(db_url)
+    manager = JobManager(engine)
+
+    def artifacts(job_id: str) -> dict[str, tuple[bytes, int]]:
+        with session_factory(engine)() as s:
+            return {a.name: (a.data, a.meta["trial_number"]) for a in s.scalars(
+                select(JobArtifact).where(JobArtifact.job_id == job_id))}
+
+    def best(job_id: str) -> int | None:
+        with session_factory(engine)() as s:
+            return s.scalar(select(Job.best_trial_number).where(Job.id == job_id))
+
+    try:
+        held = manager.claim_next_job("w")
+        assert held is not None and held.id == first
+
+        def record(number: int, loss: float, mmd: float, stage: str) -> None:
+            assert held is not None
+            manager.record_trial(first, held.attempt, number, augmentation="invert",
+                                 params={}, validation_loss=loss,
+                                 losses={"dsv": loss, "mmd": mmd}, timings={"total_s": 1.0},
+                                 scores=[1.0, 2.0], model=f"detector {number}".encode(),
+                                 stage=stage, train_steps=4 if stage == "refine" else 1)
+
+        record(0, -5.0, 0.0, "screen")
+        assert set(artifacts(first)) == {"model-trial-0"}
+        record(1, 1.0, 3.0, "refine")  # the screen's detector can no longer be the best
+        assert set(artifacts(first)) == {"model-trial-1"} and best(first) == 1
+        record(2, 2.0, 1.0, "refine")  # rank sums 3 and 3: the lower loss, trial 1
+        assert best(first) == 1
+        record(3, 3.0, 2.0, "refine")  # rank sums 4, 3, 5: trial 2, recorded before
+        assert best(first) == 2
+        assert set(artifacts(first)) == {"model-trial-1", "model-trial-2", "model-trial-3"}
+        manager.finish(first, held.attempt)
+        assert artifacts(first) == {"model": (b"detector 2", 2)}
+
+        doomed = manager.claim_next_job("w")
+        assert doomed is not None and doomed.id == second
+        manager.record_trial(second, doomed.attempt, 0, augmentation="invert", params={},
+                             validation_loss=0.5, losses={"dsv": 0.5, "mmd": 0.1},
+                             timings={"total_s": 1.0}, scores=[1.0, 2.0], model=b"d")
+        assert set(artifacts(second)) == {"model-trial-0"}
+        manager.fail(second, doomed.attempt, "a test failure")
+        assert artifacts(second) == {}
     finally:
         engine.dispose()

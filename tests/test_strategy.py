@@ -84,6 +84,11 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     assert d["agreement_spearman"] == pytest.approx(0.0)
     z = ensemble_scores(cands, k=2)  # the two cutout trials: the same ranking as a
     assert list(np.argsort(z)) == list(np.argsort(a))
+    tied = decisiveness([Candidate(1, "cutout", 3.0, a), Candidate(4, "rotate", 3.0, same)],
+                        contamination=0.2)
+    assert (tied["family_gap"], tied["family_gap_share"]) == (0.0, 0.0)  # a coin flip
+    with pytest.raises(ValueError, match=r"best .* first"):
+        decisiveness(cands[::-1], contamination=0.2)
     alone = decisiveness([Candidate(0, "rotate", 1.0, a)], contamination=0.1)
     assert alone["runner_up_family"] is None and alone["agreement_jaccard"] is None
     with pytest.raises(ValueError, match="scores"):
@@ -121,7 +126,10 @@ def test_the_result_is_chosen_by_the_objectives_rank_plus_mmds() -> None:
     assert [score for score, _ in ranked([c, d])] == [3.0, 3.0]
     assert selectable([c, d]) == [d, c]
     # No MMD (a trial stored before the rule) ranks last by MMD.
-    old = Done(8, -0.9)
+    old = Done(8, -0.9)  # and no number (NaN, a stored null) ranks last too
+    for odd in (math.nan, math.inf):
+        assert selectable([Done(8, -0.9, mmd=odd), Done(9, -0.8, mmd=0.9),
+                           Done(10, -0.7, mmd=1.0)])[0].number == 9
     assert [t.number for t in selectable([old, Done(9, -0.8, mmd=0.9),
                                           Done(10, -0.7, mmd=1.0)])] == [9, 8, 10]
     # Screen trials only when no full-length one completed; no loss, never.

@@ -28,6 +28,7 @@ from ssad_common.lifecycle import JobStatus, TrialState, record_event, transitio
 from ssad_common.models import (
     MODEL_ARTIFACT,
     MODEL_CONTENT_TYPE,
+    TRIAL_MODEL_PREFIX,
     Dataset,
     Job,
     JobArtifact,
@@ -37,7 +38,7 @@ from ssad_common.models import (
     utcnow,
 )
 from ssad_common.slots import slot_count, stored_trial_count
-from ssad_common.strategy import ranked, selectable
+from ssad_common.strategy import SCREEN, ranked, selectable
 
 log = logging.getLogger("ssad.worker")
 
@@ -306,6 +307,8 @@ class JobManager:
             values.update(finished_at=now, error=msg if status == JobStatus.failed else None)
         if transition(s, job.id, status, expected=JobStatus.running, message=msg, **values):
             s.execute(delete(JobSlot).where(JobSlot.job_id == job.id))
+            if status != JobStatus.queued:
+                drop_candidate_models(s, job.id)
             log.warning("job %s: %s", job.id, msg)
         return True
 
@@ -376,10 +379,10 @@ class JobManager:
         timings: Mapping[str, float], scores: Sequence[float], model: bytes | None = None,
         stage: str | None = None, train_steps: int | None = None,
     ) -> None:
-        """Store one finished trial, its scores and the job's progress in one transaction;
-        if it is the best trial so far, ``model`` (its detector) becomes the job's ``model``
-        artifact. A repeat (a retry after the commit's acknowledgement was lost) stores
-        nothing."""
+        """Store one finished trial, its scores and the job's progress in one transaction,
+        with ``model`` (its detector) as a candidate for the job's ``model`` artifact
+        (:meth:`_keep_candidate_model`). A repeat (a retry after the commit's
+        acknowledgement was lost) stores nothing."""
         with self._tx() as s:
             ran = self._fenced_new_trial(s, job_id, attempt, number)
             if ran is None:
@@ -394,12 +397,11 @@ class JobManager:
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
                 for i, v in enumerate(scores)])
-            best = self._update_progress(s, job_id)
-            if model is not None and best is not None and best.number == number:
-                self._put_artifact(s, job_id, MODEL_ARTIFACT, MODEL_CONTENT_TYPE, model,
-                                   {"trial_number": number, "augmentation": augmentation,
-                                    "params": dict(params),
-                                    "validation_loss": validation_loss})
+            self._update_progress(s, job_id)
+            if model is not None:
+                self._keep_candidate_model(s, job_id, number, stage, model, {
+                    "trial_number": number, "augmentation": augmentation,
+                    "params": dict(params), "validation_loss": validation_loss})
 
     @retry_transient
     def record_failed_trial(self, job_id: str, attempt: int, number: int, *,
@@ -433,6 +435,26 @@ class JobManager:
         assert slot is not None  # _fenced checked it
         started = slot.trial_started_at if slot.trial_number == number else None
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
+
+    @classmethod
+    def _keep_candidate_model(cls, s: Session, job_id: str, number: int, stage: str | None,
+                              model: bytes, meta: Mapping[str, Any]) -> None:
+        """Keep trial ``number``'s detector until the job ends: under the selection rule
+        (ssad_common.strategy.ranked) a later trial can make an earlier one the best. Only
+        the selectable trials' are kept: once a full-length trial has completed, the
+        screen's are dropped (they can no longer be the best)."""
+        if stage == SCREEN and s.scalar(select(JobTrial.number).where(
+                JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE,
+                JobTrial.stage.is_distinct_from(SCREEN)).limit(1)) is not None:
+            return
+        cls._put_artifact(s, job_id, f"{TRIAL_MODEL_PREFIX}{number}", MODEL_CONTENT_TYPE,
+                          model, meta)
+        if stage != SCREEN:
+            screen = select(JobTrial.number).where(JobTrial.job_id == job_id,
+                                                   JobTrial.stage == SCREEN)
+            s.execute(delete(JobArtifact).where(
+                JobArtifact.job_id == job_id,
+                JobArtifact.name.in_([f"{TRIAL_MODEL_PREFIX}{n}" for n in s.scalars(screen)])))
 
     @staticmethod
     def _put_artifact(s: Session, job_id: str, name: str, content_type: str, data: bytes,
@@ -518,6 +540,11 @@ class JobManager:
             best = self._best_trial(s, job_id)
             if best is None:
                 raise RuntimeError("no completed trial to choose from")
+            # The best's detector becomes the job's (_close drops the other candidates').
+            kept = s.get(JobArtifact, (job_id, f"{TRIAL_MODEL_PREFIX}{best.number}"))
+            if kept is not None:
+                self._put_artifact(s, job_id, MODEL_ARTIFACT, kept.content_type, kept.data,
+                                   kept.meta)
             _close(s, job_id, attempt, JobStatus.succeeded,
                       f"best trial {best.number}: {best.augmentation} "
                       f"(loss {best.validation_loss:.4g})",
@@ -571,6 +598,14 @@ def _close(s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
     if not transition(s, job_id, to, expected=JobStatus.running, message=message, **values):
         raise _lost(job_id, attempt)
     s.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
+    drop_candidate_models(s, job_id)
+
+
+def drop_candidate_models(s: Session, job_id: str) -> None:
+    """The detectors kept for trials that might become the best (see
+    JobManager._keep_candidate_model): none is needed once the job has ended."""
+    s.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id,
+                                        JobArtifact.name.startswith(TRIAL_MODEL_PREFIX)))
 
 
 def _live_slots(s: Session, job_id: str) -> int:

@@ -318,7 +318,7 @@ def job_plot(session: SessionDep, tenant: JobReaderDep, job_id: JobId,
     """* `trials`: validation loss of every finished trial against its patch size (local
       families) or strength, coloured by family; the best trial starred. Any time.
     * `history`, `slice`, `importances`: Optuna's own plots of the study (each trial's
-      loss and the best so far; loss against patch size, one panel per local family;
+      loss and the lowest so far; loss against patch size, one panel per local family;
       hyperparameter importances, for a job that searched one family). Once a trial has
       finished (409 before).
     * `scores`: histogram of the test scores with both label-free thresholds.

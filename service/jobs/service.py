@@ -387,7 +387,7 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
     if name in STUDY_PLOTS or name == "trials":
         completed = [t for t in repo.list_trials(session, job_id)
                      if t.state == TrialState.COMPLETE and t.validation_loss is not None]
-        if name == "history":  # the best so far as the result is chosen: full-length only
+        if name == "history":  # the trials the result is chosen among: full-length only
             completed = sorted(selectable(completed), key=lambda t: t.number)
         points = [(t.number, t.augmentation or "", t.params, t.validation_loss)
                   for t in completed if t.validation_loss is not None]

@@ -19,6 +19,7 @@ Pure numpy: the worker calls it when a job finishes, the benchmark on every task
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,8 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
     ranked = list(candidates)
     if not ranked:
         raise ValueError("no candidate to judge")
+    if any(a.score > b.score for a, b in itertools.pairwise(ranked)):
+        raise ValueError("candidates must come best (lowest score) first")
     best = ranked[0]
     values = np.array([c.score for c in ranked])
     spread = float(values.max() - values.min())
@@ -83,7 +86,8 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
         "runner_up_family": None if runner is None else runner.augmentation,
         "runner_up_trial": None if runner is None else runner.number,
         "family_gap": gap,
-        "family_gap_share": None if gap is None or spread == 0 else gap / spread,
+        # Every candidate tied (spread 0): another family did exactly as well, share 0.
+        "family_gap_share": None if gap is None else gap / spread if spread else 0.0,
         "top_k": len(top), "top_trials": [c.number for c in top],
         "flagged_share": contamination,
         "agreement_jaccard": float(np.mean(jaccard)) if jaccard else None,
