@@ -26,7 +26,7 @@ SEP = "\n"
 
 
 def _progress_key(j: JobOut) -> tuple[Any, ...]:
-    best = j.best.validation_loss if j.best else None
+    best = j.best.trial_number if j.best else None
     return (j.status, j.progress.trials_completed, best, j.attempt, j.cancel_requested,
             j.progress.current_trial)
 
