@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import func, select
 
 from ssad_common.db import make_engine, session_factory
-from ssad_common.models import Job, JobEvent, JobSlot, JobTrial
+from ssad_common.models import MODEL_ARTIFACT, Job, JobArtifact, JobEvent, JobSlot, JobTrial
 from tests.helpers import (
     ROOT,
     client,
@@ -49,6 +49,18 @@ def _ready(worker: subprocess.Popen[bytes], tmp: Path) -> bool:
     """The worker's loop has started (its first log line names its device)."""
     return any(f":{worker.pid}:" in p.read_text(errors="replace") and " on cpu" in
                p.read_text(errors="replace") for p in tmp.glob("worker-*.log"))
+
+
+def _detectors(db_url: str, job_id: str) -> dict[str, int]:
+    """The job's stored detectors: artifact name → the trial it came from."""
+    engine = make_engine(db_url)
+    try:
+        with session_factory(engine)() as s:
+            return {a.name: a.meta["trial_number"] for a in s.scalars(
+                select(JobArtifact).where(JobArtifact.job_id == job_id,
+                                          JobArtifact.name.startswith("model")))}
+    finally:
+        engine.dispose()
 
 
 def _rows(db_url: str, job_id: str) -> tuple[Job, list[JobTrial], list[JobSlot], list[str]]:
@@ -131,6 +143,9 @@ def test_two_workers_run_one_job_at_once_and_the_budget_stays_exact(
         # The best is a full-length trial; the screen ran before any refine trial started.
         best = next(t for t in trials if t.number == job.best_trial_number)
         assert best.stage == "refine"
+        # One detector is kept, the best's, whichever worker ran it and whenever it became
+        # the best; the other trials' are gone.
+        assert _detectors(pg_url, job_id) == {MODEL_ARTIFACT: best.number}
         last_screen = max(t.finished_at for t in trials if t.stage == "screen")  # type: ignore[type-var]
         assert all(t.started_at >= last_screen for t in trials  # type: ignore[operator]
                    if t.stage == "refine")
