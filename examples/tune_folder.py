@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(validation loss {best['validation_loss']:.4f})")
             if sel.get("agreement_jaccard") is not None:
                 print(f"decisiveness: runner-up {sel.get('runner_up_family')} "
-                      f"{sel.get('family_gap') or 0:g} rank points behind; the top "
+                      f"{sel.get('family_gap') or 0:g} rank point(s) behind; the top "
                       f"{sel['top_k']} agree on {sel['agreement_jaccard']:.0%} of the images "
                       "they flag")
             print(f"report: {c.report_url(job['id'])}")

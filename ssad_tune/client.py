@@ -337,8 +337,9 @@ def describe_selection(sel: dict[str, Any]) -> str:
     parts = []
     if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
         share = sel.get("family_gap_share")
-        parts.append(f"runner-up family {sel['runner_up_family']} is {sel['family_gap']:g} "
-                     f"rank points behind"
+        gap = sel["family_gap"]
+        parts.append(f"runner-up family {sel['runner_up_family']} is {gap:g} rank "
+                     f"point{'' if gap == 1 else 's'} behind"
                      + ("" if share is None else f" ({share:.0%} of the candidates' range)"))
     if sel.get("agreement_jaccard") is not None:
         parts.append(f"the top {sel['top_k']} configurations agree on "

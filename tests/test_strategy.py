@@ -171,3 +171,15 @@ def test_the_cli_states_a_screen_of_extra_configurations() -> None:
         "configurations of 3 families × 100 steps, then 9 trials × 400 steps)")
     assert "screen 12 families × 100 steps" in describe_plan(
         plan_for("staged", 12, 400, SearchSpace()).to_json())
+
+
+def test_the_cli_states_the_family_gap_in_rank_points() -> None:
+    from ssad_tune.client import describe_selection
+
+    sel = {"runner_up_family": "cutout", "family_gap": 1.0, "family_gap_share": 0.5,
+           "agreement_jaccard": 0.6, "top_k": 3}
+    assert describe_selection(sel) == (
+        "selection: runner-up family cutout is 1 rank point behind (50% of the candidates' "
+        "range); the top 3 configurations agree on 60% of the images they flag")
+    assert "is 2.5 rank points behind" in describe_selection({**sel, "family_gap": 2.5})
+    assert describe_selection({}) == "selection: one candidate only"

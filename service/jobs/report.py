@@ -83,7 +83,8 @@ def _verdict(sel: dict[str, Any] | None) -> str:
     parts = []
     if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
         parts.append(f"the runner-up family, {escape(str(sel['runner_up_family']))}, is "
-                     f"{_fmt(sel['family_gap'])} rank points behind"
+                     f"{_fmt(sel['family_gap'])} rank "
+                     f"point{'' if sel['family_gap'] == 1 else 's'} behind"
                      + ("" if share is None else f" ({share:.0%} of the candidates' range)"))
     if agree is not None:
         parts.append(f"the top {sel['top_k']} configurations agree on {agree:.0%} of the "
