@@ -27,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
+from bench.selection_rules import product_ranking
 from bench.tasks import (
     Task,
     all_tasks,
@@ -47,9 +47,7 @@ from bench.tasks import (
     confirmation_tasks,
     development_tasks,
 )
-from ssad_common.jobspec import DEFAULT_OBJECTIVE
 from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace
-from ssad_common.strategy import ranked
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
 from worker.core.selection import TOP_K, Candidate, decisiveness, ensemble_scores
@@ -150,28 +148,14 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
     return out
 
 
-@dataclass(frozen=True)
-class _Row:
-    """A recorded trial as ssad_common.strategy.ranked sees it (the default objective's
-    loss as the study's)."""
-
-    number: int
-    stage: str | None
-    validation_loss: float
-    losses: dict[str, float]
-    trial: dict[str, Any]
-
-
 def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:
     """Per way of choosing, the selectable trials best first with the value they are
     ranked by: the product's rule (:data:`RULE`, ssad_common.strategy.ranked, over the
     default objective's loss) and each objective's loss alone."""
-    rows = [_Row(t["number"], t.get("stage"), t["losses"][DEFAULT_OBJECTIVE], t["losses"], t)
-            for t in trials]
-    chosen = ranked(rows)
-    out = {RULE: [(score, r.trial) for score, r in chosen]}
+    chosen = product_ranking(trials)
+    out = {RULE: chosen}
     for name in OBJECTIVES:
-        out[name] = sorted(((r.trial["losses"][name], r.trial) for _, r in chosen),
+        out[name] = sorted(((t["losses"][name], t) for _, t in chosen),
                            key=lambda p: (p[0], p[1]["number"]))
     return out
 

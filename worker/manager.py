@@ -38,7 +38,7 @@ from ssad_common.models import (
     utcnow,
 )
 from ssad_common.slots import slot_count, stored_trial_count
-from ssad_common.strategy import SCREEN, ranked, selectable
+from ssad_common.strategy import ranked, selectable
 
 log = logging.getLogger("ssad.worker")
 
@@ -381,7 +381,7 @@ class JobManager:
     ) -> None:
         """Store one finished trial, its scores and the job's progress in one transaction,
         with ``model`` (its detector) as a candidate for the job's ``model`` artifact
-        (:meth:`_keep_candidate_model`). A repeat (a retry after the commit's
+        (:meth:`_keep_candidate_models`). A repeat (a retry after the commit's
         acknowledgement was lost) stores nothing."""
         with self._tx() as s:
             ran = self._fenced_new_trial(s, job_id, attempt, number)
@@ -397,9 +397,9 @@ class JobManager:
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
                 for i, v in enumerate(scores)])
-            self._update_progress(s, job_id)
+            candidates = self._update_progress(s, job_id)
             if model is not None:
-                self._keep_candidate_model(s, job_id, number, stage, model, {
+                self._keep_candidate_models(s, job_id, candidates, number, model, {
                     "trial_number": number, "augmentation": augmentation,
                     "params": dict(params), "validation_loss": validation_loss})
 
@@ -437,24 +437,20 @@ class JobManager:
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @classmethod
-    def _keep_candidate_model(cls, s: Session, job_id: str, number: int, stage: str | None,
-                              model: bytes, meta: Mapping[str, Any]) -> None:
-        """Keep trial ``number``'s detector until the job ends: under the selection rule
-        (ssad_common.strategy.ranked) a later trial can make an earlier one the best. Only
-        the selectable trials' are kept: once a full-length trial has completed, the
-        screen's are dropped (they can no longer be the best)."""
-        if stage == SCREEN and s.scalar(select(JobTrial.number).where(
-                JobTrial.job_id == job_id, JobTrial.state == TrialState.COMPLETE,
-                JobTrial.stage.is_distinct_from(SCREEN)).limit(1)) is not None:
-            return
-        cls._put_artifact(s, job_id, f"{TRIAL_MODEL_PREFIX}{number}", MODEL_CONTENT_TYPE,
-                          model, meta)
-        if stage != SCREEN:
-            screen = select(JobTrial.number).where(JobTrial.job_id == job_id,
-                                                   JobTrial.stage == SCREEN)
-            s.execute(delete(JobArtifact).where(
-                JobArtifact.job_id == job_id,
-                JobArtifact.name.in_([f"{TRIAL_MODEL_PREFIX}{n}" for n in s.scalars(screen)])))
+    def _keep_candidate_models(cls, s: Session, job_id: str, candidates: Sequence[JobTrial],
+                               number: int, model: bytes, meta: Mapping[str, Any]) -> None:
+        """Keep the detectors of the trials that can still be the best (``candidates``,
+        ssad_common.strategy.selectable's) until the job ends, trial ``number``'s among
+        them if it is one: under the selection rule a later trial can make an earlier one
+        the best. The others' are dropped (the screen's, once a full-length trial has
+        completed)."""
+        names = [f"{TRIAL_MODEL_PREFIX}{t.number}" for t in candidates]
+        if any(t.number == number for t in candidates):
+            cls._put_artifact(s, job_id, f"{TRIAL_MODEL_PREFIX}{number}", MODEL_CONTENT_TYPE,
+                              model, meta)
+        s.execute(delete(JobArtifact).where(
+            JobArtifact.job_id == job_id, JobArtifact.name.startswith(TRIAL_MODEL_PREFIX),
+            JobArtifact.name.not_in(names)))
 
     @staticmethod
     def _put_artifact(s: Session, job_id: str, name: str, content_type: str, data: bytes,
@@ -477,8 +473,11 @@ class JobManager:
             row = s.get(JobArtifact, (job_id, name))
             return None if row is None else (row.data, dict(row.meta))
 
-    def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
-        best = self._best_trial(s, job_id)
+    def _update_progress(self, s: Session, job_id: str) -> list[JobTrial]:
+        """Write the job's progress and best so far; the trials that can be the best,
+        best first (ssad_common.strategy.selectable)."""
+        candidates = self._selectable(s, job_id)
+        best = candidates[0] if candidates else None
         # Steps done: the plan's steps used up, failed trials' too; the pace (seconds per
         # step) comes from the completed ones only.
         completed, steps, seconds = s.execute(select(
@@ -493,7 +492,7 @@ class JobManager:
             train_seconds_done=float(seconds),
             best=None if best is None else _best_json(best),
             best_trial_number=None if best is None else best.number))
-        return best
+        return candidates
 
     @retry_transient
     def stored_trial_loss(self, job_id: str, number: int) -> float | None:
@@ -504,12 +503,11 @@ class JobManager:
                 JobTrial.job_id == job_id, JobTrial.number == number))
 
     @staticmethod
-    def _best_trial(s: Session, job_id: str) -> JobTrial | None:
-        """The trial the result is (so far) chosen as: the first of
-        ssad_common.strategy.selectable among the job's stored trials with a loss."""
-        rows = selectable(s.scalars(select(JobTrial).where(
+    def _selectable(s: Session, job_id: str) -> list[JobTrial]:
+        """The job's stored trials that can be the best, best first
+        (ssad_common.strategy.selectable)."""
+        return selectable(s.scalars(select(JobTrial).where(
             JobTrial.job_id == job_id, JobTrial.validation_loss.is_not(None))))
-        return rows[0] if rows else None
 
     @retry_transient
     def selectable_trials(self, job_id: str, k: int
@@ -537,9 +535,10 @@ class JobManager:
         with ``selection`` (how decisive the choice was): written once, fenced."""
         with self._tx() as s:
             self._fenced(s, job_id, attempt)  # lock, or LostLease
-            best = self._best_trial(s, job_id)
-            if best is None:
+            candidates = self._selectable(s, job_id)
+            if not candidates:
                 raise RuntimeError("no completed trial to choose from")
+            best = candidates[0]
             # The best's detector becomes the job's (_close drops the other candidates').
             kept = s.get(JobArtifact, (job_id, f"{TRIAL_MODEL_PREFIX}{best.number}"))
             if kept is not None:
