@@ -15,7 +15,7 @@ from service import idempotency, tenants
 from service.backbones import get_backbone
 from service.datasets import repository as dataset_repo
 from service.errors import Conflict, IncompatibleDatasets, InvalidRequest, NotFound
-from service.jobs import limits, plots
+from service.jobs import limits
 from service.jobs import repository as repo
 from service.jobs.schemas import JobCreate
 from service.jobs.threshold import SUGGESTED_RULE, Threshold, apply_thresholds, thresholds
@@ -377,12 +377,14 @@ def _images(session: Session, tenant_id: str, dataset_id: str) -> np.ndarray:
     return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
 
 
-STUDY_PLOTS = {"history": plots.history_png, "slice": plots.slice_png,
-               "importances": plots.importances_png}
+STUDY_PLOTS = ("history", "slice", "importances")
 
 
 def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
     """One of the job's plots, as PNG bytes (see service/jobs/plots.py)."""
+    # matplotlib and Optuna load with the first plot asked for, not at every API start.
+    from service.jobs import plots
+
     job = get_job(session, tenant_id, job_id)
     if name in STUDY_PLOTS or name == "trials":
         completed = [t for t in repo.list_trials(session, job_id)
@@ -400,7 +402,9 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
                 "importances need at least two parameters that every trial has; with several "
                 "augmentation families only the family is common to all trials (use a job "
                 "that searches one family, or the `slice` plot)")
-        return STUDY_PLOTS[name](points)
+        draw = {"history": plots.history_png, "slice": plots.slice_png,
+                "importances": plots.importances_png}[name]
+        return draw(points)
     if name == "augmentation":
         art = repo.get_artifact(session, job_id, "augmentation.png")
         if art is None:
