@@ -55,7 +55,7 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         p = subprocess.run(
             [sys.executable, "-m", "ssad_tune.cli", "tune", str(tmp_path / "train.npz"),
              str(tmp_path / "test.npz"), "-o", str(out), "--n-trials", "3",
-             "--train-steps", "30", "--augmentations", "invert,flip,rotate"],
+             "--train-steps", "30", "--batch-size", "16", "--augmentations", "invert,flip,rotate"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         lines = p.stderr.splitlines()

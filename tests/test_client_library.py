@@ -83,7 +83,7 @@ def test_the_installed_client_against_a_live_server(
             train = c.upload({str(train_dir)!r})
             test = c.upload({str(test_dir)!r})
             arr = c.upload(np.load({str(tmp_path / "extra.npy")!r}), name="five.npy")
-            job = c.create_job(train, test, n_trials=3, train_steps=20,
+            job = c.create_job(train, test, n_trials=3, train_steps=10, batch_size=8,
                                search_space={{"augmentations": ["invert", "flip", "rotate"]}})
             seen = []
             job = c.wait(job["id"], progress=lambda j: seen.append(
@@ -107,7 +107,7 @@ def test_the_installed_client_against_a_live_server(
         out = json.loads(p.stdout.strip().splitlines()[-1])
         example = subprocess.run(
             [str(client_venv / "bin" / "python"), str(ROOT / "examples" / "tune_folder.py"),
-             str(train_dir), str(test_dir), "--n-trials", "3", "--train-steps", "20",
+             str(train_dir), str(test_dir), "--n-trials", "3", "--train-steps", "8",
              "--out", str(tmp_path / "scores.csv")],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         import httpx

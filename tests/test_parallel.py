@@ -164,7 +164,7 @@ def test_a_worker_killed_mid_trial_loses_only_its_own_trial(
     workers = [start_worker(pg_url, tmp_path, **env) for _ in range(2)]
     try:
         wait_for(lambda: all(_ready(w, tmp_path) for w in workers), timeout=180)
-        job_id, _ = _submit(pg_url, digits, n_trials=4, train_steps=300, parallelism=2)
+        job_id, _ = _submit(pg_url, digits, n_trials=4, train_steps=150, parallelism=2)
 
         def training_on_both() -> list[JobSlot] | None:
             slots = _rows(pg_url, job_id)[2]

@@ -87,8 +87,15 @@ def test_end_to_end_mode(files: dict[str, Path]) -> None:
     assert 0.005 <= out["best"]["params"]["patch_size"] <= 0.5
 
 
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(files: dict[str, Path]) -> None:
+    p = tune("--train", str(files["bad"]), "--test", str(files["test"]), *FAST, timeout=120)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a valid .npz" in err[0], \
+        p.stderr
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--train", "BAD", "--test", "TEST"], "not a valid .npz"),
     (["--train", "MISSING", "--test", "TEST"], "no such file"),
     (["--train", "TRAIN", "--test", "TEST", "--augmentations", "cutout,teleport"],
      "unknown augmentation"),
@@ -97,13 +104,18 @@ def test_end_to_end_mode(files: dict[str, Path]) -> None:
     (["--train", "TRAIN", "--test", "TEST", "--device", "tpu"], "device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(files: dict[str, Path], args: list[str],
-                                          message: str) -> None:
-    sub = {"BAD": str(files["bad"]), "MISSING": str(files["dir"] / "nope.npz"),
-           "TRAIN": str(files["train"]), "TEST": str(files["test"])}
-    p = tune(*[sub.get(a, a) for a in args], *FAST, timeout=120)
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], p.stderr
+                                          message: str, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    """Each kind of bad input, through the command's ``main`` in this process (a new
+    process per case would spend its time importing the engine; the test above runs the
+    real command)."""
+    from worker.tune import main
+
+    sub = {"MISSING": str(files["dir"] / "nope.npz"), "TRAIN": str(files["train"]),
+           "TEST": str(files["test"])}
+    assert main([*[sub.get(a, a) for a in args], *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_channel_mismatch_is_refused(files: dict[str, Path]) -> None:
