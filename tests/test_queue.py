@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from ssad_common.db import make_engine, session_factory
 from ssad_common.models import Job, JobArtifact, JobEvent
-from tests.helpers import ROOT, client, npz, tiny_job, upload, wait_for
+from tests.helpers import ROOT, client, job_status, npz, tiny_job, upload, wait_for
 from worker.manager import JobManager, LostLease
 
 CLAIMER = """
@@ -243,3 +243,51 @@ def test_the_job_keeps_its_best_trials_detector_when_an_earlier_trial_becomes_be
         assert artifacts(second) == {}
     finally:
         engine.dispose()
+
+
+def test_a_finished_trial_is_no_longer_shown_as_running(db_url: str) -> None:
+    """The job's ``current_trial`` (a slot's last heartbeat) is cleared with the trial it
+    names when that trial is stored, and only then: with two slots, the other slot's
+    running trial stays shown, and a report that arrives after its trial was stored is
+    not shown. (A finished trial used to linger until the next trial's first heartbeat,
+    so a client's bar showed "trial 11 step 97/100" after trial 11 had finished.)"""
+    from ssad_common.models import JobSlot
+
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "a.npz").json()["id"]
+        job_id = api.post("/v1/jobs", json=tiny_job(tr, tr, parallelism=2)).json()["id"]
+        engine = make_engine(db_url)
+        manager = JobManager(engine)
+
+        def shown() -> int | None:
+            cur = job_status(api, job_id)["progress"]["current_trial"]
+            return None if cur is None else int(cur["number"])
+
+        def slot_progress(attempt: int) -> object:
+            with session_factory(engine)() as s:
+                return s.scalar(select(JobSlot.trial_progress).where(
+                    JobSlot.job_id == job_id, JobSlot.attempt == attempt))
+
+        try:
+            a, b = manager.claim_next_job("wa"), manager.claim_next_job("wb")
+            assert a is not None and b is not None
+            for slot, number in ((a, 0), (b, 1)):
+                with manager.trial_gate(job_id, slot.attempt) as hold:
+                    hold.reserve(number)
+                manager.heartbeat(job_id, slot.attempt,
+                                  {"number": number, "step": 97, "steps": 100, "loss": 0.5})
+            assert shown() == 1  # the latest heartbeat's
+            done = {"augmentation": "invert", "params": {}, "losses": {"dsv": 0.1},
+                    "timings": {"total_s": 1.0}, "scores": [1.0, 2.0, 3.0, 4.0]}
+            manager.record_trial(job_id, a.attempt, 0, validation_loss=0.1, **done)
+            assert shown() == 1 and slot_progress(a.attempt) is None
+            assert slot_progress(b.attempt) is not None
+            # A report of trial 0 sent after it was stored (the heartbeat thread's last)
+            # renews the lease but shows nothing.
+            manager.heartbeat(job_id, a.attempt,
+                              {"number": 0, "step": 100, "steps": 100, "loss": 0.1})
+            assert shown() == 1 and slot_progress(a.attempt) is None
+            manager.record_trial(job_id, b.attempt, 1, validation_loss=0.2, **done)
+            assert shown() is None and slot_progress(b.attempt) is None
+        finally:
+            engine.dispose()

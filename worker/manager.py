@@ -339,10 +339,14 @@ class JobManager:
                   progress: Mapping[str, Any] | None = None) -> Heartbeat:
         """Renew this slot's lease; with ``progress``, also store its running trial's
         progress (``{"number", "step", "steps", "loss"}``) on the slot and, for the API to
-        show, on the job (the job's row first, as every write that touches both)."""
+        show, on the job (the job's row first, as every write that touches both), unless
+        that trial is already stored (the report was sent after the trial ended)."""
         now = utcnow()
         values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + self.lease}
         with self._tx() as s:
+            if progress is not None and \
+                    s.get(JobTrial, (job_id, progress["number"])) is not None:
+                progress = None  # a late report of a trial already stored: not running
             if progress is not None:
                 values["trial_progress"] = {**progress, "at": now.isoformat()}
                 mine = (select(JobSlot.attempt)
@@ -427,13 +431,19 @@ class JobManager:
                           ) -> dict[str, Any] | None:
         """Lock the job and renew the slot's lease (or LostLease); None if trial ``number``
         is already stored (a retried write whose first commit did land), else who ran it
-        and when (the slot's worker, from its reservation until now)."""
-        self._fenced(s, job_id, attempt)
+        and when (the slot's worker, from its reservation until now). The trial's running
+        progress goes with it: the job no longer shows a finished trial as the one running
+        (until the next trial's first heartbeat it shows none)."""
+        job = self._fenced(s, job_id, attempt)
         if s.get(JobTrial, (job_id, number)) is not None:
             return None
         slot = s.get(JobSlot, (job_id, attempt))
         assert slot is not None  # _fenced checked it
+        if (job.trial_progress or {}).get("number") == number:
+            job.trial_progress = None
         started = slot.trial_started_at if slot.trial_number == number else None
+        if slot.trial_number == number:
+            slot.trial_progress = None
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @classmethod
