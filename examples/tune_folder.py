@@ -19,7 +19,7 @@ import argparse
 import csv
 import sys
 
-from ssad_tune import Client, ClientError, JobInfo
+from ssad_tune import Client, ClientError, JobInfo, describe_selection
 
 
 def show(job: JobInfo) -> None:
@@ -64,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             best, sel = job["best"] or {}, job.get("selection") or {}
             print(f"chosen: {best['augmentation']} {best['params']} "
                   f"(validation loss {best['validation_loss']:.4f})")
-            if sel.get("agreement_jaccard") is not None:
-                print(f"decisiveness: runner-up {sel.get('runner_up_family')} "
-                      f"{sel.get('family_gap') or 0:g} rank point(s) behind; the top "
-                      f"{sel['top_k']} agree on {sel['agreement_jaccard']:.0%} of the images "
-                      "they flag")
+            if sel:
+                print(describe_selection(sel))  # how decisive the choice was
             print(f"report: {c.report_url(job['id'])}")
             thr = c.threshold(job["id"])
             rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])

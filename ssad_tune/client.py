@@ -332,14 +332,21 @@ def describe_plan(plan: dict[str, Any]) -> str:
     return text
 
 
+def gap_words(gap: float, unit: str | None) -> str:
+    """``selection.family_gap`` in words: rank points (the selection rule's), or, for jobs
+    that finished before the rule (and servers older than it), the objective's loss."""
+    if unit == "rank points":
+        return f"{gap:g} rank point{'' if gap == 1 else 's'} behind"
+    return f"{gap:.3g} behind in the objective's loss"
+
+
 def describe_selection(sel: dict[str, Any]) -> str:
     """How decisive the choice was, in a line."""
     parts = []
     if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
         share = sel.get("family_gap_share")
-        gap = sel["family_gap"]
-        parts.append(f"runner-up family {sel['runner_up_family']} is {gap:g} rank "
-                     f"point{'' if gap == 1 else 's'} behind"
+        parts.append(f"runner-up family {sel['runner_up_family']} is "
+                     f"{gap_words(sel['family_gap'], sel.get('family_gap_unit'))}"
                      + ("" if share is None else f" ({share:.0%} of the candidates' range)"))
     if sel.get("agreement_jaccard") is not None:
         parts.append(f"the top {sel['top_k']} configurations agree on "

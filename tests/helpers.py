@@ -172,10 +172,12 @@ def wait_http_ok(url: str, timeout: float = 60) -> None:
 
 
 def finish_job_with_scores(db_url: str, job_id: str,
-                           trials: list[tuple[str, dict[str, Any], float, list[float]]]) -> None:
+                           trials: list[tuple[str, dict[str, Any], float, list[float]]],
+                           selection: dict[str, Any] | None = None) -> None:
     """Play the worker's part for a queued job without training: claim it, store each
-    ``(augmentation, params, loss, scores)`` as a finished trial, and finish it (the
-    worker's own JobManager calls, so what the API reads is what a worker writes)."""
+    ``(augmentation, params, loss, scores)`` as a finished trial, and finish it with
+    ``selection`` (the worker's own JobManager calls, so what the API reads is what a
+    worker writes)."""
     from ssad_common.db import make_engine
     from worker.manager import JobManager
 
@@ -188,7 +190,7 @@ def finish_job_with_scores(db_url: str, job_id: str,
             manager.record_trial(job_id, claimed.attempt, number, augmentation=family,
                                  params=params, validation_loss=loss, losses={"dsv": loss},
                                  timings={"total_s": 1.0 + number}, scores=scores)
-        manager.finish(job_id, claimed.attempt)
+        manager.finish(job_id, claimed.attempt, selection)
     finally:
         engine.dispose()
 

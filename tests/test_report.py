@@ -122,3 +122,31 @@ def test_with_keys_on_a_signed_link_reads_that_job_only(db_url: str, digits: Any
         api.headers["Authorization"] = f"Bearer {other}"
         assert_error(api.get(f"/v1/jobs/{job_id}/report"), 404, "NotFound")
         assert_error(api.post(f"/v1/jobs/{job_id}/report-link"), 404, "NotFound")
+
+
+def test_the_family_gap_is_named_in_its_unit_for_new_and_old_jobs(db_url: str) -> None:
+    """A selection stored by this version counts its family gap in rank points; one stored
+    before the selection rule, with no unit, counted the objective's loss: the API names
+    that unit and the report page says it, rather than calling a loss a rank point."""
+    sel = {"best_trial": 1, "best_family": "rotate", "runner_up_family": "flip",
+           "runner_up_trial": 0, "family_gap_share": 0.5, "top_k": 2, "top_trials": [1, 0],
+           "flagged_share": 0.1, "agreement_jaccard": 0.25, "agreement_spearman": -1.0,
+           "candidates": 2}
+    stored = {"new": {**sel, "family_gap": 1.0, "family_gap_unit": "rank points"},
+              "old": {**sel, "family_gap": 0.04213}}
+    with client(db_url) as api:
+        seen = {}
+        for kind, selection in stored.items():
+            tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), f"{kind}.npz").json()["id"]
+            job_id = api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"]
+            finish_job_with_scores(db_url, job_id, [("flip", {}, -0.2, [0.0, 1, 2, 3]),
+                                                    ("rotate", {}, -0.6, [3.0, 2, 1, 0])],
+                                   selection)
+            seen[kind] = (api.get(f"/v1/jobs/{job_id}").json()["selection"],
+                          api.get(f"/v1/jobs/{job_id}/report").text)
+    assert seen["new"][0]["family_gap_unit"] == "rank points"
+    assert "is 1 rank point behind" in seen["new"][1]
+    assert seen["old"][0]["family_gap"] == 0.04213
+    assert seen["old"][0]["family_gap_unit"] == "loss"
+    assert "is 0.0421 behind in the objective's loss" in seen["old"][1]
+    assert "rank point" not in seen["old"][1]

@@ -78,6 +78,7 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     assert (d["runner_up_family"], d["runner_up_trial"]) == ("rotate", 4)
     assert d["family_gap"] == pytest.approx(2.0)
     assert d["family_gap_share"] == pytest.approx(2.0 / 6.0)
+    assert d["family_gap_unit"] == "rank points"
     assert d["top_trials"] == [1, 2, 4] and d["candidates"] == 4
     # best vs same: the 2 flagged images coincide (1.0); best vs other: none do (0.0).
     assert d["agreement_jaccard"] == pytest.approx(0.5)
@@ -91,6 +92,7 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
         decisiveness(cands[::-1], contamination=0.2)
     alone = decisiveness([Candidate(0, "rotate", 1.0, a)], contamination=0.1)
     assert alone["runner_up_family"] is None and alone["agreement_jaccard"] is None
+    assert alone["family_gap"] is None and alone["family_gap_unit"] is None
     with pytest.raises(ValueError, match="scores"):
         decisiveness([*cands[:1], Candidate(9, "x", 9.0, None)], contamination=0.1)
 
@@ -177,9 +179,15 @@ def test_the_cli_states_the_family_gap_in_rank_points() -> None:
     from ssad_tune.client import describe_selection
 
     sel = {"runner_up_family": "cutout", "family_gap": 1.0, "family_gap_share": 0.5,
-           "agreement_jaccard": 0.6, "top_k": 3}
+           "family_gap_unit": "rank points", "agreement_jaccard": 0.6, "top_k": 3}
     assert describe_selection(sel) == (
         "selection: runner-up family cutout is 1 rank point behind (50% of the candidates' "
         "range); the top 3 configurations agree on 60% of the images they flag")
     assert "is 2.5 rank points behind" in describe_selection({**sel, "family_gap": 2.5})
+    # A job that finished before the selection rule (or a server older than it): its gap
+    # is a loss difference, and is not called rank points.
+    old = {**sel, "family_gap": 0.04213, "family_gap_unit": "loss"}
+    assert "is 0.0421 behind in the objective's loss (50%" in describe_selection(old)
+    unit_less = {k: v for k, v in old.items() if k != "family_gap_unit"}
+    assert describe_selection(unit_less) == describe_selection(old)
     assert describe_selection({}) == "selection: one candidate only"

@@ -81,6 +81,7 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         assert sel["best_trial"] == best["number"] and sel["candidates"] == 2
         assert sel["runner_up_trial"] == other["number"]
         assert sel["family_gap"] == pytest.approx(other_sum - best_sum)
+        assert sel["family_gap_unit"] == "rank points"
         assert sel["top_trials"] == [best["number"], other["number"]]
         assert 0.0 <= sel["agreement_jaccard"] <= 1.0
         # The top-2 ensemble: the z-scored mean of the two full-length trials' scores.

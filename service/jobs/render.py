@@ -59,6 +59,15 @@ def _progress(job: Job, plan: StudyPlan | None) -> Progress:
                     estimated_remaining_s=remaining, current_trial=job.trial_progress)
 
 
+def selection_out(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's stored ``selection``, with the unit of its ``family_gap``: one stored before
+    the unit was (jobs that finished before the selection rule) has a gap in the
+    objective's loss."""
+    if not stored or "family_gap_unit" in stored:
+        return stored
+    return {**stored, "family_gap_unit": None if stored.get("family_gap") is None else "loss"}
+
+
 def _job_fields(job: Job) -> dict[str, Any]:
     best = None
     if job.best is not None and job.best_trial_number is not None:
@@ -73,7 +82,7 @@ def _job_fields(job: Job) -> dict[str, Any]:
         cancel_requested=job.cancel_requested,
         train_dataset_id=job.train_dataset_id, test_dataset_id=job.test_dataset_id,
         plan=None if plan is None else PlanOut(**plan.to_json()),
-        selection=job.selection, notify_url=job.notify_url,
+        selection=selection_out(job.selection), notify_url=job.notify_url,
         report_url=f"/v1/jobs/{job.id}/report")
 
 

@@ -25,11 +25,11 @@ from sqlalchemy.orm import Session
 from service.errors import AppError
 from service.jobs import service
 from service.jobs.cache import RENDERED
-from service.jobs.render import job_out, plot_png, trial_out
+from service.jobs.render import job_out, plot_png, selection_out, trial_out
 from service.jobs.schemas import JobOut
 from ssad_common.lifecycle import TERMINAL
 from ssad_common.models import Job, JobTrial
-from ssad_tune.client import fmt_duration
+from ssad_tune.client import fmt_duration, gap_words
 
 #: Content-Security-Policy of the page: nothing from elsewhere, only its own inline parts,
 #: its inlined images and requests to this server (the stream, the trials).
@@ -83,8 +83,7 @@ def _verdict(sel: dict[str, Any] | None) -> str:
     parts = []
     if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
         parts.append(f"the runner-up family, {escape(str(sel['runner_up_family']))}, is "
-                     f"{_fmt(sel['family_gap'])} rank "
-                     f"point{'' if sel['family_gap'] == 1 else 's'} behind"
+                     f"{gap_words(sel['family_gap'], sel.get('family_gap_unit'))}"
                      + ("" if share is None else f" ({share:.0%} of the candidates' range)"))
     if agree is not None:
         parts.append(f"the top {sel['top_k']} configurations agree on {agree:.0%} of the "
@@ -155,7 +154,7 @@ class Page:
                 f"<p>Objective {escape(str(spec.get('objective', '–')))}, detector "
                 f"{escape(str(spec.get('detector', 'small')))}, strategy "
                 f"{escape(str(spec.get('strategy', '–')))}.</p>"
-                f"<p>{_verdict(self.job.selection)}</p>")
+                f"<p>{_verdict(selection_out(self.job.selection))}</p>")
 
     def plan(self) -> str:
         plan = self.out.plan

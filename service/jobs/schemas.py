@@ -189,8 +189,12 @@ class SelectionOut(BaseModel):
         description="the runner-up family's best rank sum − the best trial's (rank sum: "
                     "the rank under the objective's loss plus the rank under MMD among the "
                     "candidates; the best has the lowest)")
+    family_gap_unit: Literal["rank points", "loss"] | None = Field(
+        None, description="what family_gap counts: `rank points` (rank sums, as above); "
+                          "`loss`, the objective's loss, for jobs that finished before the "
+                          "selection rule (2026-12-01), whose gap is the loss difference")
     family_gap_share: float | None = Field(
-        description="family_gap / (largest − smallest candidate rank sum)")
+        description="family_gap / (largest − smallest candidate score)")
     top_k: int
     top_trials: list[int]
     flagged_share: float = Field(description="the contamination: each of the top_k flags "

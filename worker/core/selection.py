@@ -55,6 +55,10 @@ def _flagged(scores: np.ndarray, share: float) -> set[int]:
     return set(np.argsort(-scores, kind="stable")[:n].tolist())
 
 
+#: What ``family_gap`` counts: the candidates' scores are rank sums (the selection rule).
+GAP_UNIT = "rank points"
+
+
 def decisiveness(candidates: Sequence[Candidate], contamination: float,
                  k: int = TOP_K) -> dict[str, Any]:
     """The family gap and the agreement of the top ``k`` of ``candidates`` (best first, as
@@ -86,6 +90,7 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
         "runner_up_family": None if runner is None else runner.augmentation,
         "runner_up_trial": None if runner is None else runner.number,
         "family_gap": gap,
+        "family_gap_unit": None if gap is None else GAP_UNIT,
         # Every candidate tied (spread 0): another family did exactly as well, share 0.
         "family_gap_share": None if gap is None else gap / spread if spread else 0.0,
         "top_k": len(top), "top_trials": [c.number for c in top],
