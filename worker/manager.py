@@ -441,9 +441,9 @@ class JobManager:
         assert slot is not None  # _fenced checked it
         if (job.trial_progress or {}).get("number") == number:
             job.trial_progress = None
-        started = slot.trial_started_at if slot.trial_number == number else None
+        started = None
         if slot.trial_number == number:
-            slot.trial_progress = None
+            started, slot.trial_progress = slot.trial_started_at, None
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @classmethod
