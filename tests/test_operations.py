@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import numpy as np
 import optuna
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ssad_common.db import make_engine
 from ssad_common.settings import optuna_storage_url
+from tests.conftest import fresh_database
 from tests.helpers import (
     client,
     finish_job_with_scores,
@@ -80,8 +82,11 @@ def test_metrics_answer_while_the_database_is_down() -> None:
     assert m[("ssad_database_up", ())] == 0
 
 
-def test_worker_logs_are_json_with_the_job_id(db_url: str, tmp_path: Path,
+def test_worker_logs_are_json_with_the_job_id(request: pytest.FixtureRequest, tmp_path: Path,
                                                digits: Any) -> None:
+    """On SQLite only: the log format does not depend on the database (a worker process
+    each, the test's whole cost)."""
+    db_url = fresh_database("sqlite", request, tmp_path)
     train, test, _ = digits
     with client(db_url) as api:
         tr, te = upload_pair(api, npz(train[:40, 0]), npz(test[:20, 0]))

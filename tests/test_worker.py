@@ -188,7 +188,7 @@ def test_sigterm_gives_the_job_back_and_another_worker_finishes_it(
     train_b, test_b, _ = digit_files
     with client(db_url) as api:
         tr, te = upload_pair(api, train_b, test_b)
-        job = api.post("/v1/jobs", json=tiny_job(tr, te, n_trials=2, train_steps=150)).json()
+        job = api.post("/v1/jobs", json=tiny_job(tr, te, n_trials=2, train_steps=60)).json()
         first = start_worker(db_url, tmp_path)
         wait_for(lambda: job_status(api, job["id"])["status"] == "running")
         time.sleep(1.0)
