@@ -14,6 +14,7 @@ TEST=${2:?usage: tune.sh TRAIN TEST [OUT.csv]}
 OUT=${3:-scores.csv}
 N_TRIALS=${N_TRIALS:-12}
 TRAIN_STEPS=${TRAIN_STEPS:-400}
+POLL_SECONDS=${POLL_SECONDS:-5}  # how often the job's status is read
 field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 AUTH=()
 if [ -n "${SSAD_API_KEY:-}" ]; then AUTH=(-H "Authorization: Bearer $SSAD_API_KEY"); fi
@@ -61,7 +62,7 @@ while true; do
       echo "job $status: ${err:+$err; }last event: $why" >&2
       exit 1 ;;
   esac
-  sleep 5
+  sleep "$POLL_SECONDS"
 done
 echo "best: $(field "['best']" <<<"$state")"
 api -f "$URL/v1/jobs/$job_id/scores?format=csv" -o "$OUT"

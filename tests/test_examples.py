@@ -47,7 +47,7 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
         p = subprocess.run(
             ["bash", str(ROOT / "examples/tune.sh"), str(tmp_path / "digits_train.npz"),
              str(tmp_path / "digits_test.npz"), str(out)],
-            env={**client_env, "N_TRIALS": "2", "TRAIN_STEPS": "8"},
+            env={**client_env, "N_TRIALS": "2", "TRAIN_STEPS": "8", "POLL_SECONDS": "0.5"},
             capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "succeeded" in p.stdout

@@ -337,13 +337,14 @@ def test_concurrent_first_jobs_on_a_fresh_database_all_succeed(
         postgres: PostgresServer, pg_template: str, tmp_path: Path) -> None:
     """Issue 9 item 2, end to end: on a freshly migrated database (no Optuna tables yet)
     two real workers start their first jobs at once; both open Optuna's storage, which
-    creates its tables. That used to collide and fail a job for good. Three rounds, each on
-    a fresh database (about 10 s a round on a quiet machine): the race itself is driven
+    creates its tables. That used to collide and fail a job for good. Two rounds, each on
+    a fresh database (about 20 s a round on a quiet machine, mostly the workers' start-up):
+    the race itself is driven
     harder, 4 processes at a barrier, in the test above; this one shows that the workers'
     own path takes the lock."""
     images = npz(np.random.default_rng(0).integers(0, 255, (4, 8, 8), dtype=np.uint8))
     failures = []
-    for rep in range(3):
+    for rep in range(2):
         url = postgres.url(postgres.create_database(pg_template))
         with client(url) as api:
             tr = upload(api, images, "a.npz").json()["id"]
