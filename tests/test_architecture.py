@@ -61,3 +61,17 @@ def test_torch_never_reaches_the_api(entry: str, tmp_path: Path) -> None:
                           text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_supervisor_of_cpu_workers_loads_no_engine(tmp_path: Path) -> None:
+    """``python -m worker --concurrency N --device cpu`` only starts and watches its N
+    worker processes: it loads neither torch, scikit-learn nor Optuna, which only the
+    workers use (about 350 MB and 8 s of start-up on this machine)."""
+    code = ("import sys; from worker.__main__ import child_devices; "
+            "print(child_devices('cpu', 3), sorted(m for m in ('torch', 'kornia', 'sklearn', "
+            "'optuna') if m in sys.modules))")
+    env = {"SSAD_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['cpu', 'cpu', 'cpu'] []"

@@ -16,8 +16,6 @@ import threading
 
 from ssad_common import logs
 from ssad_common.db import make_engine
-from worker.loop import build_context, run_worker
-from worker.manager import JobManager
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("ssad.worker")
@@ -26,9 +24,11 @@ log = logging.getLogger("ssad.worker")
 def child_devices(device: str, n: int) -> list[str]:
     """The device each of ``n`` worker processes gets: ``cuda``/``auto`` with GPUs present
     spread the workers over them (round robin), an explicit ``cuda:N`` or ``cpu`` is kept."""
-    import torch
+    gpus = 0
+    if device in ("auto", "cuda"):
+        import torch
 
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+        gpus = torch.cuda.device_count()
     if gpus:
         return [f"cuda:{i % gpus}" for i in range(n)]
     return ["cpu" if device == "auto" else device] * n
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--concurrency must be at least 1")
     if args.concurrency > 1:
         return supervise(args)
+    # Only a process that runs jobs loads the engine (torch, scikit-learn, Optuna): a
+    # supervisor of N workers stays small (it imports torch only to count GPUs).
+    from worker.loop import build_context, run_worker
+    from worker.manager import JobManager
+
     if args.threads is not None:
         import torch
 
