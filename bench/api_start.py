@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
+from tests.helpers import wait_http_ok
 from tests.pg import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +34,8 @@ def start_to_ready(checkout: Path, db: Path, timeout: float = 120) -> float:
          "--factory", "--port", str(port), "--log-level", "warning"],
         cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while time.perf_counter() - start < timeout:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-        raise TimeoutError(f"the API of {checkout} did not answer in {timeout} s")
+        wait_http_ok(f"http://127.0.0.1:{port}/healthz", timeout=timeout, every=0.02)
+        return time.perf_counter() - start
     finally:
         proc.kill()
         proc.wait()

@@ -160,15 +160,16 @@ def chromium_path() -> str | None:
     return found
 
 
-def wait_http_ok(url: str, timeout: float = 60) -> None:
-    """Wait until GET ``url`` answers 200 (a server process starting up)."""
+def wait_http_ok(url: str, timeout: float = 60, every: float = 0.2) -> None:
+    """Wait until GET ``url`` answers 200 (a server process starting up), asking every
+    ``every`` seconds."""
     def ok() -> bool:
         try:
             return httpx.get(url, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_for(ok, timeout=timeout)
+    wait_for(ok, timeout=timeout, every=every)
 
 
 def finish_job_with_scores(db_url: str, job_id: str,

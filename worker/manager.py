@@ -344,8 +344,9 @@ class JobManager:
         now = utcnow()
         values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + self.lease}
         with self._tx() as s:
-            if progress is not None and \
-                    s.get(JobTrial, (job_id, progress["number"])) is not None:
+            if progress is not None and s.scalar(select(JobTrial.number).where(
+                    JobTrial.job_id == job_id, JobTrial.number == progress["number"])) \
+                    is not None:
                 progress = None  # a late report of a trial already stored: not running
             if progress is not None:
                 values["trial_progress"] = {**progress, "at": now.isoformat()}

@@ -264,3 +264,7 @@ def top_png(images: np.ndarray, items: Sequence[tuple[int, str, float]],
         label = name if len(name) <= 18 else "…" + name[-17:]
         ax.set_title(f"{label}\n{score:.4g}", fontsize=8)
     return _png(fig)
+
+
+#: The plots of a study's trials, by name (GET /v1/jobs/{id}/plots/{name}).
+STUDY_PLOTS = {"history": history_png, "slice": slice_png, "importances": importances_png}

@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from service.errors import AppError
 from service.jobs import service
 from service.jobs.cache import RENDERED
-from service.jobs.render import job_out, plot_png, selection_out, trial_out
-from service.jobs.schemas import JobOut
+from service.jobs.render import job_out, plot_png, trial_out
+from service.jobs.schemas import JobOut, SelectionOut
 from ssad_common.lifecycle import TERMINAL
 from ssad_common.models import Job, JobTrial
 from ssad_tune.client import fmt_duration, gap_words
@@ -75,18 +75,18 @@ def _params(params: dict[str, Any]) -> str:
                      for k, v in sorted(params.items())) or "defaults"
 
 
-def _verdict(sel: dict[str, Any] | None) -> str:
+def _verdict(sel: SelectionOut | None) -> str:
     """How much to trust the choice, in a sentence (docs/benchmarks.md §7's reading)."""
-    if not sel:
+    if sel is None:
         return "No decisiveness figures: the job has not succeeded, or had one candidate."
-    share, agree = sel.get("family_gap_share"), sel.get("agreement_jaccard")
+    share, agree = sel.family_gap_share, sel.agreement_jaccard
     parts = []
-    if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
-        parts.append(f"the runner-up family, {escape(str(sel['runner_up_family']))}, is "
-                     f"{gap_words(sel['family_gap'], sel.get('family_gap_unit'))}"
+    if sel.runner_up_family is not None and sel.family_gap is not None:
+        parts.append(f"the runner-up family, {escape(sel.runner_up_family)}, is "
+                     f"{gap_words(sel.family_gap, sel.family_gap_unit)}"
                      + ("" if share is None else f" ({share:.0%} of the candidates' range)"))
     if agree is not None:
-        parts.append(f"the top {sel['top_k']} configurations agree on {agree:.0%} of the "
+        parts.append(f"the top {sel.top_k} configurations agree on {agree:.0%} of the "
                      "images they flag")
     decisive = (share is None or share >= 0.2) and (agree is None or agree >= 0.5)
     advice = ("The choice looks decisive." if decisive else
@@ -154,7 +154,7 @@ class Page:
                 f"<p>Objective {escape(str(spec.get('objective', '–')))}, detector "
                 f"{escape(str(spec.get('detector', 'small')))}, strategy "
                 f"{escape(str(spec.get('strategy', '–')))}.</p>"
-                f"<p>{_verdict(selection_out(self.job.selection))}</p>")
+                f"<p>{_verdict(self.out.selection)}</p>")
 
     def plan(self) -> str:
         plan = self.out.plan

@@ -377,16 +377,13 @@ def _images(session: Session, tenant_id: str, dataset_id: str) -> np.ndarray:
     return np.asarray(np.load(io.BytesIO(data), allow_pickle=False))
 
 
-STUDY_PLOTS = ("history", "slice", "importances")
-
-
 def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:
     """One of the job's plots, as PNG bytes (see service/jobs/plots.py)."""
     # matplotlib and Optuna load with the first plot asked for, not at every API start.
     from service.jobs import plots
 
     job = get_job(session, tenant_id, job_id)
-    if name in STUDY_PLOTS or name == "trials":
+    if name in plots.STUDY_PLOTS or name == "trials":
         completed = [t for t in repo.list_trials(session, job_id)
                      if t.state == TrialState.COMPLETE and t.validation_loss is not None]
         if name == "history":  # the trials the result is chosen among: full-length only
@@ -402,9 +399,7 @@ def plot(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> by
                 "importances need at least two parameters that every trial has; with several "
                 "augmentation families only the family is common to all trials (use a job "
                 "that searches one family, or the `slice` plot)")
-        draw = {"history": plots.history_png, "slice": plots.slice_png,
-                "importances": plots.importances_png}[name]
-        return draw(points)
+        return plots.STUDY_PLOTS[name](points)
     if name == "augmentation":
         art = repo.get_artifact(session, job_id, "augmentation.png")
         if art is None:
