@@ -11,7 +11,8 @@ Tasks come in sets (bench/tasks.py): ``dev``, on which every design decision was
 about it (its failures then shaped the second design, so it is development for that one);
 ``confirmation2``, fixed in advance for the second design; ``confirmation3``, fixed in
 advance for the selection rule (the rank sum of DSV and MMD), chosen on the development
-runs of the rounds before.
+runs of the rounds before; ``confirmation4``, fixed in advance for the trust verdict
+(``selection.trust``, its threshold read off the development runs).
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]
@@ -44,6 +45,7 @@ from bench.tasks import (
     all_tasks,
     confirmation2_tasks,
     confirmation3_tasks,
+    confirmation4_tasks,
     confirmation_tasks,
     development_tasks,
 )
@@ -61,7 +63,8 @@ RULE = "dsv+mmd ranks"
 
 TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation2": confirmation2_tasks,
-             "confirmation3": confirmation3_tasks, "all": all_tasks}
+             "confirmation3": confirmation3_tasks, "confirmation4": confirmation4_tasks,
+             "all": all_tasks}
 
 
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:
@@ -265,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/engine.json")
     ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
                     help="dev: the tasks decisions are taken on; confirmation, "
-                    "confirmation2, confirmation3: held out (see the module's docstring)")
+                    "confirmation2, confirmation3, confirmation4: held out (see the module's "
+                    "docstring)")
     ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
                     "(default: all of it)")
     ap.add_argument("--steps", type=int, default=150)

@@ -210,6 +210,26 @@ def confirmation3_tasks() -> list[Task]:
     return [*confirmation3_injected_tasks(), mnist_one_class(4), cifar_one_class(2)]
 
 
+def confirmation4_injected_tasks() -> list[Task]:
+    """Injected defects for the trust verdict (``selection.trust``, 2026-12-01): digit,
+    size and fill pairs never seen before, and other test images (seed 3)."""
+    return [
+        square_task("mnist-black-sq10-d3", 3, 0, 10, "black", seed=3),
+        square_task("mnist-noise-sq7-d1", 1, None, 7, "noise", seed=3),
+        square_task("mnist-grey200-sq6-d0", 0, 200, 6, "grey", seed=3),
+        square_task("mnist-white-sq8-d9", 9, 255, 8, "white", seed=3),
+        scar_task("mnist-scar-2x10-d5", 5, 2, 10, seed=3),
+    ]
+
+
+def confirmation4_tasks() -> list[Task]:
+    """Chosen in advance for the trust verdict (its threshold, 0.5 on the top 3's
+    agreement, was read off the development runs; committed before any run on these) and
+    never used for a decision. The study and the selection rule are those of the third
+    round, unchanged, so these are also a fourth held-out reading of the issue's bars."""
+    return [*confirmation4_injected_tasks(), mnist_one_class(0), cifar_one_class(0)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -231,4 +251,4 @@ def confirmation_tasks() -> list[Task]:
 
 def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
-            *confirmation3_tasks()]
+            *confirmation3_tasks(), *confirmation4_tasks()]
