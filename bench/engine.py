@@ -39,7 +39,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from bench.selection_rules import product_ranking
+from bench.selection_rules import RULE, product_ranking, trust_summary
 from bench.tasks import (
     Task,
     all_tasks,
@@ -50,16 +50,13 @@ from bench.tasks import (
     development_tasks,
 )
 from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace
+from ssad_common.strategy import trust
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
 from worker.core.selection import TOP_K, Candidate, decisiveness, ensemble_scores
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
-
-#: The product's own choice (ssad_common.strategy.ranked: the default objective's rank
-#: plus MMD's), reported beside each objective's argmin.
-RULE = "dsv+mmd ranks"
 
 TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation2": confirmation2_tasks,
@@ -248,8 +245,9 @@ def report(results: list[dict[str, Any]]) -> str:
     if dec:
         lines.append("")
         lines.append(f"| task ({RULE}) | family gap (share) | top-3 agreement (Jaccard / "
-                     "Spearman) | selection − fixed cutpaste | regret |")
-        lines.append("|---|---|---|---|---|")
+                     "Spearman) | trust | selection − fixed cutpaste | regret | top-3 ensemble "
+                     "− selection |")
+        lines.append("|---|---|---|---|---|---|---|")
         for r in dec:
             o = r["objectives"][RULE]
             d = o["decisiveness"]
@@ -258,8 +256,12 @@ def report(results: list[dict[str, Any]]) -> str:
             agree = ("-" if d["agreement_jaccard"] is None else
                      f"{d['agreement_jaccard']:.2f} / {d['agreement_spearman']:+.2f}")
             lines.append(f"| {r['task']} | {gap} | {agree} | "
+                         f"{trust(d['agreement_jaccard']) or '-'} | "
                          f"{o['selected']['auroc'] - r['fixed_cutpaste']:+.3f} | "
-                         f"{o['regret']:.3f} |")
+                         f"{o['regret']:.3f} | "
+                         f"{o['ensemble_top'] - o['selected']['auroc']:+.3f} |")
+        lines.append("")
+        lines.append(trust_summary(dec))
     return "\n".join(lines)
 
 

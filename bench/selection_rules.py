@@ -28,10 +28,14 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ssad_common.jobspec import DEFAULT_OBJECTIVE
-from ssad_common.strategy import ranked
+from ssad_common.strategy import ranked, trust
 
 Trial = dict[str, Any]
 Rule = Callable[[Sequence[Trial]], np.ndarray]
+
+#: The product's own choice (ssad_common.strategy.ranked: the default objective's rank
+#: plus MMD's), as bench.engine records it beside each objective's argmin.
+RULE = "dsv+mmd ranks"
 
 
 def _ranks(trials: Sequence[Trial], name: str) -> np.ndarray:
@@ -122,13 +126,50 @@ def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def trust_summary(results: Sequence[dict[str, Any]]) -> str:
+    """Per verdict of ``selection.trust`` (ssad_common.strategy.trust of the recorded
+    agreement of the top 3): tasks, regret, how often the choice beat fixed CutPaste and
+    how often the top-3 ensemble beat the choice. Each run is read as the product's rule
+    chose (:data:`RULE`) where it recorded that rule's decisiveness, else as DSV alone chose
+    (runs before the rule); the table says how many of each."""
+    rows = []
+    for r in results:
+        way = next((w for w in (RULE, DEFAULT_OBJECTIVE)
+                    if "decisiveness" in r["objectives"].get(w, {})), None)
+        if way is not None:
+            o = r["objectives"][way]
+            rows.append((way, trust(o["decisiveness"]["agreement_jaccard"]), o,
+                         r["fixed_cutpaste"]))
+    ways = {w: sum(row[0] == w for row in rows) for w in (RULE, DEFAULT_OBJECTIVE)}
+    lines = [f"{len(rows)} task runs with the agreement recorded ("
+             + ", ".join(f"{n} as {w} chose" for w, n in ways.items() if n) + ")", "",
+             "| trust | tasks | median regret | largest regret | beats fixed cutpaste | "
+             "top-3 ensemble beats the choice |", "|---|---|---|---|---|---|"]
+    for verdict in ("decisive", "uncertain"):
+        group = [(o, fixed) for _, v, o, fixed in rows if v == verdict]
+        if not group:
+            lines.append(f"| {verdict} | 0 | - | - | - | - |")
+            continue
+        regrets = [o["regret"] for o, _ in group]
+        beats = sum(o["selected"]["auroc"] > fixed for o, fixed in group)
+        ens = sum(o["ensemble_top"] > o["selected"]["auroc"] for o, _ in group)
+        lines.append(f"| {verdict} | {len(group)} | {statistics.median(regrets):.3f} | "
+                     f"{max(regrets):.3f} | {beats}/{len(group)} | {ens}/{len(group)} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path, help="bench.engine result files")
+    ap.add_argument("--trust", action="store_true",
+                    help="also the trust verdict's record (selection.trust) on these runs")
     args = ap.parse_args(argv)
     results = [r for f in args.results for r in json.loads(f.read_text())["results"]]
     print(report(evaluate(results)))
+    if args.trust:
+        print()
+        print(trust_summary(results))
     return 0
 
 

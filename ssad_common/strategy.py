@@ -126,6 +126,22 @@ def selectable(completed: Iterable[T]) -> list[T]:
     return [t for _, t in ranked(completed)]
 
 
+#: ``selection.trust``: a choice is "decisive" when the top configurations agree on at
+#: least this share of the images they flag (mean Jaccard overlap), "uncertain" below.
+#: Read off the development runs (docs/benchmarks.md §7, *A trust verdict*): every run at
+#: or above it had regret ≤ 0.016 and beat fixed CutPaste; every run below, regret ≥ 0.035.
+TRUST_AGREEMENT: Final = 0.5
+Trust = Literal["decisive", "uncertain"]
+
+
+def trust(agreement_jaccard: float | None) -> Trust | None:
+    """How far to trust a study's choice, from its top configurations' agreement (None:
+    one candidate, nothing to compare it with)."""
+    if agreement_jaccard is None:
+        return None
+    return "decisive" if agreement_jaccard >= TRUST_AGREEMENT else "uncertain"
+
+
 @dataclass(frozen=True)
 class StudyPlan:
     """What a study will run: ``screen_families`` at their defaults and one more

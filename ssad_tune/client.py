@@ -351,7 +351,12 @@ def describe_selection(sel: dict[str, Any]) -> str:
     if sel.get("agreement_jaccard") is not None:
         parts.append(f"the top {sel['top_k']} configurations agree on "
                      f"{sel['agreement_jaccard']:.0%} of the images they flag")
-    return "selection: " + ("; ".join(parts) if parts else "one candidate only")
+    verdict = {"decisive": "\ntrust: decisive",
+               "uncertain": "\ntrust: uncertain: the tuned detector may be no better than "
+                            "its runner-up; the top 3 configurations' ensemble hedges it "
+                            "(GET /v1/jobs/ID/scores?ensemble=3)"}.get(sel.get("trust") or "",
+                                                                        "")
+    return "selection: " + ("; ".join(parts) if parts else "one candidate only") + verdict
 
 
 def trial_counts(job: dict[str, Any]) -> tuple[int, int]:

@@ -82,6 +82,7 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     assert d["top_trials"] == [1, 2, 4] and d["candidates"] == 4
     # best vs same: the 2 flagged images coincide (1.0); best vs other: none do (0.0).
     assert d["agreement_jaccard"] == pytest.approx(0.5)
+    assert d["trust"] == "decisive"  # at the threshold: half of the flagged images agree
     assert d["agreement_spearman"] == pytest.approx(0.0)
     z = ensemble_scores(cands, k=2)  # the two cutout trials: the same ranking as a
     assert list(np.argsort(z)) == list(np.argsort(a))
@@ -93,8 +94,21 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     alone = decisiveness([Candidate(0, "rotate", 1.0, a)], contamination=0.1)
     assert alone["runner_up_family"] is None and alone["agreement_jaccard"] is None
     assert alone["family_gap"] is None and alone["family_gap_unit"] is None
+    assert alone["trust"] is None  # nothing to compare the choice with
+    split = decisiveness([Candidate(1, "cutout", 2.0, a), Candidate(4, "rotate", 4.0, other)],
+                         contamination=0.2)
+    assert split["agreement_jaccard"] == 0.0 and split["trust"] == "uncertain"
     with pytest.raises(ValueError, match="scores"):
         decisiveness([*cands[:1], Candidate(9, "x", 9.0, None)], contamination=0.1)
+
+
+def test_the_trust_verdict_reads_the_agreement_against_its_threshold() -> None:
+    from ssad_common.strategy import TRUST_AGREEMENT, trust
+
+    assert TRUST_AGREEMENT == 0.5  # the value docs/benchmarks.md §7 tested on held-out tasks
+    assert trust(None) is None
+    assert trust(0.5) == trust(0.9) == trust(1.0) == "decisive"
+    assert trust(0.49) == trust(0.0) == "uncertain"
 
 
 @dataclass(frozen=True)
@@ -191,3 +205,7 @@ def test_the_cli_states_the_family_gap_in_rank_points() -> None:
     unit_less = {k: v for k, v in old.items() if k != "family_gap_unit"}
     assert describe_selection(unit_less) == describe_selection(old)
     assert describe_selection({}) == "selection: one candidate only"
+    assert describe_selection({**sel, "trust": "decisive"}).endswith("\ntrust: decisive")
+    hedge = describe_selection({**sel, "agreement_jaccard": 0.2, "trust": "uncertain"})
+    assert "\ntrust: uncertain: the tuned detector may be no better" in hedge
+    assert "scores?ensemble=3" in hedge

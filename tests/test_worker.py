@@ -84,6 +84,7 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         assert sel["family_gap_unit"] == "rank points"
         assert sel["top_trials"] == [best["number"], other["number"]]
         assert 0.0 <= sel["agreement_jaccard"] <= 1.0
+        assert sel["trust"] == ("decisive" if sel["agreement_jaccard"] >= 0.5 else "uncertain")
         # The top-2 ensemble: the z-scored mean of the two full-length trials' scores.
         ens = api.get(f"/v1/jobs/{job['id']}/scores", params={"ensemble": 2}).json()
         assert ens["trial_number"] == best["number"]

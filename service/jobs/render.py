@@ -18,7 +18,7 @@ from ssad_common.jobspec import InvalidJobSpec, TuneSpec, load_spec
 from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job, JobTrial
 from ssad_common.search_space import SearchSpace
-from ssad_common.strategy import StudyPlan, plan_for
+from ssad_common.strategy import StudyPlan, plan_for, trust
 
 MEDIA = {"json": "application/json", "csv": "text/csv"}
 
@@ -60,12 +60,18 @@ def _progress(job: Job, plan: StudyPlan | None) -> Progress:
 
 
 def selection_out(stored: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A job's stored ``selection``, with the unit of its ``family_gap``: one stored before
-    the unit was (jobs that finished before the selection rule) has a gap in the
-    objective's loss."""
-    if not stored or "family_gap_unit" in stored:
+    """A job's stored ``selection`` as served now. Fields stored before they existed are
+    filled in: the unit of its ``family_gap`` (jobs that finished before the selection
+    rule have a gap in the objective's loss) and the ``trust`` verdict (from the stored
+    agreement, by the same rule the worker applies)."""
+    if not stored:
         return stored
-    return {**stored, "family_gap_unit": None if stored.get("family_gap") is None else "loss"}
+    out = dict(stored)
+    if "family_gap_unit" not in out:
+        out["family_gap_unit"] = None if out.get("family_gap") is None else "loss"
+    if "trust" not in out:
+        out["trust"] = trust(out.get("agreement_jaccard"))
+    return out
 
 
 def _job_fields(job: Job) -> dict[str, Any]:

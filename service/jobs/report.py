@@ -88,12 +88,12 @@ def _verdict(sel: SelectionOut | None) -> str:
     if agree is not None:
         parts.append(f"the top {sel.top_k} configurations agree on {agree:.0%} of the "
                      "images they flag")
-    decisive = (share is None or share >= 0.2) and (agree is None or agree >= 0.5)
-    advice = ("The choice looks decisive." if decisive else
-              "The choice is not decisive: the tuned detector may be no better than its "
+    advice = ("" if sel.trust is None else
+              "The choice is decisive." if sel.trust == "decisive" else
+              "The choice is uncertain: the tuned detector may be no better than its "
               "runner-up; consider the ensemble of the top configurations "
               "(scores?ensemble=3).")
-    return (("; ".join(parts).capitalize() + ". ") if parts else "") + advice
+    return ((("; ".join(parts).capitalize() + ". ") if parts else "") + advice).strip()
 
 
 class Page:

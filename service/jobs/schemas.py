@@ -26,7 +26,7 @@ from ssad_common.jobspec import (
     Seed,
     TrainSteps,
 )
-from ssad_common.strategy import DEFAULT_STRATEGY, StrategyName
+from ssad_common.strategy import DEFAULT_STRATEGY, TRUST_AGREEMENT, StrategyName, Trust
 
 
 class SearchSpaceIn(BaseModel):
@@ -176,9 +176,9 @@ class PlanOut(BaseModel):
 
 
 class SelectionOut(BaseModel):
-    """How decisive the choice was, without labels (worker/core/selection.py): a small
-    family gap or a low agreement says the tuned detector may be no better than its
-    runner-up."""
+    """How decisive the choice was, without labels (worker/core/selection.py): a low
+    agreement (``trust: uncertain``) says the tuned detector may be no better than its
+    runner-up; the family gap says how close the runner-up family came."""
 
     best_trial: int
     best_family: str
@@ -206,6 +206,13 @@ class SelectionOut(BaseModel):
         description="mean Spearman correlation of the best's scores with each other top "
                     "trial's")
     candidates: int
+    trust: Trust | None = Field(
+        None, description=f"the verdict: `decisive` when agreement_jaccard ≥ "
+                          f"{TRUST_AGREEMENT} (the top configurations flag mostly the same "
+                          "images), `uncertain` below it: the tuned detector may be no "
+                          "better than a default, and `GET /v1/jobs/{id}/scores?ensemble=3` "
+                          "is the hedge; null with one candidate. The threshold and its "
+                          "held-out record: docs/benchmarks.md §7")
 
 
 #: The v1 field ``augmentation`` names an augmentation *family* (cutout, rotate, ...); the

@@ -13,6 +13,10 @@ Two signals, from what every study already has:
   and the mean Spearman correlation of their scores. When the top configurations disagree,
   which images are anomalous depends on a choice the loss barely made.
 
+The verdict, ``trust`` (:func:`ssad_common.strategy.trust`), is read from the agreement
+alone: on the development runs the agreement separated the good choices from the bad ones
+and the family gap did not.
+
 :func:`ensemble_scores` is the mean of the z-scored scores of the top-k candidates.
 Pure numpy: the worker calls it when a job finishes, the benchmark on every task.
 """
@@ -28,6 +32,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from ssad_common.ensemble import zscore_mean
+from ssad_common.strategy import trust
 
 #: How many of the best candidates the agreement and the ensemble use.
 TOP_K = 3
@@ -85,6 +90,7 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
         jaccard.append(len(flagged & theirs) / len(flagged | theirs))
         r = float(spearmanr(best_scores, _scores(other)).statistic)
         rho.append(r if np.isfinite(r) else 0.0)  # constant scores: no rank agreement
+    agreement = float(np.mean(jaccard)) if jaccard else None
     return {
         "best_trial": best.number, "best_family": best.augmentation,
         "runner_up_family": None if runner is None else runner.augmentation,
@@ -95,9 +101,10 @@ def decisiveness(candidates: Sequence[Candidate], contamination: float,
         "family_gap_share": None if gap is None else gap / spread if spread else 0.0,
         "top_k": len(top), "top_trials": [c.number for c in top],
         "flagged_share": contamination,
-        "agreement_jaccard": float(np.mean(jaccard)) if jaccard else None,
+        "agreement_jaccard": agreement,
         "agreement_spearman": float(np.mean(rho)) if rho else None,
         "candidates": len(ranked),
+        "trust": trust(agreement),
     }
 
 
