@@ -11,6 +11,13 @@ Only here are labels read (AUROC).
         --plot docs/img/landscape.png [--tasks a,b] [--steps 150] [--points 8]
     .venv/bin/python -m bench.landscape --report-only --out ... --plot ...
 
+One training run per point is noisy. To see whether averaging seeds would place the
+minimum, sweep the matched-fill curves again with other seeds and report them together:
+
+    .venv/bin/python -m bench.landscape --seed 1 --matched-only --out landscape-seed1.json
+    .venv/bin/python -m bench.landscape --seeds bench/results/landscape.json \
+        landscape-seed1.json ...   # per curve: each seed's argmin and the mean's
+
 Writes the JSON after each curve (a crash keeps what finished; --resume goes on from it).
 """
 
@@ -102,6 +109,40 @@ def report(curves: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def seed_report(runs: list[list[dict[str, Any]]], objectives: list[str]) -> str:
+    """The curves that every run swept, one row per curve and objective: where each seed's
+    minimum lies against the true size, where the minimum of the loss averaged over the
+    seeds lies, the AUROC there (the mean over the seeds), and the spread of the loss
+    between seeds against the depth of the mean curve (its largest minus its smallest
+    value)."""
+    keyed = [{(c["task"], c["curve"]): c for c in run} for run in runs]
+    common = [k for k in keyed[0] if all(k in other for other in keyed[1:])]
+    lines = [f"{len(runs)} seeds; the curves all of them swept", "",
+             "| task | curve | objective | argmin / true, each seed | argmin / true, mean "
+             "of the seeds (mean AUROC there) | within 1.5× | best mean-AUROC size / true "
+             "| seed spread / curve depth |", "|---|---|---|---|---|---|---|---|"]
+    for key in common:
+        curves = [k[key] for k in keyed]
+        true = curves[0]["truth"]["patch_size"]
+        sizes = [p["patch_size"] for p in curves[0]["points"]]
+        if any([p["patch_size"] for p in c["points"]] != sizes for c in curves):
+            raise ValueError(f"{key}: the runs swept different grids")
+        auroc = np.mean([[p["auroc"] for p in c["points"]] for c in curves], axis=0)
+        for name in objectives:
+            loss = np.array([[p["losses"][name] for p in c["points"]] for c in curves])
+            each = ", ".join(f"{sizes[int(np.argmin(row))] / true:.2f}" for row in loss)
+            mean = loss.mean(axis=0)
+            at = int(np.argmin(mean))
+            ratio = sizes[at] / true
+            spread = float(np.median(loss.std(axis=0, ddof=1)))
+            depth = float(mean.max() - mean.min())
+            lines.append(
+                f"| {key[0]} | {key[1]} | {name} | {each} | {ratio:.2f}× ({auroc[at]:.3f}) | "
+                f"{'yes' if max(ratio, 1 / ratio) <= 1.5 else 'no'} | "
+                f"{sizes[int(np.argmax(auroc))] / true:.2f}× | {spread:.3f} / {depth:.3f} |")
+    return "\n".join(lines)
+
+
 def plot(curves: list[dict[str, Any]], path: Path, objectives: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -154,11 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--resume", action="store_true",
                     help="keep the curves already in --out and sweep only the missing ones")
+    ap.add_argument("--matched-only", action="store_true",
+                    help="sweep only the curve whose fill matches the defect")
+    ap.add_argument("--seeds", nargs="+", type=Path, metavar="RESULTS",
+                    help="report the runs of several seeds together (no training)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out)
     objectives = [o for o in args.objectives.split(",") if o]
     curves: list[dict[str, Any]] = []
+    if args.seeds:
+        print(seed_report([json.loads(f.read_text())["curves"] for f in args.seeds],
+                          objectives))
+        return 0
     if args.report_only:
         curves = json.loads(out.read_text())["curves"]
     else:
@@ -170,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": f"{platform.processor() or platform.machine()}, "
                            f"{torch.get_num_threads()} torch threads, torch "
                            f"{torch.__version__}",
-                "steps": args.steps, "grid": grid.tolist(), "seed": args.seed}
+                "steps": args.steps, "grid": grid.tolist(), "seed": args.seed,
+                "matched_only": args.matched_only}
         if args.resume and out.exists():
             curves = json.loads(out.read_text())["curves"]
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {curve['task']} / {curve['curve']}: done", flush=True)
 
         done = {(c["task"], c["curve"]) for c in curves}
-        for which in (0, 1):  # every task's matched-fill curve first, then the others
+        for which in (0,) if args.matched_only else (0, 1):  # matched fills first
             for task in tasks:
                 sweep(task, grid, args.steps, args.seed, args.image_size, done, save, which)
     plot(curves, Path(args.plot), objectives)
