@@ -88,12 +88,12 @@ def _verdict(sel: SelectionOut | None) -> str:
     if agree is not None:
         parts.append(f"the top {sel.top_k} configurations agree on {agree:.0%} of the "
                      "images they flag")
-    advice = ("" if sel.trust is None else
+    advice = ("One candidate: nothing to compare the choice with." if sel.trust is None else
               "The choice is decisive." if sel.trust == "decisive" else
               "The choice is uncertain: the tuned detector may be no better than its "
               "runner-up; consider the ensemble of the top configurations "
               "(scores?ensemble=3).")
-    return ((("; ".join(parts).capitalize() + ". ") if parts else "") + advice).strip()
+    return (("; ".join(parts).capitalize() + ". ") if parts else "") + advice
 
 
 class Page:

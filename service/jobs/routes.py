@@ -172,8 +172,9 @@ def job_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, request
                    ge=MIN_K, le=MAX_K,
                    description="instead of the best trial's scores: the mean of the z-scored "
                                "scores of the best `ensemble` full-length trials (listed in "
-                               "`ensemble_trials`). Worth it when the job's `selection` is "
-                               "not decisive (docs/benchmarks.md §7)")] = None,
+                               "`ensemble_trials`). A hedge for when the job's "
+                               "`selection.trust` is `uncertain` (docs/benchmarks.md §7)")
+               ] = None,
                ) -> Response:
     return scores_response(session, tenant, job_id, None, format, request, ensemble)
 
