@@ -141,7 +141,8 @@ def _tune(args: argparse.Namespace) -> int:
     return client.tune(Path(args.train), Path(args.test), Path(args.out),
                        url=args.url or client.default_url(),
                        api_key=os.environ.get("SSAD_API_KEY"), job_options=options,
-                       backbone=Path(args.backbone) if args.backbone else None)
+                       backbone=Path(args.backbone) if args.backbone else None,
+                       ensemble=args.ensemble)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -184,6 +185,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--detector", choices=("small", "resnet18"))
+    t.add_argument("--ensemble", type=int, choices=range(2, 11), metavar="K",
+                   help="write the mean z-score of the top K full-length configurations "
+                        "(2-10) instead of the best's: the hedge for when the trust line "
+                        "says uncertain")
     t.add_argument("--backbone", metavar="FILE",
                    help="start every trial from these encoder weights (torch.save(model."
                         "encoder.state_dict(), FILE), for the job's detector and size)")

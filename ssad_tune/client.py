@@ -496,8 +496,9 @@ def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
 
 def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
          job_options: dict[str, Any], stream: TextIO = sys.stderr,
-         backbone: Path | None = None) -> int:
-    """The whole round trip; returns the process exit code."""
+         backbone: Path | None = None, ensemble: int | None = None) -> int:
+    """The whole round trip; returns the process exit code. ``ensemble=k``: the scores
+    written are the top-k configurations' mean z-score instead of the best trial's."""
     for p in (train, test):
         if not p.exists():
             print(f"error: {p}: no such file or folder", file=sys.stderr)
@@ -533,20 +534,27 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
             print(f"job {job['status']}: {why_it_ended(client, job)}", file=sys.stderr)
             save_best_finished_trial(client, job, out, stream)
             return 1
-        csv = client.request("GET", f"/v1/jobs/{job_id}/scores",
-                             params={"format": "csv"}).content
+        params: dict[str, Any] = {"format": "csv"}
+        if ensemble is not None:
+            params["ensemble"] = ensemble
+        csv = client.request("GET", f"/v1/jobs/{job_id}/scores", params=params).content
         out.write_bytes(csv)
         best = job["best"]
-        thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
-        rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
         print(f"best: {best['augmentation']} {json.dumps(best['params'])} "
               f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
               file=stream)
         if job.get("selection"):
             print(describe_selection(job["selection"]), file=stream)
-        print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
-              f"{rule['n_flagged']} of {te['n_samples']} test images", file=stream)
-        print(f"scores written to {out}", file=stream)
+        if ensemble is None:
+            thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
+            rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
+            print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
+                  f"{rule['n_flagged']} of {te['n_samples']} test images", file=stream)
+            print(f"scores written to {out}", file=stream)
+        else:  # the suggested threshold is set on the best trial's scores, not on z-scores
+            print(f"scores written to {out}: the mean z-score of the top {ensemble} "
+                  "full-length configurations, or of as many as finished (no suggested "
+                  "threshold: it is set on the best trial's scores)", file=stream)
         return 0
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from httpx_sse import EventSource
 
 from service.tenants import create_key
@@ -23,6 +24,7 @@ from ssad_tune.client import Progress, default_url, fmt_duration
 from tests.helpers import (
     ROOT,
     claim_and_cancel,
+    finish_job_with_scores,
     npz,
     start_api,
     start_worker,
@@ -182,6 +184,50 @@ def test_an_unreachable_server_is_reported_at_once_with_how_to_point_elsewhere(
     assert "--url" in p.stderr and "SSAD_URL" in p.stderr
     # No minute of retries against an address where nothing ever answered.
     assert time.monotonic() - started < 60
+
+
+def test_tune_ensemble_writes_the_top_configurations_mean_z_score(
+        pg_url: str, tmp_path: Path) -> None:
+    """`tune --ensemble K` writes the top-K configurations' z-scored mean (what
+    `?ensemble=K` serves), prints the trust line that calls for it, and prints no suggested
+    threshold (that is set on the best trial's scores, another scale)."""
+    (tmp_path / "train.npz").write_bytes(npz(np.zeros((6, 8, 8), np.uint8)))
+    (tmp_path / "test.npz").write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
+    api, url = start_api(pg_url, tmp_path)
+    out = tmp_path / "scores.csv"
+    try:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "ssad_tune.cli", "tune", "train.npz", "test.npz", "-o",
+             str(out), "--n-trials", "2", "--ensemble", "2", "--url", url], cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            jobs = wait_for(lambda: httpx.get(f"{url}/v1/jobs").json()["items"], timeout=120)
+            # Play the worker: two full-length trials that rank the images in opposite
+            # orders, and a selection that says the choice is uncertain.
+            best, other = [0.0, 1.0, 2.0, 10.0], [3.0, 2.0, 1.0, 0.0]
+            finish_job_with_scores(pg_url, jobs[0]["id"], [
+                ("rotate", {"angle": 90.0}, -0.5, best), ("flip", {}, -0.2, other)],
+                {"best_trial": 0, "best_family": "rotate", "runner_up_family": "flip",
+                 "runner_up_trial": 1, "family_gap": 1.0, "family_gap_unit": "rank points",
+                 "family_gap_share": 1.0, "top_k": 2, "top_trials": [0, 1],
+                 "flagged_share": 0.25, "agreement_jaccard": 0.0, "agreement_spearman": -1.0,
+                 "candidates": 2, "trust": "uncertain"})
+            _, stderr = cli.communicate(timeout=120)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+    finally:
+        api.kill()
+        api.wait()
+    assert cli.returncode == 0, stderr
+    assert "trust: uncertain: the tuned detector may be no better" in stderr
+    assert "the mean z-score of the top 2 full-length configurations" in stderr
+    assert "suggested threshold (" not in stderr
+    written = [float(r["score"]) for r in csv.DictReader(out.open())]
+    z = [(np.array(s) - np.mean(s)) / np.std(s) for s in (best, other)]
+    assert written == pytest.approx(list((z[0] + z[1]) / 2))
+    assert written != pytest.approx(best)
 
 
 def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
