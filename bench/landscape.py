@@ -139,7 +139,7 @@ def seed_report(runs: list[list[dict[str, Any]]], objectives: list[str]) -> str:
             lines.append(
                 f"| {key[0]} | {key[1]} | {name} | {each} | {ratio:.2f}× ({auroc[at]:.3f}) | "
                 f"{'yes' if max(ratio, 1 / ratio) <= 1.5 else 'no'} | "
-                f"{sizes[int(np.argmax(auroc))] / true:.2f}× | {spread:.3f} / {depth:.3f} |")
+                f"{sizes[int(np.argmax(auroc))] / true:.2f}× | {spread:.2g} / {depth:.2g} |")
     return "\n".join(lines)
 
 
