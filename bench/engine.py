@@ -48,6 +48,7 @@ from bench.tasks import (
     confirmation4_tasks,
     confirmation_tasks,
     development_tasks,
+    within,
 )
 from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace
 from ssad_common.strategy import trust
@@ -179,10 +180,6 @@ def with_rule(r: dict[str, Any]) -> dict[str, Any]:
         return r
     return {**r, "objectives": {RULE: selection_entry(selections(r["trials"])[RULE]),
                                 **r["objectives"]}}
-
-
-def within(a: float, b: float, factor: float) -> bool:
-    return max(a, b) / min(a, b) <= factor
 
 
 def report(results: list[dict[str, Any]]) -> str:

@@ -36,7 +36,7 @@ import optuna
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.tasks import Task, confirmation_injected_tasks, injected_tasks
+from bench.tasks import Task, confirmation_injected_tasks, injected_tasks, within
 from ssad_common.search_space import FloatParam, get_family
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
@@ -138,7 +138,7 @@ def seed_report(runs: list[list[dict[str, Any]]], objectives: list[str]) -> str:
             depth = float(mean.max() - mean.min())
             lines.append(
                 f"| {key[0]} | {key[1]} | {name} | {each} | {ratio:.2f}× ({auroc[at]:.3f}) | "
-                f"{'yes' if max(ratio, 1 / ratio) <= 1.5 else 'no'} | "
+                f"{'yes' if within(sizes[at], true, 1.5) else 'no'} | "
                 f"{sizes[int(np.argmax(auroc))] / true:.2f}× | {spread:.2g} / {depth:.2g} |")
     return "\n".join(lines)
 

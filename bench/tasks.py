@@ -30,6 +30,11 @@ class Task:
     search_space: dict[str, Any] | None = None  # None = the service's default space
 
 
+def within(a: float, b: float, factor: float) -> bool:
+    """Whether two patch sizes are within ``factor`` of each other (the issue's 1.5×)."""
+    return max(a, b) / min(a, b) <= factor
+
+
 def _nchw(x: np.ndarray) -> np.ndarray:
     return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
 

@@ -185,6 +185,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--detector", choices=("small", "resnet18"))
+    # The server's bounds (ssad_common.ensemble.MIN_K, MAX_K), checked here before anything
+    # is uploaded; the client wheel does not ship ssad_common.
     t.add_argument("--ensemble", type=int, choices=range(2, 11), metavar="K",
                    help="write the mean z-score of the top K full-length configurations "
                         "(2-10) instead of the best's: the hedge for when the trust line "
