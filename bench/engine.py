@@ -156,10 +156,10 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
 def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:
     """Per way of choosing, the selectable trials best first with the value they are
     ranked by: the product's rule (:data:`RULE`, ssad_common.strategy.ranked, over the
-    default objective's loss) and each objective's loss alone."""
+    default objective's loss alone) and each other objective's loss alone."""
     chosen = product_ranking(trials)
-    out = {RULE: chosen}
-    for name in OBJECTIVES:
+    out: dict[str, list[tuple[float, dict[str, Any]]]] = {RULE: chosen}
+    for name in (n for n in OBJECTIVES if n != RULE):
         out[name] = sorted(((t["losses"][name], t) for _, t in chosen),
                            key=lambda p: (p[0], p[1]["number"]))
     return out
@@ -189,7 +189,7 @@ def with_rule(r: dict[str, Any]) -> dict[str, Any]:
 def report(results: list[dict[str, Any]]) -> str:
     lines = []
     results = [with_rule(r) for r in results]
-    names = [RULE, *OBJECTIVES]
+    names = [RULE, *(n for n in OBJECTIVES if n != RULE)]
     lines.append("| task | oracle | mean | fixed cutpaste | ensemble (all) | iforest | knn | "
                  + " | ".join(names) + " | s/trial | trial-equivalents |")
     lines.append("|" + "---|" * (9 + len(names)))

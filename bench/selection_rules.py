@@ -6,12 +6,14 @@ rule's pick, its regret to the oracle (the best AUROC among the same trials), an
 beats the mean configuration and both pixel baselines. Labels are read only here, to score
 the picks.
 
-The rule the product ships (ssad_common.strategy.ranked: the default objective's rank plus
-MMD's) was chosen with this script on the development runs, the eleven rules below being
-all that were compared:
+The rank sum of the default objective and MMD was chosen with this script on the
+development runs (2026-12-01), the eleven rules below being all that were compared:
 
     .venv/bin/python -m bench.selection_rules bench/results/engine.json \
         bench/results/engine-staged-confirmation.json bench/results/engine-staged2-dev2.json
+
+It did not hold on three held-out sets, so the product went back to the default objective
+alone (ssad_common.strategy.ranked; docs/benchmarks.md §7, *The selection rule*).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from ssad_common.strategy import ranked, trust
 Trial = dict[str, Any]
 Rule = Callable[[Sequence[Trial]], np.ndarray]
 
-#: The product's own choice (ssad_common.strategy.ranked: the default objective's rank
-#: plus MMD's), as bench.engine records it beside each objective's argmin.
-RULE = "dsv+mmd ranks"
+#: The product's own choice (ssad_common.strategy.ranked: the default objective's loss),
+#: as bench.engine records it: the default objective's argmin. Result files written from
+#: 2026-12-01 to 02 also record the rank-sum rule of then, as "dsv+mmd ranks".
+RULE = DEFAULT_OBJECTIVE
 
 
 def _ranks(trials: Sequence[Trial], name: str) -> np.ndarray:
@@ -75,12 +78,12 @@ def rank_sum(*names: str) -> Rule:
 
 #: Every rule compared, in the order they were tried. Ties go to the lower DSV loss.
 RULES: dict[str, Rule] = {
-    "dsv": rank_sum("dsv"),
+    "dsv (shipped)": shipped,
     "dsv-discordance": rank_sum("dsv-discordance"),
     "st-ssad": rank_sum("st-ssad"),
     "mean-distance": rank_sum("mean-distance"),
     "mmd": rank_sum("mmd"),
-    "dsv + mmd ranks (shipped)": shipped,
+    "dsv + mmd ranks (shipped 2026-12-01 to 02)": rank_sum("dsv", "mmd"),
     "dsv + discordance ranks": rank_sum("dsv", "dsv-discordance"),
     "dsv + discordance + mmd ranks": rank_sum("dsv", "dsv-discordance", "mmd"),
     "all five ranks": rank_sum("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"),
@@ -129,20 +132,15 @@ def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
 def trust_summary(results: Sequence[dict[str, Any]]) -> str:
     """Per verdict of ``selection.trust`` (ssad_common.strategy.trust of the recorded
     agreement of the top 3): tasks, regret, how often the choice beat fixed CutPaste and
-    how often the top-3 ensemble beat the choice. Each run is read as the product's rule
-    chose (:data:`RULE`) where it recorded that rule's decisiveness, else as DSV alone chose
-    (runs before the rule); the table says how many of each."""
+    how often the top-3 ensemble beat the choice, each run read as the product's rule
+    (:data:`RULE`) chose, where the run recorded its decisiveness."""
     rows = []
     for r in results:
-        way = next((w for w in (RULE, DEFAULT_OBJECTIVE)
-                    if "decisiveness" in r["objectives"].get(w, {})), None)
-        if way is not None:
-            o = r["objectives"][way]
-            rows.append((way, trust(o["decisiveness"]["agreement_jaccard"]), o,
+        o = r["objectives"].get(RULE, {})
+        if "decisiveness" in o:
+            rows.append((RULE, trust(o["decisiveness"]["agreement_jaccard"]), o,
                          r["fixed_cutpaste"]))
-    ways = {w: sum(row[0] == w for row in rows) for w in (RULE, DEFAULT_OBJECTIVE)}
-    lines = [f"{len(rows)} task runs with the agreement recorded ("
-             + ", ".join(f"{n} as {w} chose" for w, n in ways.items() if n) + ")", "",
+    lines = [f"{len(rows)} task runs with the agreement recorded (as {RULE} chose)", "",
              "| trust | tasks | median regret | largest regret | beats fixed cutpaste | "
              "top-3 ensemble beats the choice |", "|---|---|---|---|---|---|"]
     for verdict in ("decisive", "uncertain"):

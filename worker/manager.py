@@ -385,9 +385,9 @@ class JobManager:
         stage: str | None = None, train_steps: int | None = None,
     ) -> None:
         """Store one finished trial, its scores and the job's progress in one transaction,
-        with ``model`` (its detector) as a candidate for the job's ``model`` artifact
-        (:meth:`_keep_candidate_models`). A repeat (a retry after the commit's
-        acknowledgement was lost) stores nothing."""
+        with ``model`` (its detector) kept while it is the best (:meth:`_keep_best_model`;
+        the best's becomes the job's ``model`` artifact when the job ends). A repeat (a
+        retry after the commit's acknowledgement was lost) stores nothing."""
         with self._tx() as s:
             ran = self._fenced_new_trial(s, job_id, attempt, number)
             if ran is None:
@@ -404,7 +404,7 @@ class JobManager:
                 for i, v in enumerate(scores)])
             candidates = self._update_progress(s, job_id)
             if model is not None:
-                self._keep_candidate_models(s, job_id, candidates, number, model, {
+                self._keep_best_model(s, job_id, candidates, number, model, {
                     "trial_number": number, "augmentation": augmentation,
                     "params": dict(params), "validation_loss": validation_loss})
 
@@ -448,17 +448,16 @@ class JobManager:
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @classmethod
-    def _keep_candidate_models(cls, s: Session, job_id: str, candidates: Sequence[JobTrial],
+    def _keep_best_model(cls, s: Session, job_id: str, candidates: Sequence[JobTrial],
                                number: int, model: bytes, meta: Mapping[str, Any]) -> None:
-        """Keep the detectors of the trials that can still be the best (``candidates``,
-        ssad_common.strategy.selectable's) until the job ends, trial ``number``'s among
-        them if it is one: under the selection rule a later trial can make an earlier one
-        the best. The others' are dropped (the screen's, once a full-length trial has
-        completed)."""
-        names = [f"{TRIAL_MODEL_PREFIX}{t.number}" for t in candidates]
-        if any(t.number == number for t in candidates):
-            cls._put_artifact(s, job_id, f"{TRIAL_MODEL_PREFIX}{number}", MODEL_CONTENT_TYPE,
-                              model, meta)
+        """Keep the detector of the best trial so far (the first of ``candidates``,
+        ssad_common.strategy.selectable's) until the job ends: trial ``number``'s if it is
+        the best, and drop any other. A trial that is not the best when it is stored never
+        becomes the best later (its selection score, the objective's loss, does not depend
+        on the other trials), so one detector per job is stored at a time."""
+        names = [f"{TRIAL_MODEL_PREFIX}{t.number}" for t in candidates[:1]]
+        if candidates and candidates[0].number == number:
+            cls._put_artifact(s, job_id, names[0], MODEL_CONTENT_TYPE, model, meta)
         s.execute(delete(JobArtifact).where(
             JobArtifact.job_id == job_id, JobArtifact.name.startswith(TRIAL_MODEL_PREFIX),
             JobArtifact.name.not_in(names)))

@@ -186,13 +186,13 @@ class SelectionOut(BaseModel):
                                                      "candidates (full-length trials)")
     runner_up_trial: int | None
     family_gap: float | None = Field(
-        description="the runner-up family's best rank sum − the best trial's (rank sum: "
-                    "the rank under the objective's loss plus the rank under MMD among the "
-                    "candidates; the best has the lowest)")
+        description="the runner-up family's best objective loss − the best trial's (the "
+                    "best has the lowest); see family_gap_unit for jobs stored before")
     family_gap_unit: Literal["rank points", "loss"] | None = Field(
-        None, description="what family_gap counts: `rank points` (rank sums, as above); "
-                          "`loss`, the objective's loss, for jobs that finished before the "
-                          "selection rule (2026-12-01), whose gap is the loss difference")
+        None, description="what family_gap counts: `loss`, the objective's loss (as above); "
+                          "`rank points` for jobs that finished on 2026-12-01 or 2026-12-02, "
+                          "when the best trial had the lowest sum of its ranks under the "
+                          "objective and under MMD")
     family_gap_share: float | None = Field(
         description="family_gap / (largest − smallest candidate score)")
     top_k: int
