@@ -449,7 +449,7 @@ class JobManager:
 
     @classmethod
     def _keep_best_model(cls, s: Session, job_id: str, candidates: Sequence[JobTrial],
-                               number: int, model: bytes, meta: Mapping[str, Any]) -> None:
+                         number: int, model: bytes, meta: Mapping[str, Any]) -> None:
         """Keep the detector of the best trial so far (the first of ``candidates``,
         ssad_common.strategy.selectable's) until the job ends: trial ``number``'s if it is
         the best, and drop any other. A trial that is not the best when it is stored never
