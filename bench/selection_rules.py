@@ -129,18 +129,18 @@ def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def trust_summary(results: Sequence[dict[str, Any]]) -> str:
+def trust_summary(results: Sequence[dict[str, Any]], rule: str = RULE) -> str:
     """Per verdict of ``selection.trust`` (ssad_common.strategy.trust of the recorded
     agreement of the top 3): tasks, regret, how often the choice beat fixed CutPaste and
-    how often the top-3 ensemble beat the choice, each run read as the product's rule
-    (:data:`RULE`) chose, where the run recorded its decisiveness."""
+    how often the top-3 ensemble beat the choice, each run read as ``rule`` chose (the
+    product's, :data:`RULE`, by default), where the run recorded its decisiveness."""
     rows = []
     for r in results:
-        o = r["objectives"].get(RULE, {})
+        o = r["objectives"].get(rule, {})
         if "decisiveness" in o:
-            rows.append((RULE, trust(o["decisiveness"]["agreement_jaccard"]), o,
+            rows.append((rule, trust(o["decisiveness"]["agreement_jaccard"]), o,
                          r["fixed_cutpaste"]))
-    lines = [f"{len(rows)} task runs with the agreement recorded (as {RULE} chose)", "",
+    lines = [f"{len(rows)} task runs with the agreement recorded (as {rule} chose)", "",
              "| trust | tasks | median regret | largest regret | beats fixed cutpaste | "
              "top-3 ensemble beats the choice |", "|---|---|---|---|---|---|"]
     for verdict in ("decisive", "uncertain"):
@@ -162,12 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("results", nargs="+", type=Path, help="bench.engine result files")
     ap.add_argument("--trust", action="store_true",
                     help="also the trust verdict's record (selection.trust) on these runs")
+    ap.add_argument("--rule", default=RULE,
+                    help=f"with --trust: read each run as this recorded way of choosing chose "
+                         f"(default {RULE}, the product's; 'dsv+mmd ranks' for the rank-sum "
+                         f"rule of 2026-12-01, in the runs of then)")
     args = ap.parse_args(argv)
     results = [r for f in args.results for r in json.loads(f.read_text())["results"]]
     print(report(evaluate(results)))
     if args.trust:
         print()
-        print(trust_summary(results))
+        print(trust_summary(results, args.rule))
     return 0
 
 

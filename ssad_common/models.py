@@ -336,9 +336,8 @@ class TrialScore(Base):
 
 #: The artifact holding a job's best trial's detector (worker/core/export.py's format).
 MODEL_ARTIFACT = "model"
-#: While a job runs, each completed trial that may still become its best keeps its detector
-#: as ``model-trial-<number>`` (under the selection rule an earlier trial can become the
-#: best again); the job's end keeps the best's as ``model`` and drops the rest.
+#: While a job runs, its best trial so far keeps its detector as ``model-trial-<number>``
+#: (one per job); the job's end keeps it as ``model`` and drops the per-trial copy.
 TRIAL_MODEL_PREFIX = "model-trial-"
 MODEL_CONTENT_TYPE = "application/vnd.ssad-tune.detector+torch"
 

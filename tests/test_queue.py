@@ -225,11 +225,11 @@ def test_the_job_keeps_only_its_best_trials_detector_whatever_order_trials_end_i
         assert set(artifacts(first)) == {"model-trial-0"}
         record(1, 2.0, 3.0, "refine")  # the screen's detector can no longer be the best
         assert set(artifacts(first)) == {"model-trial-1"} and best(first) == 1
-        record(3, 3.0, 0.0, "refine")  # worse: not kept (the lowest MMD has no say)
+        record(3, 3.0, 0.0, "refine")  # worse: not kept
         assert set(artifacts(first)) == {"model-trial-1"} and best(first) == 1
         record(2, 1.0, 9.0, "refine")  # a parallel slot's trial, stored last: the best now
         assert set(artifacts(first)) == {"model-trial-2"} and best(first) == 2
-        record(4, 1.0, 0.0, "refine")  # as good: the earlier trial stays the best
+        record(4, 1.0, 0.0, "refine")  # as good (and the lowest MMD): trial 2 stays the best
         assert set(artifacts(first)) == {"model-trial-2"} and best(first) == 2
         manager.finish(first, held.attempt)
         assert artifacts(first) == {"model": (b"detector 2", 2)}

@@ -163,3 +163,37 @@ def test_the_family_gap_unit_and_the_trust_verdict_for_new_and_old_jobs(db_url: 
     assert "The choice is uncertain" in seen["new"][1] and "ensemble=3" in seen["new"][1]
     assert "The choice is decisive." in seen["old"][1]
     assert "uncertain" not in seen["old"][1] and "decisive" not in seen["new"][1]
+
+
+def test_the_ensemble_starts_with_the_top_trials_the_jobs_selection_was_computed_on(
+        db_url: str) -> None:
+    """``?ensemble=k`` takes the trials the stored selection names first (a job chosen
+    under the rank-sum rule keeps its own best and top trials, not today's loss order),
+    then the others by the selection rule; a job of this version: by loss."""
+    from sqlalchemy import update
+
+    from ssad_common.models import Job
+
+    trials = [("flip", {}, -0.2, [0.0, 1, 2, 3]), ("rotate", {}, -0.6, [3.0, 2, 1, 0]),
+              ("invert", {}, -0.4, [0.0, 2, 1, 3])]
+    with client(db_url) as api:
+        tr = upload(api, npz(np.zeros((4, 8, 8), np.uint8)), "t.npz").json()["id"]
+        new, ranks = (api.post("/v1/jobs", json=tiny_job(tr, tr)).json()["id"]
+                      for _ in range(2))
+        finish_job_with_scores(db_url, new, trials, {"top_trials": [1, 2, 0]})
+        finish_job_with_scores(db_url, ranks, trials, {"top_trials": [0, 2, 1]})
+        engine = make_engine(db_url)
+        try:  # as the rank-sum release stored it: its best, trial 0, not the lowest loss
+            with session_scope(engine) as s:
+                s.execute(update(Job).where(Job.id == ranks).values(best_trial_number=0))
+        finally:
+            engine.dispose()
+        got = {j: api.get(f"/v1/jobs/{j}/scores", params={"ensemble": k}).json()
+               for j, k in ((new, 2), (ranks, 2))}
+        assert (got[new]["trial_number"], got[new]["ensemble_trials"]) == (1, [1, 2])
+        assert (got[ranks]["trial_number"], got[ranks]["ensemble_trials"]) == (0, [0, 2])
+        # Beyond the stored top trials, the others by loss.
+        finish_job_with_scores(db_url, (short := api.post(
+            "/v1/jobs", json=tiny_job(tr, tr)).json()["id"]), trials, {"top_trials": [2]})
+        assert api.get(f"/v1/jobs/{short}/scores", params={"ensemble": 3}).json()[
+            "ensemble_trials"] == [2, 1, 0]

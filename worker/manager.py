@@ -308,7 +308,7 @@ class JobManager:
         if transition(s, job.id, status, expected=JobStatus.running, message=msg, **values):
             s.execute(delete(JobSlot).where(JobSlot.job_id == job.id))
             if status != JobStatus.queued:
-                drop_candidate_models(s, job.id)
+                drop_trial_models(s, job.id)
             log.warning("job %s: %s", job.id, msg)
         return True
 
@@ -549,7 +549,7 @@ class JobManager:
             if not candidates:
                 raise RuntimeError("no completed trial to choose from")
             best = candidates[0]
-            # The best's detector becomes the job's (_close drops the other candidates').
+            # The best's detector becomes the job's (_close drops the per-trial copy).
             kept = s.get(JobArtifact, (job_id, f"{TRIAL_MODEL_PREFIX}{best.number}"))
             if kept is not None:
                 self._put_artifact(s, job_id, MODEL_ARTIFACT, kept.content_type, kept.data,
@@ -607,12 +607,12 @@ def _close(s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
     if not transition(s, job_id, to, expected=JobStatus.running, message=message, **values):
         raise _lost(job_id, attempt)
     s.execute(delete(JobSlot).where(JobSlot.job_id == job_id))
-    drop_candidate_models(s, job_id)
+    drop_trial_models(s, job_id)
 
 
-def drop_candidate_models(s: Session, job_id: str) -> None:
-    """The detectors kept for trials that might become the best (see
-    JobManager._keep_candidate_model): none is needed once the job has ended."""
+def drop_trial_models(s: Session, job_id: str) -> None:
+    """The best trial so far's detector, kept while the job runs (see
+    JobManager._keep_best_model): not needed once the job has ended."""
     s.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id,
                                         JobArtifact.name.startswith(TRIAL_MODEL_PREFIX)))
 

@@ -187,12 +187,12 @@ class SelectionOut(BaseModel):
     runner_up_trial: int | None
     family_gap: float | None = Field(
         description="the runner-up family's best objective loss − the best trial's (the "
-                    "best has the lowest); see family_gap_unit for jobs stored before")
+                    "best has the lowest), or in rank points: see family_gap_unit")
     family_gap_unit: Literal["rank points", "loss"] | None = Field(
         None, description="what family_gap counts: `loss`, the objective's loss (as above); "
-                          "`rank points` for jobs that finished on 2026-12-01 or 2026-12-02, "
-                          "when the best trial had the lowest sum of its ranks under the "
-                          "objective and under MMD")
+                          "`rank points` for jobs that finished under the rank-sum release "
+                          "(2026-12-01), whose best trial had the lowest sum of its ranks "
+                          "under the objective and under MMD")
     family_gap_share: float | None = Field(
         description="family_gap / (largest − smallest candidate score)")
     top_k: int

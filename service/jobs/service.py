@@ -221,11 +221,16 @@ def ensemble_scores(session: Session, tenant_id: str, job_id: str, k: int
                     ) -> tuple[int, list[int], list[tuple[int, str, float]]]:
     """(best trial, the trials ensembled, [(index, name, score)]): the mean of the z-scored
     scores of the succeeded job's ``k`` best selectable trials (full-length ones; the
-    screen's only if none completed), best first, as the worker chose its best."""
+    screen's only if none completed), best first: the top trials its ``selection`` was
+    computed on, as the worker stored them, then the others by the selection rule (the
+    same order, but for jobs that finished under an earlier rule)."""
     number = best_trial(session, tenant_id, job_id)  # ownership; 409 unless succeeded
     job = get_job(session, tenant_id, job_id)
-    top = selectable(t for t in repo.list_trials(session, job_id)
-                     if t.state == TrialState.COMPLETE)[:k]
+    order = selectable(t for t in repo.list_trials(session, job_id)
+                       if t.state == TrialState.COMPLETE)
+    stored = (job.selection or {}).get("top_trials") or [number]
+    first = [t for n in stored for t in order if t.number == n]
+    top = [*first, *(t for t in order if t not in first)][:k]
     mean = zscore_mean([np.array([s for _, s in repo.trial_scores(session, job_id, t.number)])
                         for t in top])
     test = dataset_repo.get_dataset(session, tenant_id, job.test_dataset_id)
