@@ -8,7 +8,7 @@ augmentation code, so the tuner is not told (and does not share code with) the g
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,16 +174,31 @@ def confirmation_injected_tasks() -> list[Task]:
     ]
 
 
+#: The fills of the held-out sets' squares: value (None: uniform noise) and the tuner's fill.
+_FILLS: dict[str, tuple[int | None, str]] = {"black": (0, "black"), "white": (255, "white"),
+                                             "noise": (None, "noise")}
+
+
+def held_out_injected(seed: int, squares: Sequence[tuple[str, int, int]],
+                      scar: tuple[int, int, int]) -> list[Task]:
+    """Injected-defect tasks of a held-out set, named by what they inject: each square
+    ``(fill, side, digit)`` (fill black, white, noise or greyN for the grey value N) and one
+    scratch ``(width, length, digit)``, all with test images drawn with ``seed``."""
+    out = []
+    for fill, side, digit in squares:
+        value, label = ((int(fill[4:]), "grey") if fill.startswith("grey") else _FILLS[fill])
+        out.append(square_task(f"mnist-{fill}-sq{side}-d{digit}", digit, value, side, label,
+                               seed=seed))
+    width, length, digit = scar
+    return [*out, scar_task(f"mnist-scar-{width}x{length}-d{digit}", digit, width, length,
+                            seed=seed)]
+
+
 def confirmation2_injected_tasks() -> list[Task]:
     """Injected defects for the second staged design (the screen of more configurations):
     digit, size and fill pairs never seen before, and other test images (seed 1)."""
-    return [
-        square_task("mnist-black-sq6-d2", 2, 0, 6, "black", seed=1),
-        square_task("mnist-noise-sq8-d0", 0, None, 8, "noise", seed=1),
-        square_task("mnist-grey160-sq7-d7", 7, 160, 7, "grey", seed=1),
-        square_task("mnist-white-sq5-d4", 4, 255, 5, "white", seed=1),
-        scar_task("mnist-scar-2x8-d6", 6, 2, 8, seed=1),
-    ]
+    return held_out_injected(1, [("black", 6, 2), ("noise", 8, 0), ("grey160", 7, 7),
+                                 ("white", 5, 4)], (2, 8, 6))
 
 
 def confirmation2_tasks() -> list[Task]:
@@ -197,13 +212,8 @@ def confirmation2_tasks() -> list[Task]:
 def confirmation3_injected_tasks() -> list[Task]:
     """Injected defects for the selection rule of 2026-12-01 (rank sum of DSV and MMD):
     digit, size and fill pairs never seen before, and other test images (seed 2)."""
-    return [
-        square_task("mnist-black-sq8-d5", 5, 0, 8, "black", seed=2),
-        square_task("mnist-noise-sq5-d3", 3, None, 5, "noise", seed=2),
-        square_task("mnist-grey100-sq9-d9", 9, 100, 9, "grey", seed=2),
-        square_task("mnist-white-sq7-d1", 1, 255, 7, "white", seed=2),
-        scar_task("mnist-scar-3x7-d4", 4, 3, 7, seed=2),
-    ]
+    return held_out_injected(2, [("black", 8, 5), ("noise", 5, 3), ("grey100", 9, 9),
+                                 ("white", 7, 1)], (3, 7, 4))
 
 
 def confirmation3_tasks() -> list[Task]:
@@ -218,13 +228,8 @@ def confirmation3_tasks() -> list[Task]:
 def confirmation4_injected_tasks() -> list[Task]:
     """Injected defects for the trust verdict (``selection.trust``, 2026-12-01): digit,
     size and fill pairs never seen before, and other test images (seed 3)."""
-    return [
-        square_task("mnist-black-sq10-d3", 3, 0, 10, "black", seed=3),
-        square_task("mnist-noise-sq7-d1", 1, None, 7, "noise", seed=3),
-        square_task("mnist-grey200-sq6-d0", 0, 200, 6, "grey", seed=3),
-        square_task("mnist-white-sq8-d9", 9, 255, 8, "white", seed=3),
-        scar_task("mnist-scar-2x10-d5", 5, 2, 10, seed=3),
-    ]
+    return held_out_injected(3, [("black", 10, 3), ("noise", 7, 1), ("grey200", 6, 0),
+                                 ("white", 8, 9)], (2, 10, 5))
 
 
 def confirmation4_tasks() -> list[Task]:
@@ -238,13 +243,8 @@ def confirmation4_tasks() -> list[Task]:
 def confirmation5_injected_tasks() -> list[Task]:
     """Injected defects for DSV alone as the selection rule again (2026-12-02): digit,
     size and fill pairs never seen before, and other test images (seed 4)."""
-    return [
-        square_task("mnist-black-sq5-d8", 8, 0, 5, "black", seed=4),
-        square_task("mnist-noise-sq9-d6", 6, None, 9, "noise", seed=4),
-        square_task("mnist-grey60-sq11-d2", 2, 60, 11, "grey", seed=4),
-        square_task("mnist-white-sq9-d7", 7, 255, 9, "white", seed=4),
-        scar_task("mnist-scar-3x11-d1", 1, 3, 11, seed=4),
-    ]
+    return held_out_injected(4, [("black", 5, 8), ("noise", 9, 6), ("grey60", 11, 2),
+                                 ("white", 9, 7)], (3, 11, 1))
 
 
 def confirmation5_tasks() -> list[Task]:
