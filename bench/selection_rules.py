@@ -138,13 +138,12 @@ def trust_summary(results: Sequence[dict[str, Any]], rule: str = RULE) -> str:
     for r in results:
         o = r["objectives"].get(rule, {})
         if "decisiveness" in o:
-            rows.append((rule, trust(o["decisiveness"]["agreement_jaccard"]), o,
-                         r["fixed_cutpaste"]))
+            rows.append((trust(o["decisiveness"]["agreement_jaccard"]), o, r["fixed_cutpaste"]))
     lines = [f"{len(rows)} task runs with the agreement recorded (as {rule} chose)", "",
              "| trust | tasks | median regret | largest regret | beats fixed cutpaste | "
              "top-3 ensemble beats the choice |", "|---|---|---|---|---|---|"]
     for verdict in ("decisive", "uncertain"):
-        group = [(o, fixed) for _, v, o, fixed in rows if v == verdict]
+        group = [(o, fixed) for v, o, fixed in rows if v == verdict]
         if not group:
             lines.append(f"| {verdict} | 0 | - | - | - | - |")
             continue

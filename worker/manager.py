@@ -402,9 +402,9 @@ class JobManager:
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
                 for i, v in enumerate(scores)])
-            candidates = self._update_progress(s, job_id)
+            best = self._update_progress(s, job_id)
             if model is not None:
-                self._keep_best_model(s, job_id, candidates, number, model, {
+                self._keep_best_model(s, job_id, best, number, model, {
                     "trial_number": number, "augmentation": augmentation,
                     "params": dict(params), "validation_loss": validation_loss})
 
@@ -448,15 +448,15 @@ class JobManager:
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @classmethod
-    def _keep_best_model(cls, s: Session, job_id: str, candidates: Sequence[JobTrial],
+    def _keep_best_model(cls, s: Session, job_id: str, best: JobTrial | None,
                          number: int, model: bytes, meta: Mapping[str, Any]) -> None:
-        """Keep the detector of the best trial so far (the first of ``candidates``,
-        ssad_common.strategy.selectable's) until the job ends: trial ``number``'s if it is
-        the best, and drop any other. A trial that is not the best when it is stored never
-        becomes the best later (its selection score, the objective's loss, does not depend
-        on the other trials), so one detector per job is stored at a time."""
-        names = [f"{TRIAL_MODEL_PREFIX}{t.number}" for t in candidates[:1]]
-        if candidates and candidates[0].number == number:
+        """Keep the detector of the best trial so far (``best``,
+        ssad_common.strategy.selectable's first) until the job ends: trial ``number``'s if
+        it is the best, and drop any other. A trial that is not the best when it is stored
+        never becomes the best later (its selection score, the objective's loss, does not
+        depend on the other trials), so one detector per job is stored at a time."""
+        names = [] if best is None else [f"{TRIAL_MODEL_PREFIX}{best.number}"]
+        if best is not None and best.number == number:
             cls._put_artifact(s, job_id, names[0], MODEL_CONTENT_TYPE, model, meta)
         s.execute(delete(JobArtifact).where(
             JobArtifact.job_id == job_id, JobArtifact.name.startswith(TRIAL_MODEL_PREFIX),
@@ -483,9 +483,9 @@ class JobManager:
             row = s.get(JobArtifact, (job_id, name))
             return None if row is None else (row.data, dict(row.meta))
 
-    def _update_progress(self, s: Session, job_id: str) -> list[JobTrial]:
-        """Write the job's progress and best so far; the trials that can be the best,
-        best first (ssad_common.strategy.selectable)."""
+    def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
+        """Write the job's progress and best so far (ssad_common.strategy.selectable's
+        first); returns the best."""
         candidates = self._selectable(s, job_id)
         best = candidates[0] if candidates else None
         # Steps done: the plan's steps used up, failed trials' too; the pace (seconds per
@@ -502,7 +502,7 @@ class JobManager:
             train_seconds_done=float(seconds),
             best=None if best is None else _best_json(best),
             best_trial_number=None if best is None else best.number))
-        return candidates
+        return best
 
     @retry_transient
     def stored_trial_loss(self, job_id: str, number: int) -> float | None:
@@ -549,11 +549,14 @@ class JobManager:
             if not candidates:
                 raise RuntimeError("no completed trial to choose from")
             best = candidates[0]
-            # The best's detector becomes the job's (_close drops the per-trial copy).
-            kept = s.get(JobArtifact, (job_id, f"{TRIAL_MODEL_PREFIX}{best.number}"))
-            if kept is not None:
-                self._put_artifact(s, job_id, MODEL_ARTIFACT, kept.content_type, kept.data,
-                                   kept.meta)
+            # The best's detector becomes the job's: renamed in place, its bytes are not
+            # read back and written again.
+            s.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id,
+                                                JobArtifact.name == MODEL_ARTIFACT))
+            s.execute(update(JobArtifact).where(
+                JobArtifact.job_id == job_id,
+                JobArtifact.name == f"{TRIAL_MODEL_PREFIX}{best.number}").values(
+                name=MODEL_ARTIFACT))
             _close(s, job_id, attempt, JobStatus.succeeded,
                       f"best trial {best.number}: {best.augmentation} "
                       f"(loss {best.validation_loss:.4g})",
