@@ -33,6 +33,7 @@ from service.errors import (
 from service.jobs.routes import router as jobs_router
 from service.metrics import Metrics
 from service.params import reject_unknown_query_params
+from service.reads import open_reads
 from service.settings import ApiSettings, get_settings
 from service.webhooks import Dispatcher
 from service.webhooks import router as webhooks_router
@@ -128,6 +129,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.session_factory = session_factory(engine)
         app.state.metrics = Metrics(engine)
+        app.state.reads = await open_reads(
+            app.state.session_factory, settings.database_url, engine.dialect,
+            settings.db_pool_size, settings.db_pool_timeout_seconds)
         dispatcher = None
         if settings.webhook_dispatch:
             dispatcher = Dispatcher(app.state.session_factory, settings)
@@ -135,6 +139,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         yield
         if dispatcher is not None:
             dispatcher.stop()
+        await app.state.reads.close()
         engine.dispose()
 
     app = FastAPI(title="ssad-tune", version="1.0.0", description=DESCRIPTION,

@@ -14,7 +14,7 @@ from service.errors import Unauthorized
 from service.links import tenant_for_token
 from service.params import JobId
 from service.settings import ApiSettings
-from service.tenants import tenant_for_key
+from service.tenants import lookup_hash, tenant_for_key
 from ssad_common.db import end_transaction
 from ssad_common.models import DEFAULT_TENANT_ID
 
@@ -60,16 +60,24 @@ def _tenant(settings: ApiSettings, credentials: HTTPAuthorizationCredentials | N
     if settings.auth == "off":
         return DEFAULT_TENANT_ID
     if credentials is None:
-        raise Unauthorized("this server needs an API key: send `Authorization: Bearer <key>` "
-                           "(an operator creates one with `ssad-tune keys create --tenant NAME`)")
+        raise _no_key()
     if session is None:
         with request.app.state.session_factory() as own:
             tenant = tenant_for_key(own, credentials.credentials)
     else:
         tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
-        raise Unauthorized("unknown or revoked API key")
+        raise _bad_key()
     return tenant
+
+
+def _no_key() -> Unauthorized:
+    return Unauthorized("this server needs an API key: send `Authorization: Bearer <key>` "
+                        "(an operator creates one with `ssad-tune keys create --tenant NAME`)")
+
+
+def _bad_key() -> Unauthorized:
+    return Unauthorized("unknown or revoked API key")
 
 
 async def _caller(settings: ApiSettings, resolve: Callable[..., str], *args: Any) -> str:
@@ -133,7 +141,28 @@ async def get_job_reader_without_session(request: Request, settings: SettingsDep
     return await _caller(settings, _job_reader, credentials, None, request, job_id, token)
 
 
+async def get_polled_job_reader(request: Request, settings: SettingsDep,
+                                credentials: CredentialsDep, job_id: JobId,
+                                token: LinkToken = None) -> str:
+    """As :func:`get_job_reader`, without the request's session, for the routes clients
+    poll: an API key is looked up by ``app.state.reads`` (on the event loop on Postgres,
+    service/reads.py); a report link's token as for a stream."""
+    if settings.auth == "off":
+        return DEFAULT_TENANT_ID
+    if credentials is None:
+        if token is not None:
+            return await get_job_reader_without_session(request, settings, None, job_id,
+                                                        token)
+        raise _no_key()
+    digest = lookup_hash(credentials.credentials)
+    tenant = None if digest is None else await request.app.state.reads.key_tenant(digest)
+    if tenant is None:
+        raise _bad_key()
+    return str(tenant)
+
+
 JobReaderDep = Annotated[str, Depends(get_job_reader)]
+PolledJobReaderDep = Annotated[str, Depends(get_polled_job_reader)]
 StreamJobReaderDep = Annotated[str, Depends(get_job_reader_without_session)]
 IdempotencyKeyDep = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",

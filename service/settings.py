@@ -21,7 +21,8 @@ class ApiSettings(CommonSettings):
         "<key>`; off: single-user mode, everything belongs to the default tenant. Unset, "
         "`python -m service` on SQLite (the embedded mode) runs with off")
     # The API's connection pool (Postgres): a request that waits longer than the timeout
-    # for a connection gets 503 with Retry-After.
+    # for a connection gets 503 with Retry-After. The reads clients poll (service/reads.py)
+    # have a pool of their own, of up to db_pool_size connections.
     db_pool_size: int = 10
     db_max_overflow: int = 20
     db_pool_timeout_seconds: float = 10.0

@@ -112,10 +112,18 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
 
 def tenant_for_key(session: Session, plain: str) -> str | None:
     """The tenant id of a valid, unrevoked key; None otherwise."""
-    if not plain.startswith(KEY_PREFIX) or len(plain) > 128:
+    digest = lookup_hash(plain)
+    if digest is None:
         return None
     return session.scalar(select(ApiKey.tenant_id).where(
-        ApiKey.key_hash == hash_key(plain), ApiKey.revoked_at.is_(None)))
+        ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+
+
+def lookup_hash(plain: str) -> str | None:
+    """The stored hash to look ``plain`` up by; None for what cannot be a key."""
+    if not plain.startswith(KEY_PREFIX) or len(plain) > 128:
+        return None
+    return hash_key(plain)
 
 
 # --------------------------------------------------------------------------- quotas

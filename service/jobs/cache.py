@@ -20,11 +20,16 @@ class Rendered:
         self._items: LRUCache[Key, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._lock = threading.Lock()
 
+    def peek(self, key: Key) -> bytes | None:
+        """The body kept under ``key``, if any (the lock is held only for the lookup: safe
+        on the event loop)."""
+        with self._lock:
+            return self._items.get(key)
+
     def get(self, key: Key, render: Callable[[], bytes]) -> bytes:
         """The body kept under ``key``, else ``render()``'s, kept unless it alone is over
         the bound. Rendering runs outside the lock: two requests may both render it."""
-        with self._lock:
-            body = self._items.get(key)
+        body = self.peek(key)
         if body is None:
             body = render()
             with self._lock:

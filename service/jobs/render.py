@@ -9,11 +9,14 @@ import io
 import json
 from typing import Any
 
-from sqlalchemy.orm import Session
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.errors import NotFound
 from service.jobs import service
 from service.jobs.cache import RENDERED
 from service.jobs.schemas import Best, JobOut, JobSummary, PlanOut, Progress, TrialOut
+from service.reads import Reads
 from ssad_common.jobspec import InvalidJobSpec, TuneSpec, load_spec
 from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job, JobTrial
@@ -116,35 +119,44 @@ def render_scores(job_id: str, number: int, rows: list[tuple[int, str, float]],
     return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()
 
 
-def scores_body(session: Session, tenant_id: str, job_id: str, number: int | None,
-                fmt: str) -> tuple[int, bytes]:
-    """The trial's number (``None``: the job's best trial) and its scores in ``fmt``.
-    Ownership first (three columns of one row, by primary key), then the per-process cache
-    of bodies."""
-    if number is None:
-        trial = service.best_trial(session, tenant_id, job_id)
-    else:
-        service.result_state(session, tenant_id, job_id)  # ownership
-        trial = number
+def scores_body(session: Session, tenant_id: str, job_id: str, number: int,
+                fmt: str) -> bytes:
+    """Trial ``number``'s scores in ``fmt``, from the per-process cache of bodies. The
+    caller has checked that the job is the tenant's."""
+    return RENDERED.get((job_id, number, fmt), lambda: _render(
+        session, tenant_id, job_id, number, fmt, None))
 
-    def render() -> bytes:
-        n, rows = service.scores(session, tenant_id, job_id, trial)
+
+async def result_body(reads: Reads, factory: sessionmaker[Session], tenant_id: str,
+                      job_id: str, fmt: str, ensemble: int | None) -> tuple[int, bytes]:
+    """The job's result: its best trial's number and the scores in ``fmt`` of that trial
+    (``ensemble``: of the top-``ensemble`` ensemble). A succeeded job's trials never
+    change, so the body is rendered once per process; once it is, a request costs one
+    read of three columns (ownership, status, best trial) on the event loop
+    (service/reads.py), and only rendering goes to the thread pool, on a session of its
+    own."""
+    state = await reads.result_state(job_id)
+    if state is None or state.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    number = service.result_trial(job_id, state.status, state.best_trial_number)
+    key = (job_id, number, fmt if ensemble is None else f"ensemble-{ensemble}-{fmt}")
+    body = RENDERED.peek(key)
+    if body is None:
+        def render() -> bytes:
+            with factory() as session:
+                return _render(session, tenant_id, job_id, number, fmt, ensemble)
+
+        body = await run_in_threadpool(RENDERED.get, key, render)
+    return number, body
+
+
+def _render(session: Session, tenant_id: str, job_id: str, number: int, fmt: str,
+            ensemble: int | None) -> bytes:
+    if ensemble is None:
+        n, rows = service.scores(session, tenant_id, job_id, number)
         return render_scores(job_id, n, rows, fmt)
-
-    return trial, RENDERED.get((job_id, trial, fmt), render)
-
-
-def ensemble_body(session: Session, tenant_id: str, job_id: str, k: int,
-                  fmt: str) -> tuple[int, bytes]:
-    """The top-``k`` ensemble's scores in ``fmt`` (a succeeded job's trials never change:
-    rendered once per process, like the best trial's)."""
-    number = service.best_trial(session, tenant_id, job_id)  # ownership, 409 if not done
-
-    def render() -> bytes:
-        best, trials, rows = service.ensemble_scores(session, tenant_id, job_id, k)
-        return render_scores(job_id, best, rows, fmt, ensemble=trials)
-
-    return number, RENDERED.get((job_id, number, f"ensemble-{k}-{fmt}"), render)
+    best, trials, rows = service.ensemble_scores(session, tenant_id, job_id, ensemble)
+    return render_scores(job_id, best, rows, fmt, ensemble=trials)
 
 
 def plot_png(session: Session, tenant_id: str, job_id: str, name: str, k: int) -> bytes:

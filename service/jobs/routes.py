@@ -7,7 +7,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
 from service import links, webhooks
@@ -15,6 +14,7 @@ from service.deps import (
     IdempotencyKeyDep,
     JobReaderDep,
     LinkToken,
+    PolledJobReaderDep,
     SessionDep,
     SettingsDep,
     StreamJobReaderDep,
@@ -25,10 +25,10 @@ from service.jobs import service
 from service.jobs.events import progress_stream
 from service.jobs.render import (
     MEDIA,
-    ensemble_body,
     job_out,
     job_summary,
     plot_png,
+    result_body,
     scores_body,
     trial_out,
 )
@@ -95,8 +95,10 @@ def json_body(model: BaseModel) -> Response:
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422),
             summary="A job's status, progress and best trial so far")
-def get_job(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> Response:
-    return json_body(job_out(service.get_job(session, tenant, job_id)))
+async def get_job(request: Request, tenant: PolledJobReaderDep, job_id: JobId) -> Response:
+    # async: one read on the event loop (service/reads.py), then pure rendering.
+    job = await request.app.state.reads.job(job_id)
+    return json_body(job_out(service.visible_job(job, tenant, job_id)))
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
@@ -138,15 +140,12 @@ def list_events(session: SessionDep, tenant: JobReaderDep, job_id: JobId) -> Eve
         for e in service.list_events(session, tenant, job_id)])
 
 
-def scores_response(session: Session, tenant_id: str, job_id: str, number: int | None,
-                    fmt: str, request: Request, ensemble: int | None = None) -> Response:
-    best = number is None
-    if ensemble is not None:
-        number, body = ensemble_body(session, tenant_id, job_id, ensemble, fmt)
-        etag = f'"{job_id}-{number}-ensemble-{ensemble}-{fmt}"'
-    else:
-        number, body = scores_body(session, tenant_id, job_id, number, fmt)
-        etag = f'"{job_id}-{number}-{fmt}"'
+def scores_reply(job_id: str, number: int, body: bytes, fmt: str, request: Request,
+                 ensemble: int | None = None, best: bool = True) -> Response:
+    """A score body with its ETag (a 304 when the client has it) and, for CSV, a file name
+    that says what it is."""
+    etag = (f'"{job_id}-{number}-{fmt}"' if ensemble is None
+            else f'"{job_id}-{number}-ensemble-{ensemble}-{fmt}"')
     headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
     if fmt == "csv":  # a browser or `curl -OJ` saves it under a name that says what it is
         name = (f"{job_id}-ensemble-{ensemble}-scores.csv" if ensemble is not None
@@ -166,7 +165,7 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
 @router.get("/{job_id}/scores", response_model=ScoresOut,
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the best trial), in test order")
-def job_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, request: Request,
+async def job_scores(tenant: PolledJobReaderDep, job_id: JobId, request: Request,
                format: Literal["json", "csv"] = "json",
                ensemble: Annotated[int | None, Query(
                    ge=MIN_K, le=MAX_K,
@@ -176,7 +175,10 @@ def job_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, request
                                "`selection.trust` is `uncertain` (docs/benchmarks.md §7)")
                ] = None,
                ) -> Response:
-    return scores_response(session, tenant, job_id, None, format, request, ensemble)
+    number, body = await result_body(request.app.state.reads,
+                                     request.app.state.session_factory, tenant, job_id,
+                                     format, ensemble)
+    return scores_reply(job_id, number, body, format, request, ensemble)
 
 
 @router.get("/{job_id}/trials/{number}/scores", response_model=ScoresOut,
@@ -184,7 +186,9 @@ def job_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, request
             summary="Anomaly scores of one finished trial, in test order")
 def trial_scores(session: SessionDep, tenant: JobReaderDep, job_id: JobId, number: TrialNumber,
                  request: Request, format: Literal["json", "csv"] = "json") -> Response:
-    return scores_response(session, tenant, job_id, number, format, request)
+    service.result_state(session, tenant, job_id)  # ownership
+    body = scores_body(session, tenant, job_id, number, format)
+    return scores_reply(job_id, number, body, format, request, best=False)
 
 
 @router.get("/{job_id}/threshold", response_model=ThresholdOut,

@@ -131,8 +131,12 @@ def create_job(session: Session, tenant_id: str, request: JobCreate, settings: A
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = repo.get_job(session, tenant_id, job_id)
-    if job is None:
+    return visible_job(repo.get_job(session, tenant_id, job_id), tenant_id, job_id)
+
+
+def visible_job(job: Job | None, tenant_id: str, job_id: str) -> Job:
+    """``job`` if it is the tenant's; else a 404, exactly as for a missing one."""
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} not found")
     return job
 
@@ -197,7 +201,11 @@ def result_state(session: Session, tenant_id: str, job_id: str
 
 def best_trial(session: Session, tenant_id: str, job_id: str) -> int:
     """The trial whose scores are the job's result (only once the job has succeeded)."""
-    status, number = result_state(session, tenant_id, job_id)
+    return result_trial(job_id, *result_state(session, tenant_id, job_id))
+
+
+def result_trial(job_id: str, status: JobStatus, number: int | None) -> int:
+    """The best trial of a job in ``status``; a 409 until it has succeeded."""
     if number is None or status != JobStatus.succeeded:
         raise Conflict(f"job {job_id} is {status}; its scores are available once it "
                        "has succeeded (per-trial scores: /trials/{number}/scores)")

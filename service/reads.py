@@ -1,0 +1,151 @@
+"""The reads clients repeat, served without the ORM and without the thread pool.
+
+``GET /v1/jobs/{id}`` (polled while a job runs) and the score routes' ownership check (a
+cached body is served once the job is known to be the caller's) are most of a busy API's
+requests. Through the ORM each cost a session, a pooled connection's pre-ping and two trips
+through the thread pool: about 5 ms of CPU against about 1 ms for a bare FastAPI endpoint
+(docs/benchmarks.md §8). On Postgres they run here instead: one statement on psycopg's async
+driver, on the event loop, from a small pool of autocommit connections of their own
+(``psycopg_pool``). Each is a single read of committed rows, so a write another request
+has committed (a 2xx) is read back at once, exactly as through the ORM.
+
+The statements are the models' own (``select(Job.__table__)``, compiled once for the
+psycopg dialect) and every value goes through its column type's result processor, so a
+job read here is the same :class:`Job` (enum status, UTC datetimes) the ORM would load,
+only transient. On any other database (SQLite, the embedded single-user mode) the same reads
+run on the ORM session in one trip to the thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Select, bindparam, select
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import ServiceUnavailable
+from ssad_common.lifecycle import JobStatus
+from ssad_common.models import ApiKey, Job
+
+log = logging.getLogger("ssad.api")
+
+
+class ResultState(NamedTuple):
+    """What the routes serving cached bodies need of a job: whose it is, whether it has
+    succeeded, and its best trial."""
+
+    tenant_id: str
+    status: JobStatus
+    best_trial_number: int | None
+
+
+_JOB = Job.__table__
+_JOB_BY_ID = select(_JOB).where(_JOB.c.id == bindparam("id"))
+_STATE_BY_ID = (select(_JOB.c.tenant_id, _JOB.c.status, _JOB.c.best_trial_number)
+                .where(_JOB.c.id == bindparam("id")))
+_KEY_TENANT = select(ApiKey.__table__.c.tenant_id).where(
+    ApiKey.__table__.c.key_hash == bindparam("hash"), ApiKey.__table__.c.revoked_at.is_(None))
+#: The mapped attribute of each of the jobs table's columns, in the table's order.
+_JOB_ATTRS = [Job.__mapper__.get_property_by_column(c).key for c in _JOB.columns]
+
+
+def _job(values: Sequence[Any]) -> Job:
+    return Job(**dict(zip(_JOB_ATTRS, values, strict=True)))
+
+
+class Reads:
+    """The hot reads, on the ORM session in the thread pool (any database)."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self._factory = factory
+
+    async def job(self, job_id: str) -> Job | None:
+        """The job row (whoever's it is: the caller checks the tenant)."""
+        row = await self._one(_JOB_BY_ID, {"id": job_id})
+        return None if row is None else _job(row)
+
+    async def result_state(self, job_id: str) -> ResultState | None:
+        row = await self._one(_STATE_BY_ID, {"id": job_id})
+        return None if row is None else ResultState(*row)
+
+    async def key_tenant(self, key_hash: str) -> str | None:
+        """The tenant of an unrevoked API key, by the key's SHA-256."""
+        row = await self._one(_KEY_TENANT, {"hash": key_hash})
+        return None if row is None else str(row[0])
+
+    async def _one(self, stmt: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
+        def read() -> Sequence[Any] | None:
+            with self._factory() as session:
+                return session.execute(stmt, params).first()
+
+        return await run_in_threadpool(read)
+
+    async def close(self) -> None:
+        pass
+
+
+class PostgresReads(Reads):
+    """The hot reads on psycopg's async driver (see the module's docstring)."""
+
+    def __init__(self, factory: sessionmaker[Session], url: str, dialect: Dialect,
+                 max_size: int, timeout_s: float) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
+        super().__init__(factory)
+        conninfo = make_url(url).set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        self._pool = AsyncConnectionPool(
+            conninfo, min_size=1, max_size=max_size, timeout=timeout_s, open=False,
+            name="ssad-reads", kwargs={"autocommit": True, "application_name": "ssad-reads"})
+        self._statements: dict[int, tuple[str, list[Callable[[Any], Any] | None]]] = {}
+        for stmt in (_JOB_BY_ID, _STATE_BY_ID, _KEY_TENANT):
+            compiled = stmt.compile(dialect=dialect)
+            self._statements[id(stmt)] = (str(compiled), [
+                c.type.result_processor(dialect, None) for c in stmt.selected_columns])
+
+    async def open(self) -> None:
+        await self._pool.open()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _one(self, stmt: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        sql, processors = self._statements[id(stmt)]
+        timeout_s = self._pool.timeout
+        for attempt in (1, 2):
+            try:
+                async with self._pool.connection() as conn:
+                    row = await (await conn.execute(sql, params)).fetchone()
+                break
+            except PoolTimeout:
+                # No connection within the timeout: all busy, or none can be opened.
+                log.warning("no database connection for a read within %s s", timeout_s)
+                raise ServiceUnavailable("the database is unavailable or all its connections "
+                                         "are busy; retry shortly") from None
+            except psycopg.OperationalError as exc:
+                # A connection the server dropped (a restart) fails its first statement;
+                # the pool discards it, and a read is safe to retry once on a fresh one.
+                if attempt == 2:
+                    log.warning("database unavailable: %s", exc)
+                    raise ServiceUnavailable("the database is unavailable; retry shortly"
+                                             ) from None
+        if row is None:
+            return None
+        return [v if p is None else p(v) for v, p in zip(row, processors, strict=True)]
+
+
+async def open_reads(factory: sessionmaker[Session], url: str, dialect: Dialect,
+                     max_size: int, timeout_s: float) -> Reads:
+    """:class:`PostgresReads` on Postgres, else :class:`Reads`."""
+    if dialect.name != "postgresql":
+        return Reads(factory)
+    reads = PostgresReads(factory, url, dialect, max_size, timeout_s)
+    await reads.open()
+    return reads

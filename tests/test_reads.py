@@ -1,0 +1,145 @@
+"""The reads clients poll (service/reads.py): on Postgres they bypass the ORM and the thread
+pool, so they must return exactly what the ORM loads, see every committed write at once, and
+survive a connection the server dropped. On a real Postgres and on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from sqlalchemy import text
+
+from service import tenants
+from service.jobs.render import job_out
+from service.reads import PostgresReads, Reads, open_reads
+from ssad_common.db import make_engine, session_factory, session_scope
+from ssad_common.lifecycle import JobStatus
+from ssad_common.models import Job
+from tests.helpers import client, finish_job_with_scores, make_key, npz, tiny_job, upload
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
+SELECTION = {"best_trial": 1, "best_family": "rotate", "runner_up_family": "cutout",
+             "runner_up_trial": 0, "family_gap": 0.2, "family_gap_unit": "loss",
+             "family_gap_share": 1.0, "top_k": 2, "top_trials": [1, 0], "flagged_share": 0.2,
+             "agreement_jaccard": 0.5, "agreement_spearman": 0.25, "candidates": 2,
+             "trust": "uncertain"}
+
+
+def read_all(db_url: str, *calls: tuple[str, Any]) -> tuple[type[Reads], list[Any]]:
+    """Open the reads the API would open on ``db_url``, make each ``(method, arg)`` call
+    on one event loop, close them."""
+    engine = make_engine(db_url)
+
+    async def run() -> tuple[type[Reads], list[Any]]:
+        reads = await open_reads(session_factory(engine), db_url, engine.dialect, 2, 10.0)
+        try:
+            return type(reads), [await getattr(reads, m)(a) for m, a in calls]
+        finally:
+            await reads.close()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.dispose()
+
+
+def a_finished_job(db_url: str) -> str:
+    with client(db_url) as c:
+        train = upload(c, npz(IMAGES[:6]), "train.npz").json()["id"]
+        test = upload(c, npz(IMAGES[6:]), "test.npz").json()["id"]
+        job = c.post("/v1/jobs", json=tiny_job(train, test)).json()["id"]
+    finish_job_with_scores(db_url, job, [("cutout", {"size": 0.2}, 0.5, [0.1] * 6),
+                                         ("rotate", {}, 0.3, [0.2] * 6)],
+                           selection=SELECTION)
+    return job
+
+
+def test_a_job_read_on_the_loop_is_the_job_the_orm_loads(db_url: str) -> None:
+    job_id = a_finished_job(db_url)
+    kind, (job, state, missing) = read_all(db_url, ("job", job_id), ("result_state", job_id),
+                                           ("job", "no-such-job"))
+    assert kind is (PostgresReads if db_url.startswith("postgresql") else Reads)
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            loaded = s.get(Job, job_id)
+            assert loaded is not None
+            for column in Job.__table__.columns:  # every value, with its Python type
+                ours, orm = getattr(job, column.key), getattr(loaded, column.key)
+                assert (ours, type(ours)) == (orm, type(orm)), column.key
+            assert job_out(job) == job_out(loaded)
+            assert loaded.best is not None and loaded.started_at is not None
+    finally:
+        engine.dispose()
+    assert state == (loaded.tenant_id, JobStatus.succeeded, 1)
+    assert isinstance(state.status, JobStatus)
+    assert missing is None
+
+
+def test_a_key_is_looked_up_by_its_hash_and_a_revoked_one_is_not_found(db_url: str) -> None:
+    key = make_key(db_url, "acme")
+    digest = tenants.lookup_hash(key)
+    assert digest is not None and tenants.lookup_hash("not-a-key") is None
+    engine = make_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            (stored, _), = [(k, p) for k, p in tenants.list_keys(s) if k.key_hash == digest]
+            tenant_id, key_id = stored.tenant_id, stored.id
+        _, (found,) = read_all(db_url, ("key_tenant", digest))
+        assert found == tenant_id
+        with session_scope(engine) as s:
+            tenants.revoke_key(s, key_id)
+    finally:
+        engine.dispose()
+    _, (after,) = read_all(db_url, ("key_tenant", digest))
+    assert after is None
+
+
+def test_the_polled_routes_see_each_committed_write_at_once(db_url: str) -> None:
+    """Through HTTP, with API keys on: the job and its scores read on the loop, then the
+    delete a request commits is a 404 on the very next request, as is another tenant's."""
+    key, other = make_key(db_url, "acme"), make_key(db_url, "other")
+    with client(db_url, auth="required") as c:
+        c.headers["Authorization"] = f"Bearer {key}"
+        train = upload(c, npz(IMAGES[:6]), "train.npz").json()["id"]
+        test = upload(c, npz(IMAGES[6:]), "test.npz").json()["id"]
+        job = c.post("/v1/jobs", json=tiny_job(train, test)).json()["id"]
+        assert c.get(f"/v1/jobs/{job}").json()["status"] == "queued"
+        assert c.get(f"/v1/jobs/{job}/scores").status_code == 409
+        finish_job_with_scores(db_url, job, [("cutout", {"size": 0.2}, 0.5, [0.1] * 6)])
+        assert c.get(f"/v1/jobs/{job}").json()["status"] == "succeeded"
+        scores = c.get(f"/v1/jobs/{job}/scores")
+        assert scores.status_code == 200 and len(scores.json()["scores"]) == 6
+        for wrong in (other, "ssad_" + "x" * 43, "nope"):
+            for path in (f"/v1/jobs/{job}", f"/v1/jobs/{job}/scores"):
+                r = c.get(path, headers={"Authorization": f"Bearer {wrong}"})
+                assert r.status_code == (404 if wrong == other else 401), (wrong, r.text)
+        assert c.delete(f"/v1/jobs/{job}").status_code == 204
+        for path in (f"/v1/jobs/{job}", f"/v1/jobs/{job}/scores"):  # cached body or not
+            assert c.get(path).status_code == 404
+
+
+def test_a_connection_the_server_dropped_is_replaced_not_reported(pg_url: str) -> None:
+    job_id = a_finished_job(pg_url)
+    engine = make_engine(pg_url)
+
+    async def run() -> list[Any]:
+        reads = await open_reads(session_factory(engine), pg_url, engine.dialect, 1, 10.0)
+        try:
+            first = await reads.job(job_id)
+            with engine.begin() as conn:  # what a server restart does to idle connections
+                dropped = conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'ssad-reads' AND pid <> pg_backend_pid()"
+                )).scalar_one()
+            return [first, dropped, await reads.result_state(job_id)]
+        finally:
+            await reads.close()
+
+    try:
+        first, dropped, state = asyncio.run(run())
+    finally:
+        engine.dispose()
+    assert first is not None and dropped >= 1
+    assert state is not None and state.status == JobStatus.succeeded
