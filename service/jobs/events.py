@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.jobs.schemas import JobOut
@@ -31,7 +30,8 @@ def _progress_key(j: JobOut) -> tuple[Any, ...]:
             j.progress.current_trial)
 
 
-async def _events(read: Callable[[], JobOut], job: JobOut) -> AsyncIterator[ServerSentEvent]:
+async def _events(read: Callable[[], Awaitable[JobOut]], job: JobOut
+                  ) -> AsyncIterator[ServerSentEvent]:
     last_key = None
     started = time.monotonic()
     while True:
@@ -46,13 +46,15 @@ async def _events(read: Callable[[], JobOut], job: JobOut) -> AsyncIterator[Serv
             return  # clients reconnect (EventSource does by itself)
         await asyncio.sleep(STREAM_POLL_SECONDS)
         try:
-            job = await run_in_threadpool(read)
+            job = await read()
         except Exception:  # the database blinked: say nothing, try again
             continue
 
 
-def progress_stream(read: Callable[[], JobOut], first: JobOut) -> EventSourceResponse:
-    """The stream that starts from ``first`` and polls ``read`` for the job's changes."""
+def progress_stream(read: Callable[[], Awaitable[JobOut]], first: JobOut
+                    ) -> EventSourceResponse:
+    """The stream that starts from ``first`` and polls ``read`` (on the event loop:
+    service/reads.py) for the job's changes."""
     return EventSourceResponse(
         _events(read, first), sep=SEP, ping=STREAM_KEEPALIVE_SECONDS,
         ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep=SEP),

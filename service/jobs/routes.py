@@ -4,7 +4,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
@@ -224,13 +223,12 @@ def job_threshold(
     summary="Live progress as server-sent events (used by `ssad-tune tune`)")
 async def stream_job(request: Request, tenant: StreamJobReaderDep,
                      job_id: JobId) -> EventSourceResponse:
-    factory = request.app.state.session_factory
+    reads = request.app.state.reads
 
-    def read() -> JobOut:
-        with factory() as s:
-            return job_out(service.get_job(s, tenant, job_id))
+    async def read() -> JobOut:
+        return job_out(service.visible_job(await reads.job(job_id), tenant, job_id))
 
-    first = await run_in_threadpool(read)  # 404 before the stream starts
+    first = await read()  # 404 before the stream starts
     return progress_stream(read, first)
 
 
