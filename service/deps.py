@@ -141,12 +141,12 @@ async def get_job_reader_without_session(request: Request, settings: SettingsDep
     return await _caller(settings, _job_reader, credentials, None, request, job_id, token)
 
 
-async def get_polled_job_reader(request: Request, settings: SettingsDep,
-                                credentials: CredentialsDep, job_id: JobId,
+async def get_polled_job_reader(request: Request, credentials: CredentialsDep, job_id: JobId,
                                 token: LinkToken = None) -> str:
     """As :func:`get_job_reader`, without the request's session, for the routes clients
     poll: an API key is looked up by ``app.state.reads`` (on the event loop on Postgres,
     service/reads.py); a report link's token as for a stream."""
+    settings: ApiSettings = request.app.state.settings
     if settings.auth == "off":
         return DEFAULT_TENANT_ID
     if credentials is None:

@@ -1,13 +1,14 @@
 """The reads clients repeat, served without the ORM and without the thread pool.
 
-``GET /v1/jobs/{id}`` (polled while a job runs) and the score routes' ownership check (a
-cached body is served once the job is known to be the caller's) are most of a busy API's
-requests. Through the ORM each cost a session, a pooled connection's pre-ping and two trips
-through the thread pool: about 5 ms of CPU against about 1 ms for a bare FastAPI endpoint
-(docs/benchmarks.md §8). On Postgres they run here instead: one statement on psycopg's async
-driver, on the event loop, from a small pool of autocommit connections of their own
-(``psycopg_pool``). Each is a single read of committed rows, so a write another request
-has committed (a 2xx) is read back at once, exactly as through the ORM.
+``GET /v1/jobs/{id}`` (polled while a job runs), its progress stream's polls, the score
+routes' ownership check (a cached body is served once the job is known to be the caller's)
+and the API-key lookup on them are most of a busy API's requests. Through the ORM each cost
+a session, a pooled connection's pre-ping and two trips through the thread pool: about 5 ms
+of CPU against about 1 ms for a bare FastAPI endpoint (docs/benchmarks.md §8). On Postgres
+they run here instead: one statement on psycopg's async driver, on the event loop, from a
+small pool of autocommit connections of their own. Nothing is cached: each read sees every
+committed row, so a write another request has committed (a 2xx) is read back at once,
+exactly as through the ORM.
 
 The statements are the models' own (``select(Job.__table__)``, compiled once for the
 psycopg dialect) and every value goes through its column type's result processor, so a
@@ -18,10 +19,13 @@ run on the ORM session in one trip to the thread pool.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
+import psycopg
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.engine import Dialect, make_url
@@ -88,64 +92,111 @@ class Reads:
         pass
 
 
+class _Dropped(Exception):
+    """The server closed the connection under a statement (a restart, an idle timeout)."""
+
+
+class _Connections:
+    """At most ``size`` autocommit connections, kept idle between reads. Not psycopg_pool:
+    its connections are opened in the background with growing back-off, so during an
+    outage a read would wait its whole timeout for a 503, and after one the pool could
+    take tens of seconds to reconnect. Here a read that needs a connection opens it
+    itself: refused is a 503 at once, and the first read after the server is back gets
+    through."""
+
+    def __init__(self, conninfo: str, size: int, timeout_s: float) -> None:
+        self._conninfo = conninfo
+        self._timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+
+    @asynccontextmanager
+    async def connection(self, fresh: bool) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """An idle connection (``fresh``: a new one), returned afterwards if still sound."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            log.warning("no database connection for a read within %s s", self._timeout_s)
+            raise ServiceUnavailable("all database connections are busy; retry shortly"
+                                     ) from None
+        conn = None
+        try:
+            if self._idle and not fresh:
+                conn = self._idle.pop()
+            else:
+                try:
+                    conn = await psycopg.AsyncConnection.connect(
+                        self._conninfo, autocommit=True, application_name="ssad-reads",
+                        connect_timeout=max(2, round(self._timeout_s)))
+                except psycopg.OperationalError as exc:
+                    log.warning("database unavailable: %s", exc)
+                    raise ServiceUnavailable("the database is unavailable; retry shortly"
+                                             ) from None
+            yield conn
+        finally:
+            if conn is not None:
+                idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                if idle and not conn.closed:
+                    self._idle.append(conn)
+                else:  # broken, or cancelled mid-statement
+                    await conn.close()
+            self._slots.release()
+
+    async def drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
+
+
 class PostgresReads(Reads):
     """The hot reads on psycopg's async driver (see the module's docstring)."""
 
     def __init__(self, factory: sessionmaker[Session], url: str, dialect: Dialect,
                  max_size: int, timeout_s: float) -> None:
-        from psycopg_pool import AsyncConnectionPool
-
         super().__init__(factory)
         conninfo = make_url(url).set(drivername="postgresql").render_as_string(
             hide_password=False)
-        self._pool = AsyncConnectionPool(
-            conninfo, min_size=1, max_size=max_size, timeout=timeout_s, open=False,
-            name="ssad-reads", kwargs={"autocommit": True, "application_name": "ssad-reads"})
-        self._statements: dict[int, tuple[str, list[Callable[[Any], Any] | None]]] = {}
+        self._connections = _Connections(conninfo, max_size, timeout_s)
+        self._statements: dict[Select[Any], tuple[str, list[Callable[[Any], Any] | None]]] = {}
         for stmt in (_JOB_BY_ID, _STATE_BY_ID, _KEY_TENANT):
             compiled = stmt.compile(dialect=dialect)
-            self._statements[id(stmt)] = (str(compiled), [
+            self._statements[stmt] = (str(compiled), [
                 c.type.result_processor(dialect, None) for c in stmt.selected_columns])
 
-    async def open(self) -> None:
-        await self._pool.open()
-
     async def close(self) -> None:
-        await self._pool.close()
+        await self._connections.drop_idle()
 
     async def _one(self, stmt: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
-        sql, processors = self._statements[id(stmt)]
-        timeout_s = self._pool.timeout
-        for attempt in (1, 2):
+        sql, processors = self._statements[stmt]
+        try:
+            row = await self._fetch(sql, params, fresh=False)
+        except _Dropped:
+            # A server restart drops every idle connection at once: forget them all and
+            # retry once on a new one (a read is safe to repeat).
+            await self._connections.drop_idle()
             try:
-                async with self._pool.connection() as conn:
-                    row = await (await conn.execute(sql, params)).fetchone()
-                break
-            except PoolTimeout:
-                # No connection within the timeout: all busy, or none can be opened.
-                log.warning("no database connection for a read within %s s", timeout_s)
-                raise ServiceUnavailable("the database is unavailable or all its connections "
-                                         "are busy; retry shortly") from None
-            except psycopg.OperationalError as exc:
-                # A connection the server dropped (a restart) fails its first statement;
-                # the pool discards it, and a read is safe to retry once on a fresh one.
-                if attempt == 2:
-                    log.warning("database unavailable: %s", exc)
-                    raise ServiceUnavailable("the database is unavailable; retry shortly"
-                                             ) from None
+                row = await self._fetch(sql, params, fresh=True)
+            except _Dropped:
+                raise ServiceUnavailable("the database connection was lost; retry"
+                                         ) from None
         if row is None:
             return None
         return [v if p is None else p(v) for v, p in zip(row, processors, strict=True)]
 
+    async def _fetch(self, sql: str, params: dict[str, Any], fresh: bool) -> Any:
+        async with self._connections.connection(fresh) as conn:
+            try:
+                return await (await conn.execute(sql, params)).fetchone()
+            except psycopg.OperationalError as exc:
+                if conn.broken:
+                    raise _Dropped from exc
+                raise
 
-async def open_reads(factory: sessionmaker[Session], url: str, dialect: Dialect,
-                     max_size: int, timeout_s: float) -> Reads:
+
+def make_reads(factory: sessionmaker[Session], url: str, dialect: Dialect,
+               max_size: int, timeout_s: float) -> Reads:
     """:class:`PostgresReads` on Postgres, else :class:`Reads`."""
     if dialect.name != "postgresql":
         return Reads(factory)
-    reads = PostgresReads(factory, url, dialect, max_size, timeout_s)
-    await reads.open()
-    return reads
+    return PostgresReads(factory, url, dialect, max_size, timeout_s)

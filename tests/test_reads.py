@@ -5,18 +5,28 @@ survive a connection the server dropped. On a real Postgres and on SQLite."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
-from service import tenants
+from service import migrate, tenants
 from service.jobs.render import job_out
-from service.reads import PostgresReads, Reads, open_reads
+from service.reads import PostgresReads, Reads, make_reads
 from ssad_common.db import make_engine, session_factory, session_scope
 from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job
-from tests.helpers import client, finish_job_with_scores, make_key, npz, tiny_job, upload
+from tests.helpers import (
+    assert_error,
+    client,
+    finish_job_with_scores,
+    make_key,
+    npz,
+    tiny_job,
+    upload,
+)
+from tests.pg import PostgresServer, free_port
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8)
 SELECTION = {"best_trial": 1, "best_family": "rotate", "runner_up_family": "cutout",
@@ -32,7 +42,7 @@ def read_all(db_url: str, *calls: tuple[str, Any]) -> tuple[type[Reads], list[An
     engine = make_engine(db_url)
 
     async def run() -> tuple[type[Reads], list[Any]]:
-        reads = await open_reads(session_factory(engine), db_url, engine.dialect, 2, 10.0)
+        reads = make_reads(session_factory(engine), db_url, engine.dialect, 2, 10.0)
         try:
             return type(reads), [await getattr(reads, m)(a) for m, a in calls]
         finally:
@@ -120,26 +130,45 @@ def test_the_polled_routes_see_each_committed_write_at_once(db_url: str) -> None
             assert c.get(path).status_code == 404
 
 
-def test_a_connection_the_server_dropped_is_replaced_not_reported(pg_url: str) -> None:
+def test_connections_the_server_dropped_are_replaced_not_reported(pg_url: str) -> None:
+    """What a server restart does: every idle connection of a warmed pool is gone at once.
+    The next reads still answer (each idle one is forgotten, not tried in turn)."""
     job_id = a_finished_job(pg_url)
     engine = make_engine(pg_url)
 
     async def run() -> list[Any]:
-        reads = await open_reads(session_factory(engine), pg_url, engine.dialect, 1, 10.0)
+        reads = make_reads(session_factory(engine), pg_url, engine.dialect, 4, 10.0)
         try:
-            first = await reads.job(job_id)
-            with engine.begin() as conn:  # what a server restart does to idle connections
+            await asyncio.gather(*[reads.job(job_id) for _ in range(8)])  # opens up to 4
+            with engine.begin() as conn:
                 dropped = conn.execute(text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE application_name = 'ssad-reads' AND pid <> pg_backend_pid()"
-                )).scalar_one()
-            return [first, dropped, await reads.result_state(job_id)]
+                    "WHERE application_name = 'ssad-reads'")).scalar_one()
+            after = [await reads.result_state(job_id) for _ in range(4)]
+            return [dropped, after, await reads.job(job_id)]
         finally:
             await reads.close()
 
     try:
-        first, dropped, state = asyncio.run(run())
+        dropped, after, job = asyncio.run(run())
     finally:
         engine.dispose()
-    assert first is not None and dropped >= 1
-    assert state is not None and state.status == JobStatus.succeeded
+    assert dropped >= 2
+    assert [s.status for s in after] == [JobStatus.succeeded] * 4
+    assert job is not None and job.id == job_id
+
+
+def test_an_unreachable_database_is_a_503_at_once_and_reads_resume_with_it(
+        postgres: PostgresServer) -> None:
+    """A read that cannot connect answers 503 in the error shape without waiting for the
+    pool's timeout (60 s here); once the database answers, so do the reads."""
+    url = postgres.url(postgres.create_database())
+    dead = make_url(url).set(host="127.0.0.1", port=free_port()).render_as_string(False)
+    with client(dead, db_pool_timeout_seconds=60, webhook_dispatch=False) as c:
+        started = time.monotonic()
+        for path in ("/v1/jobs/some-job", "/v1/jobs/some-job/scores", "/v1/jobs/j/stream"):
+            assert_error(c.get(path), 503, "ServiceUnavailable", "unavailable")
+        assert time.monotonic() - started < 30
+    migrate.upgrade_head(url)
+    with client(url) as c:
+        assert_error(c.get("/v1/jobs/some-job"), 404, "NotFound")
