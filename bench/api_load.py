@@ -3,11 +3,13 @@ and of GET /v1/jobs/{id}/scores (10,000 scores) against a bare FastAPI endpoint 
 returns the same bodies from memory (bench/bare_app.py), both served the same way (uvicorn,
 one process per core) and loaded with wrk (a C load generator, so the client does not eat
 the cores the way a Python client does), at 10 and 50 connections. The API runs on
-Postgres with authentication off; the bodies are the API's own responses. Servers and
-load generator share this machine; each cell's ratio is taken within one round, and the
-rounds alternate API and bare endpoint. Needs `wrk` (the Debian package).
+Postgres with authentication off (``--auth``: required, with one API key sent on every
+request); the bodies are the API's own responses. Servers and load generator share this
+machine; each cell's ratio is taken within one round, and the rounds alternate API and bare
+endpoint. Needs `wrk` (the Debian package).
 
     python -m bench.api_load --out bench/results/api_load.json   # about 4 min
+    python -m bench.api_load --auth --out bench/results/api_load_auth.json   # with API keys
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import httpx
 import numpy as np
 
 from bench.service import npz_bytes
+from service import tenants
 from service.migrate import upgrade_head
-from ssad_common.db import make_engine
+from ssad_common.db import make_engine, session_scope
 from tests.helpers import wait_http_ok
 from tests.pg import free_port, running_postgres
 from worker.manager import JobManager
@@ -49,8 +52,10 @@ def serve(app: str, env: dict[str, str], processes: int) -> tuple[subprocess.Pop
     return proc, url
 
 
-def wrk(url: str, connections: int, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+def wrk(url: str, connections: int, seconds: int, headers: tuple[str, ...] = ()
+        ) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          *(a for h in headers for a in ("-H", h)), url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--auth", action="store_true",
+                    help="run the API with API keys required and send one with every request "
+                         "(to both servers; the bare endpoint ignores it)")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -101,12 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         db = server.url(server.create_database())
         upgrade_head(db)
         job, _ = make_job(db)
+        headers: tuple[str, ...] = ()
+        if args.auth:  # the job is the default tenant's (made with auth off)
+            engine = make_engine(db)
+            with session_scope(engine) as s:
+                headers = (f"Authorization: Bearer {tenants.create_key(s, 'default')[1]}",)
+            engine.dispose()
         api, api_url = serve("service.app:create_app",
-                             {"SSAD_DATABASE_URL": db, "SSAD_AUTH": "off",
-                              "SSAD_LOG_FORMAT": "json"}, processes)
+                             {"SSAD_DATABASE_URL": db, "SSAD_LOG_FORMAT": "json",
+                              "SSAD_AUTH": "required" if args.auth else "off"}, processes)
         try:
             paths = {"job": f"/v1/jobs/{job}", "scores_10k": f"/v1/jobs/{job}/scores"}
-            with httpx.Client(base_url=api_url, timeout=60) as c:
+            with httpx.Client(base_url=api_url, timeout=60,
+                              headers=dict(h.split(": ", 1) for h in headers)) as c:
                 bodies = {k: c.get(p).content for k, p in paths.items()}
             for k, body in bodies.items():
                 (Path(tmp) / k).write_bytes(body)
@@ -119,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                     for name, path in paths.items():
                         for conns in args.connections:
                             for url in (api_url, bare_url):
-                                wrk(url + path, conns, 2)  # warm-up
-                            a = wrk(api_url + path, conns, args.seconds)
-                            b = wrk(bare_url + path, conns, args.seconds)
-                            cell = f"{name}@{conns}"
+                                wrk(url + path, conns, 2, headers)  # warm-up
+                            a = wrk(api_url + path, conns, args.seconds, headers)
+                            b = wrk(bare_url + path, conns, args.seconds, headers)
+                            cell = f"{name}{'+key' if args.auth else ''}@{conns}"
                             cells.setdefault(cell, []).append(
                                 {"api": a, "bare": b, "ratio": a["rps"] / b["rps"]})
                             print(f"round {r + 1} {cell}: api {a['rps']:.0f}/s p99 "
@@ -143,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                       "api_non_2xx": sum(x["api"]["non_2xx"] for x in xs)}
                for cell, xs in cells.items()}
     out = {"machine": f"{platform.node()}, {os.cpu_count()} cores",
-           "uvicorn_processes": processes, "seconds_per_run": args.seconds,
+           "auth": "required" if args.auth else "off", "uvicorn_processes": processes,
+           "seconds_per_run": args.seconds,
            "rounds": args.rounds, "summary": summary, "cells": cells}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
