@@ -165,15 +165,15 @@ _SCORES_DOC: dict[int | str, dict[str, Any]] = {
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the best trial), in test order")
 async def job_scores(tenant: PolledJobReaderDep, job_id: JobId, request: Request,
-               format: Literal["json", "csv"] = "json",
-               ensemble: Annotated[int | None, Query(
-                   ge=MIN_K, le=MAX_K,
-                   description="instead of the best trial's scores: the mean of the z-scored "
-                               "scores of the best `ensemble` full-length trials (listed in "
-                               "`ensemble_trials`). A hedge for when the job's "
-                               "`selection.trust` is `uncertain` (docs/benchmarks.md §7)")
-               ] = None,
-               ) -> Response:
+                     format: Literal["json", "csv"] = "json",
+                     ensemble: Annotated[int | None, Query(
+                         ge=MIN_K, le=MAX_K,
+                         description="instead of the best trial's scores: the mean of the z-scored "
+                                     "scores of the best `ensemble` full-length trials (listed in "
+                                     "`ensemble_trials`). A hedge for when the job's "
+                                     "`selection.trust` is `uncertain` (docs/benchmarks.md §7)")
+                     ] = None,
+                     ) -> Response:
     number, body = await result_body(request.app.state.reads,
                                      request.app.state.session_factory, tenant, job_id,
                                      format, ensemble)
