@@ -82,11 +82,12 @@ class BodyLimit:
         has_body = False
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit():
-                if int(value) > self.allowed:
+                length = int(value)
+                if length > self.allowed:
                     await error_response(PayloadTooLarge(too_large.detail))(
                         scope, receive, send)
                     return
-                has_body = has_body or int(value) > 0
+                has_body = has_body or length > 0
             elif key == b"transfer-encoding":
                 has_body = True
         if not has_body:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import psycopg
 from fastapi.concurrency import run_in_threadpool
@@ -32,27 +32,16 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import ServiceUnavailable
-from ssad_common.lifecycle import JobStatus
-from ssad_common.models import ApiKey, Job
+from service.jobs.repository import RESULT_STATE, ResultState
+from service.tenants import KEY_TENANT
+from ssad_common.models import Job
 
 log = logging.getLogger("ssad.api")
-
-
-class ResultState(NamedTuple):
-    """What the routes serving cached bodies need of a job: whose it is, whether it has
-    succeeded, and its best trial."""
-
-    tenant_id: str
-    status: JobStatus
-    best_trial_number: int | None
+AnySelect = Select[*tuple[Any, ...]]
 
 
 _JOB = Job.__table__
 _JOB_BY_ID = select(_JOB).where(_JOB.c.id == bindparam("id"))
-_STATE_BY_ID = (select(_JOB.c.tenant_id, _JOB.c.status, _JOB.c.best_trial_number)
-                .where(_JOB.c.id == bindparam("id")))
-_KEY_TENANT = select(ApiKey.__table__.c.tenant_id).where(
-    ApiKey.__table__.c.key_hash == bindparam("hash"), ApiKey.__table__.c.revoked_at.is_(None))
 #: The mapped attribute of each of the jobs table's columns, in the table's order.
 _JOB_ATTRS = [Job.__mapper__.get_property_by_column(c).key for c in _JOB.columns]
 
@@ -73,15 +62,15 @@ class Reads:
         return None if row is None else _job(row)
 
     async def result_state(self, job_id: str) -> ResultState | None:
-        row = await self._one(_STATE_BY_ID, {"id": job_id})
+        row = await self._one(RESULT_STATE, {"id": job_id})
         return None if row is None else ResultState(*row)
 
     async def key_tenant(self, key_hash: str) -> str | None:
         """The tenant of an unrevoked API key, by the key's SHA-256."""
-        row = await self._one(_KEY_TENANT, {"hash": key_hash})
+        row = await self._one(KEY_TENANT, {"hash": key_hash})
         return None if row is None else str(row[0])
 
-    async def _one(self, stmt: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
+    async def _one(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:
         def read() -> Sequence[Any] | None:
             with self._factory() as session:
                 return session.execute(stmt, params).first()
@@ -158,8 +147,8 @@ class PostgresReads(Reads):
         conninfo = make_url(url).set(drivername="postgresql").render_as_string(
             hide_password=False)
         self._connections = _Connections(conninfo, max_size, timeout_s)
-        self._statements: dict[Select[Any], tuple[str, list[Callable[[Any], Any] | None]]] = {}
-        for stmt in (_JOB_BY_ID, _STATE_BY_ID, _KEY_TENANT):
+        self._statements: dict[AnySelect, tuple[str, list[Callable[[Any], Any] | None]]] = {}
+        for stmt in (_JOB_BY_ID, RESULT_STATE, KEY_TENANT):
             compiled = stmt.compile(dialect=dialect)
             self._statements[stmt] = (str(compiled), [
                 c.type.result_processor(dialect, None) for c in stmt.selected_columns])
@@ -167,7 +156,7 @@ class PostgresReads(Reads):
     async def close(self) -> None:
         await self._connections.drop_idle()
 
-    async def _one(self, stmt: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
+    async def _one(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:
         sql, processors = self._statements[stmt]
         try:
             row = await self._fetch(sql, params, fresh=False)

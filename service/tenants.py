@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import (
@@ -110,13 +110,16 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return rows[0]
 
 
+#: The tenant of an unrevoked key, by the key's hash (also run on the event loop by
+#: service/reads.py).
+KEY_TENANT = select(ApiKey.tenant_id).where(ApiKey.key_hash == bindparam("hash"),
+                                            ApiKey.revoked_at.is_(None))
+
+
 def tenant_for_key(session: Session, plain: str) -> str | None:
     """The tenant id of a valid, unrevoked key; None otherwise."""
     digest = lookup_hash(plain)
-    if digest is None:
-        return None
-    return session.scalar(select(ApiKey.tenant_id).where(
-        ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+    return None if digest is None else session.scalar(KEY_TENANT, {"hash": digest})
 
 
 def lookup_hash(plain: str) -> str | None:

@@ -12,7 +12,6 @@ from typing import Any
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import NotFound
 from service.jobs import service
 from service.jobs.cache import RENDERED
 from service.jobs.schemas import Best, JobOut, JobSummary, PlanOut, Progress, TrialOut
@@ -135,10 +134,8 @@ async def result_body(reads: Reads, factory: sessionmaker[Session], tenant_id: s
     read of three columns (ownership, status, best trial) on the event loop
     (service/reads.py), and only rendering goes to the thread pool, on a session of its
     own."""
-    state = await reads.result_state(job_id)
-    if state is None or state.tenant_id != tenant_id:
-        raise NotFound(f"job {job_id} not found")
-    number = service.result_trial(job_id, state.status, state.best_trial_number)
+    number = service.result_trial(job_id, *service.visible_state(
+        await reads.result_state(job_id), tenant_id, job_id))
     key = (job_id, number, fmt if ensemble is None else f"ensemble-{ensemble}-{fmt}")
     body = RENDERED.peek(key)
     if body is None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import bindparam, delete, exists, func, select
 from sqlalchemy.orm import Session
 
 from ssad_common.lifecycle import TERMINAL, JobStatus, record_event, transition
@@ -23,16 +24,27 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return job if job is not None and job.tenant_id == tenant_id else None
 
 
-def result_state(session: Session, tenant_id: str, job_id: str
-                 ) -> tuple[JobStatus, int | None] | None:
-    """The tenant's job's status and best trial number (None: no such job of the tenant's):
-    three columns of one row by primary key, not the whole row with its JSON (spec, best,
-    selection, progress), for the routes that serve cached bodies (scores, plots)."""
-    row = session.execute(select(Job.tenant_id, Job.status, Job.best_trial_number)
-                          .where(Job.id == job_id)).one_or_none()
-    if row is None or row.tenant_id != tenant_id:
-        return None
-    return row.status, row.best_trial_number
+class ResultState(NamedTuple):
+    """What the routes serving cached bodies need of a job: whose it is, whether it has
+    succeeded, and its best trial."""
+
+    tenant_id: str
+    status: JobStatus
+    best_trial_number: int | None
+
+
+#: A job's :class:`ResultState` by id: three columns of one row by primary key, not the
+#: whole row with its JSON (spec, best, selection, progress). Also run on the event loop
+#: by service/reads.py.
+RESULT_STATE = (select(Job.tenant_id, Job.status, Job.best_trial_number)
+                .where(Job.id == bindparam("id")))
+
+
+def result_state(session: Session, job_id: str) -> ResultState | None:
+    """Job ``job_id``'s owner, status and best trial number (None: no such job); the
+    caller checks the owner (service.visible_state)."""
+    row = session.execute(RESULT_STATE, {"id": job_id}).one_or_none()
+    return None if row is None else ResultState(*row)
 
 
 def list_jobs(session: Session, tenant_id: str, limit: int, offset: int, status: str | None,

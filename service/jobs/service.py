@@ -193,10 +193,16 @@ def list_trials(session: Session, tenant_id: str, job_id: str) -> Sequence[JobTr
 def result_state(session: Session, tenant_id: str, job_id: str
                  ) -> tuple[JobStatus, int | None]:
     """The tenant's job's status and best trial, read cheaply (404 if it has none such)."""
-    state = repo.result_state(session, tenant_id, job_id)
-    if state is None:
+    return visible_state(repo.result_state(session, job_id), tenant_id, job_id)
+
+
+def visible_state(state: repo.ResultState | None, tenant_id: str, job_id: str
+                  ) -> tuple[JobStatus, int | None]:
+    """``state``'s status and best trial if the job is the tenant's; else a 404, exactly
+    as for a missing one."""
+    if state is None or state.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} not found")
-    return state
+    return state.status, state.best_trial_number
 
 
 def best_trial(session: Session, tenant_id: str, job_id: str) -> int:
