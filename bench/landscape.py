@@ -48,23 +48,26 @@ from worker.core.trial import run_trial
 MATCHED_FILL = {"black": "zero", "grey": "grey", "white": "grey", "noise": "noise"}
 
 
-def curves_for(task: Task) -> list[tuple[str, str, dict[str, Any]]]:
-    """(family, label, fixed params) of each curve to sweep for this task."""
+def curves_for(task: Task, placement: str = "anywhere") -> list[tuple[str, str, dict[str, Any]]]:
+    """(family, label, fixed params) of each curve to sweep for this task; ``placement``
+    other than the default is added to every curve's params and named in its label."""
     fam = task.truth["augmentation"]
+    where = {} if placement == "anywhere" else {"placement": placement}
+    suffix = "" if placement == "anywhere" else f", placement={placement}"
     if fam != "cutout":
-        return [(fam, fam, {})]
+        return [(fam, fam + suffix, where)]
     matched = MATCHED_FILL[task.truth["fill"]]
     other = "zero" if matched != "zero" else "grey"
-    return [(fam, f"cutout fill={matched} (matched)", {"fill": matched}),
-            (fam, f"cutout fill={other}", {"fill": other})]
+    return [(fam, f"cutout fill={matched}{suffix} (matched)", {"fill": matched, **where}),
+            (fam, f"cutout fill={other}{suffix}", {"fill": other, **where})]
 
 
 def sweep(task: Task, grid: np.ndarray, steps: int, seed: int, image_size: int | None,
           done: set[tuple[str, str]], save: Callable[[dict[str, Any]], None],
-          which: int) -> None:
+          which: int, placement: str = "anywhere") -> None:
     """Sweep curve number ``which`` of ``task`` (0: the matched fill) unless it is in
     ``done``, and ``save`` it as soon as it ends."""
-    curves = curves_for(task)[which:which + 1]
+    curves = curves_for(task, placement)[which:which + 1]
     if not curves or (task.name, curves[0][1]) in done:
         return
     data = prepare(task.train, task.test, torch.device("cpu"), image_size)
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--high", type=float, default=0.3)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--placement", default="anywhere", choices=["anywhere", "object"],
+                    help="where the local families put their patch (search_space.py)")
     ap.add_argument("--objectives", default="dsv,st-ssad,mmd")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--resume", action="store_true",
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"{torch.get_num_threads()} torch threads, torch "
                            f"{torch.__version__}",
                 "steps": args.steps, "grid": grid.tolist(), "seed": args.seed,
-                "matched_only": args.matched_only}
+                "matched_only": args.matched_only, "placement": args.placement}
         if args.resume and out.exists():
             curves = json.loads(out.read_text())["curves"]
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         done = {(c["task"], c["curve"]) for c in curves}
         for which in (0,) if args.matched_only else (0, 1):  # matched fills first
             for task in tasks:
-                sweep(task, grid, args.steps, args.seed, args.image_size, done, save, which)
+                sweep(task, grid, args.steps, args.seed, args.image_size, done, save, which,
+                      args.placement)
     plot(curves, Path(args.plot), objectives)
     print(report(curves))
     return 0

@@ -76,6 +76,14 @@ def _patch(low: float = 0.005, high: float = 0.5, default: float = 0.05) -> Floa
     )
 
 
+def _placement() -> CategoricalParam:
+    return CategoricalParam(
+        "placement", ("anywhere", "object"), "anywhere", searched=False,
+        doc="where the patch goes: anywhere: uniformly over the image; object: centred on a "
+        "pixel drawn in proportion to how far it is from the image's background (the median "
+        "of its border), so that patches land on the object (on a digit: on its strokes)")
+
+
 def _aspect(
     low: float = 0.3, high: float = 3.3, default: float = 1.0, searched: bool = False
 ) -> FloatParam:
@@ -141,6 +149,7 @@ FAMILIES: dict[str, FamilySpec] = {
                     doc="zero: black; mean: the image's mean; grey: a random grey level per "
                     "image; noise: uniform noise per pixel",
                 ),
+                _placement(),
             ),
         ),
         FamilySpec(
@@ -152,6 +161,7 @@ FAMILIES: dict[str, FamilySpec] = {
                 _patch(default=0.06),
                 _aspect(),
                 FloatParam("jitter", 0.0, 0.5, 0.1, searched=False, doc="colour jitter"),
+                _placement(),
             ),
         ),
         FamilySpec(
@@ -164,6 +174,7 @@ FAMILIES: dict[str, FamilySpec] = {
                     "aspect", 3.0, 20.0, 8.0, log=True, searched=False,
                     doc="scar length / width",
                 ),
+                _placement(),
             ),
         ),
         FamilySpec(
@@ -254,7 +265,7 @@ DEFAULT_AUGMENTATIONS: tuple[str, ...] = tuple(n for n in FAMILIES if n != "cutd
 #: The fixed "no tuning" baseline: CutPaste at (the middle of) its paper's defaults.
 CUTPASTE_DEFAULT: tuple[str, dict[str, ParamValue]] = (
     "cutpaste",
-    {"patch_size": 0.06, "aspect": 1.0, "jitter": 0.1},
+    {"patch_size": 0.06, "aspect": 1.0, "jitter": 0.1, "placement": "anywhere"},
 )
 
 

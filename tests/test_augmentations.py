@@ -120,6 +120,44 @@ def test_cutout_zero_fill_is_black_and_grey_fill_is_constant() -> None:
         assert len(vals) == 1
 
 
+@pytest.mark.parametrize("name", ["cutout", "cutpaste", "cutpaste-scar"])
+def test_object_placement_puts_the_patch_on_the_object(name: str) -> None:
+    # A bright 6×6 object in one corner of a black image, elsewhere per image: placed on
+    # the object, every patch's centre row/column is on it; placed anywhere, most are not.
+    n = 64
+    x = torch.zeros((n, 1, 32, 32))
+    g = torch.Generator().manual_seed(3)
+    corners = torch.randint(0, 26, (n, 2), generator=g)
+    for i, (r, c) in enumerate(corners.tolist()):
+        x[i, 0, r:r + 6, c:c + 6] = torch.linspace(0.5, 1.0, 36).reshape(6, 6)
+    fill = {"fill": "noise"} if name == "cutout" else {}
+    hits = {}
+    for placement in ("anywhere", "object"):
+        aug = build_augmentation(name, {**fill, "patch_size": 0.01, "placement": placement})
+        changed = (aug(x, gen("cpu", 1)) != x)[:, 0]
+        on = 0
+        for i, (r, c) in enumerate(corners.tolist()):
+            rows, cols = changed[i].nonzero(as_tuple=True)
+            if len(rows) == 0:
+                continue
+            cy, cx = rows.float().mean().item(), cols.float().mean().item()
+            on += int(r - 1 <= cy <= r + 6 and c - 1 <= cx <= c + 6)
+        hits[placement] = on
+    assert hits["object"] >= 0.9 * n, hits
+    assert hits["anywhere"] <= 0.5 * n, hits
+
+
+def test_object_placement_on_a_uniform_image_is_uniform_and_seeded() -> None:
+    from worker.core.augmentations import object_centres
+
+    x = torch.full((4000, 1, 8, 8), 0.3)
+    rows, cols = object_centres(x, gen("cpu", 0))
+    counts = torch.bincount(rows * 8 + cols, minlength=64).float()
+    assert counts.min() > 0.5 * counts.mean()  # every pixel drawn, none favoured
+    again, _ = object_centres(x, gen("cpu", 0))
+    assert torch.equal(rows, again)
+
+
 def test_unknown_family_and_bad_params_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown augmentation"):
         build_augmentation("os.system")

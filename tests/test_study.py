@@ -69,7 +69,8 @@ def test_study_runs_warm_start_then_tpe_and_picks_by_the_selection_rule(data) ->
     result = run_study(data, settings, on_trial=lambda n, r: calls.append(n))
     assert calls == [0, 1, 2, 3]
     assert [t.augmentation for t in result.trials[:2]] == ["cutout", "rotate"]
-    assert result.trials[0].params == {"patch_size": 0.05, "aspect": 1.0, "fill": "grey"}
+    assert result.trials[0].params == {"patch_size": 0.05, "aspect": 1.0, "fill": "grey",
+                                       "placement": "anywhere"}
     losses = [t.validation_loss for t in result.trials]
     assert result.best.number == by_selection_rule(result.trials)[0][1]
     assert result.best_scores is not None and len(result.best_scores) == len(data.test)

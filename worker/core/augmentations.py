@@ -44,15 +44,39 @@ def _patch_hw(area: float, aspect: float, h: int, w: int) -> tuple[int, int]:
     return max(1, min(h, ph)), max(1, min(w, pw))
 
 
+def object_centres(x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One pixel per image, drawn with probability proportional to how far it is from the
+    image's background (the median of its one-pixel border, summed over channels): the
+    centres of patches placed ``object`` (on a digit, its strokes; on a part photographed
+    on a plain background, the part). A uniform image draws uniformly. Returns (row, col)."""
+    w = x.shape[-1]
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    weight = (x - background).abs().sum(dim=1).flatten(1) + 1e-6
+    flat = torch.multinomial(weight, 1, generator=g).squeeze(1)
+    return flat // w, flat % w
+
+
+def _centred_corner(centre: Tensor, size: int, side: int) -> Tensor:
+    """The top (or left) of a ``size``-long span centred on ``centre``, kept inside ``side``."""
+    return (centre - size // 2).clamp(0, side - size)
+
+
 def _rect_mask(
-    n: int, h: int, w: int, ph: int, pw: int, g: torch.Generator, device: torch.device
+    n: int, h: int, w: int, ph: int, pw: int, g: torch.Generator, device: torch.device,
+    on: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A (n, 1, h, w) bool mask of one ph × pw rectangle per sample, fully inside the image.
+    """A (n, 1, h, w) bool mask of one ph × pw rectangle per sample, fully inside the image:
+    anywhere, or (``on``: the images) centred on :func:`object_centres` where it fits.
 
     Returns the mask and each rectangle's top and left.
     """
-    top = torch.randint(0, h - ph + 1, (n,), generator=g, device=device)
-    left = torch.randint(0, w - pw + 1, (n,), generator=g, device=device)
+    if on is None:
+        top = torch.randint(0, h - ph + 1, (n,), generator=g, device=device)
+        left = torch.randint(0, w - pw + 1, (n,), generator=g, device=device)
+    else:
+        cy, cx = object_centres(on, g)
+        top, left = _centred_corner(cy, ph, h), _centred_corner(cx, pw, w)
     rows = torch.arange(h, device=device)
     cols = torch.arange(w, device=device)
     in_rows = (rows[None, :] >= top[:, None]) & (rows[None, :] < (top + ph)[:, None])
@@ -110,6 +134,10 @@ class Augmentation(nn.Module):
     def p(self, key: str) -> float:
         return float(self.params[key])
 
+    def on_object(self, x: Tensor) -> Tensor | None:
+        """``x`` when patches are placed on the object (``placement: object``), else None."""
+        return x if self.params.get("placement") == "object" else None
+
     def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"{self.name}: expected (N, 1|3, H, W) images, got {tuple(x.shape)}")
@@ -154,7 +182,8 @@ class CutOut(Augmentation):
 
     ``fill`` decides what goes in: ``zero`` (black), ``mean`` (the image's mean),
     ``grey`` (a random grey level per image), ``noise`` (uniform noise per pixel). The fill
-    matters as much as the size: a black patch on a black background changes nothing.
+    matters as much as the size: a black patch on a black background changes nothing, which
+    is what ``placement: object`` (the rectangle centred on the object) avoids.
     """
 
     name = "cutout"
@@ -162,7 +191,7 @@ class CutOut(Augmentation):
     def transform(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, _, h, w = x.shape
         ph, pw = _patch_hw(self.p("patch_size"), self.p("aspect"), h, w)
-        mask, _, _ = _rect_mask(n, h, w, ph, pw, g, x.device)
+        mask, _, _ = _rect_mask(n, h, w, ph, pw, g, x.device, self.on_object(x))
         fill = self.params["fill"]
         value: Tensor
         if fill == "zero":
@@ -180,8 +209,9 @@ class CutOut(Augmentation):
 class CutPaste(Augmentation):
     """Copy a rectangle from a random place and paste it at another (Li et al., 2021).
 
-    Both rectangles lie fully inside the image; the pasted patch gets a random
-    brightness/contrast jitter of magnitude up to ``jitter``.
+    Both rectangles lie fully inside the image (the pasted one centred on the object with
+    ``placement: object``); the pasted patch gets a random brightness/contrast jitter of
+    magnitude up to ``jitter``.
     """
 
     name = "cutpaste"
@@ -189,7 +219,7 @@ class CutPaste(Augmentation):
     def transform(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, _, h, w = x.shape
         ph, pw = _patch_hw(self.p("patch_size"), self.p("aspect"), h, w)
-        mask, top, left = _rect_mask(n, h, w, ph, pw, g, x.device)
+        mask, top, left = _rect_mask(n, h, w, ph, pw, g, x.device, self.on_object(x))
         src_top = torch.randint(0, h - ph + 1, (n,), generator=g, device=x.device)
         src_left = torch.randint(0, w - pw + 1, (n,), generator=g, device=x.device)
         source = _jitter(_shifted(x, src_top - top, src_left - left), self.p("jitter"), g)
@@ -200,8 +230,9 @@ class CutPaste(Augmentation):
 class CutPasteScar(Augmentation):
     """CutPaste with a thin, long, randomly rotated stripe ("scar").
 
-    The stripe has area ``patch_size`` and length/width ``aspect``; its content is copied
-    from the same image at a random offset and jittered in brightness/contrast.
+    The stripe has area ``patch_size`` and length/width ``aspect``, and is centred in the
+    middle 60 % of the image (on the object with ``placement: object``); its content is
+    copied from the same image at a random offset and jittered in brightness/contrast.
     """
 
     name = "cutpaste-scar"
@@ -212,8 +243,12 @@ class CutPasteScar(Augmentation):
         side = math.sqrt(h * w)
         length = math.sqrt(self.p("patch_size") * self.p("aspect")) * side
         width = max(1.0, math.sqrt(self.p("patch_size") / self.p("aspect")) * side)
-        cy = _uniform(n, 0.2 * h, 0.8 * h, g, dev)
-        cx = _uniform(n, 0.2 * w, 0.8 * w, g, dev)
+        if self.on_object(x) is None:
+            cy = _uniform(n, 0.2 * h, 0.8 * h, g, dev)
+            cx = _uniform(n, 0.2 * w, 0.8 * w, g, dev)
+        else:
+            rows, cols = object_centres(x, g)
+            cy, cx = rows.to(x.dtype) + 0.5, cols.to(x.dtype) + 0.5
         theta = _uniform(n, 0.0, math.pi, g, dev)
         ys = torch.arange(h, device=dev, dtype=x.dtype)[None, :, None] + 0.5 - cy[:, None, None]
         xs = torch.arange(w, device=dev, dtype=x.dtype)[None, None, :] + 0.5 - cx[:, None, None]
