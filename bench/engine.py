@@ -14,7 +14,8 @@ advance for the selection rule (the rank sum of DSV and MMD), chosen on the deve
 runs of the rounds before; ``confirmation4``, fixed in advance for the trust verdict
 (``selection.trust``, its threshold read off the development runs); ``confirmation5``,
 fixed in advance for the return to DSV alone as the selection rule (the three held-out sets
-before it took part in that decision).
+before it took part in that decision); ``confirmation6``, fixed in advance for how the
+product uses the local families' ``placement: object``.
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]
@@ -49,6 +50,7 @@ from bench.tasks import (
     confirmation3_tasks,
     confirmation4_tasks,
     confirmation5_tasks,
+    confirmation6_tasks,
     confirmation_tasks,
     development_tasks,
     within,
@@ -65,7 +67,7 @@ from worker.core.trial import run_trial
 TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation2": confirmation2_tasks,
              "confirmation3": confirmation3_tasks, "confirmation4": confirmation4_tasks,
-             "confirmation5": confirmation5_tasks,
+             "confirmation5": confirmation5_tasks, "confirmation6": confirmation6_tasks,
              "all": all_tasks}
 
 
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/engine.json")
     ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
                     help="dev: the tasks decisions are taken on; confirmation, "
-                    "confirmation2 to confirmation5: held out (see the module's "
+                    "confirmation2 to confirmation6: held out (see the module's "
                     "docstring)")
     ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
                     "(default: all of it)")

@@ -256,6 +256,21 @@ def confirmation5_tasks() -> list[Task]:
     return [*confirmation5_injected_tasks(), mnist_one_class(2), cifar_one_class(5)]
 
 
+def confirmation6_injected_tasks() -> list[Task]:
+    """Injected defects for the local families' ``placement`` (2026-12-02): digit, size
+    and fill pairs never seen before, and other test images (seed 5)."""
+    return held_out_injected(5, [("black", 6, 4), ("noise", 10, 5), ("grey120", 8, 1),
+                                 ("white", 5, 0)], (2, 9, 3))
+
+
+def confirmation6_tasks() -> list[Task]:
+    """Chosen in advance for how the product uses ``placement: object`` (committed before
+    any run on them; the decision is taken on the development tasks' landscape and runs)
+    and never used for a decision: MNIST one-class 1 and CIFAR horse are the last digit and
+    one of the last classes no set has used."""
+    return [*confirmation6_injected_tasks(), mnist_one_class(1), cifar_one_class(7)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -277,4 +292,5 @@ def confirmation_tasks() -> list[Task]:
 
 def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
-            *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks()]
+            *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
+            *confirmation6_tasks()]
