@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from bench.tasks import (
     development_tasks,
     within,
 )
-from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace
+from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace, get_family
 from ssad_common.strategy import trust
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
@@ -92,11 +93,23 @@ def _zscore(s: np.ndarray) -> np.ndarray:
     return (s - s.mean()) / (s.std() + 1e-12)
 
 
+def placed(space: SearchSpace, placement: str) -> SearchSpace:
+    """``space`` with every family that has a ``placement`` fixed at ``placement`` (as a
+    user would, with ``search_space.fixed``); the default placement changes nothing."""
+    if placement == "anywhere":
+        return space
+    fixed = {f: dict(space.fixed.get(f, {})) for f in space.augmentations}
+    for f in space.augmentations:
+        if any(p.name == "placement" for p in get_family(f).params):
+            fixed[f]["placement"] = placement
+    return replace(space, fixed={f: v for f, v in fixed.items() if v})
+
+
 def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
-             legacy_budget: bool) -> dict[str, Any]:
+             legacy_budget: bool, placement: str = "anywhere") -> dict[str, Any]:
     device = torch.device("cpu")
     data = prepare(task.train, task.test, device)
-    space = SearchSpace.from_dict(task.search_space)
+    space = placed(SearchSpace.from_dict(task.search_space), placement)
     n = n_trials
     if legacy_budget and task.search_space is not None:  # the first runs' injected budget
         n = max(n_trials - 2, len(space.augmentations))
@@ -277,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="staged", choices=("staged", "tpe"))
     ap.add_argument("--legacy-budget", action="store_true",
                     help="injected tasks get n_trials - 2 trials, as in the first runs")
+    ap.add_argument("--placement", default="anywhere", choices=("anywhere", "object"),
+                    help="fix every local family's placement (search_space.fixed)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -290,13 +305,13 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "steps": args.steps, "n_trials": args.n_trials, "seed": args.seed,
-            "strategy": args.strategy, "set": args.set}
+            "strategy": args.strategy, "set": args.set, "placement": args.placement}
     results: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         t0 = time.perf_counter()
         results.append(run_task(task, args.steps, args.n_trials, args.seed, args.strategy,
-                                args.legacy_budget))
+                                args.legacy_budget, args.placement))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(report(results))

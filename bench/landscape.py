@@ -18,6 +18,14 @@ minimum, sweep the matched-fill curves again with other seeds and report them to
     .venv/bin/python -m bench.landscape --seeds bench/results/landscape.json \
         landscape-seed1.json ...   # per curve: each seed's argmin and the mean's
 
+Patches placed on the object (``placement: object``) instead of anywhere, against the
+default, drawn as seed means:
+
+    .venv/bin/python -m bench.landscape --placement object --seed N --matched-only \
+        --out bench/results/landscape-object-seedN.json
+    .venv/bin/python -m bench.landscape --seeds <anywhere runs> --against <object runs> \
+        --plot docs/img/landscape-placement.png
+
 Writes the JSON after each curve (a crash keeps what finished; --resume goes on from it).
 """
 
@@ -178,6 +186,54 @@ def plot(curves: list[dict[str, Any]], path: Path, objectives: list[str]) -> Non
     fig.savefig(path, dpi=90)
 
 
+def _matched(run: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The curve of each task whose fill matches the defect (the scar's only curve)."""
+    return {c["task"]: c for c in run if "matched" in c["curve"] or "fill" not in c["curve"]}
+
+
+def plot_seed_means(groups: dict[str, list[list[dict[str, Any]]]], path: Path,
+                    objective: str) -> None:
+    """Per task, the seed-mean ``objective`` loss and AUROC against patch size of each group
+    of runs (e.g. two placements), with the seeds' range shaded: the matched curves only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = {label: [_matched(run) for run in runs] for label, runs in groups.items()}
+    tasks = [t for t in next(iter(per.values()))[0] if all(
+        t in m for ms in per.values() for m in ms)]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.2 * len(tasks), 5.0), squeeze=False,
+                             sharex=True)
+    for j, task in enumerate(tasks):
+        for label, ms in per.items():
+            curves = [m[task] for m in ms]
+            xs = [p["patch_size"] for p in curves[0]["points"]]
+            for i, key in enumerate((objective, "auroc")):
+                ys = np.array([[p["auroc"] if key == "auroc" else p["losses"][key]
+                                for p in c["points"]] for c in curves])
+                line, = axes[i][j].plot(xs, ys.mean(axis=0), "-o", ms=3,
+                                        label=f"{label} ({len(curves)} seeds)")
+                axes[i][j].fill_between(xs, ys.min(axis=0), ys.max(axis=0), alpha=0.15,
+                                        color=line.get_color())
+                if key != "auroc":
+                    at = int(np.argmin(ys.mean(axis=0)))
+                    axes[i][j].plot([xs[at]], [ys.mean(axis=0)[at]], "*", ms=11,
+                                    color=line.get_color())
+        for i in range(2):
+            axes[i][j].axvline(curves[0]["truth"]["patch_size"], color="k", lw=0.8, ls=":")
+            axes[i][j].set_xscale("log")
+        axes[0][j].set_title(task, fontsize=9)
+        axes[1][j].set_xlabel("patch size (area fraction)")
+    axes[0][0].set_ylabel(f"{objective} loss (seed mean; * = its minimum)", fontsize=8)
+    axes[1][0].set_ylabel("AUROC (labels; seed mean)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("The generating family at the matched fill, swept over patch size; dotted: "
+                 "the true defect size; shaded: the seeds' range", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,14 +260,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="sweep only the curve whose fill matches the defect")
     ap.add_argument("--seeds", nargs="+", type=Path, metavar="RESULTS",
                     help="report the runs of several seeds together (no training)")
+    ap.add_argument("--against", nargs="+", type=Path, metavar="RESULTS",
+                    help="with --seeds: the runs of another setting (e.g. --placement "
+                    "object), reported too and drawn against --seeds in --plot")
+    ap.add_argument("--labels", default="anywhere,object",
+                    help="with --against: the two groups' names in the plot")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out)
     objectives = [o for o in args.objectives.split(",") if o]
     curves: list[dict[str, Any]] = []
     if args.seeds:
-        print(seed_report([json.loads(f.read_text())["curves"] for f in args.seeds],
-                          objectives))
+        groups = {"": [json.loads(f.read_text())["curves"] for f in args.seeds]}
+        if args.against:
+            first, second = args.labels.split(",")
+            groups = {first: groups[""],
+                      second: [json.loads(f.read_text())["curves"] for f in args.against]}
+            plot_seed_means(groups, Path(args.plot), objectives[0])
+        for label, runs in groups.items():
+            print(f"## {label}" if label else "", seed_report(runs, objectives), sep="\n")
         return 0
     if args.report_only:
         curves = json.loads(out.read_text())["curves"]
