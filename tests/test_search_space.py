@@ -66,6 +66,14 @@ def test_fixed_params_are_not_searched_and_are_applied() -> None:
                                    "fixed": {"cutout": {"fill": "zero"}}})
     assert "fill" not in {p.name for p in space.searched_params("cutout")}
     assert space.complete("cutout", {"patch_size": 0.1})["fill"] == "zero"
+    # placement is never searched: anywhere unless fixed, as a user would for defects that
+    # sit on the object
+    assert space.complete("cutout", {})["placement"] == "anywhere"
+    placed = SearchSpace.from_dict({"augmentations": ["cutout", "cutpaste-scar"], "fixed": {
+        "cutpaste-scar": {"placement": "object"}}})
+    assert all(p.name != "placement" for f in placed.augmentations
+               for p in placed.searched_params(f))
+    assert placed.complete("cutpaste-scar", {"patch_size": 0.01})["placement"] == "object"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -79,6 +87,10 @@ def test_fixed_params_are_not_searched_and_are_applied() -> None:
     ({"colour": 1}, "unknown search_space field"),
     ({"augmentations": ["rotate"], "fixed": {"cutout": {}}}, "not searched"),
     ({"augmentations": ["rotate"], "fixed": {"rotate": {"angle": 900}}}, "outside"),
+    ({"augmentations": ["cutout"], "fixed": {"cutout": {"placement": "centre"}}},
+     "not one of"),
+    ({"augmentations": ["rotate"], "fixed": {"rotate": {"placement": "object"}}},
+     "unknown parameter"),
 ])
 def test_bad_search_spaces_are_refused(bad: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -52,7 +52,7 @@ def object_centres(x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
     w = x.shape[-1]
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], dim=2)
     background = border.median(dim=2).values[:, :, None, None]
-    weight = (x - background).abs().sum(dim=1).flatten(1) + 1e-6
+    weight = (x - background).abs().sum(dim=1).flatten(1).float() + 1e-6
     flat = torch.multinomial(weight, 1, generator=g).squeeze(1)
     return flat // w, flat % w
 
@@ -134,9 +134,10 @@ class Augmentation(nn.Module):
     def p(self, key: str) -> float:
         return float(self.params[key])
 
-    def on_object(self, x: Tensor) -> Tensor | None:
-        """``x`` when patches are placed on the object (``placement: object``), else None."""
-        return x if self.params.get("placement") == "object" else None
+    @property
+    def on_object(self) -> bool:
+        """Whether patches are centred on the object (``placement: object``)."""
+        return self.params.get("placement") == "object"
 
     def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -191,7 +192,7 @@ class CutOut(Augmentation):
     def transform(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, _, h, w = x.shape
         ph, pw = _patch_hw(self.p("patch_size"), self.p("aspect"), h, w)
-        mask, _, _ = _rect_mask(n, h, w, ph, pw, g, x.device, self.on_object(x))
+        mask, _, _ = _rect_mask(n, h, w, ph, pw, g, x.device, x if self.on_object else None)
         fill = self.params["fill"]
         value: Tensor
         if fill == "zero":
@@ -219,7 +220,8 @@ class CutPaste(Augmentation):
     def transform(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, _, h, w = x.shape
         ph, pw = _patch_hw(self.p("patch_size"), self.p("aspect"), h, w)
-        mask, top, left = _rect_mask(n, h, w, ph, pw, g, x.device, self.on_object(x))
+        mask, top, left = _rect_mask(n, h, w, ph, pw, g, x.device,
+                                     x if self.on_object else None)
         src_top = torch.randint(0, h - ph + 1, (n,), generator=g, device=x.device)
         src_left = torch.randint(0, w - pw + 1, (n,), generator=g, device=x.device)
         source = _jitter(_shifted(x, src_top - top, src_left - left), self.p("jitter"), g)
@@ -243,12 +245,12 @@ class CutPasteScar(Augmentation):
         side = math.sqrt(h * w)
         length = math.sqrt(self.p("patch_size") * self.p("aspect")) * side
         width = max(1.0, math.sqrt(self.p("patch_size") / self.p("aspect")) * side)
-        if self.on_object(x) is None:
-            cy = _uniform(n, 0.2 * h, 0.8 * h, g, dev)
-            cx = _uniform(n, 0.2 * w, 0.8 * w, g, dev)
-        else:
+        if self.on_object:
             rows, cols = object_centres(x, g)
             cy, cx = rows.to(x.dtype) + 0.5, cols.to(x.dtype) + 0.5
+        else:
+            cy = _uniform(n, 0.2 * h, 0.8 * h, g, dev)
+            cx = _uniform(n, 0.2 * w, 0.8 * w, g, dev)
         theta = _uniform(n, 0.0, math.pi, g, dev)
         ys = torch.arange(h, device=dev, dtype=x.dtype)[None, :, None] + 0.5 - cy[:, None, None]
         xs = torch.arange(w, device=dev, dtype=x.dtype)[None, None, :] + 0.5 - cx[:, None, None]
