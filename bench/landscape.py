@@ -237,8 +237,12 @@ def plot_seed_means(groups: dict[str, list[list[dict[str, Any]]]], path: Path,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results/landscape.json")
-    ap.add_argument("--plot", default="docs/img/landscape.png")
+    ap.add_argument("--out", default=None,
+                    help="default: bench/results/landscape[-object][-seedN].json, by "
+                    "--placement and --seed (the committed runs' names)")
+    ap.add_argument("--plot", default=None,
+                    help="default: docs/img/landscape.png for the default sweep (anywhere, "
+                    "seed 0), docs/img/landscape-placement.png with --against, else none")
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: the "
                     "development injected tasks)")
     ap.add_argument("--confirmation", action="store_true",
@@ -267,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --against: the two groups' names in the plot")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = Path(args.out)
+    placed = args.placement != "anywhere"
+    out = Path(args.out or "bench/results/landscape{}{}.json".format(
+        "-object" if placed else "", f"-seed{args.seed}" if args.seed or placed else ""))
+    plot_to = args.plot or (None if placed or args.seed else "docs/img/landscape.png")
     objectives = [o for o in args.objectives.split(",") if o]
     curves: list[dict[str, Any]] = []
     if args.seeds:
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             first, second = args.labels.split(",")
             groups = {first: groups[""],
                       second: [json.loads(f.read_text())["curves"] for f in args.against]}
-            plot_seed_means(groups, Path(args.plot), objectives[0])
+            plot_seed_means(groups, Path(args.plot or "docs/img/landscape-placement.png"),
+                            objectives[0])
         for label, runs in groups.items():
             print(f"## {label}" if label else "", seed_report(runs, objectives), sep="\n")
         return 0
@@ -294,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.steps, "grid": grid.tolist(), "seed": args.seed,
                 "matched_only": args.matched_only, "placement": args.placement}
         if args.resume and out.exists():
-            curves = json.loads(out.read_text())["curves"]
+            saved = json.loads(out.read_text())
+            if saved["meta"].get("placement", "anywhere") != args.placement:
+                ap.error(f"{out} holds placement {saved['meta'].get('placement', 'anywhere')}"
+                         f", not {args.placement}: give another --out")
+            curves = saved["curves"]
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def save(curve: dict[str, Any]) -> None:
@@ -307,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             for task in tasks:
                 sweep(task, grid, args.steps, args.seed, args.image_size, done, save, which,
                       args.placement)
-    plot(curves, Path(args.plot), objectives)
+    if plot_to:
+        plot(curves, Path(plot_to), objectives)
     print(report(curves))
     return 0
 
