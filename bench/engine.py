@@ -98,11 +98,11 @@ def placed(space: SearchSpace, placement: str) -> SearchSpace:
     user would, with ``search_space.fixed``); the default placement changes nothing."""
     if placement == "anywhere":
         return space
-    fixed = {f: dict(space.fixed.get(f, {})) for f in space.augmentations}
+    fixed = dict(space.fixed)
     for f in space.augmentations:
-        if any(p.name == "placement" for p in get_family(f).params):
-            fixed[f]["placement"] = placement
-    return replace(space, fixed={f: v for f, v in fixed.items() if v})
+        if "placement" in get_family(f).defaults:
+            fixed[f] = {**fixed.get(f, {}), "placement": placement}
+    return replace(space, fixed=fixed)
 
 
 def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,

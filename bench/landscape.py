@@ -70,6 +70,11 @@ def curves_for(task: Task, placement: str = "anywhere") -> list[tuple[str, str, 
             (fam, f"cutout fill={other}{suffix}", {"fill": other, **where})]
 
 
+def is_matched(curve: dict[str, Any]) -> bool:
+    """Whether a swept curve's fill matches the defect (a family without a fill: always)."""
+    return "matched" in curve["curve"] or "fill" not in curve["curve"]
+
+
 def sweep(task: Task, grid: np.ndarray, steps: int, seed: int, image_size: int | None,
           done: set[tuple[str, str]], save: Callable[[dict[str, Any]], None],
           which: int, placement: str = "anywhere") -> None:
@@ -166,7 +171,7 @@ def plot(curves: list[dict[str, Any]], path: Path, objectives: list[str]) -> Non
     for j, name in enumerate(tasks):
         for c in (c for c in curves if c["task"] == name):
             xs = [p["patch_size"] for p in c["points"]]
-            style = "-o" if "matched" in c["curve"] or "fill" not in c["curve"] else "--s"
+            style = "-o" if is_matched(c) else "--s"
             rows = [[p["losses"][o] for p in c["points"]] for o in objectives]
             rows.append([p["auroc"] for p in c["points"]])
             for i, ys in enumerate(rows):
@@ -188,7 +193,7 @@ def plot(curves: list[dict[str, Any]], path: Path, objectives: list[str]) -> Non
 
 def _matched(run: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The curve of each task whose fill matches the defect (the scar's only curve)."""
-    return {c["task"]: c for c in run if "matched" in c["curve"] or "fill" not in c["curve"]}
+    return {c["task"]: c for c in run if is_matched(c)}
 
 
 def plot_seed_means(groups: dict[str, list[list[dict[str, Any]]]], path: Path,

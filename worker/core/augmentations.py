@@ -139,6 +139,12 @@ class Augmentation(nn.Module):
         """Whether patches are centred on the object (``placement: object``)."""
         return self.params.get("placement") == "object"
 
+    def _placed_rect(self, x: Tensor, ph: int, pw: int, g: torch.Generator
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`_rect_mask` for ``x``, where this family's ``placement`` puts it."""
+        n, _, h, w = x.shape
+        return _rect_mask(n, h, w, ph, pw, g, x.device, x if self.on_object else None)
+
     def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"{self.name}: expected (N, 1|3, H, W) images, got {tuple(x.shape)}")
@@ -192,7 +198,7 @@ class CutOut(Augmentation):
     def transform(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, _, h, w = x.shape
         ph, pw = _patch_hw(self.p("patch_size"), self.p("aspect"), h, w)
-        mask, _, _ = _rect_mask(n, h, w, ph, pw, g, x.device, x if self.on_object else None)
+        mask, _, _ = self._placed_rect(x, ph, pw, g)
         fill = self.params["fill"]
         value: Tensor
         if fill == "zero":
@@ -220,8 +226,7 @@ class CutPaste(Augmentation):
     def transform(self, x: Tensor, g: torch.Generator) -> Tensor:
         n, _, h, w = x.shape
         ph, pw = _patch_hw(self.p("patch_size"), self.p("aspect"), h, w)
-        mask, top, left = _rect_mask(n, h, w, ph, pw, g, x.device,
-                                     x if self.on_object else None)
+        mask, top, left = self._placed_rect(x, ph, pw, g)
         src_top = torch.randint(0, h - ph + 1, (n,), generator=g, device=x.device)
         src_left = torch.randint(0, w - pw + 1, (n,), generator=g, device=x.device)
         source = _jitter(_shifted(x, src_top - top, src_left - left), self.p("jitter"), g)
