@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from service.errors import Unauthorized
@@ -105,9 +106,18 @@ async def get_tenant_without_session(request: Request, settings: SettingsDep,
 TenantDep = Annotated[str, Depends(get_tenant)]
 StreamTenantDep = Annotated[str, Depends(get_tenant_without_session)]
 
-LinkToken = Annotated[str | None, Query(
-    max_length=256, description="instead of an API key: the token of a report link (POST "
-    "/v1/jobs/{id}/report-link), which lets a browser read this one job until it expires")]
+LINK_TOKEN_DOC = ("instead of an API key: the token of a report link (POST "
+                  "/v1/jobs/{id}/report-link), which lets a browser read this one job until "
+                  "it expires")
+LINK_TOKEN_MAX = 256
+LinkToken = Annotated[str | None, Query(max_length=LINK_TOKEN_MAX, description=LINK_TOKEN_DOC)]
+
+
+class LinkTokenQuery(BaseModel):
+    """The caller's part of the query of a route that reads its own (service.params.
+    read_query): a report link's token."""
+
+    token: str | None = Field(None, max_length=LINK_TOKEN_MAX, description=LINK_TOKEN_DOC)
 
 
 def _job_reader(settings: ApiSettings, credentials: HTTPAuthorizationCredentials | None,
@@ -146,6 +156,13 @@ async def get_polled_job_reader(request: Request, credentials: CredentialsDep, j
     """As :func:`get_job_reader`, without the request's session, for the routes clients
     poll: an API key is looked up by ``app.state.reads`` (on the event loop on Postgres,
     service/reads.py); a report link's token as for a stream."""
+    return await polled_job_reader(request, credentials, job_id, token)
+
+
+async def polled_job_reader(request: Request, credentials: HTTPAuthorizationCredentials | None,
+                            job_id: str, token: str | None) -> str:
+    """:func:`get_polled_job_reader`, called by a route that reads its own query
+    (``credentials``: ``await bearer(request)``)."""
     settings: ApiSettings = request.app.state.settings
     if settings.auth == "off":
         return DEFAULT_TENANT_ID

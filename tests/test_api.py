@@ -340,6 +340,45 @@ def test_csv_scores_are_an_attachment_with_a_name(api: TestClient, pair: tuple[s
     assert "content-disposition" not in api.get(f"/v1/jobs/{job}/scores").headers  # JSON
 
 
+def test_the_score_route_checks_its_query_as_declared_parameters_are_checked(
+        api: TestClient, pair: tuple[str, str], db_url: str) -> None:
+    """GET /v1/jobs/{id}/scores reads its query itself (service.params.read_query, for
+    throughput): its errors are FastAPI's own for a declared parameter, word for word, an
+    undeclared parameter is refused as on every route, and its docs list what it reads."""
+    job = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    finish_job_with_scores(db_url, job, [("invert", {}, 0.5, [1.0] * 8),
+                                         ("flip", {}, 0.7, [2.0] * 8)])
+    scores = f"/v1/jobs/{job}/scores"
+    for query in ({"format": "xml"}, {"format": ""}, {"format": "csv", "wat": "1"}):
+        read = api.get(scores, params=query)
+        declared = api.get(f"/v1/jobs/{job}/trials/1/scores", params=query)  # FastAPI's
+        assert read.status_code == declared.status_code == 422, query
+        assert read.json()["error"] == declared.json()["error"], query
+        assert read.json()["detail"].replace("ensemble, format, token", "format, token") == (
+            declared.json()["detail"]), query
+    assert_error(api.get(scores, params={"ensemble": "two"}), 422, "ValidationError",
+                 "query.ensemble: Input should be a valid integer")
+    assert_error(api.get(scores, params={"ensemble": 11}), 422, "ValidationError",
+                 "query.ensemble: Input should be less than or equal to 10")
+    # A repeated parameter: the last value counts, as FastAPI reads a declared one.
+    assert_error(api.get(scores, params=[("ensemble", "3"), ("ensemble", "1")]), 422,
+                 "ValidationError", "query.ensemble")
+    assert_error(api.get(scores, params={"token": "t" * 257}), 422, "ValidationError",
+                 "query.token")
+    assert_error(api.get(scores, params={"formt": "csv"}), 422, "InvalidRequest",
+                 "'formt' (this endpoint takes: ensemble, format, token)")
+    r = api.get(scores, params=[("format", "json"), ("format", "csv")])
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert api.get(scores, params={"format": "json", "token": "ignored"}).json()[
+        "trial_number"] == 0
+    op = api.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}/scores"]["get"]
+    assert [(p["name"], p["in"]) for p in op["parameters"]] == [
+        ("job_id", "path"), ("format", "query"), ("ensemble", "query"), ("token", "query")]
+    ensemble = op["parameters"][2]["schema"]["anyOf"][0]
+    assert (ensemble["minimum"], ensemble["maximum"]) == (2, 10)
+    assert op["security"] == [{"ApiKey": []}]
+
+
 def test_health_readiness_reference_and_openapi(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json()["status"] == "ready"

@@ -42,6 +42,11 @@ def test_requests_need_a_valid_unrevoked_key(api: TestClient, db_url: str) -> No
     for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
         assert api.get(path).status_code == 200, path
     assert_error(api.get("/v1/augmentations"), 401, "Unauthorized", "Bearer")
+    # The score route reads its own query (tests/test_api.py); the caller comes first there
+    # too: no key is a 401, whatever the query.
+    assert_error(api.get("/v1/jobs/x/scores", params={"format": "xml"}), 401,
+                 "Unauthorized", "Bearer")
+    assert api.get("/v1/jobs/x/scores").headers["www-authenticate"] == "Bearer"
     assert "cutout" in api.get("/v1/augmentations", headers=bearer(key)).json()[
         "default_augmentations"]
     engine = make_engine(db_url)
