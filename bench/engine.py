@@ -95,9 +95,8 @@ def _zscore(s: np.ndarray) -> np.ndarray:
 
 def placed(space: SearchSpace, placement: str) -> SearchSpace:
     """``space`` with every family that has a ``placement`` fixed at ``placement`` (as a
-    user would, with ``search_space.fixed``); ``searched`` (the product's default) changes
-    nothing."""
-    if placement == "searched":
+    user would, with ``search_space.fixed``); the default placement changes nothing."""
+    if placement == "anywhere":
         return space
     fixed = dict(space.fixed)
     for f in space.augmentations:
@@ -107,7 +106,7 @@ def placed(space: SearchSpace, placement: str) -> SearchSpace:
 
 
 def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
-             legacy_budget: bool, placement: str = "searched") -> dict[str, Any]:
+             legacy_budget: bool, placement: str = "anywhere") -> dict[str, Any]:
     device = torch.device("cpu")
     data = prepare(task.train, task.test, device)
     space = placed(SearchSpace.from_dict(task.search_space), placement)
@@ -291,10 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="staged", choices=("staged", "tpe"))
     ap.add_argument("--legacy-budget", action="store_true",
                     help="injected tasks get n_trials - 2 trials, as in the first runs")
-    ap.add_argument("--placement", default="searched",
-                    choices=("searched", "anywhere", "object"),
-                    help="fix every local family's placement (search_space.fixed); "
-                    "searched: the product's default, the study searches it")
+    ap.add_argument("--placement", default="anywhere", choices=("anywhere", "object"),
+                    help="fix every local family's placement (search_space.fixed)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

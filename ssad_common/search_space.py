@@ -57,10 +57,6 @@ class CategoricalParam:
     default: str
     searched: bool = True
     doc: str = ""
-    #: The staged screen's extra configurations draw it at random, as they draw a patch
-    #: size, instead of trying each of its choices in turn (which would crowd out the
-    #: choices that are tried in turn, such as CutOut's fills).
-    drawn: bool = False
 
     def check(self, value: Any) -> str:
         if value not in self.choices:
@@ -82,7 +78,7 @@ def _patch(low: float = 0.005, high: float = 0.5, default: float = 0.05) -> Floa
 
 def _placement() -> CategoricalParam:
     return CategoricalParam(
-        "placement", ("anywhere", "object"), "anywhere", drawn=True,
+        "placement", ("anywhere", "object"), "anywhere", searched=False,
         doc="where the patch goes: anywhere: uniformly over the image; object: centred on a "
         "pixel drawn in proportion to how far it is from the image's background (the median "
         "of its border), so that patches land on the object (on a digit: on its strokes)")
@@ -381,10 +377,8 @@ class SearchSpace:
 
     def variants(self, family: str) -> list[dict[str, str]]:
         """Every combination of ``family``'s searched choices (fill, direction) but its
-        defaults, in the choices' order: what a screen tries besides the defaults. Choices
-        the screen draws at random (``drawn``: placement) are left out."""
-        cats = [p for p in self.searched_params(family)
-                if isinstance(p, CategoricalParam) and not p.drawn]
+        defaults, in the choices' order: what a screen tries besides the defaults."""
+        cats = [p for p in self.searched_params(family) if isinstance(p, CategoricalParam)]
         combos = [dict(zip((p.name for p in cats), values, strict=True))
                   for values in itertools.product(*(p.choices for p in cats))]
         default = {p.name: p.default for p in cats}
@@ -393,13 +387,9 @@ class SearchSpace:
     def screen_capacity(self) -> dict[str, float]:
         """How many configurations besides its defaults each family can screen: the other
         combinations of its searched choices, or no limit (``math.inf``) when it searches a
-        number (patch size, angle...) or a choice that is drawn at random (placement)."""
-        return {f: math.inf if self.searches_number(f) or self._draws(f)
-                else len(self.variants(f)) for f in self.augmentations}
-
-    def _draws(self, family: str) -> bool:
-        return any(isinstance(p, CategoricalParam) and p.drawn
-                   for p in self.searched_params(family))
+        number (patch size, angle...: drawn at random)."""
+        return {f: math.inf if self.searches_number(f) else len(self.variants(f))
+                for f in self.augmentations}
 
     def complete(self, family: str, sampled: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
         """Defaults, then fixed values, then sampled values: the params a trial runs with."""

@@ -57,8 +57,7 @@ def test_warm_start_is_one_trial_per_family_at_defaults() -> None:
     space = SearchSpace.from_dict({"augmentations": ["noise", "cutout"]})
     assert warm_start_configurations(space) == [
         {"augmentation": "noise", "noise.std": 0.1},
-        {"augmentation": "cutout", "cutout.patch_size": 0.05, "cutout.fill": "grey",
-         "cutout.placement": "anywhere"},
+        {"augmentation": "cutout", "cutout.patch_size": 0.05, "cutout.fill": "grey"},
     ]
 
 
@@ -251,9 +250,6 @@ def test_a_small_space_screens_every_fill_and_refines_from_the_best_screened(dat
     cutouts = [t.params for t in screen if t.augmentation == "cutout"]
     assert [str(p["fill"]) for p in cutouts] == ["grey", "zero", "mean", "noise", "zero"]
     assert len({p["patch_size"] for p in cutouts}) == 5  # the default, then 4 draws
-    # placement: anywhere by default, then drawn like the patch size (seeded: both appear)
-    assert cutouts[0]["placement"] == "anywhere"
-    assert {p["placement"] for p in cutouts[1:]} == {"anywhere", "object"}
     assert sorted(str(t.params["direction"]) for t in screen
                   if t.augmentation == "flip") == ["horizontal", "vertical"]
     best = {}
