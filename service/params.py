@@ -54,8 +54,8 @@ def query_parameters(*models: type[BaseModel]) -> list[dict[str, Any]]:
 def read_query(model: type[Q], request: Request) -> Q:
     """``model`` from the request's query string (the last value of a repeated parameter,
     as FastAPI reads it); what does not validate is FastAPI's own 422, located in the
-    query. For the routes clients poll for large bodies, where declaring each parameter to
-    FastAPI costs a third of the throughput (docs/benchmarks.md §8)."""
+    query. For the routes clients poll for large bodies, where FastAPI's handling of each
+    declared parameter is a measurable share of a request (docs/benchmarks.md §8)."""
     try:
         return model.model_validate(
             {k: v for k, v in request.query_params.items() if k in model.model_fields})

@@ -192,7 +192,7 @@ class ScoresQuery(BaseModel):
 async def job_scores(request: Request, job_id: JobId) -> Response:
     # The route clients poll for the largest body: it reads its query and its caller
     # itself (the same checks, errors and docs) instead of through FastAPI's parameters
-    # and dependencies, which cost about a third of its throughput (docs/benchmarks.md §8).
+    # and dependencies (about 10 % more requests served under wrk; docs/benchmarks.md §8).
     caller = read_query(LinkTokenQuery, request)
     tenant = await polled_job_reader(request, await bearer(request), job_id, caller.token)
     query = read_query(ScoresQuery, request)
