@@ -188,7 +188,7 @@ class ScoresQuery(BaseModel):
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the best trial), in test order",
             openapi_extra={"parameters": query_parameters(ScoresQuery, LinkTokenQuery),
-                           "security": [{"ApiKey": []}]})
+                           "security": [{bearer.scheme_name: []}]})
 async def job_scores(request: Request, job_id: JobId) -> Response:
     # The route clients poll for the largest body: it reads its query and its caller
     # itself (the same checks, errors and docs) instead of through FastAPI's parameters
