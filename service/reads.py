@@ -8,7 +8,8 @@ of CPU against about 1 ms for a bare FastAPI endpoint (docs/benchmarks.md §8). 
 they run here instead: one statement on psycopg's async driver, on the event loop, from a
 small pool of autocommit connections of their own. Nothing is cached: each read sees every
 committed row, so a write another request has committed (a 2xx) is read back at once,
-exactly as through the ORM.
+exactly as through the ORM. Identical reads that arrive together share one statement
+(:class:`Coalesced`), which starts after the last of them arrived.
 
 The statements are the models' own (``select(Job.__table__)``, compiled once for the
 psycopg dialect) and every value goes through its column type's result processor, so a
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from fastapi.concurrency import run_in_threadpool
@@ -38,6 +39,7 @@ from ssad_common.models import Job
 
 log = logging.getLogger("ssad.api")
 AnySelect = Select[*tuple[Any, ...]]
+T = TypeVar("T")
 
 
 _JOB = Job.__table__
@@ -50,11 +52,59 @@ def _job(values: Sequence[Any]) -> Job:
     return Job(**dict(zip(_JOB_ATTRS, values, strict=True)))
 
 
+class Coalesced:
+    """Identical reads that wait together share one trip to the database.
+
+    Under load, many requests for the same job (a dashboard's polls, a fleet fetching one
+    job's scores) reach a process within one turn of its event loop. Each would send the
+    same statement. Here the first schedules the read to start at the loop's next turn,
+    and every identical read that arrives until then waits for it, so one statement
+    answers them all. A read that arrives after it started waits for the next one, never
+    for a result fetched before it arrived: every caller still sees each write committed
+    before its request came in (what a read of its own would see). An error (a 503) goes
+    to each of them; a caller that goes away does not cancel the read for the others.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[asyncio.AbstractEventLoop, Hashable],
+                            asyncio.Future[Any]] = {}
+        self._running: set[asyncio.Task[Any]] = set()  # strong references until done
+
+    async def run(self, key: Hashable, read: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting.get((loop, key))
+        if waiting is None:
+            waiting = loop.create_future()
+            self._waiting[(loop, key)] = waiting
+            loop.call_soon(self._start, loop, key, waiting, read)
+        result: T = await asyncio.shield(waiting)
+        return result
+
+    def _start(self, loop: asyncio.AbstractEventLoop, key: Hashable,
+               waiting: asyncio.Future[Any], read: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        del self._waiting[(loop, key)]  # from now on, arrivals wait for the next read
+        task = loop.create_task(read())
+        self._running.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._running.discard(task)
+            if task.cancelled():
+                waiting.cancel()
+            elif (exc := task.exception()) is not None:
+                waiting.set_exception(exc)
+                waiting.exception()  # delivered to each waiter; never "not retrieved"
+            else:
+                waiting.set_result(task.result())
+
+        task.add_done_callback(done)
+
+
 class Reads:
     """The hot reads, on the ORM session in the thread pool (any database)."""
 
     def __init__(self, factory: sessionmaker[Session]) -> None:
         self._factory = factory
+        self._coalesced = Coalesced()
 
     async def job(self, job_id: str) -> Job | None:
         """The job row (whoever's it is: the caller checks the tenant)."""
@@ -71,9 +121,16 @@ class Reads:
         return None if row is None else str(row[0])
 
     async def _one(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:
+        """``stmt``'s first row, shared with the identical reads that arrived before it
+        started (:class:`Coalesced`)."""
+        key = (stmt, tuple(sorted(params.items())))
+        return await self._coalesced.run(key, lambda: self._read(stmt, params))
+
+    async def _read(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:
         def read() -> Sequence[Any] | None:
             with self._factory() as session:
-                return session.execute(stmt, params).first()
+                row = session.execute(stmt, params).first()
+                return None if row is None else tuple(row)
 
         return await run_in_threadpool(read)
 
@@ -156,7 +213,7 @@ class PostgresReads(Reads):
     async def close(self) -> None:
         await self._connections.drop_idle()
 
-    async def _one(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:
+    async def _read(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:
         sql, processors = self._statements[stmt]
         try:
             row = await self._fetch(sql, params, fresh=False)
@@ -171,7 +228,7 @@ class PostgresReads(Reads):
                                          ) from None
         if row is None:
             return None
-        return [v if p is None else p(v) for v, p in zip(row, processors, strict=True)]
+        return tuple(v if p is None else p(v) for v, p in zip(row, processors, strict=True))
 
     async def _fetch(self, sql: str, params: dict[str, Any], fresh: bool) -> Any:
         async with self._connections.connection(fresh) as conn:

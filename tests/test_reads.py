@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
+import pytest
 from sqlalchemy import make_url, text
 
 from service import migrate, tenants
 from service.jobs.render import job_out
-from service.reads import PostgresReads, Reads, make_reads
+from service.reads import Coalesced, PostgresReads, Reads, make_reads
 from ssad_common.db import make_engine, session_factory, session_scope
 from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job
@@ -139,7 +141,8 @@ def test_connections_the_server_dropped_are_replaced_not_reported(pg_url: str) -
     async def run() -> list[Any]:
         reads = make_reads(session_factory(engine), pg_url, engine.dialect, 4, 10.0)
         try:
-            await asyncio.gather(*[reads.job(job_id) for _ in range(8)])  # opens up to 4
+            # different reads (identical ones would share one statement): opens up to 4
+            await asyncio.gather(*[reads.job(f"{job_id}{'-x' * i}") for i in range(8)])
             with engine.begin() as conn:
                 dropped = conn.execute(text(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -172,3 +175,102 @@ def test_an_unreachable_database_is_a_503_at_once_and_reads_resume_with_it(
     migrate.upgrade_head(url)
     with client(url) as c:
         assert_error(c.get("/v1/jobs/some-job"), 404, "NotFound")
+
+
+class Counted:
+    """A read that counts its calls, each answering its own number; with ``gate``, each
+    call waits for it once it has started (``started`` is set)."""
+
+    def __init__(self, gate: asyncio.Event | None = None, fail: bool = False) -> None:
+        self.calls, self.gate, self.fail = 0, gate, fail
+        self.started = asyncio.Event()
+
+    def __call__(self) -> Callable[[], Coroutine[Any, Any, int]]:
+        async def read() -> int:
+            self.calls += 1
+            number = self.calls
+            self.started.set()
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail:
+                raise RuntimeError(f"read {number} failed")
+            return number
+        return read
+
+
+def test_identical_reads_that_wait_together_share_one_read_and_others_do_not() -> None:
+    async def run() -> None:
+        shared, read = Coalesced(), Counted()
+        assert await asyncio.gather(*[shared.run("a", read()) for _ in range(20)]) == [1] * 20
+        assert read.calls == 1
+        other = Counted()
+        got = await asyncio.gather(shared.run("a", read()), shared.run("b", other()))
+        assert got == [2, 1] and (read.calls, other.calls) == (2, 1)  # one read per key
+        assert await shared.run("a", read()) == 3  # one after the other: a read each
+
+    asyncio.run(run())
+
+
+def test_a_read_that_arrives_after_the_shared_one_started_gets_a_read_of_its_own() -> None:
+    """What keeps "read back at once": the shared read never answers a caller that arrived
+    after it was sent, since a write could have committed in between."""
+    async def run() -> None:
+        shared, gate = Coalesced(), asyncio.Event()
+        read = Counted(gate)
+        first = asyncio.ensure_future(shared.run("job", read()))
+        await read.started.wait()  # the first read is in flight
+        second = asyncio.ensure_future(shared.run("job", read()))
+        await asyncio.sleep(0)
+        gate.set()
+        assert (await first, await second) == (1, 2)
+        assert read.calls == 2
+
+    asyncio.run(run())
+
+
+def test_an_error_reaches_every_waiter_and_a_waiter_that_leaves_cancels_nothing() -> None:
+    async def run() -> None:
+        shared, gate = Coalesced(), asyncio.Event()
+        failing = Counted(gate, fail=True)
+        waiters = [asyncio.ensure_future(shared.run("k", failing())) for _ in range(3)]
+        await failing.started.wait()
+        waiters[0].cancel()  # a client that went away
+        gate.set()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert isinstance(results[0], asyncio.CancelledError)
+        assert [str(r) for r in results[1:]] == ["read 1 failed"] * 2
+        assert failing.calls == 1
+        ok = Counted()  # the key is free again: the next read runs
+        assert await shared.run("k", ok()) == 1
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("method", ["job", "result_state"])
+def test_concurrent_polls_of_one_job_send_one_statement(pg_url: str, method: str) -> None:
+    """On the real driver: 16 concurrent reads of one job use one connection of the pool
+    (one statement), and each caller gets the whole row."""
+    job_id = a_finished_job(pg_url)
+    engine = make_engine(pg_url)
+
+    async def run() -> tuple[list[Any], int]:
+        reads = make_reads(session_factory(engine), pg_url, engine.dialect, 8, 10.0)
+        try:
+            got = await asyncio.gather(*[getattr(reads, method)(job_id) for _ in range(16)])
+            with engine.connect() as conn:
+                opened = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'ssad-reads'")).scalar_one()
+            return got, opened
+        finally:
+            await reads.close()
+
+    try:
+        got, opened = asyncio.run(run())
+    finally:
+        engine.dispose()
+    assert opened == 1
+    if method == "job":
+        assert {(j.id, j.status) for j in got} == {(job_id, JobStatus.succeeded)}
+    else:
+        assert set(got) == {got[0]} and got[0].status == JobStatus.succeeded
