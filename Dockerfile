@@ -18,7 +18,9 @@ FROM base AS api
 RUN pip install -c constraints.txt ".[server]"
 USER ssad
 EXPOSE 8000
-CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+# --http: TCP_NODELAY on every connection (service/serving.py)
+CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", \
+     "--http", "service.serving:NoDelayH11Protocol"]
 
 FROM base AS worker
 # PyPI's torch for linux/x86_64 is the CUDA build (it brings its CUDA libraries); the same

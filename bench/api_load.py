@@ -33,6 +33,7 @@ import numpy as np
 from bench.service import npz_bytes
 from service import tenants
 from service.migrate import upgrade_head
+from service.serving import HTTP_PROTOCOL
 from ssad_common.db import make_engine, session_scope
 from tests.helpers import wait_http_ok
 from tests.pg import free_port, running_postgres
@@ -45,7 +46,8 @@ def serve(app: str, env: dict[str, str], processes: int) -> tuple[subprocess.Pop
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(port),
-         "--workers", str(processes), "--log-level", "warning", "--no-access-log"],
+         "--workers", str(processes), "--http", HTTP_PROTOCOL, "--log-level", "warning",
+         "--no-access-log"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     url = f"http://127.0.0.1:{port}"
     wait_http_ok(f"{url}/v1/jobs/x" if "bare" in app else f"{url}/readyz")

@@ -23,6 +23,7 @@ import uvicorn
 
 from service import migrate
 from service.app import create_app
+from service.serving import NoDelayH11Protocol
 from service.settings import ApiSettings
 from ssad_common import logs
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ssad-tune API on {url} — docs: {url}/docs — {auth}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level="info")
+                    log_level="info", http=NoDelayH11Protocol)
     finally:
         if worker is not None:
             worker.terminate()

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
+from service.serving import HTTP_PROTOCOL
 from service.settings import ApiSettings
 from tests.pg import free_port
 
@@ -125,7 +126,8 @@ def start_api(db_url: str, tmp_path: Path, **env: str) -> tuple[subprocess.Popen
     log = open(tmp_path / f"api-{port}.log", "wb")  # noqa: SIM115 - lives with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-         "--port", str(port), "--log-level", "warning"], cwd=ROOT, stdout=log,
+         "--port", str(port), "--http", HTTP_PROTOCOL, "--log-level", "warning"], cwd=ROOT,
+        stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "SSAD_DATABASE_URL": db_url, "SSAD_AUTH": "off",
              "PYTHONPATH": str(ROOT), **env})
