@@ -1,7 +1,7 @@
 """The API side of the fleet (issue 12): requests/s and p99 latency of GET /v1/jobs/{id}
 and of GET /v1/jobs/{id}/scores (10,000 scores) against a bare FastAPI endpoint that
 returns the same bodies from memory (bench/bare_app.py), both served the same way (uvicorn,
-one process per core) and loaded with wrk (a C load generator, so the client does not eat
+one process per core, the API's HTTP protocol: service/serving.py) and loaded with wrk (a C load generator, so the client does not eat
 the cores the way a Python client does), at 10 and 50 connections. The API runs on
 Postgres with authentication off (``--auth``: required, with one API key sent on every
 request); the bodies are the API's own responses. Servers and load generator share this
@@ -10,6 +10,7 @@ endpoint. Needs `wrk` (the Debian package).
 
     python -m bench.api_load --out bench/results/api_load.json   # about 9 min
     python -m bench.api_load --auth --out bench/results/api_load_auth.json   # with API keys
+    python -m bench.api_load --split ports ...   # one port per process, connections even
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +44,54 @@ from worker.manager import JobManager
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def serve(app: str, env: dict[str, str], processes: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(port),
-         "--workers", str(processes), "--http", HTTP_PROTOCOL, "--log-level", "warning",
-         "--no-access-log"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
-    url = f"http://127.0.0.1:{port}"
-    wait_http_ok(f"{url}/v1/jobs/x" if "bare" in app else f"{url}/readyz")
-    return proc, url
+@dataclass
+class Servers:
+    """The processes serving one app, and the base URL of each port they listen on."""
+
+    procs: list[subprocess.Popen[bytes]]
+    urls: list[str]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait()
 
 
-def wrk(url: str, connections: int, seconds: int, headers: tuple[str, ...] = ()
-        ) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          *(a for h in headers for a in ("-H", h)), url],
-                         capture_output=True, text=True, check=True).stdout
+def serve(app: str, env: dict[str, str], processes: int, split: str = "kernel") -> Servers:
+    """``app`` on ``processes`` uvicorn processes: one port they share (``split``
+    ``kernel``: ``--workers``, the kernel hands each connection to one of them) or one port
+    each (``ports``: the load generator splits the connections evenly)."""
+    ports = [free_port() for _ in range(processes if split == "ports" else 1)]
+    workers = [] if split == "ports" else ["--workers", str(processes)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--factory", "--port", str(port), *workers,
+         "--http", HTTP_PROTOCOL, "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}) for port in ports]
+    servers = Servers(procs, [f"http://127.0.0.1:{port}" for port in ports])
+    for url in servers.urls:
+        wait_http_ok(f"{url}/v1/jobs/x" if "bare" in app else f"{url}/readyz")
+    return servers
+
+
+def wrk(servers: Servers, path: str, connections: int, seconds: int,
+        headers: tuple[str, ...] = ()) -> dict[str, float]:
+    """Load ``path`` with wrk for ``seconds``: 2 threads and ``connections`` on one port,
+    or one wrk per port, each with its share of the connections, at the same time
+    (requests/s summed, p99 the largest of theirs)."""
+    n = len(servers.urls)
+    runs = [subprocess.Popen(
+        ["wrk", f"-t{2 // n or 1}", f"-c{connections // n}", f"-d{seconds}s", "--latency",
+         *(a for h in headers for a in ("-H", h)), url + path],
+        stdout=subprocess.PIPE, text=True) for url in servers.urls]
+    outs = [run.communicate()[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outs
+    parsed = [_wrk_result(out) for out in outs]
+    return {"rps": sum(p["rps"] for p in parsed), "p99_ms": max(p["p99_ms"] for p in parsed),
+            "non_2xx": sum(p["non_2xx"] for p in parsed)}
+
+
+def _wrk_result(out: str) -> dict[str, float]:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
     assert p99 is not None, out
@@ -68,18 +101,17 @@ def wrk(url: str, connections: int, seconds: int, headers: tuple[str, ...] = ()
             "non_2xx": int(errors.group(1)) if errors else 0}
 
 
-def make_job(db: str) -> tuple[str, str]:
+def make_job(db: str) -> str:
     """A succeeded job with 10,000 scores, through the API and the worker's manager."""
-    proc, url = serve("service.app:create_app", {"SSAD_DATABASE_URL": db, "SSAD_AUTH": "off"}, 1)
+    one = serve("service.app:create_app", {"SSAD_DATABASE_URL": db, "SSAD_AUTH": "off"}, 1)
     try:
         test = np.random.default_rng(0).integers(0, 256, (10_000, 8, 8), dtype=np.uint8)
-        with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(base_url=one.urls[0], timeout=120) as c:
             ds = c.post("/v1/datasets", files={"file": ("t.npz", npz_bytes(test))}).json()["id"]
             job = c.post("/v1/jobs", json={"train_dataset_id": ds, "test_dataset_id": ds,
                                            "n_trials": 1}).json()["id"]
     finally:
-        proc.terminate()
-        proc.wait()
+        one.stop()
     engine = make_engine(db)
     manager = JobManager(engine)
     claimed = manager.claim_next_job("bench")
@@ -89,7 +121,7 @@ def make_job(db: str) -> tuple[str, str]:
                          scores=np.random.default_rng(1).normal(size=10_000).tolist())
     manager.finish(claimed.id, claimed.attempt)
     engine.dispose()
-    return job, url
+    return job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     # widely; the median of five is the figure.
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--split", choices=["kernel", "ports"], default="kernel",
+                    help="kernel: one port, uvicorn --workers (the kernel hands each "
+                    "connection to a process, unevenly); ports: one uvicorn process per port "
+                    "and one wrk per port with an even share of the connections, as a load "
+                    "balancer in front of the processes would")
     ap.add_argument("--auth", action="store_true",
                     help="run the API with API keys required and send one with every request "
                          "(to both servers; the bare endpoint ignores it)")
@@ -113,35 +150,35 @@ def main(argv: list[str] | None = None) -> int:
     with running_postgres() as server, tempfile.TemporaryDirectory() as tmp:
         db = server.url(server.create_database())
         upgrade_head(db)
-        job, _ = make_job(db)
+        job = make_job(db)
         headers: tuple[str, ...] = ()
         if args.auth:  # the job is the default tenant's (made with auth off)
             engine = make_engine(db)
             with session_scope(engine) as s:
                 headers = (f"Authorization: Bearer {tenants.create_key(s, 'default')[1]}",)
             engine.dispose()
-        api, api_url = serve("service.app:create_app",
-                             {"SSAD_DATABASE_URL": db, "SSAD_LOG_FORMAT": "json",
-                              "SSAD_AUTH": "required" if args.auth else "off"}, processes)
+        api = serve("service.app:create_app",
+                    {"SSAD_DATABASE_URL": db, "SSAD_LOG_FORMAT": "json",
+                     "SSAD_AUTH": "required" if args.auth else "off"}, processes, args.split)
         try:
             paths = {"job": f"/v1/jobs/{job}", "scores_10k": f"/v1/jobs/{job}/scores"}
-            with httpx.Client(base_url=api_url, timeout=60,
+            with httpx.Client(base_url=api.urls[0], timeout=60,
                               headers=dict(h.split(": ", 1) for h in headers)) as c:
                 bodies = {k: c.get(p).content for k, p in paths.items()}
             for k, body in bodies.items():
                 (Path(tmp) / k).write_bytes(body)
-            bare, bare_url = serve("bench.bare_app:create_app",
-                                   {"BENCH_BARE_JOB": str(Path(tmp) / "job"),
-                                    "BENCH_BARE_SCORES": str(Path(tmp) / "scores_10k")},
-                                   processes)
+            bare = serve("bench.bare_app:create_app",
+                         {"BENCH_BARE_JOB": str(Path(tmp) / "job"),
+                          "BENCH_BARE_SCORES": str(Path(tmp) / "scores_10k")},
+                         processes, args.split)
             try:
                 for r in range(args.rounds):
                     for name, path in paths.items():
                         for conns in args.connections:
-                            for url in (api_url, bare_url):
-                                wrk(url + path, conns, 2, headers)  # warm-up
-                            a = wrk(api_url + path, conns, args.seconds, headers)
-                            b = wrk(bare_url + path, conns, args.seconds, headers)
+                            for servers in (api, bare):
+                                wrk(servers, path, conns, 2, headers)  # warm-up
+                            a = wrk(api, path, conns, args.seconds, headers)
+                            b = wrk(bare, path, conns, args.seconds, headers)
                             cell = f"{name}{'+key' if args.auth else ''}@{conns}"
                             cells.setdefault(cell, []).append(
                                 {"api": a, "bare": b, "ratio": a["rps"] / b["rps"]})
@@ -150,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{b['p99_ms']:.1f} ms, ratio {a['rps'] / b['rps']:.2f}",
                                   flush=True)
             finally:
-                bare.terminate()
-                bare.wait()
+                bare.stop()
         finally:
-            api.terminate()
-            api.wait()
+            api.stop()
     summary = {cell: {"median_ratio": statistics.median(x["ratio"] for x in xs),
                       "median_api_rps": statistics.median(x["api"]["rps"] for x in xs),
                       "median_bare_rps": statistics.median(x["bare"]["rps"] for x in xs),
@@ -164,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                for cell, xs in cells.items()}
     out = {"machine": f"{platform.node()}, {os.cpu_count()} cores",
            "auth": "required" if args.auth else "off", "uvicorn_processes": processes,
+           "split": args.split, "http": HTTP_PROTOCOL,
            "seconds_per_run": args.seconds,
            "rounds": args.rounds, "summary": summary, "cells": cells}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
