@@ -151,18 +151,13 @@ async def get_job_reader_without_session(request: Request, settings: SettingsDep
     return await _caller(settings, _job_reader, credentials, None, request, job_id, token)
 
 
-async def get_polled_job_reader(request: Request, credentials: CredentialsDep, job_id: JobId,
-                                token: LinkToken = None) -> str:
-    """As :func:`get_job_reader`, without the request's session, for the routes clients
-    poll: an API key is looked up by ``app.state.reads`` (on the event loop on Postgres,
-    service/reads.py); a report link's token as for a stream."""
-    return await polled_job_reader(request, credentials, job_id, token)
-
-
 async def polled_job_reader(request: Request, credentials: HTTPAuthorizationCredentials | None,
                             job_id: str, token: str | None) -> str:
-    """:func:`get_polled_job_reader`, called by a route that reads its own query
-    (``credentials``: ``await bearer(request)``)."""
+    """The tenant reading job ``job_id``, for the routes clients poll, which read their
+    own query (``token``) and pass ``credentials`` (``await bearer(request)``): as
+    :func:`get_job_reader`, without the request's session. An API key is looked up by
+    ``app.state.reads`` (on the event loop on Postgres, service/reads.py); a report link's
+    token as for a stream."""
     settings: ApiSettings = request.app.state.settings
     if settings.auth == "off":
         return DEFAULT_TENANT_ID
@@ -179,7 +174,6 @@ async def polled_job_reader(request: Request, credentials: HTTPAuthorizationCred
 
 
 JobReaderDep = Annotated[str, Depends(get_job_reader)]
-PolledJobReaderDep = Annotated[str, Depends(get_polled_job_reader)]
 StreamJobReaderDep = Annotated[str, Depends(get_job_reader_without_session)]
 IdempotencyKeyDep = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",

@@ -379,6 +379,31 @@ def test_the_score_route_checks_its_query_as_declared_parameters_are_checked(
     assert op["security"] == [{"ApiKey": []}]
 
 
+def test_the_job_route_checks_its_query_as_declared_parameters_are_checked(
+        api: TestClient, pair: tuple[str, str]) -> None:
+    """GET /v1/jobs/{id} reads its ``token`` and its caller itself too (the route clients
+    poll most): the same errors as a route that declares the token (the trials route),
+    an undeclared parameter refused, and its docs list what it reads."""
+    job = api.post("/v1/jobs", json=tiny_job(*pair)).json()["id"]
+    for query in ({"token": "t" * 257}, {"wat": "1"}):
+        read = api.get(f"/v1/jobs/{job}", params=query)
+        declared = api.get(f"/v1/jobs/{job}/trials", params=query)  # FastAPI's
+        assert read.status_code == declared.status_code == 422, query
+        assert read.json()["error"] == declared.json()["error"], query
+        assert read.json()["detail"].split(" (this endpoint")[0] == (
+            declared.json()["detail"].split(" (this endpoint")[0]), query
+    assert_error(api.get(f"/v1/jobs/{job}", params={"wat": "1"}), 422, "InvalidRequest",
+                 "'wat' (this endpoint takes: token)")
+    assert api.get(f"/v1/jobs/{job}", params={"token": "ignored"}).json()["id"] == job
+    assert_error(api.get("/v1/jobs/no-such-job"), 404, "NotFound")
+    op = api.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}"]["get"]
+    assert [(p["name"], p["in"]) for p in op["parameters"]] == [
+        ("job_id", "path"), ("token", "query")]
+    assert op["security"] == [{"ApiKey": []}]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobOut"}
+
+
 def test_health_readiness_reference_and_openapi(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json()["status"] == "ready"

@@ -14,7 +14,6 @@ from service.deps import (
     JobReaderDep,
     LinkToken,
     LinkTokenQuery,
-    PolledJobReaderDep,
     SessionDep,
     SettingsDep,
     StreamJobReaderDep,
@@ -104,9 +103,15 @@ def json_body(model: BaseModel) -> Response:
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422),
-            summary="A job's status, progress and best trial so far")
-async def get_job(request: Request, tenant: PolledJobReaderDep, job_id: JobId) -> Response:
-    # async: one read on the event loop (service/reads.py), then pure rendering.
+            summary="A job's status, progress and best trial so far",
+            openapi_extra={"parameters": query_parameters(LinkTokenQuery),
+                           "security": [{bearer.scheme_name: []}]})
+async def get_job(request: Request, job_id: JobId) -> Response:
+    # The route clients poll most: async, one read on the event loop (service/reads.py),
+    # then pure rendering; and, as the score route, it reads its query and its caller
+    # itself instead of through FastAPI's dependencies (docs/benchmarks.md §8).
+    caller = read_query(LinkTokenQuery, request)
+    tenant = await polled_job_reader(request, await bearer(request), job_id, caller.token)
     job = await request.app.state.reads.job(job_id)
     return json_body(job_out(service.visible_job(job, tenant, job_id)))
 
