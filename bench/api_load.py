@@ -1,16 +1,21 @@
 """The API side of the fleet (issue 12): requests/s and p99 latency of GET /v1/jobs/{id}
 and of GET /v1/jobs/{id}/scores (10,000 scores) against a bare FastAPI endpoint that
-returns the same bodies from memory (bench/bare_app.py), both served the same way (uvicorn,
-one process per core, the API's HTTP protocol: service/serving.py) and loaded with wrk (a C load generator, so the client does not eat
-the cores the way a Python client does), at 10 and 50 connections. The API runs on
-Postgres with authentication off (``--auth``: required, with one API key sent on every
-request); the bodies are the API's own responses. Servers and load generator share this
-machine; each cell's ratio is taken within one round, and the rounds alternate API and bare
-endpoint. Needs `wrk` (the Debian package).
+returns the same bodies from memory (bench/bare_app.py), both served the same way
+(uvicorn, one process per core, the API's HTTP protocol: service/serving.py) and loaded
+with wrk (a C load generator, so the client does not eat the cores the way a Python client
+does), at 10 and 50 connections. The API runs on Postgres with authentication off
+(``--auth``: required, with one API key sent on every request); the bodies are the API's
+own responses. Servers and load generator share this machine; each cell's ratio is taken
+within one round, and the rounds alternate API and bare endpoint. Needs `wrk` (the Debian
+package).
 
     python -m bench.api_load --out bench/results/api_load.json   # about 9 min
-    python -m bench.api_load --auth --out bench/results/api_load_auth.json   # with API keys
-    python -m bench.api_load --split ports ...   # one port per process, connections even
+    python -m bench.api_load --auth --rounds 3 --out bench/results/api_load_auth.json  # keys
+    python -m bench.api_load --split kernel --out bench/results/api_load_kernel.json
+
+By default each server is one uvicorn process per port and wrk splits its connections
+evenly between them (``--split ports``, as a load balancer would); ``--split kernel`` serves
+with ``uvicorn --workers``, where the kernel hands each connection to one process, unevenly.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class Servers:
             proc.wait()
 
 
-def serve(app: str, env: dict[str, str], processes: int, split: str = "kernel") -> Servers:
+def serve(app: str, env: dict[str, str], processes: int, split: str = "ports") -> Servers:
     """``app`` on ``processes`` uvicorn processes: one port they share (``split``
     ``kernel``: ``--workers``, the kernel hands each connection to one of them) or one port
     each (``ports``: the load generator splits the connections evenly)."""
@@ -128,12 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench/results/api_load.json")
     ap.add_argument("--seconds", type=int, default=10)
-    # wrk's connections split between the uvicorn processes as the kernel hands them out
-    # (seen: one bare process at twice the CPU of the other), so one round's ratio swings
-    # widely; the median of five is the figure.
+    # Rounds still differ (the servers, wrk and Postgres share the cores): the median of
+    # five is the figure.
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, nargs="+", default=[10, 50])
-    ap.add_argument("--split", choices=["kernel", "ports"], default="kernel",
+    ap.add_argument("--split", choices=["kernel", "ports"], default="ports",
                     help="kernel: one port, uvicorn --workers (the kernel hands each "
                     "connection to a process, unevenly); ports: one uvicorn process per port "
                     "and one wrk per port with an even share of the connections, as a load "
