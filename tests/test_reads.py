@@ -259,8 +259,8 @@ def test_concurrent_polls_of_one_job_send_one_statement(pg_url: str, method: str
             got = await asyncio.gather(*[getattr(reads, method)(job_id) for _ in range(16)])
             with engine.connect() as conn:
                 opened = conn.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name = 'ssad-reads'")).scalar_one()
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'ssad-reads' AND datname = current_database()")).scalar_one()
             return got, opened
         finally:
             await reads.close()
