@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import Unauthorized
 from service.links import tenant_for_token
-from service.params import JobId
+from service.params import JobId, query_parameters, read_query
 from service.settings import ApiSettings
 from service.tenants import lookup_hash, tenant_for_key
 from ssad_common.db import end_transaction
@@ -151,13 +151,14 @@ async def get_job_reader_without_session(request: Request, settings: SettingsDep
     return await _caller(settings, _job_reader, credentials, None, request, job_id, token)
 
 
-async def polled_job_reader(request: Request, credentials: HTTPAuthorizationCredentials | None,
-                            job_id: str, token: str | None) -> str:
+async def polled_job_reader(request: Request, job_id: str) -> str:
     """The tenant reading job ``job_id``, for the routes clients poll, which read their
-    own query (``token``) and pass ``credentials`` (``await bearer(request)``): as
-    :func:`get_job_reader`, without the request's session. An API key is looked up by
-    ``app.state.reads`` (on the event loop on Postgres, service/reads.py); a report link's
-    token as for a stream."""
+    query themselves (:func:`polled_route_docs`): the report link's ``token`` from the
+    query (:class:`LinkTokenQuery`), then the API key, as :func:`get_job_reader` without
+    the request's session. An API key is looked up by ``app.state.reads`` (on the event
+    loop on Postgres, service/reads.py); a report link's token as for a stream."""
+    token = read_query(LinkTokenQuery, request).token
+    credentials = await bearer(request)
     settings: ApiSettings = request.app.state.settings
     if settings.auth == "off":
         return DEFAULT_TENANT_ID
@@ -171,6 +172,13 @@ async def polled_job_reader(request: Request, credentials: HTTPAuthorizationCred
     if tenant is None:
         raise _bad_key()
     return str(tenant)
+
+
+def polled_route_docs(*query: type[BaseModel]) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that reads its own ``query`` models and its caller
+    (:func:`polled_job_reader`): their parameters and the link's token, and the API key."""
+    return {"parameters": query_parameters(*query, LinkTokenQuery),
+            "security": [{bearer.scheme_name: []}]}
 
 
 JobReaderDep = Annotated[str, Depends(get_job_reader)]

@@ -66,37 +66,23 @@ class Coalesced:
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[tuple[asyncio.AbstractEventLoop, Hashable],
-                            asyncio.Future[Any]] = {}
+        self._waiting: dict[Hashable, asyncio.Task[Any]] = {}  # not started yet
         self._running: set[asyncio.Task[Any]] = set()  # strong references until done
 
     async def run(self, key: Hashable, read: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        loop = asyncio.get_running_loop()
-        waiting = self._waiting.get((loop, key))
-        if waiting is None:
-            waiting = loop.create_future()
-            self._waiting[(loop, key)] = waiting
-            loop.call_soon(self._start, loop, key, waiting, read)
-        result: T = await asyncio.shield(waiting)
+        task = self._waiting.get(key)
+        if task is None or task.done():  # (done: cancelled before it started)
+            # A new task's first step runs at the loop's next turn.
+            task = asyncio.get_running_loop().create_task(self._start(key, read))
+            self._waiting[key] = task
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        result: T = await asyncio.shield(task)
         return result
 
-    def _start(self, loop: asyncio.AbstractEventLoop, key: Hashable,
-               waiting: asyncio.Future[Any], read: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        del self._waiting[(loop, key)]  # from now on, arrivals wait for the next read
-        task = loop.create_task(read())
-        self._running.add(task)
-
-        def done(task: asyncio.Task[Any]) -> None:
-            self._running.discard(task)
-            if task.cancelled():
-                waiting.cancel()
-            elif (exc := task.exception()) is not None:
-                waiting.set_exception(exc)
-                waiting.exception()  # delivered to each waiter; never "not retrieved"
-            else:
-                waiting.set_result(task.result())
-
-        task.add_done_callback(done)
+    async def _start(self, key: Hashable, read: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        del self._waiting[key]  # from now on, arrivals wait for the next read
+        return await read()
 
 
 class Reads:

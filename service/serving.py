@@ -25,9 +25,6 @@ import socket
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-#: The ``--http`` value that names :class:`NoDelayH11Protocol` on uvicorn's command line.
-HTTP_PROTOCOL = "service.serving:NoDelayH11Protocol"
-
 
 def set_no_delay(transport: asyncio.BaseTransport) -> None:
     """Turn Nagle's algorithm off on ``transport``'s TCP socket (a no-op for others)."""
@@ -42,3 +39,7 @@ class NoDelayH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         set_no_delay(transport)
         super().connection_made(transport)
+
+
+#: The ``--http`` value that names :class:`NoDelayH11Protocol` on uvicorn's command line.
+HTTP_PROTOCOL = f"{__name__}:{NoDelayH11Protocol.__qualname__}"

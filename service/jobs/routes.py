@@ -13,13 +13,12 @@ from service.deps import (
     IdempotencyKeyDep,
     JobReaderDep,
     LinkToken,
-    LinkTokenQuery,
     SessionDep,
     SettingsDep,
     StreamJobReaderDep,
     TenantDep,
-    bearer,
     polled_job_reader,
+    polled_route_docs,
 )
 from service.errors import error_responses
 from service.jobs import service
@@ -51,7 +50,6 @@ from service.params import (
     Limit,
     Offset,
     TrialNumber,
-    query_parameters,
     read_query,
     reject_unknown_query_params,
 )
@@ -104,14 +102,12 @@ def json_body(model: BaseModel) -> Response:
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422),
             summary="A job's status, progress and best trial so far",
-            openapi_extra={"parameters": query_parameters(LinkTokenQuery),
-                           "security": [{bearer.scheme_name: []}]})
+            openapi_extra=polled_route_docs())
 async def get_job(request: Request, job_id: JobId) -> Response:
     # The route clients poll most: async, one read on the event loop (service/reads.py),
     # then pure rendering; and, as the score route, it reads its query and its caller
     # itself instead of through FastAPI's dependencies (docs/benchmarks.md §8).
-    caller = read_query(LinkTokenQuery, request)
-    tenant = await polled_job_reader(request, await bearer(request), job_id, caller.token)
+    tenant = await polled_job_reader(request, job_id)
     job = await request.app.state.reads.job(job_id)
     return json_body(job_out(service.visible_job(job, tenant, job_id)))
 
@@ -192,14 +188,12 @@ class ScoresQuery(BaseModel):
 @router.get("/{job_id}/scores", response_model=ScoresOut,
             responses={**_SCORES_DOC, **error_responses(401, 404, 409, 422)},
             summary="Anomaly score of every test image (the best trial), in test order",
-            openapi_extra={"parameters": query_parameters(ScoresQuery, LinkTokenQuery),
-                           "security": [{bearer.scheme_name: []}]})
+            openapi_extra=polled_route_docs(ScoresQuery))
 async def job_scores(request: Request, job_id: JobId) -> Response:
     # The route clients poll for the largest body: it reads its query and its caller
     # itself (the same checks, errors and docs) instead of through FastAPI's parameters
     # and dependencies (about 10 % more requests served under wrk; docs/benchmarks.md §8).
-    caller = read_query(LinkTokenQuery, request)
-    tenant = await polled_job_reader(request, await bearer(request), job_id, caller.token)
+    tenant = await polled_job_reader(request, job_id)
     query = read_query(ScoresQuery, request)
     number, body = await result_body(request.app.state.reads,
                                      request.app.state.session_factory, tenant, job_id,
