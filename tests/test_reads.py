@@ -5,16 +5,17 @@ survive a connection the server dropped. On a real Postgres and on SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import inspect, make_url, text
 
 from service import migrate, tenants
-from service.jobs.render import job_out
+from service.jobs.render import job_out, snapshot_json
 from service.reads import Coalesced, PostgresReads, Reads, make_reads
 from ssad_common.db import make_engine, session_factory, session_scope
 from ssad_common.lifecycle import JobStatus
@@ -82,12 +83,21 @@ def test_a_job_read_on_the_loop_is_the_job_the_orm_loads(db_url: str) -> None:
                 assert (ours, type(ours)) == (orm, type(orm)), column.key
             assert job_out(job) == job_out(loaded)
             assert loaded.best is not None and loaded.started_at is not None
+            assert inspect(job).transient  # in no session: nothing can write it back
     finally:
         engine.dispose()
     assert state == (loaded.tenant_id, JobStatus.succeeded, 1)
     assert isinstance(state.status, JobStatus)
     assert missing is None
-
+    # The route's body: JobOut's JSON, rendered once per snapshot; another snapshot of the
+    # same job (a later read) is rendered afresh.
+    body = snapshot_json(job)
+    assert json.loads(body) == json.loads(job_out(job).model_dump_json())
+    assert snapshot_json(job) is body
+    _, (later,) = read_all(db_url, ("job", job_id))
+    later.status = JobStatus.cancelled
+    assert json.loads(snapshot_json(later))["status"] == "cancelled"
+    assert snapshot_json(job) is body
 
 def test_a_key_is_looked_up_by_its_hash_and_a_revoked_one_is_not_found(db_url: str) -> None:
     key = make_key(db_url, "acme")
@@ -272,5 +282,6 @@ def test_concurrent_polls_of_one_job_send_one_statement(pg_url: str, method: str
     assert opened == 1
     if method == "job":
         assert {(j.id, j.status) for j in got} == {(job_id, JobStatus.succeeded)}
+        assert all(j is got[0] for j in got)  # one snapshot, built once, for all of them
     else:
         assert set(got) == {got[0]} and got[0].status == JobStatus.succeeded

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import threading
+import weakref
 from typing import Any
 
 from cachetools import LRUCache
@@ -29,6 +30,20 @@ MEDIA = {"json": "application/json", "csv": "text/csv"}
 
 def job_out(job: Job) -> JobOut:
     return JobOut(**_job_fields(job), spec=job.spec)
+
+
+#: The JSON of each job snapshot the hot reads share (service/reads.py: the callers one
+#: statement serves get the same transient Job, which no one changes), rendered once.
+#: Used on the event loop only.
+_SNAPSHOT_JSON: weakref.WeakKeyDictionary[Job, bytes] = weakref.WeakKeyDictionary()
+
+
+def snapshot_json(job: Job) -> bytes:
+    """``job_out(job)`` as JSON, rendered once per snapshot from :class:`Reads`."""
+    body = _SNAPSHOT_JSON.get(job)
+    if body is None:
+        body = _SNAPSHOT_JSON[job] = job_out(job).model_dump_json().encode()
+    return body
 
 
 def job_summary(job: Job, include_spec: bool) -> JobSummary:

@@ -30,6 +30,7 @@ from service.jobs.render import (
     plot_png,
     result_body,
     scores_body,
+    snapshot_json,
     trial_out,
 )
 from service.jobs.report import CSP, render_report
@@ -105,11 +106,13 @@ def json_body(model: BaseModel) -> Response:
             openapi_extra=polled_route_docs())
 async def get_job(request: Request, job_id: JobId) -> Response:
     # The route clients poll most: async, one read on the event loop (service/reads.py),
-    # then pure rendering; and, as the score route, it reads its query and its caller
-    # itself instead of through FastAPI's dependencies (docs/benchmarks.md §8).
+    # shared by the polls that arrive together, and rendered once for all of them; and, as
+    # the score route, it reads its query and its caller itself instead of through
+    # FastAPI's dependencies (docs/benchmarks.md §8).
     tenant = await polled_job_reader(request, job_id)
     job = await request.app.state.reads.job(job_id)
-    return json_body(job_out(service.visible_job(job, tenant, job_id)))
+    return Response(snapshot_json(service.visible_job(job, tenant, job_id)),
+                    media_type="application/json")
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
