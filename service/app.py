@@ -3,6 +3,7 @@ validated against the plain data in :mod:`ssad_common.search_space`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -149,8 +150,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             if settings.webhook_dispatch:
                 dispatcher = Dispatcher(app.state.session_factory, settings)
                 dispatcher.start()
+            # What is alive now (modules, the app, its routes and models) lives as long as
+            # the process: out of the collector's sight, a full collection no longer walks
+            # it, which held requests up for 30-110 ms under load (docs/benchmarks.md §8).
+            gc.freeze()
             yield
         finally:
+            gc.unfreeze()  # an app that stops in a longer-lived process (tests)
             try:
                 if dispatcher is not None:
                     dispatcher.stop()
