@@ -99,6 +99,7 @@ def test_a_job_read_on_the_loop_is_the_job_the_orm_loads(db_url: str) -> None:
     assert json.loads(snapshot_json(later))["status"] == "cancelled"
     assert snapshot_json(job) is body
 
+
 def test_a_key_is_looked_up_by_its_hash_and_a_revoked_one_is_not_found(db_url: str) -> None:
     key = make_key(db_url, "acme")
     digest = tenants.lookup_hash(key)

@@ -92,9 +92,10 @@ def test_every_documented_way_to_serve_the_api_uses_the_protocol() -> None:
 
 def test_what_lives_as_long_as_the_app_is_kept_out_of_the_collectors_walks(
         db_url: str) -> None:
-    """A full collection walked every object the process holds (about 150 ms with the
-    app loaded) and held requests up while it did: the app freezes what is alive once it
-    has started, and unfreezes it when it stops (so a test process collects it again)."""
+    """A full collection walked every object the process holds and held its requests up
+    while it did (31-114 ms in the API's processes under load): the app freezes what is
+    alive once it has started, and unfreezes it when it stops (so a test process collects
+    it again)."""
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
     with client(db_url) as c:
