@@ -80,7 +80,7 @@ def serve(app: str, env: dict[str, str], processes: int, split: str = "ports") -
 
 
 def wrk(servers: Servers, path: str, connections: int, seconds: int,
-        headers: tuple[str, ...] = ()) -> dict[str, float]:
+        headers: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load ``path`` with wrk for ``seconds``: 2 threads and ``connections`` on one port,
     or one wrk per port, each with its share of the connections, at the same time
     (requests/s summed, p99 the largest of theirs)."""
@@ -117,6 +117,29 @@ def _wrk_result(out: str, connections: int) -> dict[str, Any]:
     return {"rps": rps, "p99_ms": float(p99.group(1)) * _UNITS[p99.group(2)],
             "non_2xx": int(errors.group(1)) if errors else 0,
             "latency_consistent": mean_ms <= 1.5 * little_ms}
+
+
+def summarise(cells: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each cell's medians over its rounds; a p99 also over the rounds whose latencies wrk
+    reported consistently only (None where there is none: :func:`_wrk_result`)."""
+    def p99(xs: list[dict[str, Any]], side: str) -> float | None:
+        kept = [x[side]["p99_ms"] for x in xs if x[side].get("latency_consistent", True)]
+        return statistics.median(kept) if kept else None
+
+    return {cell: {
+        "median_ratio": statistics.median(x["ratio"] for x in xs),
+        "median_api_rps": statistics.median(x["api"]["rps"] for x in xs),
+        "median_bare_rps": statistics.median(x["bare"]["rps"] for x in xs),
+        "median_api_p99_ms": statistics.median(x["api"]["p99_ms"] for x in xs),
+        "median_bare_p99_ms": statistics.median(x["bare"]["p99_ms"] for x in xs),
+        "median_api_p99_consistent_ms": p99(xs, "api"),
+        "median_bare_p99_consistent_ms": p99(xs, "bare"),
+        "api_non_2xx": sum(x["api"]["non_2xx"] for x in xs),
+        "api_latency_consistent_rounds": sum(
+            x["api"].get("latency_consistent", True) for x in xs),
+        "bare_latency_consistent_rounds": sum(
+            x["bare"].get("latency_consistent", True) for x in xs)}
+        for cell, xs in cells.items()}
 
 
 def make_job(db: str) -> str:
@@ -209,18 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 bare.stop()
         finally:
             api.stop()
-    summary = {cell: {"median_ratio": statistics.median(x["ratio"] for x in xs),
-                      "median_api_rps": statistics.median(x["api"]["rps"] for x in xs),
-                      "median_bare_rps": statistics.median(x["bare"]["rps"] for x in xs),
-                      "median_api_p99_ms": statistics.median(x["api"]["p99_ms"] for x in xs),
-                      "median_bare_p99_ms": statistics.median(x["bare"]["p99_ms"] for x in xs),
-                      "api_non_2xx": sum(x["api"]["non_2xx"] for x in xs),
-                      # rounds whose latencies wrk reported consistently (_wrk_result)
-                      "api_latency_consistent_rounds": sum(
-                          x["api"]["latency_consistent"] for x in xs),
-                      "bare_latency_consistent_rounds": sum(
-                          x["bare"]["latency_consistent"] for x in xs)}
-               for cell, xs in cells.items()}
+    summary = summarise(cells)
     out = {"machine": f"{platform.node()}, {os.cpu_count()} cores",
            "auth": "required" if args.auth else "off", "uvicorn_processes": processes,
            "split": args.split, "http": HTTP_PROTOCOL,

@@ -152,7 +152,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 dispatcher.start()
             # What is alive now (modules, the app, its routes and models) lives as long as
             # the process: out of the collector's sight, a full collection no longer walks
-            # it, which held requests up for 30-110 ms under load (docs/benchmarks.md §8).
+            # it, which held requests up for 31-114 ms under load (docs/benchmarks.md §8).
+            # No collection first: start-up leaves little garbage, and a full collection
+            # is what each test's app start would then pay. Process-wide: in a process
+            # running two apps (tests), the first to stop unfreezes both.
             gc.freeze()
             yield
         finally:

@@ -46,7 +46,7 @@ _JOB = Job.__table__
 _JOB_BY_ID = select(_JOB).where(_JOB.c.id == bindparam("id"))
 #: The mapped attribute of each of the jobs table's columns, in the table's order.
 _JOB_ATTRS = [Job.__mapper__.get_property_by_column(c).key for c in _JOB.columns]
-_NEW_JOB = Job.__mapper__.class_manager.new_instance
+_NEW_JOB: Callable[[], Job] = Job.__mapper__.class_manager.new_instance
 
 
 def _job(values: Sequence[Any]) -> Job:
@@ -56,6 +56,14 @@ def _job(values: Sequence[Any]) -> Job:
     job = _NEW_JOB()
     job.__dict__.update(zip(_JOB_ATTRS, values, strict=True))
     return job
+
+
+def _result_state(values: Sequence[Any]) -> ResultState:
+    return ResultState(*values)
+
+
+def _tenant(values: Sequence[Any]) -> str:
+    return str(values[0])
 
 
 class Coalesced:
@@ -104,21 +112,22 @@ class Reads:
         return await self._one(_JOB_BY_ID, {"id": job_id}, _job)
 
     async def result_state(self, job_id: str) -> ResultState | None:
-        return await self._one(RESULT_STATE, {"id": job_id}, lambda row: ResultState(*row))
+        return await self._one(RESULT_STATE, {"id": job_id}, _result_state)
 
     async def key_tenant(self, key_hash: str) -> str | None:
         """The tenant of an unrevoked API key, by the key's SHA-256."""
-        return await self._one(KEY_TENANT, {"hash": key_hash}, lambda row: str(row[0]))
+        return await self._one(KEY_TENANT, {"hash": key_hash}, _tenant)
 
     async def _one(self, stmt: AnySelect, params: dict[str, Any],
                    build: Callable[[Sequence[Any]], T]) -> T | None:
         """``build`` of ``stmt``'s first row, read and built once for the identical reads
-        that arrived before it started (:class:`Coalesced`; ``stmt`` fixes ``build``)."""
+        (same statement, parameters and ``build``) that arrived before it started
+        (:class:`Coalesced`)."""
         async def read() -> T | None:
             row = await self._read(stmt, params)
             return None if row is None else build(row)
 
-        key = (stmt, tuple(sorted(params.items())))
+        key = (stmt, build, tuple(sorted(params.items())))
         return await self._coalesced.run(key, read)
 
     async def _read(self, stmt: AnySelect, params: dict[str, Any]) -> Sequence[Any] | None:

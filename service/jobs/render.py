@@ -39,7 +39,9 @@ _SNAPSHOT_JSON: weakref.WeakKeyDictionary[Job, bytes] = weakref.WeakKeyDictionar
 
 
 def snapshot_json(job: Job) -> bytes:
-    """``job_out(job)`` as JSON, rendered once per snapshot from :class:`Reads`."""
+    """``job_out(job)`` as JSON, rendered once per snapshot from :class:`Reads` (only
+    those: a job that can change afterwards, one loaded in a session, would keep the body
+    of its first rendering)."""
     body = _SNAPSHOT_JSON.get(job)
     if body is None:
         body = _SNAPSHOT_JSON[job] = job_out(job).model_dump_json().encode()
