@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -173,28 +172,6 @@ async def polled_job_reader(request: Request, job_id: str) -> str:
     if tenant is None:
         raise _bad_key()
     return str(tenant)
-
-
-T = TypeVar("T")
-
-
-async def polled_job_read(request: Request, job_id: str,
-                          read: Callable[[], Awaitable[T]]) -> tuple[str, T]:
-    """The caller of a polled route (:func:`polled_job_reader`) and ``read()``, the job's
-    own read. With API keys on, the two trips to the database go at once: the job's read
-    is sent with the key's lookup and its result used only once the caller is known (a
-    bad key is a 401 whatever the job, at once, the job's read dropped). Without keys
-    there is nothing to wait for, and the read follows."""
-    if request.app.state.settings.auth == "off":
-        return await polled_job_reader(request, job_id), await read()
-    pending = asyncio.ensure_future(read())
-    try:
-        tenant = await polled_job_reader(request, job_id)
-    except BaseException:
-        pending.cancel()
-        await asyncio.gather(pending, return_exceptions=True)  # retrieved, never raised
-        raise
-    return tenant, await pending
 
 
 def polled_route_docs(*query: type[BaseModel]) -> dict[str, Any]:

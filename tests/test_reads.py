@@ -143,55 +143,6 @@ def test_the_polled_routes_see_each_committed_write_at_once(db_url: str) -> None
             assert c.get(path).status_code == 404
 
 
-class KeyWaitsForTheJobsRead:
-    """The app's reads, except that looking a key up waits until the job's own read has
-    gone out: with the reads one after the other, a request never gets its answer."""
-
-    def __init__(self, reads: Reads) -> None:
-        self._reads = reads
-        self._sent = asyncio.Event()
-        self.waited = 0
-
-    async def key_tenant(self, digest: str) -> str | None:
-        await asyncio.wait_for(self._sent.wait(), 30)
-        self._sent.clear()
-        self.waited += 1
-        return await self._reads.key_tenant(digest)
-
-    async def job(self, job_id: str) -> Job | None:
-        self._sent.set()
-        return await self._reads.job(job_id)
-
-    async def result_state(self, job_id: str) -> Any:
-        self._sent.set()
-        return await self._reads.result_state(job_id)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reads, name)
-
-
-def test_with_keys_a_polled_job_is_read_while_the_key_is_looked_up(db_url: str) -> None:
-    """One trip to the database's time, not two: the job route and the score route send
-    the job's read with the key's lookup. A bad key is still a 401, an other tenant's
-    key a 404, whatever the read found."""
-    key, other = make_key(db_url, "acme"), make_key(db_url, "other")
-    with client(db_url, auth="required") as c:
-        c.headers["Authorization"] = f"Bearer {key}"
-        train = upload(c, npz(IMAGES[:6]), "train.npz").json()["id"]
-        test = upload(c, npz(IMAGES[6:]), "test.npz").json()["id"]
-        job = c.post("/v1/jobs", json=tiny_job(train, test)).json()["id"]
-        finish_job_with_scores(db_url, job, [("cutout", {"size": 0.2}, 0.5, [0.1] * 6)])
-        reads = KeyWaitsForTheJobsRead(c.app.state.reads)  # type: ignore[attr-defined]
-        c.app.state.reads = reads  # type: ignore[attr-defined]
-        assert c.get(f"/v1/jobs/{job}").json()["status"] == "succeeded"
-        assert len(c.get(f"/v1/jobs/{job}/scores").json()["scores"]) == 6
-        assert reads.waited == 2
-        for wrong, code in ((other, 404), ("ssad_" + "x" * 43, 401)):
-            for path in (f"/v1/jobs/{job}", f"/v1/jobs/{job}/scores"):
-                r = c.get(path, headers={"Authorization": f"Bearer {wrong}"})
-                assert r.status_code == code, (wrong, r.text)
-
-
 def test_connections_the_server_dropped_are_replaced_not_reported(pg_url: str) -> None:
     """What a server restart does: every idle connection of a warmed pool is gone at once.
     The next reads still answer (each idle one is forgotten, not tried in turn)."""

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.jobs import service
 from service.jobs.cache import RENDERED
-from service.jobs.repository import ResultState
 from service.jobs.schemas import Best, JobOut, JobSummary, PlanOut, Progress, TrialOut
+from service.reads import Reads
 from ssad_common.jobspec import InvalidJobSpec, TuneSpec, load_spec
 from ssad_common.lifecycle import JobStatus
 from ssad_common.models import Job, JobTrial
@@ -39,7 +39,7 @@ _SNAPSHOT_JSON: weakref.WeakKeyDictionary[Job, bytes] = weakref.WeakKeyDictionar
 
 
 def snapshot_json(job: Job) -> bytes:
-    """``job_out(job)`` as JSON, rendered once per snapshot from :class:`service.reads.Reads` (only
+    """``job_out(job)`` as JSON, rendered once per snapshot from :class:`Reads` (only
     those: a job that can change afterwards, one loaded in a session, would keep the body
     of its first rendering)."""
     body = _SNAPSHOT_JSON.get(job)
@@ -162,17 +162,16 @@ def scores_body(session: Session, tenant_id: str, job_id: str, number: int,
         session, tenant_id, job_id, number, fmt, None))
 
 
-async def result_body(state: ResultState | None, factory: sessionmaker[Session],
-                      tenant_id: str, job_id: str, fmt: str,
-                      ensemble: int | None) -> tuple[int, bytes]:
+async def result_body(reads: Reads, factory: sessionmaker[Session], tenant_id: str,
+                      job_id: str, fmt: str, ensemble: int | None) -> tuple[int, bytes]:
     """The job's result: its best trial's number and the scores in ``fmt`` of that trial
-    (``ensemble``: of the top-``ensemble`` ensemble), given the job's ``state`` as
-    :meth:`service.reads.Reads.result_state` read it. A succeeded job's trials never
-    change, so the body is rendered once per process; once it is, a request costs that
-    one read of three columns (ownership, status, best trial) on the event loop
+    (``ensemble``: of the top-``ensemble`` ensemble). A succeeded job's trials never
+    change, so the body is rendered once per process; once it is, a request costs one
+    read of three columns (ownership, status, best trial) on the event loop
     (service/reads.py), and only rendering goes to the thread pool, on a session of its
     own."""
-    number = service.result_trial(job_id, *service.visible_state(state, tenant_id, job_id))
+    number = service.result_trial(job_id, *service.visible_state(
+        await reads.result_state(job_id), tenant_id, job_id))
     key = (job_id, number, fmt if ensemble is None else f"ensemble-{ensemble}-{fmt}")
     body = RENDERED.peek(key)
     if body is None:

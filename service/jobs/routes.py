@@ -17,7 +17,7 @@ from service.deps import (
     SettingsDep,
     StreamJobReaderDep,
     TenantDep,
-    polled_job_read,
+    polled_job_reader,
     polled_route_docs,
 )
 from service.errors import error_responses
@@ -109,8 +109,8 @@ async def get_job(request: Request, job_id: JobId) -> Response:
     # shared by the polls that arrive together, and rendered once for all of them; and, as
     # the score route, it reads its query and its caller itself instead of through
     # FastAPI's dependencies (docs/benchmarks.md §8).
-    tenant, job = await polled_job_read(request, job_id,
-                                        lambda: request.app.state.reads.job(job_id))
+    tenant = await polled_job_reader(request, job_id)
+    job = await request.app.state.reads.job(job_id)
     return Response(snapshot_json(service.visible_job(job, tenant, job_id)),
                     media_type="application/json")
 
@@ -196,11 +196,11 @@ async def job_scores(request: Request, job_id: JobId) -> Response:
     # The route clients poll for the largest body: it reads its query and its caller
     # itself (the same checks, errors and docs) instead of through FastAPI's parameters
     # and dependencies (about 10 % more requests served under wrk; docs/benchmarks.md §8).
-    tenant, state = await polled_job_read(request, job_id,
-                                          lambda: request.app.state.reads.result_state(job_id))
+    tenant = await polled_job_reader(request, job_id)
     query = read_query(ScoresQuery, request)
-    number, body = await result_body(state, request.app.state.session_factory, tenant,
-                                     job_id, query.format, query.ensemble)
+    number, body = await result_body(request.app.state.reads,
+                                     request.app.state.session_factory, tenant, job_id,
+                                     query.format, query.ensemble)
     return scores_reply(job_id, number, body, query.format, request, query.ensemble)
 
 
