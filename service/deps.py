@@ -158,10 +158,10 @@ async def polled_job_reader(request: Request, job_id: str) -> str:
     the request's session. An API key is looked up by ``app.state.reads`` (on the event
     loop on Postgres, service/reads.py); a report link's token as for a stream."""
     token = read_query(LinkTokenQuery, request).token
-    credentials = await bearer(request)
     settings: ApiSettings = request.app.state.settings
     if settings.auth == "off":
         return DEFAULT_TENANT_ID
+    credentials = await bearer(request)
     if credentials is None:
         if token is not None:
             return await get_job_reader_without_session(request, settings, None, job_id,

@@ -26,18 +26,13 @@ import socket
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-def set_no_delay(transport: asyncio.BaseTransport) -> None:
-    """Turn Nagle's algorithm off on ``transport``'s TCP socket (a no-op for others)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class NoDelayH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, with ``TCP_NODELAY`` set on each connection it serves."""
+    """uvicorn's h11 protocol, with ``TCP_NODELAY`` set on each TCP connection it serves."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        set_no_delay(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
 
 

@@ -11,7 +11,7 @@ import threading
 import weakref
 from typing import Any
 
-from cachetools import LRUCache
+from cachetools import LRUCache, cached
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -53,28 +53,17 @@ def job_summary(job: Job, include_spec: bool) -> JobSummary:
     return JobSummary(**_job_fields(job), spec=job.spec if include_spec else None)
 
 
-#: Each job's plan, per process. A plan is a pure function of the job's spec, which is
-#: written once, when the job is created, so it never goes stale; the routes clients poll
-#: would otherwise work it out again on every request (about a tenth of one, profiled).
-_PLANS: LRUCache[str, StudyPlan | None] = LRUCache(maxsize=4096)
-_PLANS_LOCK = threading.Lock()
-
-
 def job_plan(job: Job) -> StudyPlan | None:
     """A tuning job's plan, from its spec (a pure function of it); None for other kinds
     and for a spec that cannot be read (the worker fails such a job, naming why)."""
-    if job.kind != "tune":
-        return None
-    with _PLANS_LOCK:
-        if job.id in _PLANS:
-            return _PLANS[job.id]
-    plan = _plan(job)
-    with _PLANS_LOCK:
-        _PLANS[job.id] = plan
-    return plan
+    return _plan(job) if job.kind == "tune" else None
 
 
+@cached(LRUCache(maxsize=4096), key=lambda job: job.id, lock=threading.Lock())
 def _plan(job: Job) -> StudyPlan | None:
+    """Kept per process, by job id: a plan is a pure function of the job's spec, which is
+    written once, when the job is created, so it never goes stale; the routes clients poll
+    would otherwise work it out again on every request (about a tenth of one, profiled)."""
     try:
         spec = load_spec(job.kind, job.spec)
         assert isinstance(spec, TuneSpec)
