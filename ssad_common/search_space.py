@@ -144,10 +144,10 @@ FAMILIES: dict[str, FamilySpec] = {
                 _aspect(),
                 CategoricalParam(
                     "fill",
-                    ("zero", "mean", "grey", "noise"),
+                    ("zero", "mean", "grey", "noise", "one"),
                     "grey",
                     doc="zero: black; mean: the image's mean; grey: a random grey level per "
-                    "image; noise: uniform noise per pixel",
+                    "image; noise: uniform noise per pixel; one: white",
                 ),
                 _placement(),
             ),
@@ -167,12 +167,19 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             "cutpaste-scar",
             "local",
-            "Cut-paste of a thin, long, randomly rotated stripe (a scar).",
+            "Cut-paste of a thin, long, randomly rotated stripe (a scar), or a stripe painted "
+            "black or white (a scratch).",
             (
                 _patch(0.002, 0.1, 0.01),
                 FloatParam(
                     "aspect", 3.0, 20.0, 8.0, log=True, searched=False,
                     doc="scar length / width",
+                ),
+                CategoricalParam(
+                    "fill", ("paste", "zero", "one"), "paste",
+                    doc="paste: the stripe's content copied from elsewhere in the image and "
+                    "jittered (CutPaste's scar); zero: a black stripe; one: a white stripe "
+                    "(a scratch that catches or swallows the light)",
                 ),
                 _placement(),
             ),
@@ -383,6 +390,11 @@ class SearchSpace:
                   for values in itertools.product(*(p.choices for p in cats))]
         default = {p.name: p.default for p in cats}
         return [c for c in combos if c != default]
+
+    def screen_choices(self) -> dict[str, int]:
+        """How many combinations of its searched choices besides its defaults each family
+        has (:meth:`variants`): what a screen covers first."""
+        return {f: len(self.variants(f)) for f in self.augmentations}
 
     def screen_capacity(self) -> dict[str, float]:
         """How many configurations besides its defaults each family can screen: the other

@@ -10,8 +10,9 @@ training steps of the detector. Two strategies spend it:
        trial-equivalents, rounded down) and at most half of it: when the families alone
        would cost less (a small space: 3 families screen in one trial-equivalent), the
        rest of its share screens more configurations of the families with something to
-       search (``screen_extra``: other fills, directions, and patch sizes drawn at
-       random), so one default fill cannot drop a family. The 12 default families fill
+       search (``screen_extra``: first every other fill and direction, then patch sizes
+       and other numbers drawn at random, each to the family screened least so far), so
+       one default fill cannot drop a family. The 12 default families fill
        the share exactly (3 of the default 12 trial-equivalents).
        A budget too small to screen every family screens the first ones in the space's
        order and names the rest.
@@ -33,7 +34,6 @@ plan when a job is created, and the worker runs it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,15 +154,36 @@ class StudyPlan:
         }
 
 
+def _screen_extra(screened: Sequence[str], want: int, capacity: Mapping[str, float],
+                  choices: Mapping[str, int]) -> list[str]:
+    """``want`` more screen configurations of ``screened``, one at a time, each to the
+    family screened least so far (the space's order breaks ties): first among the families
+    with one of their choices (fill, direction) not yet screened, so every fill is tried
+    before any is tried twice; then among those with any ``capacity`` left."""
+    count = dict.fromkeys(screened, 1)
+    extra: list[str] = []
+    for quota in ({f: min(choices.get(f, 0), capacity.get(f, 0)) for f in screened},
+                  {f: capacity.get(f, 0) for f in screened}):
+        while len(extra) < want:
+            open_ = [f for f in screened if count[f] - 1 < quota[f]]
+            if not open_:
+                break
+            family = min(open_, key=count.__getitem__)
+            count[family] += 1
+            extra.append(family)
+    return extra
+
+
 def plan_study(strategy: str, n_trials: int, train_steps: int,
                families: Sequence[str], capacity: Mapping[str, float] | None = None,
-               ) -> StudyPlan:
+               choices: Mapping[str, int] | None = None) -> StudyPlan:
     """The plan for a budget of ``n_trials`` full-length trials over ``families`` (in the
     search space's order, which is also the order families are screened in when the
     budget cannot screen them all). ``capacity``: how many configurations besides its
     defaults each family has to screen (``math.inf`` when it searches a number; see
     ``SearchSpace.screen_capacity``); without it, each family is screened at its defaults
-    only."""
+    only. ``choices``: how many of those are other combinations of its searched choices
+    (``SearchSpace.screen_choices``), which the screen covers first."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
     if n_trials < 1 or train_steps < 1 or not families:
@@ -182,11 +203,9 @@ def plan_study(strategy: str, n_trials: int, train_steps: int,
         # first family's trials are all full length.
         return StudyPlan("staged", n_trials, train_steps, (), train_steps, n_trials, fams[1:])
     screened = fams[:n_screen]
-    # The rest of the screen's share: more configurations of the screened families, in
-    # turns (the space's order), each as far as it has any.
+    # The rest of the screen's share: more configurations of the screened families.
     want = max(0, int(n_trials * SCREEN_SHARE) * per_equivalent - n_screen)
-    repeats = [[f] * int(min((capacity or {}).get(f, 0), want)) for f in screened]
-    extra = [f for turn in itertools.zip_longest(*repeats) for f in turn if f][:want]
+    extra = _screen_extra(screened, want, capacity or {}, choices or {})
     screen_equivalents = math.ceil((n_screen + len(extra)) / per_equivalent)
     screen_steps = screen_equivalents * train_steps // (n_screen + len(extra))
     return StudyPlan("staged", n_trials, train_steps, screened, screen_steps,
@@ -201,8 +220,10 @@ class Space(Protocol):
 
     def screen_capacity(self) -> dict[str, float]: ...
 
+    def screen_choices(self) -> dict[str, int]: ...
+
 
 def plan_for(strategy: str, n_trials: int, train_steps: int, space: Space) -> StudyPlan:
     """The plan of a study over ``space`` (what the API states and the worker runs)."""
     return plan_study(strategy, n_trials, train_steps, space.augmentations,
-                      space.screen_capacity())
+                      space.screen_capacity(), space.screen_choices())

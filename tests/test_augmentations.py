@@ -109,15 +109,29 @@ def test_categorical_params_reach_the_output() -> None:
                 assert len({o.sum().item() for o in outs}) == len(p.choices), (name, p.name)
 
 
-def test_cutout_zero_fill_is_black_and_grey_fill_is_constant() -> None:
+@pytest.mark.parametrize(("name", "fill", "value"), [
+    ("cutout", "zero", 0.0), ("cutout", "one", 1.0),
+    ("cutpaste-scar", "zero", 0.0), ("cutpaste-scar", "one", 1.0)])
+def test_constant_fills_paint_black_or_white(name: str, fill: str, value: float) -> None:
     x = torch.full((4, 1, 32, 32), 0.7)
-    y = build_augmentation("cutout", {"fill": "zero", "patch_size": 0.1})(x, gen("cpu", 0))
-    changed = (y != x)
-    assert changed.any() and bool((y[changed] == 0).all())
+    y = build_augmentation(name, {"fill": fill, "patch_size": 0.05})(x, gen("cpu", 0))
+    for i in range(4):  # every image changed, and only to the fill's value
+        changed = y[i] != x[i]
+        assert changed.any() and bool((y[i][changed] == value).all()), (name, fill, i)
+
+
+def test_cutout_grey_fill_is_one_level_per_image_and_the_scar_pastes_by_default() -> None:
+    x = torch.full((4, 1, 32, 32), 0.7)
     y = build_augmentation("cutout", {"fill": "grey", "patch_size": 0.1})(x, gen("cpu", 0))
     for i in range(4):
         vals = y[i][y[i] != 0.7].unique()
         assert len(vals) == 1
+    # The scar's default copies (and jitters) the image's own content: on a uniform image
+    # that is a jittered 0.7, never black or white.
+    x = torch.rand(4, 1, 32, 32) * 0.5 + 0.25
+    y = build_augmentation("cutpaste-scar", {"patch_size": 0.05})(x, gen("cpu", 0))
+    changed = y != x
+    assert changed.any() and float(y[changed].min()) > 0.0 and float(y[changed].max()) < 1.0
 
 
 @pytest.mark.parametrize("name", ["cutout", "cutpaste", "cutpaste-scar"])

@@ -29,7 +29,8 @@ def test_no_plan_exceeds_its_budget_and_every_family_is_screened_or_named(
         for n_trials in range(1, 31):
             for steps in (1, 7, 400):
                 plan = plan_study(strategy, n_trials, steps, fams,
-                                  {f: math.inf for f in fams[::2]})
+                                  {f: math.inf for f in fams[::2]} | {fams[-1]: 3},
+                                  dict.fromkeys(fams[::3], 2) | {fams[-1]: 3})
                 assert plan.total_steps <= plan.budget_steps, (n_families, n_trials, steps)
                 assert plan.n_refine >= (1 if strategy == "staged" else 0)
                 assert plan.screen_families + plan.skipped_families == fams or (
@@ -149,15 +150,24 @@ def test_the_result_is_chosen_by_the_objective_alone() -> None:
 
 def test_a_small_space_fills_the_screens_share_with_more_configurations() -> None:
     """Three local families would screen in one trial-equivalent of twelve: the screen's
-    quarter is filled with three more configurations of each (other fills, patch sizes
-    drawn at random), so one default fill cannot decide whether a family is refined."""
+    quarter is filled with more configurations of each, every other fill first (cutout's
+    four, the scar's two), then patch sizes drawn at random, each to the family screened
+    least so far, so one default fill cannot decide whether a family is refined."""
     space = SearchSpace.from_dict({"augmentations": ["cutout", "cutpaste", "cutpaste-scar"]})
+    assert space.screen_choices() == {"cutout": 4, "cutpaste": 0, "cutpaste-scar": 2}
     plan = plan_for("staged", 12, 400, space)
     assert plan.screen_families == ("cutout", "cutpaste", "cutpaste-scar")
-    assert plan.screen_extra == ("cutout", "cutpaste", "cutpaste-scar") * 3
+    assert plan.screen_extra == ("cutout", "cutpaste-scar") * 2 + ("cutout",) * 2 + (
+        "cutpaste",) * 3
+    screened = {f: 1 + plan.screen_extra.count(f) for f in plan.screen_families}
+    assert screened == {"cutout": 5, "cutpaste": 4, "cutpaste-scar": 3}
     assert (plan.n_screen, plan.screen_steps, plan.n_refine) == (12, 100, 9)
     assert plan.total_steps == plan.budget_steps
     assert plan.to_json()["screen"]["extra"] == list(plan.screen_extra)
+    # Too few extras for every fill: each goes to the family screened least so far.
+    eight = plan_for("staged", 8, 400, space)
+    assert eight.screen_extra == ("cutout", "cutpaste-scar", "cutout", "cutpaste-scar",
+                                  "cutout")
     # A family with only choices to search screens each of them once, and no more: flip
     # has one other direction, invert nothing; the screen then costs what it needs.
     few = plan_for("staged", 12, 400, SearchSpace.from_dict(
@@ -165,6 +175,9 @@ def test_a_small_space_fills_the_screens_share_with_more_configurations() -> Non
     assert few.screen_extra == ("flip",) and few.n_screen == 3
     assert few.n_screen * few.screen_steps <= 400 and few.n_refine == 11
     assert space.screen_capacity()["cutout"] == math.inf
+    # A fixed fill is no choice to screen.
+    assert SearchSpace.from_dict({"augmentations": ["cutout"], "fixed": {
+        "cutout": {"fill": "one"}}}).screen_choices() == {"cutout": 0}
     # The 12 default families fill the quarter on their own: no extra screens.
     assert plan_for("staged", 12, 400, SearchSpace()).screen_extra == ()
 

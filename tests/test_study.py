@@ -248,7 +248,7 @@ def test_a_small_space_screens_every_fill_and_refines_from_the_best_screened(dat
     assert len(screen) == 8 and len(refine) == settings.plan.n_refine == 6
     assert sum(t.train_steps or 0 for t in result.trials) == 8 * TINY.steps
     cutouts = [t.params for t in screen if t.augmentation == "cutout"]
-    assert [str(p["fill"]) for p in cutouts] == ["grey", "zero", "mean", "noise", "zero"]
+    assert [str(p["fill"]) for p in cutouts] == ["grey", "zero", "mean", "noise", "one"]
     assert len({p["patch_size"] for p in cutouts}) == 5  # the default, then 4 draws
     assert sorted(str(t.params["direction"]) for t in screen
                   if t.augmentation == "flip") == ["horizontal", "vertical"]

@@ -182,15 +182,20 @@ def build_augmentation(name: str, params: Mapping[str, Any] | None = None) -> Au
 
 # ---------------------------------------------------------------------------- families
 
+#: The fills of the local families that are one grey level for every image.
+_CONSTANT_FILLS: dict[str, float] = {"zero": 0.0, "one": 1.0}
+
+
 
 @register
 class CutOut(Augmentation):
     """Fill one random ``patch_size`` × ``aspect`` rectangle per image.
 
     ``fill`` decides what goes in: ``zero`` (black), ``mean`` (the image's mean),
-    ``grey`` (a random grey level per image), ``noise`` (uniform noise per pixel). The fill
-    matters as much as the size: a black patch on a black background changes nothing, which
-    is what ``placement: object`` (the rectangle centred on the object) avoids.
+    ``grey`` (a random grey level per image), ``noise`` (uniform noise per pixel), ``one``
+    (white). The fill matters as much as the size: a black patch on a black background
+    changes nothing, which is what ``placement: object`` (the rectangle centred on the
+    object) avoids; a white one on a white stroke is the same mistake in reverse.
     """
 
     name = "cutout"
@@ -201,8 +206,8 @@ class CutOut(Augmentation):
         mask, _, _ = self._placed_rect(x, ph, pw, g)
         fill = self.params["fill"]
         value: Tensor
-        if fill == "zero":
-            value = torch.zeros((), dtype=x.dtype, device=x.device)
+        if fill in _CONSTANT_FILLS:
+            value = torch.full((), _CONSTANT_FILLS[fill], dtype=x.dtype, device=x.device)
         elif fill == "mean":
             value = x.mean(dim=(1, 2, 3), keepdim=True)
         elif fill == "grey":
@@ -238,8 +243,10 @@ class CutPasteScar(Augmentation):
     """CutPaste with a thin, long, randomly rotated stripe ("scar").
 
     The stripe has area ``patch_size`` and length/width ``aspect``, and is centred in the
-    middle 60 % of the image (on the object with ``placement: object``); its content is
-    copied from the same image at a random offset and jittered in brightness/contrast.
+    middle 60 % of the image (on the object with ``placement: object``). With ``fill:
+    paste`` (the default) its content is copied from the same image at a random offset and
+    jittered in brightness/contrast; ``zero`` and ``one`` paint it black or white, as a
+    scratch that swallows or catches the light.
     """
 
     name = "cutpaste-scar"
@@ -263,6 +270,10 @@ class CutPasteScar(Augmentation):
         along = xs * cos + ys * sin
         across = -xs * sin + ys * cos
         mask = (along.abs() <= length / 2) & (across.abs() <= width / 2)
+        fill = self.params["fill"]
+        if fill in _CONSTANT_FILLS:
+            value = torch.full((), _CONSTANT_FILLS[fill], dtype=x.dtype, device=dev)
+            return torch.where(mask[:, None], value, x)
         dy = torch.randint(h // 4, h - h // 4 + 1, (n,), generator=g, device=dev)
         dx = torch.randint(w // 4, w - w // 4 + 1, (n,), generator=g, device=dev)
         source = _jitter(_shifted(x, dy, dx), 0.1, g)
