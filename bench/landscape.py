@@ -51,23 +51,28 @@ from worker.core.objectives import OBJECTIVES
 from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
 
-#: The defect's fill → the CutOut fill that reproduces it (white has no exact match: the
-#: per-image random grey level is the nearest).
-MATCHED_FILL = {"black": "zero", "grey": "grey", "white": "grey", "noise": "noise"}
+#: The defect's fill → the fill of the tuner's family that reproduces it (white: ``one``
+#: since 2026-12-02; the runs before had none, and swept the random grey level instead).
+MATCHED_FILL = {"black": "zero", "grey": "grey", "white": "one", "noise": "noise"}
 
 
 def curves_for(task: Task, placement: str = "anywhere") -> list[tuple[str, str, dict[str, Any]]]:
-    """(family, label, fixed params) of each curve to sweep for this task; ``placement``
-    other than the default is added to every curve's params and named in its label."""
+    """(family, label, fixed params) of each curve to sweep for this task: the fill that
+    matches the defect first, then another (CutOut: black, or grey against a black defect;
+    the scar: its default, the pasted stripe). ``placement`` other than the default is
+    added to every curve's params and named in its label."""
     fam = task.truth["augmentation"]
     where = {} if placement == "anywhere" else {"placement": placement}
     suffix = "" if placement == "anywhere" else f", placement={placement}"
-    if fam != "cutout":
+    if "fill" not in task.truth:
         return [(fam, fam + suffix, where)]
     matched = MATCHED_FILL[task.truth["fill"]]
-    other = "zero" if matched != "zero" else "grey"
-    return [(fam, f"cutout fill={matched}{suffix} (matched)", {"fill": matched, **where}),
-            (fam, f"cutout fill={other}{suffix}", {"fill": other, **where})]
+    if fam == "cutout":
+        other = "zero" if matched != "zero" else "grey"
+    else:
+        other = str(get_family(fam).param("fill").default)
+    return [(fam, f"{fam} fill={matched}{suffix} (matched)", {"fill": matched, **where}),
+            (fam, f"{fam} fill={other}{suffix}", {"fill": other, **where})]
 
 
 def is_matched(curve: dict[str, Any]) -> bool:

@@ -147,10 +147,13 @@ def square_task(name: str, digit: int, value: int | None, side: int, fill: str,
 
 
 def scar_task(name: str, digit: int, width: int, length: int, seed: int = 0) -> Task:
-    """Digit ``digit`` with a bright ``width``×``length`` scratch (the scar cut-paste)."""
+    """Digit ``digit`` with a bright ``width``×``length`` scratch: the scar painted white
+    in the tuner's terms (before 2026-12-02 the scar could only paste, and the truth named
+    no fill)."""
     return mnist_injected(name, digit, scar_defect(width, length),
                           {"augmentation": "cutpaste-scar",
-                           "patch_size": width * length / PIXELS}, seed=seed)
+                           "patch_size": width * length / PIXELS, "fill": "white"},
+                          seed=seed)
 
 
 def injected_tasks() -> list[Task]:
