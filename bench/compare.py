@@ -1,0 +1,111 @@
+"""Compare study designs over several runs of ``bench.engine`` (tasks × study seeds).
+
+Each ``--design NAME=FILE[,FILE...]`` names one design and the engine results it ran
+(one file per study seed, say). For every design the command prints, over all its
+injected-task runs and by the objective that chooses (DSV by default): the median and
+mean regret to the study's own oracle, the mean AUROC of the selection, how often it
+found the generating family (and the size within 1.5×), beat its study's mean over
+configurations, and was above both pixel baselines; then each task's selection per run.
+It reads labels only through the engine's stored AUROCs (bench/ only)::
+
+    .venv/bin/python -m bench.compare \\
+        --design anywhere=engine-staged2-dev2.json,engine-anywhere-seed1-dev.json \\
+        --design fills=engine-fills-seed0-dev.json,engine-fills-seed1-dev.json
+
+A file name that is not a path to a file is looked up in ``bench/results/``. Rows are
+matched by task name; a design missing a task's run is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.tasks import within
+
+RESULTS = Path(__file__).parent / "results"
+SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
+
+
+def runs_of(files: list[Path], tasks: set[str] | None) -> list[dict[str, Any]]:
+    out = []
+    for f in files:
+        for r in json.loads((f if f.is_file() else RESULTS / f).read_text())["results"]:
+            if r["kind"] == "injected" and (not tasks or r["task"] in tasks):
+                out.append(r)
+    return out
+
+
+def judged(r: dict[str, Any], objective: str) -> dict[str, Any]:
+    sel = r["objectives"][objective]["selected"]
+    truth = r["truth"]
+    ps = sel["params"].get("patch_size")
+    family = sel["augmentation"] == truth["augmentation"]
+    fill = sel["params"].get("fill")
+    return {"task": r["task"], "auroc": sel["auroc"],
+            "regret": r["objectives"][objective]["regret"], "family": family,
+            "size": family and ps is not None and within(float(ps), truth["patch_size"], 1.5),
+            "beats_mean": sel["auroc"] > r["mean"],
+            "above_pixels": sel["auroc"] > max(r["pixel"].values()),
+            "label": f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
+                     f"{'' if fill is None else ' ' + str(fill)}"
+                     f"{'' if ps is None else f' {float(ps):.3f}'}"}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    return {"runs": n,
+            "median_regret": statistics.median(r["regret"] for r in rows),
+            "mean_regret": statistics.fmean(r["regret"] for r in rows),
+            "mean_auroc": statistics.fmean(r["auroc"] for r in rows),
+            "family": sum(r["family"] for r in rows),
+            "family_and_size": sum(r["size"] for r in rows),
+            "auroc_095": sum(r["auroc"] >= 0.95 for r in rows),
+            "beats_mean": sum(r["beats_mean"] for r in rows),
+            "above_pixels": sum(r["above_pixels"] for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--design", action="append", required=True, metavar="NAME=FILES",
+                    help="a design's name and its engine results, comma-separated")
+    ap.add_argument("--objective", default="dsv")
+    ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    args = ap.parse_args(argv)
+    tasks = set(filter(None, args.tasks.split(","))) or None
+    designs: dict[str, list[dict[str, Any]]] = {}
+    for spec in args.design:
+        name, _, files = spec.partition("=")
+        designs[name] = [judged(r, args.objective)
+                         for r in runs_of([Path(f) for f in files.split(",")], tasks)]
+    print("| design | runs | median regret | mean regret | mean AUROC | family | family and "
+          "size within 1.5× | AUROC ≥ 0.95 | beats its study's mean | above both pixel "
+          "baselines |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, rows in designs.items():
+        s = summary(rows)
+        print(f"| {name} | {s['runs']} | {s['median_regret']:.3f} | {s['mean_regret']:.3f} | "
+              f"{s['mean_auroc']:.3f} | {s['family']}/{s['runs']} | "
+              f"{s['family_and_size']}/{s['runs']} | {s['auroc_095']}/{s['runs']} | "
+              f"{s['beats_mean']}/{s['runs']} | {s['above_pixels']}/{s['runs']} |")
+    print()
+    names = list(designs)
+    order = list(dict.fromkeys(r["task"] for rows in designs.values() for r in rows))
+    print("| task | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for task in order:
+        cells = []
+        for name in names:
+            got = [r for r in designs[name] if r["task"] == task]
+            cells.append(" / ".join(f"{r['auroc']:.3f} {r['label']}{'*' if r['size'] else ''}"
+                                    for r in got) or "(not run)")
+        print(f"| {task} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
