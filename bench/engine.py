@@ -93,10 +93,10 @@ def _zscore(s: np.ndarray) -> np.ndarray:
     return (s - s.mean()) / (s.std() + 1e-12)
 
 
-def placed(space: SearchSpace, placement: str) -> SearchSpace:
+def placed(space: SearchSpace, placement: str | None) -> SearchSpace:
     """``space`` with every family that has a ``placement`` fixed at ``placement`` (as a
-    user would, with ``search_space.fixed``); the default placement changes nothing."""
-    if placement == "anywhere":
+    user would, with ``search_space.fixed``); None: the product's default."""
+    if placement is None:
         return space
     fixed = dict(space.fixed)
     for f in space.augmentations:
@@ -106,7 +106,7 @@ def placed(space: SearchSpace, placement: str) -> SearchSpace:
 
 
 def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
-             legacy_budget: bool, placement: str = "anywhere") -> dict[str, Any]:
+             legacy_budget: bool, placement: str | None = None) -> dict[str, Any]:
     device = torch.device("cpu")
     data = prepare(task.train, task.test, device)
     space = placed(SearchSpace.from_dict(task.search_space), placement)
@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="staged", choices=("staged", "tpe"))
     ap.add_argument("--legacy-budget", action="store_true",
                     help="injected tasks get n_trials - 2 trials, as in the first runs")
-    ap.add_argument("--placement", default="anywhere", choices=("anywhere", "object"),
-                    help="fix every local family's placement (search_space.fixed)")
+    ap.add_argument("--placement", default=None, choices=("anywhere", "object"),
+                    help="fix every local family's placement (search_space.fixed; default: "
+                    "the product's, object since 2026-12-02, anywhere before)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -59,10 +59,11 @@ MATCHED_FILL = {"black": "zero", "grey": "grey", "white": "one", "noise": "noise
 def curves_for(task: Task, placement: str = "anywhere") -> list[tuple[str, str, dict[str, Any]]]:
     """(family, label, fixed params) of each curve to sweep for this task: the fill that
     matches the defect first, then another (CutOut: black, or grey against a black defect;
-    the scar: its default, the pasted stripe). ``placement`` other than the default is
-    added to every curve's params and named in its label."""
+    the scar: its default, the pasted stripe), every one at ``placement`` (fixed, since the
+    product's default changed; named in the label unless ``anywhere``, the runs' labels
+    before the change)."""
     fam = task.truth["augmentation"]
-    where = {} if placement == "anywhere" else {"placement": placement}
+    where = {"placement": placement}  # always fixed: the product's default has changed
     suffix = "" if placement == "anywhere" else f", placement={placement}"
     if "fill" not in task.truth:
         return [(fam, fam + suffix, where)]

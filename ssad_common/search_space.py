@@ -78,10 +78,12 @@ def _patch(low: float = 0.005, high: float = 0.5, default: float = 0.05) -> Floa
 
 def _placement() -> CategoricalParam:
     return CategoricalParam(
-        "placement", ("anywhere", "object"), "anywhere", searched=False,
-        doc="where the patch goes: anywhere: uniformly over the image; object: centred on a "
-        "pixel drawn in proportion to how far it is from the image's background (the median "
-        "of its border), so that patches land on the object (on a digit: on its strokes)")
+        "placement", ("anywhere", "object"), "object", searched=False,
+        doc="where the patch goes: object (the default since 2026-12-02): centred on a pixel "
+        "drawn in proportion to how far it is from the image's background (the median of its "
+        "border), so that patches land on the object (on a digit: on its strokes; on an "
+        "image with no background to speak of, nearly uniformly); anywhere: uniformly over "
+        "the image")
 
 
 def _aspect(

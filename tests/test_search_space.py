@@ -66,14 +66,29 @@ def test_fixed_params_are_not_searched_and_are_applied() -> None:
                                    "fixed": {"cutout": {"fill": "zero"}}})
     assert "fill" not in {p.name for p in space.searched_params("cutout")}
     assert space.complete("cutout", {"patch_size": 0.1})["fill"] == "zero"
-    # placement is never searched: anywhere unless fixed, as a user would for defects that
-    # sit on the object
-    assert space.complete("cutout", {})["placement"] == "anywhere"
+    # placement is never searched: on the object unless fixed, as a user would for defects
+    # that can lie anywhere
+    assert space.complete("cutout", {})["placement"] == "object"
     placed = SearchSpace.from_dict({"augmentations": ["cutout", "cutpaste-scar"], "fixed": {
-        "cutpaste-scar": {"placement": "object"}}})
+        "cutpaste-scar": {"placement": "anywhere"}}})
     assert all(p.name != "placement" for f in placed.augmentations
                for p in placed.searched_params(f))
-    assert placed.complete("cutpaste-scar", {"patch_size": 0.01})["placement"] == "object"
+    assert placed.complete("cutpaste-scar", {"patch_size": 0.01})["placement"] == "anywhere"
+    assert placed.complete("cutout", {"patch_size": 0.01})["placement"] == "object"
+    # The fixed CutPaste baseline stays the paper's: anywhere.
+    assert CUTPASTE_DEFAULT[1]["placement"] == "anywhere"
+
+
+def test_the_study_searches_every_fill_of_cutout_and_the_scar() -> None:
+    """CutOut's fills run from black to white, and the scar pastes or paints a black or
+    white scratch: every one is searched, and a screen of a small space covers them."""
+    space = SearchSpace.from_dict({"augmentations": ["cutout", "cutpaste-scar"]})
+    fills = {f: next(p for p in space.searched_params(f) if p.name == "fill")
+             for f in space.augmentations}
+    assert [p.default for p in fills.values()] == ["grey", "paste"]
+    assert [v["fill"] for v in space.variants("cutout")] == ["zero", "mean", "noise", "one"]
+    assert [v["fill"] for v in space.variants("cutpaste-scar")] == ["zero", "one"]
+    assert space.complete("cutpaste-scar", {})["fill"] == "paste"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -91,6 +106,8 @@ def test_fixed_params_are_not_searched_and_are_applied() -> None:
      "not one of"),
     ({"augmentations": ["rotate"], "fixed": {"rotate": {"placement": "object"}}},
      "unknown parameter"),
+    ({"augmentations": ["cutpaste-scar"], "fixed": {"cutpaste-scar": {"fill": "grey"}}},
+     "not one of"),
 ])
 def test_bad_search_spaces_are_refused(bad: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -285,7 +285,7 @@ class JobList(BaseModel):
                                                             "trials_completed": 12},
         "best": {"augmentation": "cutout", "params": {"patch_size": 0.04, "aspect": 1.0,
                                                       "fill": "zero",
-                                                      "placement": "anywhere"},
+                                                      "placement": "object"},
                  "validation_loss": -0.61, "trial_number": 7},
         "error": None, "attempt": 1, "cancel_requested": False,
         "train_dataset_id": "0b6f…", "test_dataset_id": "7d0e…", "spec": None}],
@@ -320,7 +320,7 @@ class TrialList(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"job_id": "3f1c…", "trials": [
         {"number": 0, "state": "COMPLETE", "augmentation": "cutout",
          "params": {"patch_size": 0.05, "aspect": 1.0, "fill": "zero",
-                    "placement": "anywhere"},
+                    "placement": "object"},
          "validation_loss": -0.42, "losses": {"dsv": -0.42, "mmd": 0.03}, "duration_s": 41.8,
          "attempt": 1, "error": None, "worker": "gpu-3:412:9c1e2a",
          "started_at": "2026-11-29T12:00:02Z", "finished_at": "2026-11-29T12:00:44Z"},
