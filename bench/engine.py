@@ -15,7 +15,8 @@ runs of the rounds before; ``confirmation4``, fixed in advance for the trust ver
 (``selection.trust``, its threshold read off the development runs); ``confirmation5``,
 fixed in advance for the return to DSV alone as the selection rule (the three held-out sets
 before it took part in that decision); ``confirmation6``, fixed in advance for how the
-product uses the local families' ``placement: object``.
+product uses the local families' ``placement: object``, and spent on the ninth round's
+default (patches on the object with the white fills searched).
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]

@@ -270,7 +270,9 @@ def confirmation6_tasks() -> list[Task]:
     """Chosen in advance for how the product uses ``placement: object`` (committed before
     any run on them; the decision is taken on the development tasks' landscape and runs)
     and never used for a decision: MNIST one-class 1 and CIFAR horse are the last digit and
-    one of the last classes no set has used."""
+    one of the last classes no set has used. Spent on the ninth round's default (patches on
+    the object, the white fills searched; 2026-12-02), decided on the development runs
+    before any run on these."""
     return [*confirmation6_injected_tasks(), mnist_one_class(1), cifar_one_class(7)]
 
 
