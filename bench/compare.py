@@ -79,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     tasks = set(filter(None, args.tasks.split(","))) or None
     designs: dict[str, list[dict[str, Any]]] = {}
     for spec in args.design:
-        name, _, files = spec.partition("=")
+        name, eq, files = spec.partition("=")
+        if not eq or not files:
+            ap.error(f"--design {spec!r}: give NAME=FILE[,FILE...]")
         designs[name] = [judged(r, args.objective)
                          for r in runs_of([Path(f) for f in files.split(",")], tasks)]
+        if not designs[name]:
+            ap.error(f"--design {name!r}: no injected-task run in {files}"
+                     + (f" among {sorted(tasks)}" if tasks else ""))
     print("| design | runs | median regret | mean regret | mean AUROC | family | family and "
           "size within 1.5× | AUROC ≥ 0.95 | beats its study's mean | above both pixel "
           "baselines |")

@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "steps": args.steps, "n_trials": args.n_trials, "seed": args.seed,
-            "strategy": args.strategy, "set": args.set, "placement": args.placement}
+            "strategy": args.strategy, "set": args.set,
+            # what the local families ran with (the product's default when not given)
+            "placement": args.placement or get_family("cutout").param("placement").default}
     results: list[dict[str, Any]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     for task in tasks:

@@ -11,7 +11,9 @@ Conventions shared by every family:
 * A family's hyperparameters are either searched by the study (``searched=True``) or held at
   their default unless the caller sets them explicitly.
 * Every family must change every image it is given (a pseudo-anomaly identical to a normal
-  image is label noise), so magnitudes are drawn away from the identity.
+  image is label noise), so magnitudes are drawn away from the identity. The one exception
+  is a constant fill on its own colour (black on a black background, a small white patch
+  centred on a white stroke): the fill is searched for that reason.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _patch(low: float = 0.005, high: float = 0.5, default: float = 0.05) -> Floa
 def _placement() -> CategoricalParam:
     return CategoricalParam(
         "placement", ("anywhere", "object"), "object", searched=False,
-        doc="where the patch goes: object (the default since 2026-12-02): centred on a pixel "
+        doc="where the patch goes: object (the default): centred on a pixel "
         "drawn in proportion to how far it is from the image's background (the median of its "
         "border), so that patches land on the object (on a digit: on its strokes; on an "
         "image with no background to speak of, nearly uniformly); anywhere: uniformly over "

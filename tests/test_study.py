@@ -70,7 +70,7 @@ def test_study_runs_warm_start_then_tpe_and_picks_by_the_selection_rule(data) ->
     assert calls == [0, 1, 2, 3]
     assert [t.augmentation for t in result.trials[:2]] == ["cutout", "rotate"]
     assert result.trials[0].params == {"patch_size": 0.05, "aspect": 1.0, "fill": "grey",
-                                       "placement": "anywhere"}
+                                       "placement": "object"}
     losses = [t.validation_loss for t in result.trials]
     assert result.best.number == by_selection_rule(result.trials)[0][1]
     assert result.best_scores is not None and len(result.best_scores) == len(data.test)
@@ -348,3 +348,27 @@ def test_an_interrupted_trial_is_queued_again_once() -> None:
     assert waiting(study) == 1  # the other runner's turn queued it again
     _queue_again(study, trial)  # the late runner: already settled, nothing more
     assert waiting(study) == 1
+
+
+def test_a_study_begun_with_fewer_fills_keeps_them_when_resumed() -> None:
+    """A study stored before CutOut gained its white fill (four choices) is resumed by a
+    worker that knows five: Optuna refuses a categorical parameter whose choices change,
+    so the study samples from the four it began with, and a new study from all five."""
+    space = SearchSpace.from_dict({"augmentations": ["cutout"]})
+    old = ["zero", "mean", "grey", "noise"]
+    dists = {"augmentation": optuna.distributions.CategoricalDistribution(["cutout"]),
+             "cutout.patch_size": optuna.distributions.FloatDistribution(0.005, 0.5, log=True),
+             "cutout.fill": optuna.distributions.CategoricalDistribution(old)}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.add_trial(optuna.trial.create_trial(
+        params={"augmentation": "cutout", "cutout.patch_size": 0.05, "cutout.fill": "grey"},
+        distributions=dists, value=0.1))
+    for _ in range(20):
+        trial = study.ask()
+        _, params = sample_configuration(trial, space)
+        assert params["fill"] in old
+        study.tell(trial, 0.0)
+    fresh = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = fresh.ask()
+    sample_configuration(trial, space)
+    assert list(trial.distributions["cutout.fill"].choices) == [*old, "one"]  # type: ignore[attr-defined]

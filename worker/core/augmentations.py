@@ -186,7 +186,6 @@ def build_augmentation(name: str, params: Mapping[str, Any] | None = None) -> Au
 _CONSTANT_FILLS: dict[str, float] = {"zero": 0.0, "one": 1.0}
 
 
-
 @register
 class CutOut(Augmentation):
     """Fill one random ``patch_size`` × ``aspect`` rectangle per image.

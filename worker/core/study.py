@@ -179,8 +179,24 @@ def sample_configuration(
         if isinstance(p, FloatParam):
             sampled[p.name] = trial.suggest_float(key, p.low, p.high, log=p.log)
         elif isinstance(p, CategoricalParam):
-            sampled[p.name] = str(trial.suggest_categorical(key, list(p.choices)))
+            sampled[p.name] = str(trial.suggest_categorical(
+                key, recorded_choices(trial, key) or list(p.choices)))
     return family, space.complete(family, sampled)
+
+
+def recorded_choices(trial: optuna.trial.BaseTrial, key: str) -> list[Any] | None:
+    """The choices ``trial``'s study already sampled ``key`` from, if it has: a study
+    started before a family gained a choice (CutOut's white fill, 2026-12-02) keeps the
+    choices it began with, as Optuna requires of a categorical parameter, instead of
+    failing when it is resumed."""
+    study = getattr(trial, "study", None)
+    if study is None:
+        return None
+    for t in study.get_trials(deepcopy=False):
+        d = t.distributions.get(key)
+        if isinstance(d, optuna.distributions.CategoricalDistribution):
+            return list(d.choices)
+    return None
 
 
 def default_configuration(space: SearchSpace, family: str, prefix: str = "") -> dict[str, Any]:
