@@ -194,7 +194,8 @@ class CutOut(Augmentation):
     ``grey`` (a random grey level per image), ``noise`` (uniform noise per pixel), ``one``
     (white). The fill matters as much as the size: a black patch on a black background
     changes nothing, which is what ``placement: object`` (the rectangle centred on the
-    object) avoids; a white one on a white stroke is the same mistake in reverse.
+    object) avoids; on the object, a small white patch on a white stroke can change nothing
+    in the same way, which is why the fill is searched.
     """
 
     name = "cutout"
