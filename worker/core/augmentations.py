@@ -186,6 +186,11 @@ def build_augmentation(name: str, params: Mapping[str, Any] | None = None) -> Au
 _CONSTANT_FILLS: dict[str, float] = {"zero": 0.0, "one": 1.0}
 
 
+def _constant_fill(fill: str, x: Tensor) -> Tensor:
+    """The grey level of a constant ``fill`` as a scalar tensor matching ``x``."""
+    return torch.full((), _CONSTANT_FILLS[fill], dtype=x.dtype, device=x.device)
+
+
 @register
 class CutOut(Augmentation):
     """Fill one random ``patch_size`` × ``aspect`` rectangle per image.
@@ -207,7 +212,7 @@ class CutOut(Augmentation):
         fill = self.params["fill"]
         value: Tensor
         if fill in _CONSTANT_FILLS:
-            value = torch.full((), _CONSTANT_FILLS[fill], dtype=x.dtype, device=x.device)
+            value = _constant_fill(str(fill), x)
         elif fill == "mean":
             value = x.mean(dim=(1, 2, 3), keepdim=True)
         elif fill == "grey":
@@ -272,8 +277,7 @@ class CutPasteScar(Augmentation):
         mask = (along.abs() <= length / 2) & (across.abs() <= width / 2)
         fill = self.params["fill"]
         if fill in _CONSTANT_FILLS:
-            value = torch.full((), _CONSTANT_FILLS[fill], dtype=x.dtype, device=dev)
-            return torch.where(mask[:, None], value, x)
+            return torch.where(mask[:, None], _constant_fill(str(fill), x), x)
         dy = torch.randint(h // 4, h - h // 4 + 1, (n,), generator=g, device=dev)
         dx = torch.randint(w // 4, w - w // 4 + 1, (n,), generator=g, device=dev)
         source = _jitter(_shifted(x, dy, dx), 0.1, g)

@@ -174,29 +174,32 @@ def sample_configuration(
     choices = list(space.augmentations if families is None else families)
     family = str(trial.suggest_categorical(prefix + AUGMENTATION_KEY, choices))
     sampled: dict[str, ParamValue] = {}
-    for p in space.searched_params(family):
+    params = space.searched_params(family)
+    # One read of the study's trials per configuration, and only for a family with choices.
+    recorded = (recorded_choices(trial)
+                if any(isinstance(p, CategoricalParam) for p in params) else {})
+    for p in params:
         key = f"{prefix}{family}.{p.name}"
         if isinstance(p, FloatParam):
             sampled[p.name] = trial.suggest_float(key, p.low, p.high, log=p.log)
         elif isinstance(p, CategoricalParam):
             sampled[p.name] = str(trial.suggest_categorical(
-                key, recorded_choices(trial, key) or list(p.choices)))
+                key, recorded.get(key) or list(p.choices)))
     return family, space.complete(family, sampled)
 
 
-def recorded_choices(trial: optuna.trial.BaseTrial, key: str) -> list[Any] | None:
-    """The choices ``trial``'s study already sampled ``key`` from, if it has: a study
-    started before a family gained a choice (CutOut's white fill, 2026-12-02) keeps the
-    choices it began with, as Optuna requires of a categorical parameter, instead of
+def recorded_choices(trial: optuna.trial.BaseTrial) -> dict[str, list[Any]]:
+    """The choices ``trial``'s study already sampled each categorical parameter from: a
+    study started before a family gained a choice (CutOut's white fill, 2026-12-02) keeps
+    the choices it began with, as Optuna requires of a categorical parameter, instead of
     failing when it is resumed."""
     study = getattr(trial, "study", None)
-    if study is None:
-        return None
-    for t in study.get_trials(deepcopy=False):
-        d = t.distributions.get(key)
-        if isinstance(d, optuna.distributions.CategoricalDistribution):
-            return list(d.choices)
-    return None
+    out: dict[str, list[Any]] = {}
+    for t in study.get_trials(deepcopy=False) if study is not None else ():
+        for key, d in t.distributions.items():
+            if isinstance(d, optuna.distributions.CategoricalDistribution):
+                out.setdefault(key, list(d.choices))
+    return out
 
 
 def default_configuration(space: SearchSpace, family: str, prefix: str = "") -> dict[str, Any]:
