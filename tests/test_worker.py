@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -124,6 +125,13 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
     assert study.trials[best_n].value == done["best"]["validation_loss"]
 
 
+def _training(api: Any, job_id: str) -> bool:
+    """The job is running and its worker has reported a training step of a trial."""
+    job = job_status(api, job_id)
+    current = job["progress"].get("current_trial")
+    return job["status"] == "running" and bool(current) and current["step"] > 0
+
+
 def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,
                                              digit_files: tuple[bytes, bytes, int]) -> None:
     train_b, test_b, _ = digit_files
@@ -132,8 +140,7 @@ def test_cancel_a_running_job_within_a_trial(pg_url: str, tmp_path: Path,
         job = api.post("/v1/jobs", json=tiny_job(tr, te, train_steps=50_000)).json()
         worker = start_worker(pg_url, tmp_path)
         try:
-            wait_for(lambda: job_status(api, job["id"])["status"] == "running")
-            time.sleep(1.0)
+            wait_for(lambda: _training(api, job["id"]), timeout=240)  # mid-trial
             assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["cancel_requested"]
             final = wait_for(lambda: (s := job_status(api, job["id"]))["status"] == "cancelled"
                              and s, timeout=30)
@@ -191,8 +198,7 @@ def test_sigterm_gives_the_job_back_and_another_worker_finishes_it(
         tr, te = upload_pair(api, train_b, test_b)
         job = api.post("/v1/jobs", json=tiny_job(tr, te, n_trials=2, train_steps=60)).json()
         first = start_worker(db_url, tmp_path)
-        wait_for(lambda: job_status(api, job["id"])["status"] == "running")
-        time.sleep(1.0)
+        wait_for(lambda: _training(api, job["id"]), timeout=240)  # mid-trial
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
         released = job_status(api, job["id"])
