@@ -16,7 +16,8 @@ runs of the rounds before; ``confirmation4``, fixed in advance for the trust ver
 fixed in advance for the return to DSV alone as the selection rule (the three held-out sets
 before it took part in that decision); ``confirmation6``, fixed in advance for how the
 product uses the local families' ``placement: object``, and spent on the ninth round's
-default (patches on the object with the white fills searched).
+default (patches on the object with the white fills searched); ``confirmation7``, fixed in
+advance for the tenth round (the finalists trained twice, ``bench.replicates``).
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]
@@ -53,6 +54,7 @@ from bench.tasks import (
     confirmation4_tasks,
     confirmation5_tasks,
     confirmation6_tasks,
+    confirmation7_tasks,
     confirmation_tasks,
     development_tasks,
     within,
@@ -70,7 +72,7 @@ TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation2": confirmation2_tasks,
              "confirmation3": confirmation3_tasks, "confirmation4": confirmation4_tasks,
              "confirmation5": confirmation5_tasks, "confirmation6": confirmation6_tasks,
-             "all": all_tasks}
+             "confirmation7": confirmation7_tasks, "all": all_tasks}
 
 
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/engine.json")
     ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
                     help="dev: the tasks decisions are taken on; confirmation, "
-                    "confirmation2 to confirmation6: held out (see the module's "
+                    "confirmation2 to confirmation7: held out (see the module's "
                     "docstring)")
     ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
                     "(default: all of it)")

@@ -276,6 +276,20 @@ def confirmation6_tasks() -> list[Task]:
     return [*confirmation6_injected_tasks(), mnist_one_class(1), cifar_one_class(7)]
 
 
+def confirmation7_injected_tasks() -> list[Task]:
+    """Injected defects for the tenth round (finalists trained twice, 2026-12-02): digit,
+    size and fill pairs never seen before, and other test images (seed 6)."""
+    return held_out_injected(6, [("black", 7, 9), ("noise", 11, 4), ("grey80", 10, 6),
+                                 ("white", 10, 2)], (3, 8, 7))
+
+
+def confirmation7_tasks() -> list[Task]:
+    """Chosen in advance for the tenth round (committed before any run on them) and never
+    used for a decision. Every MNIST digit has been a one-class task of some set, so the
+    two one-class tasks are CIFAR classes no set has used (cat, truck)."""
+    return [*confirmation7_injected_tasks(), cifar_one_class(3), cifar_one_class(9)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -298,4 +312,4 @@ def confirmation_tasks() -> list[Task]:
 def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
             *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
-            *confirmation6_tasks()]
+            *confirmation6_tasks(), *confirmation7_tasks()]
