@@ -17,8 +17,9 @@ fixed in advance for the return to DSV alone as the selection rule (the three he
 before it took part in that decision); ``confirmation6``, fixed in advance for how the
 product uses the local families' ``placement: object``, and spent on the ninth round's
 default (patches on the object with the white fills searched); ``confirmation7``, fixed in
-advance for the tenth round (the finalists trained twice, ``bench.replicates``), which lost
-on the development runs: it reads the ninth round's default a second time.
+advance for the tenth round (the finalists trained twice, ``bench.replicates``), which tied
+with the default on the development runs (a tie keeps the default): it reads the ninth
+round's default a second time.
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe]

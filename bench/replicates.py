@@ -16,7 +16,9 @@ For each recorded run (``bench.engine`` JSON) this drops the run's last ``R`` re
 trials (the ones the replicates replace; TPE drew everything before them exactly as it
 would have), retrains the finalists with those trials' seeds, and writes the run as the
 design would have ended: an engine-shaped file that ``bench.compare`` reads beside the
-original (each run's regret to its own study's oracle, mean over its own trials)::
+original (each run's regret to its own study's oracle, mean over its own trials; the two
+dropped trials are not among them). ``--check`` first retrains one recorded trial and stops
+unless it reproduces its loss::
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.replicates \\
         bench/results/engine-fills-object-seed0-dev.json \\
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import time
@@ -49,8 +52,11 @@ from worker.core.trial import run_trial
 FINALISTS = 2
 
 
-def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int) -> dict[str, Any]:
-    """The run as the replicates design would have ended it."""
+def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int,
+           check: bool = False) -> dict[str, Any]:
+    """The run as the replicates design would have ended it. With ``check``, first retrain
+    the run's first refine trial and stop unless it gives its recorded loss (the replay is
+    exact only on a machine and torch that reproduce the recorded run)."""
     trials = run["trials"]
     refine = sorted((t for t in trials if t["stage"] == "refine"), key=lambda t: t["number"])
     if len(refine) <= r:
@@ -59,6 +65,14 @@ def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int) -> dic
     finalists = sorted(kept, key=lambda t: (t["losses"][RULE], t["number"]))[:r]
     task = tasks[run["task"]]
     data = prepare(task.train, task.test, torch.device("cpu"))
+    if check:
+        first = refine[0]
+        again = run_trial(data, first["augmentation"], first["params"],
+                          TrainSettings(steps=first["train_steps"]),
+                          seed=seed + first["number"]).losses[RULE]
+        if again != first["losses"][RULE]:
+            raise SystemExit(f"{run['task']}: trial {first['number']} retrained gives "
+                             f"{again}, recorded {first['losses'][RULE]}: not a replay")
     replicates = []
     for fin, slot in zip(finalists, dropped, strict=True):
         res = run_trial(data, fin["augmentation"], fin["params"],
@@ -100,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--finalists", type=int, default=FINALISTS)
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    ap.add_argument("--check", action="store_true",
+                    help="first retrain each run's first refine trial and stop unless it "
+                    "reproduces the recorded loss (one more training per run)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recorded = json.loads(args.runs.read_text())
@@ -108,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(filter(None, args.tasks.split(",")))
     results: list[dict[str, Any]] = []
     out_meta = {"command": "python -m bench.replicates " + " ".join(argv or sys.argv[1:]),
-                "from": str(args.runs), "finalists": args.finalists, "recorded": meta}
+                "from": str(args.runs), "finalists": args.finalists, "recorded": meta,
+                "machine": f"{platform.processor() or platform.machine()}, "
+                           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for run in recorded["results"]:
         if wanted and run["task"] not in wanted:
             continue
         t0 = time.perf_counter()
-        results.append(replay(run, tasks, int(meta["seed"]), args.finalists))
+        results.append(replay(run, tasks, int(meta["seed"]), args.finalists, args.check))
         args.out.write_text(json.dumps({"meta": out_meta, "results": results}, indent=1))
         new, old = results[-1]["objectives"][RULE], run["objectives"][RULE]
         print(f"# {run['task']}: {old['selected']['auroc']:.3f} (regret {old['regret']:.3f})"
