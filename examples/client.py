@@ -74,8 +74,9 @@ def main(train: str, test: str, new: str | None = None) -> int:
                headers={"Idempotency-Key": str(uuid.uuid4())})
     r.raise_for_status()
     job_id, plan = r.json()["id"], r.json()["plan"]
+    refine = plan["refine"]["trials"]
     print(f"job {job_id}: {plan['screen']['trials']} families screened, then "
-          f"{plan['refine']['trials']} full-length trials")
+          f"{refine} full-length trial{'' if refine == 1 else 's'}")
     if plan["skipped_families"]:  # the budget (n_trials) is too small to try them all
         print(f"  never tried: {', '.join(plan['skipped_families'])}")
     job = follow(c, job_id)

@@ -47,7 +47,9 @@ job=$(api -f -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
   -d "{\"train_dataset_id\": \"$train_id\", \"test_dataset_id\": \"$test_id\", \"n_trials\": $N_TRIALS, \"train_steps\": $TRAIN_STEPS}")
 job_id=$(field "['id']" <<<"$job")
 planned=$(field "['progress']['trials_planned']" <<<"$job")
-echo "job $job_id queued: $(field "['plan']['screen']['trials']" <<<"$job") families screened, then $(field "['plan']['refine']['trials']" <<<"$job") full-length trials"
+refine=$(field "['plan']['refine']['trials']" <<<"$job")
+[ "$refine" = 1 ] && trials=trial || trials=trials
+echo "job $job_id queued: $(field "['plan']['screen']['trials']" <<<"$job") families screened, then $refine full-length $trials"
 
 while true; do
   state=$(api -f "$URL/v1/jobs/$job_id")

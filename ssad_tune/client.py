@@ -293,14 +293,21 @@ def fmt_duration(seconds: float) -> str:
 
 
 def step_counts(job: dict[str, Any]) -> tuple[int, int] | None:
-    """(training steps done, training steps in all) of a job whose worker reports its
-    running trial (``progress.current_trial``); None otherwise. A trial at its last step
-    counts in full until it is stored (its number is not yet among the finished ones);
-    after that only ``trials_completed`` counts it, so nothing is counted twice."""
+    """(training steps done, training steps in all) of a job whose server states its
+    plan's steps (``progress.train_steps_planned``) or whose worker reports its running
+    trial (``progress.current_trial``); None otherwise, and the bar counts trials. Between
+    two trials a planned job still counts steps, so the bar never changes basis (a short
+    screen trial is a small share of the steps and a whole one of the trials: the bar
+    would jump back). A trial at its last step counts in full until it is stored (its
+    number is not yet among the finished ones); after that only ``trials_completed`` counts
+    it, so nothing is counted twice."""
     progress = job["progress"]
     current = progress.get("current_trial")
     if not current or not current.get("steps"):
-        return None
+        planned = progress.get("train_steps_planned")
+        if not planned:
+            return None
+        return min(int(progress.get("train_steps_done") or 0), int(planned)), int(planned)
     steps = int(current["steps"])
     step = min(int(current["step"]), steps)
     stored = step >= steps and int(current.get("number", -1)) < int(progress["trials_completed"])
@@ -312,19 +319,26 @@ def step_counts(job: dict[str, Any]) -> tuple[int, int] | None:
     return min(int(progress["trials_completed"]) * steps + in_trial, total), total
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``1 trial``, ``2 trials``; ``1 family``, ``2 families`` (``nouns`` given)."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def describe_plan(plan: dict[str, Any]) -> str:
     """The job's budget in words: trials, steps, and the families left out."""
     screen, refine = plan["screen"], plan["refine"]
-    text = (f"budget: {plan['budget_trial_equivalents']} full-length trials = "
+    text = (f"budget: {plural(plan['budget_trial_equivalents'], 'full-length trial')} = "
             f"{plan['budget_train_steps']:,} training steps ({plan['strategy']}: ")
     if plan["strategy"] == "staged" and screen["trials"]:
         families = len(screen["families"])
-        what = (f"{families} families" if screen["trials"] == families else
-                f"{screen['trials']} configurations of {families} families")
+        of = plural(families, "family", "families")
+        what = (of if screen["trials"] == families else
+                f"{plural(screen['trials'], 'configuration')} of {of}")
         text += (f"screen {what} × {screen['train_steps_each']} steps, "
-                 f"then {refine['trials']} trials × {refine['train_steps_each']} steps)")
+                 f"then {plural(refine['trials'], 'trial')} × "
+                 f"{refine['train_steps_each']} steps)")
     else:
-        text += (f"{screen['trials'] + refine['trials']} trials × "
+        text += (f"{plural(screen['trials'] + refine['trials'], 'trial')} × "
                  f"{refine['train_steps_each']} steps)")
     if plan["skipped_families"]:
         text += (f"\nnote: the budget cannot try every family; never tried: "
@@ -428,7 +442,7 @@ class Progress:
                   if best else "best -")
         current = job["progress"].get("current_trial") if steps is not None else None
         trial_s = ""
-        if current:
+        if current and current.get("steps"):
             loss = current.get("loss")
             trial_s = (f"trial {current['number']} step {current['step']}/{current['steps']}"
                        f" loss {'-' if loss is None else format(loss, '.4f')}  ")

@@ -106,3 +106,29 @@ def test_the_bar_shows_steps_and_an_eta_from_the_step_rate() -> None:
     bar.update(_job("running", 1, step=5, loss=None))  # a non-finite loss is sent as null
     assert out.getvalue().splitlines()[-1].startswith(
         "[#####---------------] 1/4 trials  trial 1 step 5/100 loss -  best -  running")
+
+
+def test_the_bar_counts_steps_between_trials_too_and_never_moves_back() -> None:
+    """A server that states its plan's steps: the bar counts steps between trials as well
+    as during one. Counting trials between them made it jump back when a trial started
+    (3 of 5 trials is 60 %, but 3 short screen trials are far less of the steps)."""
+    def planned(done: int, steps_done: int, step: int | None = None,
+                steps: int = 40) -> dict[str, Any]:
+        job = _job("running", done, step=step, steps=steps, n_trials=2)
+        job["progress"].update(trials_planned=5, train_steps_planned=150,
+                               train_steps_done=steps_done)
+        return job
+
+    out = io.StringIO()
+    bar = Progress(out, clock=lambda: 0.0, tick_seconds=None)
+    # 3 screen trials of 10 steps, then 2 full-length ones of 40 and... 150 in all.
+    sequence = [planned(3, 30), planned(3, 30, step=1), planned(3, 30, step=40),
+                planned(4, 70), planned(4, 70, step=1), planned(4, 70, step=20)]
+    fractions = []
+    for job in sequence:
+        bar.update(job)
+        line = out.getvalue().splitlines()[-1]
+        fractions.append(line[1:21].count("#"))
+    assert fractions == sorted(fractions), (fractions, out.getvalue())
+    assert step_counts(planned(3, 30)) == (30, 150)
+    assert out.getvalue().splitlines()[0].startswith("[####----------------] 3/5 trials  best -")

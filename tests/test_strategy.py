@@ -192,6 +192,13 @@ def test_the_cli_states_a_screen_of_extra_configurations() -> None:
         "configurations of 3 families × 100 steps, then 9 trials × 400 steps)")
     assert "screen 12 families × 100 steps" in describe_plan(
         plan_for("staged", 12, 400, SearchSpace()).to_json())
+    # One of a kind is singular (the quick start's small budgets).
+    two = SearchSpace.from_dict({"augmentations": ["rotate", "flip"]})
+    assert describe_plan(plan_for("staged", 2, 40, two).to_json()) == (
+        "budget: 2 full-length trials = 80 training steps (staged: screen 2 families × 20 "
+        "steps, then 1 trial × 40 steps)")
+    assert describe_plan(plan_for("staged", 1, 40, two).to_json()).startswith(
+        "budget: 1 full-length trial = 40 training steps (staged: 1 trial × 40 steps)")
 
 
 def test_the_cli_states_the_family_gap_in_its_unit() -> None:
