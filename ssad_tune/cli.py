@@ -4,6 +4,7 @@
                                             (server: --url, SSAD_URL or SSAD_HOST/SSAD_PORT;
                                             key: SSAD_API_KEY; TRAIN/TEST: a file or a
                                             folder of images)
+    ssad-tune follow JOB_ID [-o scores.csv] follow a job that exists, then save its scores
     ssad-tune report JOB_ID                 the job's report page (a signed link with a key)
     ssad-tune serve                         the API (+ embedded worker on SQLite)
     ssad-tune worker [--device cuda:0]      one worker (--concurrency N: N processes)
@@ -14,9 +15,10 @@
                                             [--trials-per-job T] [--compute-per-job C]
                                             (-1: back to default)
 
-Every command but ``tune`` and ``report`` reads the database from SSAD_DATABASE_URL
-(default: ./ssad.db) and needs the server's packages (``pip install 'ssad-tune[server]'``;
-``worker`` needs ``ssad-tune[worker]``); ``tune`` and ``report`` need only the plain wheel.
+Every command but ``tune``, ``follow`` and ``report`` reads the database from
+SSAD_DATABASE_URL (default: ./ssad.db) and needs the server's packages (``pip install
+'ssad-tune[server]'``; ``worker`` needs ``ssad-tune[worker]``); ``tune``, ``follow`` and
+``report`` need only the plain wheel.
 """
 
 from __future__ import annotations
@@ -145,6 +147,22 @@ def _tune(args: argparse.Namespace) -> int:
                        ensemble=args.ensemble)
 
 
+def _follow(args: argparse.Namespace) -> int:
+    from ssad_tune import client
+
+    return client.follow(args.job_id, Path(args.out), url=args.url or client.default_url(),
+                         api_key=os.environ.get("SSAD_API_KEY"), ensemble=args.ensemble)
+
+
+def _ensemble_option(p: argparse.ArgumentParser) -> None:
+    # The server's bounds (ssad_common.ensemble.MIN_K, MAX_K), checked here before anything
+    # is uploaded; the client wheel does not ship ssad_common.
+    p.add_argument("--ensemble", type=int, choices=range(2, 11), metavar="K",
+                   help="write the mean z-score of the top K full-length configurations "
+                        "(2-10) instead of the best's: the hedge for when the trust line "
+                        "says uncertain")
+
+
 def _report(args: argparse.Namespace) -> int:
     from ssad_tune.client import Client, ClientError
 
@@ -185,16 +203,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--detector", choices=("small", "resnet18"))
-    # The server's bounds (ssad_common.ensemble.MIN_K, MAX_K), checked here before anything
-    # is uploaded; the client wheel does not ship ssad_common.
-    t.add_argument("--ensemble", type=int, choices=range(2, 11), metavar="K",
-                   help="write the mean z-score of the top K full-length configurations "
-                        "(2-10) instead of the best's: the hedge for when the trust line "
-                        "says uncertain")
+    _ensemble_option(t)
     t.add_argument("--backbone", metavar="FILE",
                    help="start every trial from these encoder weights (torch.save(model."
                         "encoder.state_dict(), FILE), for the job's detector and size)")
     t.set_defaults(fn=_tune, operator=False)
+    f = sub.add_parser("follow", help="follow a job that already exists (after Ctrl-C in "
+                                      "tune, or from another shell) and write its scores "
+                                      "CSV, as tune does")
+    f.add_argument("job_id")
+    f.add_argument("-o", "--out", default="scores.csv", help="scores CSV (index,name,score)")
+    f.add_argument("--url", default=None, help="server (as for tune)")
+    _ensemble_option(f)
+    f.set_defaults(fn=_follow, operator=False)
     rep = sub.add_parser("report", help="print the URL of a job's report page (with "
                                         "SSAD_API_KEY set: a signed link a browser can open)")
     rep.add_argument("job_id")

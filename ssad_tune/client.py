@@ -191,6 +191,9 @@ class Client:
         a float64 numpy array; with ``format="pandas"`` a DataFrame (index, name, score;
         needs pandas); with ``format="records"`` a list of ``{"index", "name", "score"}``.
         ``ensemble=k``: the top-k configurations' mean z-score instead of the best's."""
+        if format not in ("numpy", "pandas", "records"):
+            raise ValueError(f"format={format!r}: one of 'numpy', 'pandas', 'records' "
+                             "(the CSV body: request('GET', ..., params={'format': 'csv'}))")
         params: dict[str, Any] = {} if ensemble is None else {"ensemble": ensemble}
         rows = self.request("GET", f"/v1/jobs/{job_id}/scores", params=params).json()["scores"]
         if format == "records":
@@ -221,6 +224,14 @@ class Client:
 
     def job(self, job_id: str) -> JobInfo:
         return cast(JobInfo, self.request("GET", f"/v1/jobs/{job_id}").json())
+
+    def trials(self, job_id: str) -> list[dict[str, Any]]:
+        """Every stored trial of the job (number, state, augmentation, params, losses, ...)."""
+        return list(self.request("GET", f"/v1/jobs/{job_id}/trials").json()["trials"])
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's history: every status change with its attempt and message."""
+        return list(self.request("GET", f"/v1/jobs/{job_id}/events").json()["events"])
 
     def follow(self, job_id: str, poll_seconds: float = 2.0) -> Iterator[JobInfo]:
         """The job each time it changes, until it ends: server-sent events, reconnecting
@@ -481,7 +492,7 @@ def why_it_ended(client: Client, job: dict[str, Any]) -> str:
     events say who ended it and when)."""
     if job.get("error"):
         return str(job["error"])
-    events = client.request("GET", f"/v1/jobs/{job['id']}/events").json()["events"]
+    events = client.events(job["id"])
     reason = next((e["message"] for e in reversed(events) if e.get("message")), None)
     if job["status"] == "cancelled" and job.get("cancel_requested"):
         reason = f"{reason or 'cancelled'} (a cancel was requested: POST /v1/jobs/{{id}}/cancel)"
@@ -532,44 +543,72 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
         if created.get("plan"):
             print(describe_plan(created["plan"]), file=stream)
-        bar = Progress(stream)
-        job: dict[str, Any] = created
-        try:
-            for update in client.follow(job_id):
-                job = dict(update)
-                bar.update(job)
-        except KeyboardInterrupt:
-            bar.finish()
-            print(f"\nstopped following; job {job_id} goes on on the server (cancel it: "
-                  f"POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel)", file=sys.stderr)
-            return 130
+        return follow_job(client, created, out, url=url, stream=stream, ensemble=ensemble)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
+               stream: TextIO = sys.stderr, ensemble: int | None = None) -> int:
+    """Follow a job until it ends, with the progress bar, then write its scores CSV to
+    ``out`` (a job that ended otherwise: its best finished trial's, said plainly); returns
+    the exit code. ``tune`` ends with it, and ``ssad-tune follow JOB`` starts with it, to
+    reattach to a job after Ctrl-C or from another shell."""
+    job_id = job["id"]
+    bar = Progress(stream)
+    try:
+        for update in client.follow(job_id):
+            job = dict(update)
+            bar.update(job)
+    except KeyboardInterrupt:
         bar.finish()
-        if job["status"] != "succeeded":
-            print(f"job {job['status']}: {why_it_ended(client, job)}", file=sys.stderr)
-            save_best_finished_trial(client, job, out, stream)
-            return 1
-        params: dict[str, Any] = {"format": "csv"}
-        if ensemble is not None:
-            params["ensemble"] = ensemble
-        csv = client.request("GET", f"/v1/jobs/{job_id}/scores", params=params).content
-        out.write_bytes(csv)
-        best = job["best"]
-        print(f"best: {best['augmentation']} {json.dumps(best['params'])} "
-              f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
-              file=stream)
-        if job.get("selection"):
-            print(describe_selection(job["selection"]), file=stream)
-        if ensemble is None:
-            thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
-            rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
-            print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
-                  f"{rule['n_flagged']} of {te['n_samples']} test images", file=stream)
-            print(f"scores written to {out}", file=stream)
-        else:  # the suggested threshold is set on the best trial's scores, not on z-scores
-            print(f"scores written to {out}: the mean z-score of the top {ensemble} "
-                  "full-length configurations, or of as many as finished (no suggested "
-                  "threshold: it is set on the best trial's scores)", file=stream)
-        return 0
+        print(f"\nstopped following; job {job_id} goes on on the server (follow it again: "
+              f"ssad-tune follow {job_id}; cancel it: "
+              f"POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel)", file=sys.stderr)
+        return 130
+    bar.finish()
+    if job["status"] != "succeeded":
+        print(f"job {job['status']}: {why_it_ended(client, job)}", file=sys.stderr)
+        save_best_finished_trial(client, job, out, stream)
+        return 1
+    params: dict[str, Any] = {"format": "csv"}
+    if ensemble is not None:
+        params["ensemble"] = ensemble
+    csv = client.request("GET", f"/v1/jobs/{job_id}/scores", params=params).content
+    out.write_bytes(csv)
+    best = job["best"]
+    print(f"best: {best['augmentation']} {json.dumps(best['params'])} "
+          f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
+          file=stream)
+    if job.get("selection"):
+        print(describe_selection(job["selection"]), file=stream)
+    if ensemble is None:
+        thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
+        rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
+        n_test = client.request("GET", f"/v1/datasets/{job['test_dataset_id']}").json()[
+            "n_samples"]
+        print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
+              f"{rule['n_flagged']} of {n_test} test images", file=stream)
+        print(f"scores written to {out}", file=stream)
+    else:  # the suggested threshold is set on the best trial's scores, not on z-scores
+        print(f"scores written to {out}: the mean z-score of the top {ensemble} "
+              "full-length configurations, or of as many as finished (no suggested "
+              "threshold: it is set on the best trial's scores)", file=stream)
+    return 0
+
+
+def follow(job_id: str, out: Path, *, url: str, api_key: str | None,
+           stream: TextIO = sys.stderr, ensemble: int | None = None) -> int:
+    """``ssad-tune follow JOB``: the end of ``tune`` for a job that already exists."""
+    client = Client(url, api_key)
+    try:
+        job: dict[str, Any] = dict(client.job(job_id))
+        done, total = trial_counts(job)
+        print(f"job {job_id} {job['status']}: {done} of {total} trials finished", file=stream)
+        return follow_job(client, job, out, url=url, stream=stream, ensemble=ensemble)
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ from httpx_sse import EventSource
 
 from service.tenants import create_key
 from ssad_common.db import make_engine, session_scope
-from ssad_tune.client import Progress, default_url, fmt_duration
+from ssad_tune.client import Client, Progress, default_url, fmt_duration
 from tests.helpers import (
     ROOT,
     claim_and_cancel,
@@ -74,6 +74,22 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         assert any(line.startswith("suggested threshold (mad)") for line in lines)
         rows = list(csv.DictReader(out.open()))
         assert [int(r["index"]) for r in rows] == list(range(40))
+        # `follow` reattaches to the job (here: already ended) and writes the same CSV.
+        job_id = next(line.split()[1] for line in lines if line.startswith("job ")
+                      and " queued: " in line)
+        again = tmp_path / "again.csv"
+        f = subprocess.run([sys.executable, "-m", "ssad_tune.cli", "follow", job_id, "-o",
+                            str(again)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert f.returncode == 0, f.stderr
+        assert f.stderr.startswith(f"job {job_id} succeeded: 5 of 5 trials finished\n")
+        assert again.read_bytes() == out.read_bytes()
+        assert "suggested threshold (mad)" in f.stderr and "of 40 test images" in f.stderr
+        with Client(url, key) as c:  # the library reads what the CLI printed
+            assert len(c.trials(job_id)) == 5
+            assert [e["status"] for e in c.events(job_id)][-1] == "succeeded"
+            with pytest.raises(ValueError, match="format='csv'"):
+                c.scores(job_id, format="csv")  # type: ignore[arg-type]
         # Without the key, the same command is refused with the server's reason.
         env.pop("SSAD_API_KEY")
         refused = subprocess.run(
