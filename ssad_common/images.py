@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_FORMATS = ("PNG", "JPEG")  # whatever else PIL could open is refused
@@ -408,7 +408,7 @@ def _image_header(fp: IO[bytes], name: str, limits: Limits) -> _Header:
     except MemoryError:
         raise
     except Exception as exc:  # PIL raises many kinds (struct.error, IndexError, ...)
-        raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
+        raise _undecodable(name, exc) from None
     if h < 1 or w < 1 or h * w > limits.max_pixels_per_image:
         raise ImageDataError(f"image {name!r} is {w}x{h} = {w * h} pixels, outside the limit "
                              f"of 1..{limits.max_pixels_per_image} pixels per image")
@@ -441,7 +441,17 @@ def _decode_image(data: bytes, name: str, colour: bool, size: tuple[int, int]) -
     except MemoryError:
         raise
     except Exception as exc:  # PIL raises many kinds (struct.error, IndexError, ...)
-        raise ImageDataError(f"cannot decode image {name!r}: {exc}") from None
+        raise _undecodable(name, exc) from None
+
+
+def _undecodable(name: str, exc: Exception) -> ImageDataError:
+    """PIL's reason in the user's words: a file it cannot identify is not one of the
+    formats taken (PIL's message names its Python file object, nothing the user knows)."""
+    if isinstance(exc, UnidentifiedImageError):
+        why = f"not a {' or '.join(IMAGE_FORMATS)} image"
+    else:
+        why = str(exc) or type(exc).__name__
+    return ImageDataError(f"cannot decode image {name!r}: {why}")
 
 
 ImageSource = Callable[[], IO[bytes]]  # opens one image file for reading
