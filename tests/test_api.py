@@ -138,6 +138,9 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
     assert c1.status_code == 200 and c1.json()["status"] == "cancelled"
     c2 = api.post(f"/v1/jobs/{job['id']}/cancel")  # idempotent
     assert c2.status_code == 200 and c2.json()["status"] == "cancelled"
+    # An ended job's 409 does not promise a result that will never come.
+    assert_error(api.get(f"/v1/jobs/{job['id']}/scores"), 409, "Conflict",
+                 "is cancelled and has no result; the scores of each trial that finished")
     events = api.get(f"/v1/jobs/{job['id']}/events").json()["events"]
     assert [e["status"] for e in events] == ["queued", "cancelled"]
     # The 409 said what to do: delete the (ended) job, then the dataset goes.

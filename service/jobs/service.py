@@ -213,8 +213,12 @@ def best_trial(session: Session, tenant_id: str, job_id: str) -> int:
 def result_trial(job_id: str, status: JobStatus, number: int | None) -> int:
     """The best trial of a job in ``status``; a 409 until it has succeeded."""
     if number is None or status != JobStatus.succeeded:
-        raise Conflict(f"job {job_id} is {status}; its scores are available once it "
-                       "has succeeded (per-trial scores: /trials/{number}/scores)")
+        if status in (JobStatus.queued, JobStatus.running):
+            raise Conflict(f"job {job_id} is {status}; its scores are available once it "
+                           "has succeeded (per-trial scores: /trials/{number}/scores)")
+        raise Conflict(f"job {job_id} is {status} and has no result; the scores of each "
+                       "trial that finished are at /trials/{number}/scores (GET /trials "
+                       "lists them)")
     return number
 
 
