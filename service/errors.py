@@ -108,7 +108,16 @@ def error_response(exc: AppError) -> JSONResponse:
 def _format_validation(exc: RequestValidationError) -> str:
     parts = []
     for e in exc.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        where = tuple(e.get("loc", ()))
+        if e.get("type") == "json_invalid":  # loc: ("body", character offset)
+            at = f" at character {where[-1]}" if len(where) > 1 else ""
+            why = (e.get("ctx") or {}).get("error")
+            parts.append(f"the body is not valid JSON{at}" + (f" ({why})" if why else ""))
+            continue
+        if e.get("type") == "missing" and where == ("body",):
+            parts.append("the request needs a JSON body")
+            continue
+        loc = ".".join(str(p) for p in where if p != "body")
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     return "; ".join(parts) or "invalid request"
 

@@ -209,6 +209,18 @@ def test_bad_job_requests(api: TestClient, pair: tuple[str, str], db_url: str,
     assert count(db_url, Job) == 0
 
 
+def test_a_body_that_is_not_json_or_is_missing_is_said_so(api: TestClient,
+                                                         db_url: str) -> None:
+    json_type = {"content-type": "application/json"}
+    cut = '{"train_dataset_id": "a", "te'
+    assert_error(api.post("/v1/jobs", content=cut, headers=json_type), 422, "ValidationError",
+                 "the body is not valid JSON at character 26 (Unterminated string")
+    assert_error(api.post("/v1/jobs", content="", headers=json_type), 422,
+                 "ValidationError", "the request needs a JSON body")
+    assert_error(api.post("/v1/jobs"), 422, "ValidationError", "the request needs a JSON body")
+    assert count(db_url, Job) == 0
+
+
 def test_channel_mismatch_is_refused_at_creation(api: TestClient) -> None:
     grey = upload(api, npz(GREY), "g.npz").json()["id"]
     rgb = upload(api, npz(RGB), "c.npz").json()["id"]
