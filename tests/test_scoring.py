@@ -86,6 +86,23 @@ def test_score_new_data_with_the_best_trials_detector(pg_url: str, tmp_path: Pat
             assert all(np.isfinite(r["score"]) for r in new_scores)
             done = job_status(api, new["id"])
             assert done["best"]["augmentation"] == job_status(api, job)["best"]["augmentation"]
+            # Its events name the detector's trial in the tuning job (its own is trial 0),
+            # and say when the images were resized to the detector's working size.
+            source = api.get(f"/v1/jobs/{job}").json()
+            events = [e["message"] for e in
+                      api.get(f"/v1/jobs/{new['id']}/events").json()["events"]]
+            assert events[-1].startswith(
+                f"scored {len(test) - 40} images with job {job}'s detector (its trial "
+                f"{source['best']['trial_number']}: {source['best']['augmentation']}, loss ")
+            size = source["spec"]["images"]["working_size"]
+            assert ("images resized to the detector's working size" in events[0]) == (size != 8)
+            other_size = np.zeros((2, size + 4, size + 4), np.uint8)
+            bigger = api.post(f"/v1/jobs/{job}/score", json={"dataset_id": upload(
+                api, npz(other_size), "bigger.npz").json()["id"]}).json()["id"]
+            queued = api.get(f"/v1/jobs/{bigger}/events").json()["events"][0]["message"]
+            assert queued.endswith(f"; images resized to the detector's working size "
+                                   f"{size}x{size} (dataset {size + 4}x{size + 4})"), queued
+            api.post(f"/v1/jobs/{bigger}/cancel")
             assert api.get(f"/v1/jobs/{new['id']}/threshold").status_code == 200
         finally:
             worker.kill()

@@ -540,9 +540,12 @@ class JobManager:
 
     @retry_transient
     def finish(self, job_id: str, attempt: int,
-               selection: Mapping[str, Any] | None = None) -> None:
+               selection: Mapping[str, Any] | None = None, message: str | None = None
+               ) -> None:
         """The best stored trial (ssad_common.strategy.selectable) becomes the result,
-        with ``selection`` (how decisive the choice was): written once, fenced."""
+        with ``selection`` (how decisive the choice was): written once, fenced. The
+        closing event says which trial won, unless ``message`` says otherwise (a scoring
+        job's one trial is its source's detector, which has its own number there)."""
         with self._tx() as s:
             self._fenced(s, job_id, attempt)  # lock, or LostLease
             candidates = self._selectable(s, job_id)
@@ -558,8 +561,8 @@ class JobManager:
                 JobArtifact.name == f"{TRIAL_MODEL_PREFIX}{best.number}").values(
                 name=MODEL_ARTIFACT))
             _close(s, job_id, attempt, JobStatus.succeeded,
-                      f"best trial {best.number}: {best.augmentation} "
-                      f"(loss {best.validation_loss:.4g})",
+                      message or f"best trial {best.number}: {best.augmentation} "
+                                 f"(loss {best.validation_loss:.4g})",
                       finished_at=utcnow(), best=_best_json(best),
                       best_trial_number=best.number, trial_progress=None,
                       selection=None if selection is None else dict(selection))

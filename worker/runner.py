@@ -116,9 +116,10 @@ def store_augmentation_sample(manager: JobManager, job: ClaimedJob, train: torch
 
 
 def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: ArrayCache,
-                   device: torch.device) -> None:
+                   device: torch.device) -> str:
     """A scoring job: the source job's stored detector scores the job's dataset; the scores
-    are stored as the job's only trial (number 0), so they read like any job's."""
+    are stored as the job's only trial (number 0), so they read like any job's. Returns
+    what the closing event says: the detector's trial in its own job."""
     source = spec.source_job_id
     stored = manager.load_artifact(source, MODEL_ARTIFACT)
     if stored is None:
@@ -134,6 +135,9 @@ def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: 
                          scores=scores.tolist())
     log.info("job %s: scored %d images with job %s's detector (trial %s)", job.id,
              len(scores), source, meta.get("trial_number"))
+    trial = "" if meta.get("trial_number") is None else f" trial {meta['trial_number']}"
+    return (f"scored {len(scores)} images with job {source}'s detector (its{trial}: "
+            f"{meta['augmentation']}, loss {float(meta['validation_loss']):.4g})")
 
 
 def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[str, Any]:
@@ -178,8 +182,8 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
             return "cancelled"
         spec = load_spec(job.kind, job.spec)  # InvalidJobSpec fails the job, naming fields
         if isinstance(spec, ScoreSpec):
-            run_score_job(job, spec, manager, cache, device)
-            manager.finish(job.id, job.attempt)
+            manager.finish(job.id, job.attempt,
+                           message=run_score_job(job, spec, manager, cache, device))
             return "succeeded"
         train = cache.load(job.train, manager)
         size = working_size(spec.detector, spec.image_size, job.train.height, job.train.width)

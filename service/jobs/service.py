@@ -386,10 +386,21 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
               trials_planned=spec.n_trials, parallelism=1,
               trials_completed=0, attempt=0, cancel_requested=False,
               notify_url=notify_url)
-    repo.insert_job(session, job, f"queued: score with job {source_id}'s detector")
+    repo.insert_job(session, job, f"queued: score with job {source_id}'s detector"
+                    + _score_resize_note(source, dataset))
     if idempotency_key is not None:
         idempotency.remember(session, tenant_id, "score", idempotency_key, fp, job.id)
     return job, False
+
+
+def _score_resize_note(source: Job, dataset: Dataset) -> str:
+    """For a scoring job's first event, as a tuning job's says it: the dataset's images
+    resized to the working size of the source job's detector ("" when none are)."""
+    size = ((source.spec or {}).get("images") or {}).get("working_size")
+    if not size or (dataset.height, dataset.width) == (size, size):
+        return ""
+    return (f"; images resized to the detector's working size {size}x{size} "
+            f"(dataset {dataset.height}x{dataset.width})")
 
 
 def _images(session: Session, tenant_id: str, dataset_id: str) -> np.ndarray:
