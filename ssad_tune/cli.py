@@ -147,6 +147,17 @@ def _tune(args: argparse.Namespace) -> int:
                        ensemble=args.ensemble)
 
 
+def _positive(text: str) -> int:
+    """A count the server would refuse below 1, refused here before anything is uploaded."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
+
+
 def _follow(args: argparse.Namespace) -> int:
     from ssad_tune import client
 
@@ -187,19 +198,19 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--url", default=None,
                    help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
                         "`serve` uses them, else http://127.0.0.1:8000)")
-    t.add_argument("--n-trials", type=int, help="the study's budget in full-length trials "
+    t.add_argument("--n-trials", type=_positive, help="the study's budget in full-length trials "
                    "(default: the server's job default, 12)")
     t.add_argument("--strategy", choices=("staged", "tpe"),
                    help="how the budget is spent (default: the server's, staged: a short "
                         "screen of every family, then full-length trials over the leaders)")
-    t.add_argument("--parallelism", type=int,
+    t.add_argument("--parallelism", type=_positive,
                    help="trials run at once, each on its own worker (default: the server's, "
                         "SSAD_DEFAULT_PARALLELISM)")
     t.add_argument("--augmentations", help="comma-separated families (default: the server's)")
     t.add_argument("--patch-size", type=float, nargs=2, metavar=("MIN", "MAX"))
     t.add_argument("--objective")
-    t.add_argument("--train-steps", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--train-steps", type=_positive)
+    t.add_argument("--batch-size", type=_positive)
     t.add_argument("--contamination", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--detector", choices=("small", "resnet18"))

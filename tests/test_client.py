@@ -265,3 +265,15 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
     assert "best trial that finished (trial 1: rotate" in stderr
     rows = list(csv.DictReader(out.open()))
     assert [float(r["score"]) for r in rows] == [1.0, 2.0, 3.0, 4.0]  # trial 1's scores
+
+
+def test_counts_below_one_are_refused_before_anything_is_uploaded(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from ssad_tune.cli import parser
+
+    for option in ("--n-trials", "--train-steps", "--batch-size", "--parallelism"):
+        with pytest.raises(SystemExit) as exit_:
+            parser().parse_args(["tune", "no-such-train.npz", "no-such-test.npz", option, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {option}: 0: must be at least 1" in capsys.readouterr().err
+    assert parser().parse_args(["tune", "a", "b", "--n-trials", "3"]).n_trials == 3
