@@ -117,6 +117,10 @@ def _format_validation(exc: RequestValidationError) -> str:
         if e.get("type") == "missing" and where == ("body",):
             parts.append("the request needs a JSON body")
             continue
+        if where == ("body",) and e.get("type") in ("model_attributes_type", "dict_type"):
+            parts.append("the body must be a JSON object, sent with content-type: "
+                         "application/json")
+            continue
         loc = ".".join(str(p) for p in where if p != "body")
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     return "; ".join(parts) or "invalid request"

@@ -446,9 +446,10 @@ def _decode_image(data: bytes, name: str, colour: bool, size: tuple[int, int]) -
 
 def _undecodable(name: str, exc: Exception) -> ImageDataError:
     """PIL's reason in the user's words: a file it cannot identify is not one of the
-    formats taken (PIL's message names its Python file object, nothing the user knows)."""
+    formats taken, or one damaged in its header (PIL's message names its Python file
+    object, nothing the user knows)."""
     if isinstance(exc, UnidentifiedImageError):
-        why = f"not a {' or '.join(IMAGE_FORMATS)} image"
+        why = f"not a {' or '.join(IMAGE_FORMATS)} image, or a damaged one"
     else:
         why = str(exc) or type(exc).__name__
     return ImageDataError(f"cannot decode image {name!r}: {why}")

@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             client_command: Callable[[argparse.Namespace], int] = args.fn
             return client_command(args)
         return _operator(args.fn, args)
+    except KeyboardInterrupt:  # uploads, downloads: stopped by the user, no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as exc:
         extra = EXTRAS.get((exc.name or "").split(".")[0])
         if extra is None:

@@ -12,6 +12,7 @@ and 503s without ever creating a second dataset or job.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -485,6 +486,7 @@ class Progress:
         if self.tty and self.last:
             self.out.write("\n")
             self.out.flush()
+            self.last = ""  # a second finish writes nothing more
 
 
 def why_it_ended(client: Client, job: dict[str, Any]) -> str:
@@ -509,9 +511,9 @@ def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
         print(f"no trial finished ({done} of {total}): no scores to save", file=stream)
         return False
     n = best["trial_number"]
-    csv = client.request("GET", f"/v1/jobs/{job['id']}/trials/{n}/scores",
-                         params={"format": "csv"}).content
-    out.write_bytes(csv)
+    body = client.request("GET", f"/v1/jobs/{job['id']}/trials/{n}/scores",
+                          params={"format": "csv"}).content
+    out.write_bytes(body)
     print(f"note: the job {job['status']} after {done} of {total} trials; {out} holds the "
           f"scores of the best trial that finished (trial {n}: {best['augmentation']} "
           f"{json.dumps(best['params'])}, validation loss {best['validation_loss']:.4f}), "
@@ -565,11 +567,16 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
             bar.update(job)
     except KeyboardInterrupt:
         bar.finish()
+        again = " ".join(["ssad-tune follow", job_id,
+                          *(["--url", url] if url != default_url() else []),
+                          *(["-o", str(out)] if str(out) != "scores.csv" else []),
+                          *(["--ensemble", str(ensemble)] if ensemble else [])])
         print(f"\nstopped following; job {job_id} goes on on the server (follow it again: "
-              f"ssad-tune follow {job_id}; cancel it: "
-              f"POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel)", file=sys.stderr)
+              f"{again}; cancel it: POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel)",
+              file=sys.stderr)
         return 130
-    bar.finish()
+    finally:  # also when following fails: the line ends and the ticker stops
+        bar.finish()
     if job["status"] != "succeeded":
         print(f"job {job['status']}: {why_it_ended(client, job)}", file=sys.stderr)
         save_best_finished_trial(client, job, out, stream)
@@ -577,8 +584,8 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
     params: dict[str, Any] = {"format": "csv"}
     if ensemble is not None:
         params["ensemble"] = ensemble
-    csv = client.request("GET", f"/v1/jobs/{job_id}/scores", params=params).content
-    out.write_bytes(csv)
+    body = client.request("GET", f"/v1/jobs/{job_id}/scores", params=params).content
+    out.write_bytes(body)
     best = job["best"]
     print(f"best: {best['augmentation']} {json.dumps(best['params'])} "
           f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
@@ -588,8 +595,7 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
     if ensemble is None:
         thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
         rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])
-        n_test = client.request("GET", f"/v1/datasets/{job['test_dataset_id']}").json()[
-            "n_samples"]
+        n_test = sum(1 for _ in csv.reader(io.StringIO(body.decode()))) - 1  # the header
         print(f"suggested threshold ({rule['rule']}): {rule['threshold']:.4g}, flags "
               f"{rule['n_flagged']} of {n_test} test images", file=stream)
         print(f"scores written to {out}", file=stream)

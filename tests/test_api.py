@@ -218,6 +218,10 @@ def test_a_body_that_is_not_json_or_is_missing_is_said_so(api: TestClient,
     assert_error(api.post("/v1/jobs", content="", headers=json_type), 422,
                  "ValidationError", "the request needs a JSON body")
     assert_error(api.post("/v1/jobs"), 422, "ValidationError", "the request needs a JSON body")
+    for body, headers in (('{"n_trials": 3}', {}), ("[]", json_type), ("null", json_type)):
+        assert_error(api.post("/v1/jobs", content=body, headers=headers), 422,
+                     "ValidationError", "the body must be a JSON object, sent with "
+                     "content-type: application/json")
     assert count(db_url, Job) == 0
 
 

@@ -266,6 +266,28 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
     rows = list(csv.DictReader(out.open()))
     assert [float(r["score"]) for r in rows] == [1.0, 2.0, 3.0, 4.0]  # trial 1's scores
 
+    # `follow` on the ended job says the same and saves the same; an unknown id is an error.
+    job_id = next(line.split()[1] for line in stderr.splitlines()
+                  if line.startswith("job ") and " queued: " in line)
+    api, url = start_api(pg_url, tmp_path)
+    try:
+        def follow(job: str, to: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "ssad_tune.cli", "follow", job, "-o", str(to), "--url",
+                 url], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+        ended = follow(job_id, tmp_path / "again.csv")
+        assert ended.returncode == 1, ended.stderr
+        assert "job cancelled: cancelled while running" in ended.stderr
+        assert (tmp_path / "again.csv").read_bytes() == out.read_bytes()
+        unknown = follow("00000000-0000-0000-0000-000000000000", tmp_path / "none.csv")
+        assert unknown.returncode == 1 and "error: 404" in unknown.stderr, unknown.stderr
+        assert not (tmp_path / "none.csv").exists()
+    finally:
+        api.kill()
+        api.wait()
+
 
 def test_counts_below_one_are_refused_before_anything_is_uploaded(
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -277,3 +299,40 @@ def test_counts_below_one_are_refused_before_anything_is_uploaded(
         assert exit_.value.code == 2
         assert f"argument {option}: 0: must be at least 1" in capsys.readouterr().err
     assert parser().parse_args(["tune", "a", "b", "--n-trials", "3"]).n_trials == 3
+
+
+def test_ctrl_c_stops_following_and_says_how_to_follow_again(pg_url: str,
+                                                             tmp_path: Path) -> None:
+    """Ctrl-C while following: exit 130, the job goes on, and the hint to follow it again
+    names the server and the output file given (pasted, it must find both)."""
+    import signal
+
+    (tmp_path / "train.npz").write_bytes(npz(np.zeros((6, 8, 8), np.uint8)))
+    (tmp_path / "test.npz").write_bytes(npz(np.zeros((4, 8, 8), np.uint8)))
+    api, url = start_api(pg_url, tmp_path)  # no worker: the job stays queued
+    try:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "ssad_tune.cli", "tune", "train.npz", "test.npz", "-o",
+             "mine.csv", "--n-trials", "2", "--url", url], cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert cli.stderr is not None
+            seen = []
+            for line in cli.stderr:  # until the bar's first line: the follow loop runs
+                seen.append(line)
+                if line.startswith("["):
+                    break
+            cli.send_signal(signal.SIGINT)
+            rest = cli.communicate(timeout=60)[1]
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+        assert cli.returncode == 130, "".join(seen) + rest
+        job_id = next(line.split()[1] for line in seen if " queued: " in line)
+        assert (f"follow it again: ssad-tune follow {job_id} --url {url} -o mine.csv; "
+                f"cancel it: POST {url}/v1/jobs/{job_id}/cancel") in rest, rest
+        assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "queued"
+    finally:
+        api.kill()
+        api.wait()

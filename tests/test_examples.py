@@ -66,7 +66,7 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
             assert f"scored {len(rows)} new images" in py.stdout
             assert "flagged against job" in py.stdout
             assert "succeeded: 5/5 trials" in py.stdout  # 4 families screened, 1 full
-            assert "4 families screened, then 1 full-length trials" in py.stdout
+            assert "4 families screened, then 1 full-length trial\n" in py.stdout
             assert "never tried: flip, crop, blur, noise, mask, invert" in py.stdout
             assert (work / "top.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert len((work / "scores.csv").read_text().splitlines()) == len(rows) + 1

@@ -311,11 +311,11 @@ def test_encrypted_or_unknown_compression_members_are_refused(
 def test_only_png_and_jpeg_are_decoded_whatever_the_name(fmt: str) -> None:
     data = other_format(fmt)
     # The reason is in the user's words, not PIL's (which names a Python file object).
-    with pytest.raises(ImageDataError,
-                       match=r"^cannot decode image 'a\.png': not a PNG or JPEG image$"):
+    with pytest.raises(ImageDataError, match=r"^cannot decode image 'a\.png': not a PNG or "
+                       r"JPEG image, or a damaged one$"):
         load_bytes(zip_bytes({"a.png": data}), "x.zip")
-    with pytest.raises(ImageDataError,
-                       match=r"^cannot decode image 'a\.jpg': not a PNG or JPEG image$"):
+    with pytest.raises(ImageDataError, match=r"^cannot decode image 'a\.jpg': not a PNG or "
+                       r"JPEG image, or a damaged one$"):
         load_bytes(data, "a.jpg")
     jpeg = other_format("JPEG")  # a JPEG named .png is still one of the two formats
     assert load_bytes(zip_bytes({"a.png": jpeg}), "x.zip").images.shape == (1, 1, 12, 10)

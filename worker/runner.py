@@ -135,9 +135,9 @@ def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: 
                          scores=scores.tolist())
     log.info("job %s: scored %d images with job %s's detector (trial %s)", job.id,
              len(scores), source, meta.get("trial_number"))
-    trial = "" if meta.get("trial_number") is None else f" trial {meta['trial_number']}"
-    return (f"scored {len(scores)} images with job {source}'s detector (its{trial}: "
-            f"{meta['augmentation']}, loss {float(meta['validation_loss']):.4g})")
+    return (f"scored {len(scores)} images with job {source}'s detector (its trial "
+            f"{meta['trial_number']}: {meta['augmentation']}, loss "
+            f"{float(meta['validation_loss']):.4g})")
 
 
 def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[str, Any]:
