@@ -530,22 +530,32 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
         if not p.exists():
             print(f"error: {p}: no such file or folder", file=sys.stderr)
             return 2
-    client = Client(url, api_key)
-    try:
+
+    def run(client: Client) -> int:
+        options = dict(job_options)
         tr = client.upload(train)
         te = client.upload(test)
         print(f"uploaded {train.name}: {tr['n_samples']} images ({tr['id']}); "
               f"{test.name}: {te['n_samples']} images ({te['id']})", file=stream)
         if backbone is not None:
             bb = client.upload_backbone(backbone)
-            job_options = {**job_options, "backbone_id": bb["id"]}
+            options["backbone_id"] = bb["id"]
             print(f"uploaded backbone {backbone.name} ({bb['id']})", file=stream)
-        created: dict[str, Any] = dict(client.create_job(tr, te, **job_options))
+        created: dict[str, Any] = dict(client.create_job(tr, te, **options))
         job_id = created["id"]
         print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
         if created.get("plan"):
             print(describe_plan(created["plan"]), file=stream)
         return follow_job(client, created, out, url=url, stream=stream, ensemble=ensemble)
+
+    return run_command(Client(url, api_key), run)
+
+
+def run_command(client: Client, command: Callable[[Client], int]) -> int:
+    """A command's body against ``client``: a ClientError is printed as the error and is
+    exit code 1; the client is closed either way."""
+    try:
+        return command(client)
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -609,14 +619,10 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
 def follow(job_id: str, out: Path, *, url: str, api_key: str | None,
            stream: TextIO = sys.stderr, ensemble: int | None = None) -> int:
     """``ssad-tune follow JOB``: the end of ``tune`` for a job that already exists."""
-    client = Client(url, api_key)
-    try:
+    def run(client: Client) -> int:
         job: dict[str, Any] = dict(client.job(job_id))
         done, total = trial_counts(job)
         print(f"job {job_id} {job['status']}: {done} of {total} trials finished", file=stream)
         return follow_job(client, job, out, url=url, stream=stream, ensemble=ensemble)
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        client.close()
+
+    return run_command(Client(url, api_key), run)
