@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chosen: {best['augmentation']} {best['params']} "
                   f"(validation loss {best['validation_loss']:.4f})")
             if sel:
-                print(describe_selection(sel))  # how decisive the choice was
+                print(describe_selection(sel, job["id"]))  # how decisive the choice was
             print(f"report: {c.report_url(job['id'])}")
             thr = c.threshold(job["id"])
             rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])

@@ -110,9 +110,14 @@ def _format_validation(exc: RequestValidationError) -> str:
     for e in exc.errors():
         where = tuple(e.get("loc", ()))
         if e.get("type") == "json_invalid":  # loc: ("body", character offset)
-            at = f" at character {where[-1]}" if len(where) > 1 else ""
-            why = (e.get("ctx") or {}).get("error")
-            parts.append(f"the body is not valid JSON{at}" + (f" ({why})" if why else ""))
+            pos = where[-1] if len(where) > 1 else None
+            why = str((e.get("ctx") or {}).get("error") or "")
+            if why.endswith(" at") and pos is not None:  # "Unterminated string starting at"
+                parts.append(f"the body is not valid JSON: {why} character {pos}")
+            else:
+                parts.append("the body is not valid JSON"
+                             + ("" if pos is None else f" at character {pos}")
+                             + (f" ({why})" if why else ""))
             continue
         if e.get("type") == "missing" and where == ("body",):
             parts.append("the request needs a JSON body")

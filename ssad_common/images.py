@@ -191,7 +191,9 @@ def _read_npy_header(fp: IO[bytes], limits: Limits) -> NpyHeader:
     except ImageDataError:
         raise
     except Exception as exc:  # numpy raises ValueError/EOFError for corrupt headers
-        raise ImageDataError(f"not a valid .npy array: {exc}") from None
+        why = ("it does not start with the .npy signature" if "magic string" in str(exc)
+               else str(exc))  # numpy's says so in Python bytes literals
+        raise ImageDataError(f"not a valid .npy array: {why}") from None
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     _check_dtype(dtype)

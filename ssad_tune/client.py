@@ -366,8 +366,9 @@ def gap_words(gap: float, unit: str | None) -> str:
     return f"{gap:.3g} behind in the objective's loss"
 
 
-def describe_selection(sel: dict[str, Any]) -> str:
-    """How decisive the choice was, in a line."""
+def describe_selection(sel: dict[str, Any], job: str = "JOB") -> str:
+    """How decisive the choice was, in a line (``job``: the id its ensemble hint names)."""
+    k = max(2, int(sel.get("top_k") or 3))  # the configurations the verdict compared
     parts = []
     if sel.get("runner_up_family") is not None and sel.get("family_gap") is not None:
         share = sel.get("family_gap_share")
@@ -379,9 +380,9 @@ def describe_selection(sel: dict[str, Any]) -> str:
                      f"{sel['agreement_jaccard']:.0%} of the images they flag")
     verdict = {"decisive": "\ntrust: decisive",
                "uncertain": "\ntrust: uncertain: the tuned detector may be no better than "
-                            "its runner-up; the top 3 configurations' ensemble hedges it "
-                            "(GET /v1/jobs/ID/scores?ensemble=3)"}.get(sel.get("trust") or "",
-                                                                        "")
+                            f"its runner-up; the top {k} configurations' ensemble hedges it "
+                            f"(ssad-tune follow {job} --ensemble {k}, or GET /v1/jobs/{job}"
+                            f"/scores?ensemble={k})"}.get(sel.get("trust") or "", "")
     return "selection: " + ("; ".join(parts) if parts else "one candidate only") + verdict
 
 
@@ -439,10 +440,14 @@ class Progress:
         elapsed = 0.0 if self.start is None else now - self.start
         steps = step_counts(job) if job["status"] == "running" else None
         if steps is not None:
-            if self.steps_start is None:
+            # The rate is measured from the first training step seen, not from the claim:
+            # the worker's start (data, model) is no step and would inflate the ETA.
+            if self.steps_start is None and job["progress"].get("current_trial"):
                 self.steps_start = (now, steps[0])
             fraction = steps[0] / steps[1]
-            left = eta_seconds(steps[0], steps[1], self.steps_start[1], now - self.steps_start[0])
+            left = (None if self.steps_start is None else
+                    eta_seconds(steps[0], steps[1], self.steps_start[1],
+                                now - self.steps_start[0]))
         else:
             fraction = done / total if total else 0.0
             left = eta_seconds(done, total, self.done_at_start, elapsed)
@@ -514,7 +519,8 @@ def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
     body = client.request("GET", f"/v1/jobs/{job['id']}/trials/{n}/scores",
                           params={"format": "csv"}).content
     out.write_bytes(body)
-    print(f"note: the job {job['status']} after {done} of {total} trials; {out} holds the "
+    ended = {"cancelled": "was cancelled"}.get(job["status"], str(job["status"]))
+    print(f"note: the job {ended} after {done} of {total} trials; {out} holds the "
           f"scores of the best trial that finished (trial {n}: {best['augmentation']} "
           f"{json.dumps(best['params'])}, validation loss {best['validation_loss']:.4f}), "
           "not of a completed study", file=stream)
@@ -601,7 +607,7 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
           f"(validation loss {best['validation_loss']:.4f}, trial {best['trial_number']})",
           file=stream)
     if job.get("selection"):
-        print(describe_selection(job["selection"]), file=stream)
+        print(describe_selection(job["selection"], job_id), file=stream)
     if ensemble is None:
         thr = client.request("GET", f"/v1/jobs/{job_id}/threshold").json()
         rule = next(r for r in thr["rules"] if r["rule"] == thr["rule"])

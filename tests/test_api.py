@@ -140,7 +140,8 @@ def test_create_get_list_and_cancel_a_queued_job(api: TestClient, pair: tuple[st
     assert c2.status_code == 200 and c2.json()["status"] == "cancelled"
     # An ended job's 409 does not promise a result that will never come.
     assert_error(api.get(f"/v1/jobs/{job['id']}/scores"), 409, "Conflict",
-                 "is cancelled and has no result; the scores of each trial that finished")
+                 "is cancelled and has no result; the scores of each trial that finished, if "
+                 f"any, are at /v1/jobs/{job['id']}/trials/{{number}}/scores")
     events = api.get(f"/v1/jobs/{job['id']}/events").json()["events"]
     assert [e["status"] for e in events] == ["queued", "cancelled"]
     # The 409 said what to do: delete the (ended) job, then the dataset goes.
@@ -214,7 +215,7 @@ def test_a_body_that_is_not_json_or_is_missing_is_said_so(api: TestClient,
     json_type = {"content-type": "application/json"}
     cut = '{"train_dataset_id": "a", "te'
     assert_error(api.post("/v1/jobs", content=cut, headers=json_type), 422, "ValidationError",
-                 "the body is not valid JSON at character 26 (Unterminated string")
+                 "the body is not valid JSON: Unterminated string starting at character 26")
     assert_error(api.post("/v1/jobs", content="", headers=json_type), 422,
                  "ValidationError", "the request needs a JSON body")
     assert_error(api.post("/v1/jobs"), 422, "ValidationError", "the request needs a JSON body")

@@ -261,7 +261,7 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
         (loss, [float(number + i) for i in range(4)]) for number, loss in enumerate((0.5, 0.2))])
     assert cli.returncode == 1, stderr
     assert "job cancelled: cancelled while running (a cancel was requested" in stderr
-    assert "the job cancelled after 2 of 11 trials" in stderr  # 5 trial-equivalents: 8 + 3
+    assert "the job was cancelled after 2 of 11 trials" in stderr  # 5 trial-equivalents: 8 + 3
     assert "best trial that finished (trial 1: rotate" in stderr
     rows = list(csv.DictReader(out.open()))
     assert [float(r["score"]) for r in rows] == [1.0, 2.0, 3.0, 4.0]  # trial 1's scores

@@ -132,3 +132,26 @@ def test_the_bar_counts_steps_between_trials_too_and_never_moves_back() -> None:
     assert fractions == sorted(fractions), (fractions, out.getvalue())
     assert step_counts(planned(3, 30)) == (30, 150)
     assert out.getvalue().splitlines()[0].startswith("[####----------------] 3/5 trials  best -")
+
+
+def test_the_eta_waits_for_a_training_step_before_it_measures_a_rate() -> None:
+    """Claimed, but no step reported yet: no ETA, and the rate is measured from the first
+    step seen, not from the claim (the worker's start would inflate it: a new user saw
+    'ETA 10m02s' for a 50 s job)."""
+    now = [0.0]
+    out = io.StringIO()
+    bar = Progress(out, clock=lambda: now[0], tick_seconds=None)
+
+    def planned(step: int | None) -> dict[str, Any]:
+        job = _job("running", 0, step=step, steps=100, n_trials=2)
+        job["progress"].update(trials_planned=2, train_steps_planned=200, train_steps_done=0)
+        return job
+
+    bar.update(planned(None))  # claimed, loading data
+    now[0] = 30.0
+    bar.update(planned(1))  # the first step, 30 s after the claim
+    now[0] = 40.0
+    bar.update(planned(51))  # 50 steps in 10 s: 5 steps/s, 149 to go
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("ETA -") and lines[1].endswith("ETA -"), lines
+    assert lines[2].endswith("ETA 30s"), lines

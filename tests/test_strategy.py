@@ -221,4 +221,8 @@ def test_the_cli_states_the_family_gap_in_its_unit() -> None:
     assert describe_selection({**sel, "trust": "decisive"}).endswith("\ntrust: decisive")
     hedge = describe_selection({**sel, "agreement_jaccard": 0.2, "trust": "uncertain"})
     assert "\ntrust: uncertain: the tuned detector may be no better" in hedge
-    assert "scores?ensemble=3" in hedge
+    assert hedge.endswith("the top 3 configurations' ensemble hedges it (ssad-tune follow "
+                          "JOB --ensemble 3, or GET /v1/jobs/JOB/scores?ensemble=3)")
+    two = describe_selection({**sel, "top_k": 2, "trust": "uncertain"}, "j-1")
+    assert two.endswith("(ssad-tune follow j-1 --ensemble 2, or GET /v1/jobs/j-1/scores"
+                        "?ensemble=2)")

@@ -217,8 +217,8 @@ def result_trial(job_id: str, status: JobStatus, number: int | None) -> int:
             raise Conflict(f"job {job_id} is {status}; its scores are available once it "
                            "has succeeded (per-trial scores: /trials/{number}/scores)")
         raise Conflict(f"job {job_id} is {status} and has no result; the scores of each "
-                       "trial that finished are at /trials/{number}/scores (GET /trials "
-                       "lists them)")
+                       f"trial that finished, if any, are at /v1/jobs/{job_id}/trials/"
+                       f"{{number}}/scores (GET /v1/jobs/{job_id}/trials lists them)")
     return number
 
 
