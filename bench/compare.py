@@ -12,6 +12,12 @@ It reads labels only through the engine's stored AUROCs (bench/ only)::
         --design anywhere=engine-staged2-dev2.json,engine-anywhere-seed1-dev.json \\
         --design fills=engine-fills-seed0-dev.json,engine-fills-seed1-dev.json
 
+``--all-kinds`` counts the one-class runs too (their family columns count nothing);
+``--output ensemble`` judges the top-3 ensemble each run recorded (``?ensemble=3``: the
+mean z-score of the three full-length configurations with the objective's lowest losses)
+instead of the single choice (it is no one family or size, so those columns count
+nothing).
+
 A file name that is not a path to a file is looked up in ``bench/results/``. Rows are
 matched by task name; a design missing a task's run is reported as such.
 """
@@ -30,29 +36,36 @@ RESULTS = Path(__file__).parent / "results"
 SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
 
 
-def runs_of(files: list[Path], tasks: set[str] | None) -> list[dict[str, Any]]:
+def runs_of(files: list[Path], tasks: set[str] | None,
+            all_kinds: bool = False) -> list[dict[str, Any]]:
     out = []
     for f in files:
         for r in json.loads((f if f.is_file() else RESULTS / f).read_text())["results"]:
-            if r["kind"] == "injected" and (not tasks or r["task"] in tasks):
+            if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
                 out.append(r)
     return out
 
 
-def judged(r: dict[str, Any], objective: str) -> dict[str, Any]:
-    sel = r["objectives"][objective]["selected"]
-    truth = r["truth"]
-    ps = sel["params"].get("patch_size")
-    family = sel["augmentation"] == truth["augmentation"]
-    fill = sel["params"].get("fill")
-    return {"task": r["task"], "auroc": sel["auroc"],
-            "regret": r["objectives"][objective]["regret"], "family": family,
-            "size": family and ps is not None and within(float(ps), truth["patch_size"], 1.5),
-            "beats_mean": sel["auroc"] > r["mean"],
-            "above_pixels": sel["auroc"] > max(r["pixel"].values()),
-            "label": f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
-                     f"{'' if fill is None else ' ' + str(fill)}"
-                     f"{'' if ps is None else f' {float(ps):.3f}'}"}
+def judged(r: dict[str, Any], objective: str, output: str = "choice") -> dict[str, Any]:
+    chosen = r["objectives"][objective]
+    sel = chosen["selected"]
+    truth = r["truth"] or {}
+    if output == "ensemble":
+        auroc = float(chosen["ensemble_top"])
+        family = size = False
+        regret, label = r["oracle"] - auroc, "top-3 ensemble"
+    else:
+        auroc, regret = sel["auroc"], chosen["regret"]
+        ps = sel["params"].get("patch_size")
+        family = sel["augmentation"] == truth.get("augmentation")
+        size = family and ps is not None and within(float(ps), truth["patch_size"], 1.5)
+        fill = sel["params"].get("fill")
+        label = (f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
+                 f"{'' if fill is None else ' ' + str(fill)}"
+                 f"{'' if ps is None else f' {float(ps):.3f}'}")
+    return {"task": r["task"], "auroc": auroc, "regret": regret, "family": family,
+            "size": size, "beats_mean": auroc > r["mean"],
+            "above_pixels": auroc > max(r["pixel"].values()), "label": label}
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -75,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a design's name and its engine results, comma-separated")
     ap.add_argument("--objective", default="dsv")
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    ap.add_argument("--all-kinds", action="store_true",
+                    help="the one-class runs too (default: injected tasks only)")
+    ap.add_argument("--output", choices=("choice", "ensemble"), default="choice",
+                    help="judge the single choice (default) or the recorded top-3 ensemble")
     args = ap.parse_args(argv)
     tasks = set(filter(None, args.tasks.split(","))) or None
     designs: dict[str, list[dict[str, Any]]] = {}
@@ -82,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         name, eq, files = spec.partition("=")
         if not eq or not files:
             ap.error(f"--design {spec!r}: give NAME=FILE[,FILE...]")
-        designs[name] = [judged(r, args.objective)
-                         for r in runs_of([Path(f) for f in files.split(",")], tasks)]
+        designs[name] = [judged(r, args.objective, args.output)
+                         for r in runs_of([Path(f) for f in files.split(",")], tasks,
+                                          args.all_kinds)]
         if not designs[name]:
-            ap.error(f"--design {name!r}: no injected-task run in {files}"
+            ap.error(f"--design {name!r}: no {'' if args.all_kinds else 'injected-task '}run "
+                     f"in {files}"
                      + (f" among {sorted(tasks)}" if tasks else ""))
     print("| design | runs | median regret | mean regret | mean AUROC | family | family and "
           "size within 1.5× | AUROC ≥ 0.95 | beats its study's mean | above both pixel "
