@@ -22,6 +22,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO, TypedDict, cast
 
@@ -403,6 +404,21 @@ def eta_seconds(done: int, total: int, done_at_start: int, elapsed: float) -> fl
     return elapsed / ran * max(total - done, 0)
 
 
+def running_for(job: dict[str, Any], now: datetime | None = None) -> float:
+    """Seconds since the job started running (``started_at``, by this machine's clock;
+    0 when it is not stated or is ahead of the clock)."""
+    started = job.get("started_at")
+    if not started:
+        return 0.0
+    try:
+        at = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return max(0.0, ((now or datetime.now(UTC)) - at).total_seconds())
+
+
 class Progress:
     """One line, redrawn in place on a terminal (and every second, so elapsed time and the
     ETA move between events); a new line per change otherwise. With the running trial's
@@ -416,6 +432,7 @@ class Progress:
         self.start: float | None = None
         self.done_at_start = 0
         self.steps_start: tuple[float, int] | None = None  # (clock, steps done) first seen
+        self.seen = False  # a job line drawn yet (the first one running: attached late)
         self.last = ""
         self.job: dict[str, Any] | None = None
         self._lock = threading.Lock()
@@ -435,7 +452,10 @@ class Progress:
     def line(self, job: dict[str, Any]) -> str:
         done, total = trial_counts(job)
         if job["status"] == "running" and self.start is None:
-            self.start, self.done_at_start = self.clock(), done
+            # Attached to a job already running (``follow``): elapsed counts from its start.
+            behind = running_for(job) if not self.seen else 0.0
+            self.start, self.done_at_start = self.clock() - behind, done
+        self.seen = True
         now = self.clock()
         elapsed = 0.0 if self.start is None else now - self.start
         steps = step_counts(job) if job["status"] == "running" else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,27 @@ def test_the_eta_waits_for_a_training_step_before_it_measures_a_rate() -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("ETA -") and lines[1].endswith("ETA -"), lines
     assert lines[2].endswith("ETA 30s"), lines
+
+
+def test_attached_to_a_running_job_elapsed_counts_from_its_start() -> None:
+    """`ssad-tune follow` on a job that has run for 93 s shows elapsed 1m33s, not 0s; a
+    job seen queued first (`tune`) counts from when it was seen to start."""
+    from datetime import datetime, timedelta
+
+    from ssad_tune.client import running_for
+
+    started = datetime.now(UTC) - timedelta(seconds=93)
+    job = _job("running", 1)
+    job["started_at"] = started.isoformat().replace("+00:00", "Z")
+    assert 92 <= running_for(job) <= 120
+    assert running_for({"started_at": None}) == 0.0
+    assert running_for({"started_at": (datetime.now(UTC) + timedelta(hours=1))
+                        .isoformat()}) == 0.0  # a clock ahead of ours: nothing behind
+    out = io.StringIO()
+    Progress(out, clock=lambda: 500.0, tick_seconds=None).update(job)
+    assert "elapsed 1m3" in out.getvalue(), out.getvalue()
+    fresh = io.StringIO()
+    bar = Progress(fresh, clock=lambda: 500.0, tick_seconds=None)
+    bar.update(_job("queued", 0))
+    bar.update(job)  # seen queued first: it started while followed
+    assert "elapsed 0s" in fresh.getvalue().splitlines()[-1]
