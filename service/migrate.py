@@ -13,10 +13,26 @@ from sqlalchemy.engine import Connection
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def migrations_dir() -> Path:
+    """The schema's migrations: the copy an installed wheel ships as
+    ``service._migrations``, else ./migrations of the source tree (editable installs, the
+    images' /app). The wheel's comes first: beside an installed package, ROOT is
+    site-packages, where a ``migrations`` folder would be another project's."""
+    shipped = Path(__file__).resolve().parent / "_migrations"
+    if (shipped / "env.py").is_file():
+        return shipped
+    tree = ROOT / "migrations"
+    if (tree / "env.py").is_file():
+        return tree
+    raise RuntimeError(f"no migrations beside {__file__}: neither {tree} nor {shipped}")
+
+
 def alembic_config(database_url: str | None = None) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini"))
+    # No alembic.ini needed: an installed wheel has none. Its logging section is only for
+    # the `alembic` command line, which a source tree's alembic.ini still serves.
+    cfg = Config()
     cfg.attributes["skip_logging"] = True  # called from our processes: keep their logging
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     if database_url:
         cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return cfg
