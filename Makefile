@@ -3,7 +3,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The CPU wheel of torch these machines carry; a bare `torch` would pull a multi-GB CUDA build.
+# The CPU wheel of torch these machines carry (pip's find-links here: 2.13.0+cpu); a bare
+# `torch` would pull a multi-GB CUDA build. Elsewhere, add the CPU index to get the same:
+#   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH  := torch==2.13.0
 
 .PHONY: install run tune test test-fast lint bench clean

@@ -5,7 +5,9 @@ the same numbers and nothing is lost when one restarts: jobs by status, queue de
 age of its oldest job, trials by state and a histogram of trial durations, each running
 worker's heartbeat age, and the webhook notices by status with the oldest one's wait.
 What only an API process sees (bytes uploaded, uploads refused) is counted per process;
-Prometheus sums those across processes.
+Prometheus sums those across its scrape targets, so each process must be one (the
+Kubernetes manifest runs one uvicorn process per pod; behind one port, ``--workers N``
+would answer each scrape from one of its processes at random).
 
 Labels carry no tenant or job ids; the endpoint is for operators (keep it off the public
 internet, like /readyz).

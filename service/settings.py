@@ -44,7 +44,8 @@ class ApiSettings(CommonSettings):
     max_stored_bytes: int = 20 * 1024**3
     max_compute_per_job: int = Field(
         50_000_000, description="training images one job may process: n_trials × "
-        "train_steps × batch_size (403 ComputeQuotaExceeded beyond it)")
+        "train_steps × batch_size × the detector's cost per image (1 for the small one; "
+        "ssad_common.detectors.compute_factor) (403 ComputeQuotaExceeded beyond it)")
     idempotency_ttl_hours: float = 24.0
     # Parallel trials (a job's `parallelism`): what a job gets when it does not say, and the
     # most it may ask for (422 beyond it). 1 suits the embedded single-worker mode; a fleet

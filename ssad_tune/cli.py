@@ -258,7 +258,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--stored-bytes", type=int)
     q.add_argument("--trials-per-job", type=int)
     q.add_argument("--compute-per-job", type=int,
-                   help="training images per job: n_trials x train_steps x batch_size")
+                   help="training images per job: n_trials x train_steps x batch_size x "
+                        "the detector's cost per image (1 for the small detector)")
     q.set_defaults(fn=_tenants_quota)
     return ap
 

@@ -119,13 +119,16 @@ def test_dockerfile_targets() -> None:
 
 
 def test_the_images_copy_every_package_the_wheel_holds() -> None:
-    """pip installs what pyproject's package patterns find; a package the Dockerfile does not
-    COPY is silently missing from both images."""
+    """pip installs the packages pyproject lists (from their folders, a mapped one from its
+    own); a folder the Dockerfile does not COPY is silently missing from both images."""
     import tomllib
 
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
-    packages = {p.rstrip("*") for p in patterns}
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setup.get("package-dir", {})
+    own = [p for p in setup["packages"] if not any(p == m or p.startswith(m + ".")
+                                                   for m in mapped)]
+    packages = {p.split(".")[0] for p in own} | set(mapped.values())
+    assert {"service", "worker", "ssad_common", "ssad_tune", "migrations"} <= packages
     copied = set(re.findall(r"^COPY (\w+) \./\1$", DOCKERFILE, re.M))
     assert packages <= copied, f"not copied: {sorted(packages - copied)}"
 
@@ -176,3 +179,16 @@ def test_auth_is_off_only_in_the_embedded_mode_unless_set(monkeypatch: pytest.Mo
     assert ApiSettings(database_url=sqlite).for_embedded_mode().auth == "required"
     monkeypatch.setenv("SSAD_AUTH", "off")
     assert ApiSettings(database_url=postgres).auth == "off"
+
+
+def test_the_worker_image_owns_its_cache_folder() -> None:
+    """A named volume mounted on a path the image lacks is created root-owned: the image
+    makes SSAD_CACHE_DIR itself, owned by the user it runs as."""
+    worker = DOCKERFILE.split("FROM base AS worker", 1)[1]
+    cache = re.search(r"^ENV SSAD_CACHE_DIR=(\S+)$", worker, re.M)
+    user = re.search(r"^USER (\d+)$", worker, re.M)
+    assert cache and user
+    assert re.search(rf"mkdir -p {re.escape(cache[1])} && chown {user[1]}:{user[1]} "
+                     rf"{re.escape(cache[1])}", worker)
+    mounts = COMPOSE["services"]["worker"].get("volumes", [])
+    assert any(str(m).endswith(":" + cache[1]) for m in mounts), mounts

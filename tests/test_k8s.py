@@ -74,3 +74,20 @@ def test_what_the_deployment_guide_promises() -> None:
     assert _pod("Job", "ssad-migrate")["containers"][0]["command"] == ["alembic", "upgrade",
                                                                        "head"]
 
+
+
+def test_pods_can_start_and_releases_keep_the_autoscaled_count() -> None:
+    """runAsNonRoot can only be checked against a numeric USER (a named one is refused at
+    start: CreateContainerConfigError); the worker count belongs to the autoscaler, so the
+    Deployment states none (an apply would reset it); one API process per pod, so each
+    process's counters are one scrape target."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and all(u.isdigit() and u != "0" for u in users), users
+    for name in ("ssad-api", "ssad-worker"):
+        pod = by_kind("Deployment", name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    hpa = by_kind("HorizontalPodAutoscaler", "ssad-worker")["spec"]["scaleTargetRef"]
+    assert "replicas" not in by_kind("Deployment", hpa["name"])["spec"]
+    api = by_kind("Deployment", "ssad-api")["spec"]["template"]["spec"]["containers"][0]
+    assert "--workers" not in api["command"]
