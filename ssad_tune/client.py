@@ -453,8 +453,10 @@ class Progress:
         done, total = trial_counts(job)
         if job["status"] == "running" and self.start is None:
             # Attached to a job already running (``follow``): elapsed counts from its start.
+            # The trial-rate ETA then counts every finished trial over that whole time.
             behind = running_for(job) if not self.seen else 0.0
-            self.start, self.done_at_start = self.clock() - behind, done
+            self.start = self.clock() - behind
+            self.done_at_start = 0 if behind > 0 else done
         self.seen = True
         now = self.clock()
         elapsed = 0.0 if self.start is None else now - self.start

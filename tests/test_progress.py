@@ -173,8 +173,16 @@ def test_attached_to_a_running_job_elapsed_counts_from_its_start() -> None:
     assert running_for({"started_at": (datetime.now(UTC) + timedelta(hours=1))
                         .isoformat()}) == 0.0  # a clock ahead of ours: nothing behind
     out = io.StringIO()
-    Progress(out, clock=lambda: 500.0, tick_seconds=None).update(job)
+    now = [500.0]
+    attached = Progress(out, clock=lambda: now[0], tick_seconds=None)
+    attached.update(job)
     assert "elapsed 1m3" in out.getvalue(), out.getvalue()
+    # Its trial rate is every finished trial over the whole run: 2 of 4 in ~153 s, so
+    # about 153 s to go (counting only the trial seen finish would say 3 × 153 s).
+    now[0] = 560.0
+    attached.update(_job("running", 2))
+    eta = out.getvalue().splitlines()[-1].rsplit("ETA ", 1)[1]
+    assert eta.startswith("2m3"), out.getvalue()
     fresh = io.StringIO()
     bar = Progress(fresh, clock=lambda: 500.0, tick_seconds=None)
     bar.update(_job("queued", 0))
