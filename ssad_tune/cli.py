@@ -140,8 +140,7 @@ def _tune(args: argparse.Namespace) -> int:
         options["search_space"] = space
     if args.detector:
         options["detector"] = args.detector
-    return client.tune(Path(args.train), Path(args.test), Path(args.out),
-                       url=args.url or client.default_url(),
+    return client.tune(Path(args.train), Path(args.test), Path(args.out), url=args.url,
                        api_key=os.environ.get("SSAD_API_KEY"), job_options=options,
                        backbone=Path(args.backbone) if args.backbone else None,
                        ensemble=args.ensemble)
@@ -161,7 +160,7 @@ def _positive(text: str) -> int:
 def _follow(args: argparse.Namespace) -> int:
     from ssad_tune import client
 
-    return client.follow(args.job_id, Path(args.out), url=args.url or client.default_url(),
+    return client.follow(args.job_id, Path(args.out), url=args.url,
                          api_key=os.environ.get("SSAD_API_KEY"), ensemble=args.ensemble)
 
 

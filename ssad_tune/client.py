@@ -214,12 +214,17 @@ class Client:
         params = {} if rule is None else {"rule": rule}
         return dict(self.request("GET", f"/v1/jobs/{job_id}/threshold", params=params).json())
 
+    @property
+    def url(self) -> str:
+        """The server this client talks to, without a trailing slash."""
+        return str(self.http.base_url).rstrip("/")
+
     def report_url(self, job_id: str) -> str:
         """The job's report page, ready to open in a browser: with an API key, a signed
         link that expires (``POST /v1/jobs/{id}/report-link``); else the plain URL."""
         if self.api_key:
             return str(self.request("POST", f"/v1/jobs/{job_id}/report-link").json()["url"])
-        return f"{self.http.base_url}/v1/jobs/{job_id}/report"
+        return f"{self.url}/v1/jobs/{job_id}/report"
 
     def cancel(self, job_id: str) -> JobInfo:
         return cast(JobInfo, self.request("POST", f"/v1/jobs/{job_id}/cancel").json())
@@ -404,7 +409,7 @@ def eta_seconds(done: int, total: int, done_at_start: int, elapsed: float) -> fl
     return elapsed / ran * max(total - done, 0)
 
 
-def running_for(job: dict[str, Any], now: datetime | None = None) -> float:
+def running_for(job: dict[str, Any]) -> float:
     """Seconds since the job started running (``started_at``, by this machine's clock;
     0 when it is not stated or is ahead of the clock)."""
     started = job.get("started_at")
@@ -416,7 +421,7 @@ def running_for(job: dict[str, Any], now: datetime | None = None) -> float:
         return 0.0
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    return max(0.0, ((now or datetime.now(UTC)) - at).total_seconds())
+    return max(0.0, (datetime.now(UTC) - at).total_seconds())
 
 
 class Progress:
@@ -549,7 +554,7 @@ def save_best_finished_trial(client: Client, job: dict[str, Any], out: Path,
     return True
 
 
-def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
+def tune(train: Path, test: Path, out: Path, *, url: str | None, api_key: str | None,
          job_options: dict[str, Any], stream: TextIO = sys.stderr,
          backbone: Path | None = None, ensemble: int | None = None) -> int:
     """The whole round trip; returns the process exit code. ``ensemble=k``: the scores
@@ -571,10 +576,10 @@ def tune(train: Path, test: Path, out: Path, *, url: str, api_key: str | None,
             print(f"uploaded backbone {backbone.name} ({bb['id']})", file=stream)
         created: dict[str, Any] = dict(client.create_job(tr, te, **options))
         job_id = created["id"]
-        print(f"job {job_id} queued: {url.rstrip('/')}/v1/jobs/{job_id}", file=stream)
+        print(f"job {job_id} queued: {client.url}/v1/jobs/{job_id}", file=stream)
         if created.get("plan"):
             print(describe_plan(created["plan"]), file=stream)
-        return follow_job(client, created, out, url=url, stream=stream, ensemble=ensemble)
+        return follow_job(client, created, out, stream=stream, ensemble=ensemble)
 
     return run_command(Client(url, api_key), run)
 
@@ -591,7 +596,7 @@ def run_command(client: Client, command: Callable[[Client], int]) -> int:
         client.close()
 
 
-def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
+def follow_job(client: Client, job: dict[str, Any], out: Path, *,
                stream: TextIO = sys.stderr, ensemble: int | None = None) -> int:
     """Follow a job until it ends, with the progress bar, then write its scores CSV to
     ``out`` (a job that ended otherwise: its best finished trial's, said plainly); returns
@@ -606,11 +611,12 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
     except KeyboardInterrupt:
         bar.finish()
         again = " ".join(["ssad-tune follow", job_id,
-                          *(["--url", url] if url != default_url() else []),
+                          *(["--url", client.url]
+                            if client.url != default_url().rstrip("/") else []),
                           *(["-o", str(out)] if str(out) != "scores.csv" else []),
                           *(["--ensemble", str(ensemble)] if ensemble else [])])
         print(f"\nstopped following; job {job_id} goes on on the server (follow it again: "
-              f"{again}; cancel it: POST {url.rstrip('/')}/v1/jobs/{job_id}/cancel)",
+              f"{again}; cancel it: POST {client.url}/v1/jobs/{job_id}/cancel)",
               file=sys.stderr)
         return 130
     finally:  # also when following fails: the line ends and the ticker stops
@@ -644,13 +650,13 @@ def follow_job(client: Client, job: dict[str, Any], out: Path, *, url: str,
     return 0
 
 
-def follow(job_id: str, out: Path, *, url: str, api_key: str | None,
+def follow(job_id: str, out: Path, *, url: str | None, api_key: str | None,
            stream: TextIO = sys.stderr, ensemble: int | None = None) -> int:
     """``ssad-tune follow JOB``: the end of ``tune`` for a job that already exists."""
     def run(client: Client) -> int:
         job: dict[str, Any] = dict(client.job(job_id))
         done, total = trial_counts(job)
         print(f"job {job_id} {job['status']}: {done} of {total} trials finished", file=stream)
-        return follow_job(client, job, out, url=url, stream=stream, ensemble=ensemble)
+        return follow_job(client, job, out, stream=stream, ensemble=ensemble)
 
     return run_command(Client(url, api_key), run)

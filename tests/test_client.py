@@ -44,6 +44,12 @@ def make_key(db_url: str) -> str:
         engine.dispose()
 
 
+def queued_job(lines: list[str]) -> str:
+    """The job id from the CLI's `job ID queued: URL` line."""
+    return next(line.split()[1] for line in lines
+                if line.startswith("job ") and " queued: " in line)
+
+
 def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> None:
     train, test, _ = digits
     (tmp_path / "train.npz").write_bytes(npz(train[:60, 0]))
@@ -75,8 +81,7 @@ def test_tune_command_end_to_end(pg_url: str, tmp_path: Path, digits: Any) -> No
         rows = list(csv.DictReader(out.open()))
         assert [int(r["index"]) for r in rows] == list(range(40))
         # `follow` reattaches to the job (here: already ended) and writes the same CSV.
-        job_id = next(line.split()[1] for line in lines if line.startswith("job ")
-                      and " queued: " in line)
+        job_id = queued_job(lines)
         again = tmp_path / "again.csv"
         f = subprocess.run([sys.executable, "-m", "ssad_tune.cli", "follow", job_id, "-o",
                             str(again)], cwd=tmp_path, env=env, capture_output=True,
@@ -267,8 +272,7 @@ def test_a_cancelled_run_says_why_and_saves_the_best_finished_trial(
     assert [float(r["score"]) for r in rows] == [1.0, 2.0, 3.0, 4.0]  # trial 1's scores
 
     # `follow` on the ended job says the same and saves the same; an unknown id is an error.
-    job_id = next(line.split()[1] for line in stderr.splitlines()
-                  if line.startswith("job ") and " queued: " in line)
+    job_id = queued_job(stderr.splitlines())
     api, url = start_api(pg_url, tmp_path)
     try:
         def follow(job: str, to: Path) -> subprocess.CompletedProcess[str]:
@@ -329,7 +333,7 @@ def test_ctrl_c_stops_following_and_says_how_to_follow_again(pg_url: str,
             if cli.poll() is None:
                 cli.kill()
         assert cli.returncode == 130, "".join(seen) + rest
-        job_id = next(line.split()[1] for line in seen if " queued: " in line)
+        job_id = queued_job(seen)
         assert (f"follow it again: ssad-tune follow {job_id} --url {url} -o mine.csv; "
                 f"cancel it: POST {url}/v1/jobs/{job_id}/cancel") in rest, rest
         assert httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "queued"

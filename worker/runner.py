@@ -133,11 +133,11 @@ def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: 
                          validation_loss=float(meta["validation_loss"]), losses={},
                          timings={"total_s": time.perf_counter() - t},
                          scores=scores.tolist())
-    log.info("job %s: scored %d images with job %s's detector (trial %s)", job.id,
-             len(scores), source, meta.get("trial_number"))
-    return (f"scored {len(scores)} images with job {source}'s detector (its trial "
+    done = (f"scored {len(scores)} images with job {source}'s detector (its trial "
             f"{meta['trial_number']}: {meta['augmentation']}, loss "
             f"{float(meta['validation_loss']):.4g})")
+    log.info("job %s: %s", job.id, done)
+    return done
 
 
 def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[str, Any]:
