@@ -61,6 +61,7 @@ from bench.tasks import (
     development_tasks,
     within,
 )
+from ssad_common.jobspec import DEFAULT_OBJECTIVE
 from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace, get_family
 from ssad_common.strategy import trust
 from worker.core.data import prepare
@@ -111,7 +112,8 @@ def placed(space: SearchSpace, placement: str | None) -> SearchSpace:
 
 
 def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
-             legacy_budget: bool, placement: str | None = None) -> dict[str, Any]:
+             legacy_budget: bool, placement: str | None = None,
+             objective: str = DEFAULT_OBJECTIVE) -> dict[str, Any]:
     device = torch.device("cpu")
     data = prepare(task.train, task.test, device)
     space = placed(SearchSpace.from_dict(task.search_space), placement)
@@ -119,7 +121,8 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
     if legacy_budget and task.search_space is not None:  # the first runs' injected budget
         n = max(n_trials - 2, len(space.augmentations))
     settings = StudySettings(n_trials=n, seed=seed, search_space=space,
-                             train=TrainSettings(steps=steps), strategy=strategy)
+                             train=TrainSettings(steps=steps), strategy=strategy,
+                             objective=objective)
     t0 = time.perf_counter()
     result = run_study(data, settings)
     wall = time.perf_counter() - t0
@@ -298,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placement", default=None, choices=("anywhere", "object"),
                     help="fix every local family's placement (search_space.fixed; default: "
                     "the product's, object since 2026-12-02, anywhere before)")
+    ap.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=sorted(OBJECTIVES),
+                    help="the loss that drives the study and ranks its trials (read its "
+                    "choice with bench.compare --objective; default: the product's)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "steps": args.steps, "n_trials": args.n_trials, "seed": args.seed,
-            "strategy": args.strategy, "set": args.set,
+            "strategy": args.strategy, "set": args.set, "objective": args.objective,
             # what the local families ran with (the product's default when not given)
             "placement": args.placement or get_family("cutout").param("placement").default}
     results: list[dict[str, Any]] = []
@@ -319,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         t0 = time.perf_counter()
         results.append(run_task(task, args.steps, args.n_trials, args.seed, args.strategy,
-                                args.legacy_budget, args.placement))
+                                args.legacy_budget, args.placement, args.objective))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(report(results))

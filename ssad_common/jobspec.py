@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from ssad_common.strategy import DEFAULT_STRATEGY, StrategyName
 
-ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"]
+ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd",
+                        "tail-energy"]
 ScorerName = Literal["mahalanobis", "logit"]
 #: The detector's encoder (what each is and costs: ssad_common/detectors.py).
 DetectorName = Literal["small", "resnet18"]

@@ -10,9 +10,11 @@ from worker.core.objectives import (
     OBJECTIVES,
     augmented_count,
     discordance,
+    far_tail,
     get_objective,
     mean_distance,
     separability,
+    tail_energy,
 )
 from worker.core.scoring import mahalanobis_scores
 
@@ -143,3 +145,40 @@ def test_mahalanobis_matches_the_definition_and_ranks_outliers_high() -> None:
         mahalanobis_scores(x[:1], z)
     with pytest.raises(ValueError):
         mahalanobis_scores(x, z[:, :3])
+
+
+def along(t: float, n: int = 22, seed: int = 4) -> torch.Tensor:
+    """Augmented embeddings a fraction ``t`` of the way from the normals (e0) to the test
+    set's anomalies (e1); t > 1 overshoots them."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.zeros(16)
+    c[0], c[1] = 1 - t, t
+    return torch.nn.functional.normalize(c + 0.15 * torch.randn((n, 16), generator=g), dim=1)
+
+
+def test_tail_energy_is_lowest_on_the_anomalies_not_short_of_or_beyond_them(
+    scene: dict[str, torch.Tensor],
+) -> None:
+    """An augmentation too weak (Y short of the anomalies) or too strong (Y beyond them)
+    must lose to the one that lands on them: the size question. DSV keeps falling as Y
+    overshoots (pinned here as the reason tail-energy exists)."""
+    fn = get_objective("tail-energy")
+    x, z = scene["x"], scene["z"]
+    losses = {t: float(fn(x, along(t), z)) for t in (0.3, 0.6, 1.0, 1.5, 3.0)}
+    assert min(losses, key=losses.__getitem__) == 1.0
+    assert losses[0.3] > losses[0.6] > losses[1.0] < losses[1.5] < losses[3.0]
+    assert float(get_objective("dsv")(x, along(3.0), z)) < float(
+        get_objective("dsv")(x, along(1.0), z))
+
+
+def test_tail_energy_looks_at_as_many_test_points_as_the_contamination_says(
+    scene: dict[str, torch.Tensor],
+) -> None:
+    """r is read back from |Y| / (|X| + |Y|), the contamination Y was sized with: with
+    r = 0.1 of 200 test embeddings, the 20 anomalies are the tail."""
+    x, z = scene["x"], scene["z"]
+    y = along(1.0, n=augmented_count(len(x), 0.1))
+    tail = far_tail(x, y, z)
+    assert len(tail) == 20
+    assert (tail[:, 1] > tail[:, 0]).all()  # every one of them an anomaly (around e1)
+    assert float(tail_energy(x, y, z)) < 0.5

@@ -69,6 +69,36 @@ def st_ssad_mean_distance(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     return torch.minimum(to_train, to_augmented).mean()
 
 
+def energy_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Energy distance 2·D(A, B) − D(A, A) − D(B, B): zero when A and B are the same
+    sample, unlike D itself, which also counts each set's own spread."""
+    return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
+
+
+def far_tail(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """The test embeddings farthest from the train mean, as many as the expected anomaly
+    fraction r says. r is the one Y was sized with (|Y| = |X|·r/(1 − r), so r = |Y| /
+    (|X| + |Y|)): the user's parameter, never a label."""
+    r = len(y) / (len(x) + len(y))
+    k = min(len(z), max(2, round(r * len(z))))
+    centre = x.mean(dim=0, keepdim=True)
+    return z[torch.topk(((z - centre) ** 2).sum(dim=1), k).indices]
+
+
+def tail_energy(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    """How well the augmented set matches the test set's tail: energy distance from Y to
+    the r·|Z| test embeddings farthest from the train mean, over that from X to them.
+
+    The whole test set is mostly normal, so DSV's terms are dominated by normals; this
+    looks only where the anomalies should be. Below 1: Y resembles the tail better than the
+    normals do. A Y that overshoots the tail (too strong an augmentation) and one that
+    stops short of it (too weak) both score worse than one on it, and the ratio is
+    scale-free, so the loss compares across detectors.
+    """
+    tail = far_tail(x, y, z)
+    return energy_distance(y, tail) / (energy_distance(x, tail) + EPS)
+
+
 def distance_only(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     """Baseline: D(X ∪ Y, Z) alone (no ratio)."""
     return mean_distance(torch.cat([x, y]), z)
@@ -100,6 +130,8 @@ OBJECTIVES: dict[str, Objective] = {
                   "our reading of ST-SSAD's mean-distance loss (not the published equation)"),
         Objective("mean-distance", distance_only, "D(X ∪ Y, Z) alone"),
         Objective("mmd", linear_mmd, "linear-kernel MMD between X ∪ Y and Z"),
+        Objective("tail-energy", tail_energy,
+                  "energy distance from Y to the test set's far tail, relative to X's"),
     )
 }
 
