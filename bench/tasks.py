@@ -293,6 +293,21 @@ def confirmation7_tasks() -> list[Task]:
     return [*confirmation7_injected_tasks(), cifar_one_class(3), cifar_one_class(9)]
 
 
+def confirmation8_injected_tasks() -> list[Task]:
+    """Injected defects for the eleventh round (the tail-energy objective, 2026-12-03):
+    digit, size and fill pairs never seen before, and other test images (seed 7)."""
+    return held_out_injected(7, [("black", 11, 0), ("noise", 6, 2), ("grey140", 9, 5),
+                                 ("white", 7, 3)], (3, 10, 2))
+
+
+def confirmation8_tasks() -> list[Task]:
+    """Chosen in advance for the eleventh round (committed before any run on them) and
+    never used for a decision. CIFAR deer is the last class no set has used; every MNIST
+    digit has been a one-class task of some set, so the MNIST one-class task is digit 7
+    (``confirmation2``'s) with other test images (seed 7)."""
+    return [*confirmation8_injected_tasks(), mnist_one_class(7, seed=7), cifar_one_class(4)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -315,4 +330,5 @@ def confirmation_tasks() -> list[Task]:
 def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
             *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
-            *confirmation6_tasks(), *confirmation7_tasks()]
+            *confirmation6_tasks(), *confirmation7_tasks(),
+            *confirmation8_tasks()]
