@@ -2,10 +2,11 @@
 
 Each ``--design NAME=FILE[,FILE...]`` names one design and the engine results it ran
 (one file per study seed, say). For every design the command prints, over all its
-injected-task runs and by the objective that chooses (DSV by default): the median and
-mean regret to the study's own oracle, the mean AUROC of the selection, how often it
-found the generating family (and the size within 1.5×), beat its study's mean over
-configurations, and was above both pixel baselines; then each task's selection per run.
+injected-task runs and by the objective that chooses (by default the one that drove each
+run's study): the median and mean regret to the study's own oracle, the mean AUROC of the
+selection, how often it found the generating family (and the size within 1.5×), beat its
+study's mean over configurations, and was above both pixel baselines; then each task's
+selection per run.
 It reads labels only through the engine's stored AUROCs (bench/ only)::
 
     .venv/bin/python -m bench.compare \\
@@ -38,16 +39,21 @@ SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
 
 def runs_of(files: list[Path], tasks: set[str] | None,
             all_kinds: bool = False) -> list[dict[str, Any]]:
+    """The runs in ``files``, each with ``study_objective``: the loss that drove its study
+    (runs from before ``bench.engine --objective`` were all driven by DSV)."""
     out = []
     for f in files:
-        for r in json.loads((f if f.is_file() else RESULTS / f).read_text())["results"]:
+        saved = json.loads((f if f.is_file() else RESULTS / f).read_text())
+        drove = saved.get("meta", {}).get("objective", "dsv")
+        for r in saved["results"]:
             if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
-                out.append(r)
+                out.append({**r, "study_objective": drove})
     return out
 
 
-def judged(r: dict[str, Any], objective: str, output: str = "choice") -> dict[str, Any]:
-    chosen = r["objectives"][objective]
+def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
+           ) -> dict[str, Any]:
+    chosen = r["objectives"][objective or r.get("study_objective", "dsv")]
     sel = chosen["selected"]
     truth = r["truth"] or {}
     if output == "ensemble":
@@ -86,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--design", action="append", required=True, metavar="NAME=FILES",
                     help="a design's name and its engine results, comma-separated")
-    ap.add_argument("--objective", default="dsv")
+    ap.add_argument("--objective", default=None,
+                    help="judge this objective's choice among each run's trials (default: "
+                    "the objective that drove the run's study, DSV unless the run says)")
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     ap.add_argument("--all-kinds", action="store_true",
                     help="the one-class runs too (default: injected tasks only)")
