@@ -203,7 +203,9 @@ def selection_entry(ranked_: list[tuple[float, dict[str, Any]]]) -> dict[str, An
             "regret": float(aurocs.max() - best["auroc"]), "spearman": float(rho)}
 
 
-def report(results: list[dict[str, Any]]) -> str:
+def report(results: list[dict[str, Any]], chooser: str = RULE) -> str:
+    """The Markdown report; its trust table reads ``chooser``'s choice (the objective
+    that drove the runs' study)."""
     lines = []
     names = [RULE, *(n for n in OBJECTIVES if n != RULE)]
     # Ways of choosing that every run recorded besides these: the rank-sum rule the product
@@ -262,15 +264,15 @@ def report(results: list[dict[str, Any]]) -> str:
                     f"{s_['augmentation']} {'-' if ps is None else f'{float(ps):.3f}'} | "
                     f"{'yes' if fam_ok else 'no'} | {'yes' if ps_ok else 'no'} | "
                     f"{s_['auroc']:.3f} |")
-    dec = [r for r in results if "decisiveness" in r["objectives"][RULE]]
+    dec = [r for r in results if "decisiveness" in r["objectives"][chooser]]
     if dec:
         lines.append("")
-        lines.append(f"| task ({RULE}) | family gap (share) | top-3 agreement (Jaccard / "
+        lines.append(f"| task ({chooser}) | family gap (share) | top-3 agreement (Jaccard / "
                      "Spearman) | trust | selection − fixed cutpaste | regret | top-3 ensemble "
                      "− selection |")
         lines.append("|---|---|---|---|---|---|---|")
         for r in dec:
-            o = r["objectives"][RULE]
+            o = r["objectives"][chooser]
             d = o["decisiveness"]
             gap = ("-" if d["family_gap"] is None else
                    f"{d['family_gap']:.3f} ({d['family_gap_share'] or 0:.2f})")
@@ -282,7 +284,7 @@ def report(results: list[dict[str, Any]]) -> str:
                          f"{o['regret']:.3f} | "
                          f"{o['ensemble_top'] - o['selected']['auroc']:+.3f} |")
         lines.append("")
-        lines.append(trust_summary(dec))
+        lines.append(trust_summary(dec, chooser))
     return "\n".join(lines)
 
 
@@ -312,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(args.out)
     if args.report_only:
-        print(report(json.loads(out.read_text())["results"]))
+        saved = json.loads(out.read_text())
+        print(report(saved["results"], saved["meta"].get("objective", RULE)))
         return 0
     wanted = set(filter(None, args.tasks.split(",")))
     tasks = [t for t in TASK_SETS[args.set]() if not wanted or t.name in wanted]
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.legacy_budget, args.placement, args.objective))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
-    print(report(results))
+    print(report(results, args.objective))
     return 0
 
 
