@@ -308,6 +308,23 @@ def confirmation8_tasks() -> list[Task]:
     return [*confirmation8_injected_tasks(), mnist_one_class(7, seed=7), cifar_one_class(4)]
 
 
+def confirmation9_injected_tasks() -> list[Task]:
+    """Injected defects for the twelfth round (tail-energy judged by the AUROC of its
+    choice, 2026-12-03): digit, size and fill pairs never seen before, and other test
+    images (seed 8)."""
+    return held_out_injected(8, [("black", 9, 1), ("noise", 8, 7), ("grey180", 7, 4),
+                                 ("white", 8, 6)], (2, 11, 9))
+
+
+def confirmation9_tasks() -> list[Task]:
+    """Chosen in advance for the twelfth round (committed before any run on them) and
+    never used for a decision. Every MNIST digit and CIFAR class has been a one-class task
+    of some set, so the one-class tasks are MNIST 2 and CIFAR airplane with other test
+    images (seed 8)."""
+    return [*confirmation9_injected_tasks(), mnist_one_class(2, seed=8),
+            cifar_one_class(0, seed=8)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -331,4 +348,4 @@ def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
             *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
             *confirmation6_tasks(), *confirmation7_tasks(),
-            *confirmation8_tasks()]
+            *confirmation8_tasks(), *confirmation9_tasks()]
