@@ -11,14 +11,15 @@ from worker.core.end_to_end import EndToEndSettings, tune_end_to_end
 from worker.core.training import TrainSettings
 
 
+@pytest.mark.parametrize("objective", ["st-ssad", "tail-energy"])
 def test_end_to_end_learns_and_stays_in_range(
-    digits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    digits: tuple[np.ndarray, np.ndarray, np.ndarray], objective: str,
 ) -> None:
     train, test, _ = digits
     data = prepare(train[:60], test[:40], torch.device("cpu"))
     settings = EndToEndSettings(rounds=5, detector_steps=2, aug_lr=0.5, eval_images=32,
                                 train=TrainSettings(batch_size=8, width=8),
-                                initial={"patch_size": 0.05})
+                                initial={"patch_size": 0.05}, objective=objective)
     r = tune_end_to_end(data, settings)
     sizes = [t["patch_size"] for t in r.trajectory]
     assert len(sizes) == 5

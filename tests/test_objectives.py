@@ -171,14 +171,35 @@ def test_tail_energy_is_lowest_on_the_anomalies_not_short_of_or_beyond_them(
         get_objective("dsv")(x, along(1.0), z))
 
 
+@pytest.mark.parametrize("r", [0.05, 0.1, 0.2])
 def test_tail_energy_looks_at_as_many_test_points_as_the_contamination_says(
+    scene: dict[str, torch.Tensor], r: float,
+) -> None:
+    """r is read back from |Y| / (|X| + |Y|), the contamination Y was sized with: of 200
+    test embeddings, r·200 form the tail, as many of the 20 anomalies as fit."""
+    x, z = scene["x"], scene["z"]
+    y = along(1.0, n=augmented_count(len(x), r))
+    tail = far_tail(x, y, z)
+    assert len(tail) == round(r * len(z))
+    anomalous = tail[:, 1] > tail[:, 0]  # around e1, where the anomalies are
+    assert int(anomalous.sum()) == min(len(tail), 20)
+    assert float(tail_energy(x, y, z)) < 1.0  # Y on the anomalies: nearer the tail than X
+
+
+def test_an_explicit_contamination_wins_over_the_sizes(
     scene: dict[str, torch.Tensor],
 ) -> None:
-    """r is read back from |Y| / (|X| + |Y|), the contamination Y was sized with: with
-    r = 0.1 of 200 test embeddings, the 20 anomalies are the tail."""
-    x, z = scene["x"], scene["z"]
-    y = along(1.0, n=augmented_count(len(x), 0.1))
-    tail = far_tail(x, y, z)
-    assert len(tail) == 20
-    assert (tail[:, 1] > tail[:, 0]).all()  # every one of them an anomaly (around e1)
-    assert float(tail_energy(x, y, z)) < 0.5
+    """The end-to-end strategy draws at least 32 augmented images whatever r says, so it
+    passes r itself: 256 train images, r = 0.05 and 32 augmented ones would read back as
+    r = 0.11."""
+    x = cluster(0, 256, seed=1)
+    z, y = scene["z"], along(1.0, n=32)
+    assert len(far_tail(x, y, z)) == 22
+    assert len(far_tail(x, y, z, contamination=0.05)) == 10
+    fn = get_objective("tail-energy")
+    assert float(fn(x, y, z, contamination=0.05)) == pytest.approx(
+        float(tail_energy(x, y, z, contamination=0.05)))
+    assert float(fn(x, y, z, contamination=0.05)) != pytest.approx(float(fn(x, y, z)))
+    # objectives that do not use r ignore it
+    assert float(get_objective("dsv")(x, y, z, contamination=0.05)) == float(
+        get_objective("dsv")(x, y, z))

@@ -109,7 +109,8 @@ def tune_end_to_end(data: PreparedData, settings: EndToEndSettings) -> EndToEndR
         n_y = max(32, augmented_count(k, settings.contamination))
         y_idx = x_idx[torch.randint(0, k, (n_y,), generator=g, device=device)]
         val = loss_fn(*embed_xyz(model, data.train[x_idx], data.train[y_idx],
-                                 data.test[z_idx], augment, g, differentiable=True))
+                                 data.test[z_idx], augment, g, differentiable=True),
+                      contamination=settings.contamination)  # n_y's floor changes |Y|/|X|
         aug_opt.zero_grad(set_to_none=True)
         val.backward()
         aug_opt.step()

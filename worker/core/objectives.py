@@ -75,27 +75,32 @@ def energy_distance(a: Tensor, b: Tensor) -> Tensor:
     return 2 * mean_distance(a, b) - mean_distance(a, a) - mean_distance(b, b)
 
 
-def far_tail(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
-    """The test embeddings farthest from the train mean, as many as the expected anomaly
-    fraction r says. r is the one Y was sized with (|Y| = |X|·r/(1 − r), so r = |Y| /
-    (|X| + |Y|)): the user's parameter, never a label."""
-    r = len(y) / (len(x) + len(y))
+def far_tail(x: Tensor, y: Tensor, z: Tensor, contamination: float | None = None) -> Tensor:
+    """The test embeddings farthest from the train mean, r·|Z| of them (at least 2), with r
+    the expected anomaly fraction: ``contamination`` when the caller passes it, else read
+    back from the sizes Y was drawn with (|Y| = |X|·r/(1 − r), so r = |Y| / (|X| + |Y|),
+    exact up to rounding). The user's parameter either way, never a label."""
+    r = len(y) / (len(x) + len(y)) if contamination is None else contamination
     k = min(len(z), max(2, round(r * len(z))))
     centre = x.mean(dim=0, keepdim=True)
     return z[torch.topk(((z - centre) ** 2).sum(dim=1), k).indices]
 
 
-def tail_energy(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+def tail_energy(x: Tensor, y: Tensor, z: Tensor, contamination: float | None = None
+                ) -> Tensor:
     """How well the augmented set matches the test set's tail: energy distance from Y to
-    the r·|Z| test embeddings farthest from the train mean, over that from X to them.
+    the r·|Z| test embeddings farthest from the train mean (:func:`far_tail`), over that
+    from X to them.
 
     The whole test set is mostly normal, so DSV's terms are dominated by normals; this
     looks only where the anomalies should be. Below 1: Y resembles the tail better than the
-    normals do. A Y that overshoots the tail (too strong an augmentation) and one that
-    stops short of it (too weak) both score worse than one on it, and the ratio is
-    scale-free, so the loss compares across detectors.
+    normals do. The ratio is scale-free, so the loss compares across detectors. On
+    constructed embeddings a Y that overshoots the tail (too strong an augmentation) and
+    one that stops short of it (too weak) both score worse than one on it; on trained
+    detectors the overshoot is punished but the curve is flat below the defect's size, so
+    its minimum tends to the small patches (docs/benchmarks.md §7, eleventh round).
     """
-    tail = far_tail(x, y, z)
+    tail = far_tail(x, y, z, contamination)
     return energy_distance(y, tail) / (energy_distance(x, tail) + EPS)
 
 
@@ -112,12 +117,21 @@ def linear_mmd(x: Tensor, y: Tensor, z: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Objective:
     name: str
-    fn: Callable[[Tensor, Tensor, Tensor], Tensor]
+    fn: Callable[..., Tensor]
     description: str
+    #: Whether ``fn`` takes the contamination r (``contamination=``); it then reads r back
+    #: from |Y| / (|X| + |Y|) when the caller does not pass it.
+    uses_contamination: bool = False
 
-    def __call__(self, x: Tensor, y: Tensor, z: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, y: Tensor, z: Tensor,
+                 contamination: float | None = None) -> Tensor:
+        """The loss; ``contamination``: the r that sized Y, for a caller whose Y is not
+        |X|·r/(1 − r) (the end-to-end strategy's floor of 32); ignored by the objectives
+        that do not use r."""
         if min(len(x), len(y), len(z)) == 0:
             raise ValueError(f"{self.name}: X, Y and Z must each hold at least one embedding")
+        if self.uses_contamination:
+            return self.fn(x, y, z, contamination=contamination)
         return self.fn(x, y, z)
 
 
@@ -131,7 +145,8 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("mean-distance", distance_only, "D(X ∪ Y, Z) alone"),
         Objective("mmd", linear_mmd, "linear-kernel MMD between X ∪ Y and Z"),
         Objective("tail-energy", tail_energy,
-                  "energy distance from Y to the test set's far tail, relative to X's"),
+                  "energy distance from Y to the test set's far tail, relative to X's",
+                  uses_contamination=True),
     )
 }
 
