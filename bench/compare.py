@@ -31,6 +31,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.selection_rules import study_objective
 from bench.tasks import within
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,7 +45,7 @@ def runs_of(files: list[Path], tasks: set[str] | None,
     out = []
     for f in files:
         saved = json.loads((f if f.is_file() else RESULTS / f).read_text())
-        drove = saved.get("meta", {}).get("objective", "dsv")
+        drove = study_objective(saved.get("meta", {}))
         for r in saved["results"]:
             if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
                 out.append({**r, "study_objective": drove})
@@ -53,7 +54,11 @@ def runs_of(files: list[Path], tasks: set[str] | None,
 
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
-    chosen = r["objectives"][objective or r.get("study_objective", "dsv")]
+    name = objective or r["study_objective"]
+    if name not in r["objectives"]:
+        raise SystemExit(f"{r['task']}: this run recorded no {name!r} choice (it has "
+                         f"{', '.join(r['objectives'])}); --objective names one of those")
+    chosen = r["objectives"][name]
     sel = chosen["selected"]
     truth = r["truth"] or {}
     if output == "ensemble":

@@ -49,7 +49,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from bench.selection_rules import RULE, product_ranking, trust_summary
+from bench.selection_rules import RULE, product_ranking, study_objective, trust_summary
 from bench.tasks import (
     Task,
     all_tasks,
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.report_only:
         saved = json.loads(out.read_text())
-        print(report(saved["results"], saved["meta"].get("objective", RULE)))
+        print(report(saved["results"], study_objective(saved["meta"])))
         return 0
     wanted = set(filter(None, args.tasks.split(",")))
     tasks = [t for t in TASK_SETS[args.set]() if not wanted or t.name in wanted]

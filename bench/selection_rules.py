@@ -40,6 +40,15 @@ Rule = Callable[[Sequence[Trial]], np.ndarray]
 #: 2026-12-01 to 02 also record the rank-sum rule of then, as "dsv+mmd ranks".
 RULE = DEFAULT_OBJECTIVE
 
+#: What drove every study recorded before ``bench.engine --objective`` (2026-12-03).
+LEGACY_OBJECTIVE = "dsv"
+
+
+def study_objective(meta: dict[str, Any]) -> str:
+    """The objective that drove a result file's studies (its ``meta``), DSV for the files
+    from before ``bench.engine --objective``, whatever the default is now."""
+    return str(meta.get("objective", LEGACY_OBJECTIVE))
+
 
 def _ranks(trials: Sequence[Trial], name: str) -> np.ndarray:
     return np.asarray(rankdata([t["losses"][name] for t in trials]), dtype=float)

@@ -53,16 +53,22 @@ def _one_class(
                 (y_test[idx] != k).astype(np.int64))
 
 
+def _seeded(name: str, seed: int) -> str:
+    """A task's name, marked when its test images are another draw than seed 0's (the
+    same class with other test images must not share a name in a pooled comparison)."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
 def mnist_one_class(k: int, seed: int = 0) -> Task:
     d = np.load(DATA / "mnist.npz")
-    return _one_class(f"mnist-oc-{k}", d["x_train_subset"], d["y_train_subset"], d["x_test"],
-                      d["y_test"], k, 500, 360, 0.1, seed)
+    return _one_class(_seeded(f"mnist-oc-{k}", seed), d["x_train_subset"],
+                      d["y_train_subset"], d["x_test"], d["y_test"], k, 500, 360, 0.1, seed)
 
 
 def cifar_one_class(k: int, seed: int = 0) -> Task:
     d = np.load(DATA / "cifar10_jpeg_subset.npz")
     name = str(d["class_names"][k])
-    return _one_class(f"cifar-oc-{name}", d["x_train"], d["y_train"], d["x_test"],
+    return _one_class(_seeded(f"cifar-oc-{name}", seed), d["x_train"], d["y_train"], d["x_test"],
                       d["y_test"], k, 250, 250, 0.1, seed)
 
 
