@@ -19,13 +19,18 @@ from worker.core.objectives import (
 from worker.core.scoring import mahalanobis_scores
 
 
+def around(centre: torch.Tensor, n: int, spread: float, seed: int) -> torch.Tensor:
+    """``n`` unit embeddings scattered around ``centre``."""
+    g = torch.Generator().manual_seed(seed)
+    pts = centre + spread * torch.randn((n, len(centre)), generator=g)
+    return torch.nn.functional.normalize(pts, dim=1)
+
+
 def cluster(direction: int, n: int, dim: int = 16, spread: float = 0.15, seed: int = 0
             ) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 100 * direction)
     centre = torch.zeros(dim)
     centre[direction] = 1.0
-    pts = centre + spread * torch.randn((n, dim), generator=g)
-    return torch.nn.functional.normalize(pts, dim=1)
+    return around(centre, n, spread, seed + 100 * direction)
 
 
 @pytest.fixture
@@ -150,10 +155,9 @@ def test_mahalanobis_matches_the_definition_and_ranks_outliers_high() -> None:
 def along(t: float, n: int = 22, seed: int = 4) -> torch.Tensor:
     """Augmented embeddings a fraction ``t`` of the way from the normals (e0) to the test
     set's anomalies (e1); t > 1 overshoots them."""
-    g = torch.Generator().manual_seed(seed)
     c = torch.zeros(16)
     c[0], c[1] = 1 - t, t
-    return torch.nn.functional.normalize(c + 0.15 * torch.randn((n, 16), generator=g), dim=1)
+    return around(c, n, 0.15, seed)
 
 
 def test_tail_energy_is_lowest_on_the_anomalies_not_short_of_or_beyond_them(
