@@ -49,7 +49,14 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from bench.selection_rules import RULE, product_ranking, study_objective, trust_summary
+from bench.selection_rules import (
+    RULE,
+    TAIL_GUARD,
+    product_ranking,
+    study_objective,
+    tail_guard_order,
+    trust_summary,
+)
 from bench.tasks import (
     Task,
     all_tasks,
@@ -184,12 +191,16 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
 def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:
     """Per way of choosing, the selectable trials best first with the value they are
     ranked by: the product's rule (:data:`RULE`, ssad_common.strategy.ranked, over the
-    default objective's loss alone) and each other objective's loss alone."""
+    default objective's loss alone), each other objective's loss alone, and the
+    thirteenth round's candidate (:data:`TAIL_GUARD`: DSV with tail-energy's veto)."""
     chosen = product_ranking(trials)
     out: dict[str, list[tuple[float, dict[str, Any]]]] = {RULE: chosen}
     for name in (n for n in OBJECTIVES if n != RULE):
         out[name] = sorted(((t["losses"][name], t) for _, t in chosen),
                            key=lambda p: (p[0], p[1]["number"]))
+    full = [t for _, t in chosen]
+    # ranked by position: the guard's order is not one loss's
+    out[TAIL_GUARD] = [(float(p), full[i]) for p, i in enumerate(tail_guard_order(full))]
     return out
 
 
@@ -321,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     wanted = set(filter(None, args.tasks.split(",")))
     tasks = [t for t in TASK_SETS[args.set]() if not wanted or t.name in wanted]
+    unknown = wanted - {t.name for t in tasks}
+    if unknown:
+        ap.error(f"--tasks: {', '.join(sorted(unknown))} not in --set {args.set} (it has "
+                 f"{', '.join(t.name for t in TASK_SETS[args.set]())})")
     meta = {"command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",

@@ -80,6 +80,31 @@ def shipped(trials: Sequence[Trial]) -> np.ndarray:
     return np.array([score[t["number"]] for t in trials])
 
 
+#: The thirteenth round's candidate (2026-12-03): DSV chooses, ``tail-energy`` only vetoes.
+TAIL_GUARD = "dsv, tail-energy guard"
+
+
+def tail_guard_order(trials: Sequence[Trial]) -> list[int]:
+    """The thirteenth round's candidate rule: the indices of ``trials`` best first. A trial
+    whose ``tail-energy`` loss is above the median of ``trials``' is vetoed; the others come
+    first, by DSV's loss, then the vetoed ones, by DSV's loss (ties: the earlier trial).
+    DSV keeps choosing; the tail objective only keeps it off the configurations farthest
+    from the test set's tail, where DSV collapsed (docs/benchmarks.md §7, *The tail as a
+    guard*)."""
+    tail = np.array([t["losses"]["tail-energy"] for t in trials])
+    vetoed = tail > np.median(tail)
+    return sorted(range(len(trials)), key=lambda i: (bool(vetoed[i]),
+                                                      trials[i]["losses"]["dsv"],
+                                                      trials[i]["number"]))
+
+
+def tail_guard(trials: Sequence[Trial]) -> np.ndarray:
+    """:func:`tail_guard_order` as a score per trial (lower is better)."""
+    score = np.empty(len(trials))
+    score[tail_guard_order(trials)] = np.arange(len(trials))
+    return score
+
+
 def rank_sum(*names: str) -> Rule:
     """Lowest sum of the trials' ranks under ``names`` (one name: its loss's argmin)."""
     return lambda trials: sum((_ranks(trials, n) for n in names), np.zeros(len(trials)))
@@ -98,6 +123,7 @@ RULES: dict[str, Rule] = {
     "all five ranks": rank_sum("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"),
     "discordance + mmd ranks": rank_sum("dsv-discordance", "mmd"),
     "dsv + mean-distance ranks": rank_sum("dsv", "mean-distance"),
+    TAIL_GUARD: tail_guard,
 }
 
 
@@ -116,7 +142,11 @@ def evaluate(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
         dsv = np.array([t["losses"]["dsv"] for t in trials])
         pixel = max(r["pixel"].values())
         for name, rule in RULES.items():
-            pick = int(np.lexsort((dsv, rule(trials)))[0])
+            try:
+                by_rule = rule(trials)
+            except KeyError:  # a loss this run did not record (an objective added later)
+                continue
+            pick = int(np.lexsort((dsv, by_rule))[0])
             out[name].append({"task": r["task"], "auroc": float(aurocs[pick]),
                               "regret": float(aurocs.max() - aurocs[pick]),
                               "beats_mean": bool(aurocs[pick] > r["mean"]),
@@ -125,16 +155,42 @@ def evaluate(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
 
 
 def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
-    n = len(next(iter(per_rule.values())))
-    lines = [f"{n} task runs", "",
-             "| rule | median regret | mean regret | beats the mean | above both pixel "
-             "baselines |", "|---|---|---|---|---|"]
+    """Per rule, over the runs that recorded every loss it needs (``runs``)."""
+    lines = ["| rule | runs | median regret | mean regret | beats the mean | above both "
+             "pixel baselines |", "|---|---|---|---|---|---|"]
     for name, rows in per_rule.items():
+        if not rows:
+            continue
+        n = len(rows)
         regrets = [x["regret"] for x in rows]
-        lines.append(f"| {name} | {statistics.median(regrets):.3f} | "
+        lines.append(f"| {name} | {n} | {statistics.median(regrets):.3f} | "
                      f"{statistics.mean(regrets):.3f} | "
                      f"{sum(x['beats_mean'] for x in rows)}/{n} | "
                      f"{sum(x['above_pixels'] for x in rows)}/{n} |")
+    return "\n".join(lines)
+
+
+def head_to_head(per_rule: dict[str, list[dict[str, Any]]], a: str, b: str) -> str:
+    """Rule ``a`` against rule ``b`` on the runs both could replay, by the AUROC of their
+    choices: per run, and how often each was higher (the twelfth and thirteenth rounds'
+    judge)."""
+    if a not in per_rule or b not in per_rule:
+        raise SystemExit(f"--versus: rules are {', '.join(per_rule)}")
+    rows_b = {(x["task"], i): x for i, x in enumerate(per_rule[b])}
+    rows_a = {(x["task"], i): x for i, x in enumerate(per_rule[a])}
+    pairs = [(rows_a[k], rows_b[k]) for k in rows_a if k in rows_b]
+    if len(rows_a) != len(rows_b) or len(pairs) != len(rows_a):
+        raise SystemExit(f"--versus: {a!r} replays {len(rows_a)} runs, {b!r} {len(rows_b)}; "
+                         "give only runs that recorded every loss both need")
+    lines = [f"| run | {a} | {b} |", "|---|---|---|"]
+    lines += [f"| {x['task']} | {x['auroc']:.3f} | {y['auroc']:.3f} |" for x, y in pairs]
+    wins = sum(x["auroc"] > y["auroc"] for x, y in pairs)
+    losses = sum(x["auroc"] < y["auroc"] for x, y in pairs)
+    mean_a = statistics.fmean(x["auroc"] for x, _ in pairs)
+    mean_b = statistics.fmean(y["auroc"] for _, y in pairs)
+    lines += ["", f"{len(pairs)} runs: {a} higher on {wins}, {b} on {losses}, "
+              f"{len(pairs) - wins - losses} ties; mean AUROC {mean_a:.3f} against "
+              f"{mean_b:.3f} ({mean_a - mean_b:+.3f})"]
     return "\n".join(lines)
 
 
@@ -174,9 +230,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"with --trust: read each run as this recorded way of choosing chose "
                          f"(default {RULE}, the product's; 'dsv+mmd ranks' for the rank-sum "
                          f"rule of 2026-12-01, in the runs of then)")
+    ap.add_argument("--versus", nargs=2, metavar=("A", "B"),
+                    help="rule A against rule B, run by run, by the AUROC of the choice")
     args = ap.parse_args(argv)
     results = [r for f in args.results for r in json.loads(f.read_text())["results"]]
-    print(report(evaluate(results)))
+    per_rule = evaluate(results)
+    print(report(per_rule))
+    if args.versus:
+        print()
+        print(head_to_head(per_rule, *args.versus))
     if args.trust:
         print()
         print(trust_summary(results, args.rule))
