@@ -7,13 +7,23 @@ beats the mean configuration and both pixel baselines. Labels are read only here
 the picks.
 
 The rank sum of the default objective and MMD was chosen with this script on the
-development runs (2026-12-01), the eleven rules below being all that were compared:
+development runs (2026-12-01), the eleven rules below being all that were compared then:
 
     .venv/bin/python -m bench.selection_rules bench/results/engine.json \
         bench/results/engine-staged-confirmation.json bench/results/engine-staged2-dev2.json
 
 It did not hold on three held-out sets, so the product went back to the default objective
 alone (ssad_common.strategy.ranked; docs/benchmarks.md §7, *The selection rule*).
+
+The thirteenth round's guard (DSV chooses, tail-energy vetoes; fixed before its runs,
+2026-12-03) was judged by the AUROC of the choice over twelve development runs::
+
+    R=bench/results; .venv/bin/python -m bench.selection_rules $R/engine-dsv-dev-a.json \
+        $R/engine-dsv-dev-b.json $R/engine-dsv-dev-seed1.json \
+        $R/engine-dsv-dev-oneclass-a.json $R/engine-dsv-dev-oneclass-b.json \
+        --versus "dsv, tail-energy guard" "dsv (shipped)"
+
+and changed one choice of twelve, for the worse, so DSV alone stays (*The tail as a guard*).
 """
 
 from __future__ import annotations
