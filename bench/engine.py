@@ -160,10 +160,13 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
     for name, ranked_ in selections(trials).items():
         cands = [Candidate(t["number"], t["augmentation"], value, scores[t["number"]])
                  for value, t in ranked_]
+        decided = decisiveness(cands, settings.contamination)
+        if name == TAIL_GUARD and decided["family_gap"] is not None:
+            decided["family_gap_unit"] = "positions"  # ranked by place, not by one loss
         per_objective[name] = {
             **selection_entry(ranked_),
             "ensemble_top": float(roc_auc_score(task.labels, ensemble_scores(cands, TOP_K))),
-            "decisiveness": decisiveness(cands, settings.contamination),
+            "decisiveness": decided,
         }
     all_z = ensemble_scores([Candidate(t["number"], t["augmentation"], 0.0,
                                        scores[t["number"]]) for t in selectable],
@@ -199,7 +202,8 @@ def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict
         out[name] = sorted(((t["losses"][name], t) for _, t in chosen),
                            key=lambda p: (p[0], p[1]["number"]))
     full = [t for _, t in chosen]
-    # ranked by position: the guard's order is not one loss's
+    # ranked by position (0, 1, ...): the guard's order is not one loss's, so its
+    # "Spearman of -loss" is of -position and its family gap is in positions
     out[TAIL_GUARD] = [(float(p), full[i]) for p, i in enumerate(tail_guard_order(full))]
     return out
 
@@ -331,11 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         print(report(saved["results"], study_objective(saved["meta"])))
         return 0
     wanted = set(filter(None, args.tasks.split(",")))
-    tasks = [t for t in TASK_SETS[args.set]() if not wanted or t.name in wanted]
+    pool = TASK_SETS[args.set]()
+    tasks = [t for t in pool if not wanted or t.name in wanted]
     unknown = wanted - {t.name for t in tasks}
     if unknown:
         ap.error(f"--tasks: {', '.join(sorted(unknown))} not in --set {args.set} (it has "
-                 f"{', '.join(t.name for t in TASK_SETS[args.set]())})")
+                 f"{', '.join(t.name for t in pool)})")
     meta = {"command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",

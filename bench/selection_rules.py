@@ -45,6 +45,15 @@ from ssad_common.strategy import ranked, trust
 Trial = dict[str, Any]
 Rule = Callable[[Sequence[Trial]], np.ndarray]
 
+
+@dataclass(frozen=True)
+class Named:
+    """A rule and the losses it reads: a run that did not record all of them (an
+    objective registered after the run) is not replayed for it."""
+
+    rule: Rule
+    needs: tuple[str, ...]
+
 #: The product's own choice (ssad_common.strategy.ranked: the default objective's loss),
 #: as bench.engine records it: the default objective's argmin. Result files written from
 #: 2026-12-01 to 02 also record the rank-sum rule of then, as "dsv+mmd ranks".
@@ -100,9 +109,13 @@ def tail_guard_order(trials: Sequence[Trial]) -> list[int]:
     first, by DSV's loss, then the vetoed ones, by DSV's loss (ties: the earlier trial).
     DSV keeps choosing; the tail objective only keeps it off the configurations farthest
     from the test set's tail, where DSV collapsed (docs/benchmarks.md §7, *The tail as a
-    guard*)."""
-    tail = np.array([t["losses"]["tail-energy"] for t in trials])
-    vetoed = tail > np.median(tail)
+    guard*). A trial without a finite tail loss is vetoed (the median is of the finite
+    ones)."""
+    tail = np.array([t["losses"]["tail-energy"] for t in trials], dtype=float)
+    finite = np.isfinite(tail)
+    vetoed = ~finite
+    if finite.any():
+        vetoed |= tail > np.median(tail[finite])
     return sorted(range(len(trials)), key=lambda i: (bool(vetoed[i]),
                                                       trials[i]["losses"]["dsv"],
                                                       trials[i]["number"]))
@@ -115,14 +128,15 @@ def tail_guard(trials: Sequence[Trial]) -> np.ndarray:
     return score
 
 
-def rank_sum(*names: str) -> Rule:
+def rank_sum(*names: str) -> Named:
     """Lowest sum of the trials' ranks under ``names`` (one name: its loss's argmin)."""
-    return lambda trials: sum((_ranks(trials, n) for n in names), np.zeros(len(trials)))
+    return Named(lambda trials: sum((_ranks(trials, n) for n in names),
+                                    np.zeros(len(trials))), names)
 
 
 #: Every rule compared, in the order they were tried. Ties go to the lower DSV loss.
-RULES: dict[str, Rule] = {
-    "dsv (shipped)": shipped,
+RULES: dict[str, Named] = {
+    "dsv (shipped)": Named(shipped, (DEFAULT_OBJECTIVE,)),
     "dsv-discordance": rank_sum("dsv-discordance"),
     "st-ssad": rank_sum("st-ssad"),
     "mean-distance": rank_sum("mean-distance"),
@@ -133,7 +147,7 @@ RULES: dict[str, Rule] = {
     "all five ranks": rank_sum("dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd"),
     "discordance + mmd ranks": rank_sum("dsv-discordance", "mmd"),
     "dsv + mean-distance ranks": rank_sum("dsv", "mean-distance"),
-    TAIL_GUARD: tail_guard,
+    TAIL_GUARD: Named(tail_guard, ("dsv", "tail-energy")),
 }
 
 
@@ -144,20 +158,22 @@ def selectable(result: dict[str, Any]) -> list[Trial]:
 
 
 def evaluate(results: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Per rule, per task: the pick's AUROC, its regret, and the two comparisons."""
+    """Per rule, per run it can replay (``run``: the run's index in ``results``; ``label``:
+    its task, and its file where the run carries one): the pick's AUROC, its regret, and
+    the two comparisons."""
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in RULES}
-    for r in results:
+    for i, r in enumerate(results):
         trials = selectable(r)
         aurocs = np.array([t["auroc"] for t in trials])
         dsv = np.array([t["losses"]["dsv"] for t in trials])
         pixel = max(r["pixel"].values())
-        for name, rule in RULES.items():
-            try:
-                by_rule = rule(trials)
-            except KeyError:  # a loss this run did not record (an objective added later)
+        label = r["task"] + (f" ({r['file']})" if "file" in r else "")
+        for name, named in RULES.items():
+            if not all(n in t["losses"] for t in trials for n in named.needs):
                 continue
-            pick = int(np.lexsort((dsv, by_rule))[0])
-            out[name].append({"task": r["task"], "auroc": float(aurocs[pick]),
+            pick = int(np.lexsort((dsv, named.rule(trials)))[0])
+            out[name].append({"run": i, "label": label, "task": r["task"],
+                              "auroc": float(aurocs[pick]),
                               "regret": float(aurocs.max() - aurocs[pick]),
                               "beats_mean": bool(aurocs[pick] > r["mean"]),
                               "above_pixels": bool(aurocs[pick] > pixel)})
@@ -170,6 +186,8 @@ def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
              "pixel baselines |", "|---|---|---|---|---|---|"]
     for name, rows in per_rule.items():
         if not rows:
+            lines.append(f"| {name} | 0 (no run recorded {', '.join(RULES[name].needs)}) "
+                         "| - | - | - | - |")
             continue
         n = len(rows)
         regrets = [x["regret"] for x in rows]
@@ -181,19 +199,20 @@ def report(per_rule: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def head_to_head(per_rule: dict[str, list[dict[str, Any]]], a: str, b: str) -> str:
-    """Rule ``a`` against rule ``b`` on the runs both could replay, by the AUROC of their
-    choices: per run, and how often each was higher (the twelfth and thirteenth rounds'
-    judge)."""
+    """Rule ``a`` against rule ``b``, run by run, by the AUROC of their choices, and how
+    often each was higher (the twelfth and thirteenth rounds' judge). Every run given must
+    be one both rules can replay."""
     if a not in per_rule or b not in per_rule:
         raise SystemExit(f"--versus: rules are {', '.join(per_rule)}")
-    rows_b = {(x["task"], i): x for i, x in enumerate(per_rule[b])}
-    rows_a = {(x["task"], i): x for i, x in enumerate(per_rule[a])}
-    pairs = [(rows_a[k], rows_b[k]) for k in rows_a if k in rows_b]
-    if len(rows_a) != len(rows_b) or len(pairs) != len(rows_a):
-        raise SystemExit(f"--versus: {a!r} replays {len(rows_a)} runs, {b!r} {len(rows_b)}; "
-                         "give only runs that recorded every loss both need")
+    rows_a = {x["run"]: x for x in per_rule[a]}
+    rows_b = {x["run"]: x for x in per_rule[b]}
+    if rows_a.keys() != rows_b.keys() or not rows_a:
+        raise SystemExit(f"--versus: {a!r} replays {len(rows_a)} runs, {b!r} {len(rows_b)}, "
+                         f"{len(rows_a.keys() & rows_b.keys())} of them the same; give only "
+                         "runs that recorded every loss both need")
+    pairs = [(rows_a[k], rows_b[k]) for k in sorted(rows_a)]
     lines = [f"| run | {a} | {b} |", "|---|---|---|"]
-    lines += [f"| {x['task']} | {x['auroc']:.3f} | {y['auroc']:.3f} |" for x, y in pairs]
+    lines += [f"| {x['label']} | {x['auroc']:.3f} | {y['auroc']:.3f} |" for x, y in pairs]
     wins = sum(x["auroc"] > y["auroc"] for x, y in pairs)
     losses = sum(x["auroc"] < y["auroc"] for x, y in pairs)
     mean_a = statistics.fmean(x["auroc"] for x, _ in pairs)
@@ -243,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--versus", nargs=2, metavar=("A", "B"),
                     help="rule A against rule B, run by run, by the AUROC of the choice")
     args = ap.parse_args(argv)
-    results = [r for f in args.results for r in json.loads(f.read_text())["results"]]
+    results = [{**r, "file": f.name} for f in args.results
+               for r in json.loads(f.read_text())["results"]]
     per_rule = evaluate(results)
     print(report(per_rule))
     if args.versus:

@@ -1,0 +1,89 @@
+"""bench.selection_rules: the thirteenth round's tail guard and the run-by-run judge.
+
+The guard and the judge decided a round (docs/benchmarks.md §7, *The tail as a guard*), so
+what they compute is pinned here on hand-made trials: which trials the guard vetoes, the
+order it leaves, and that the judge pairs runs, not task names."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from bench.selection_rules import (
+    TAIL_GUARD,
+    evaluate,
+    head_to_head,
+    report,
+    tail_guard_order,
+)
+
+GUARD_VS_DSV = (TAIL_GUARD, "dsv (shipped)")
+
+
+def trial(number: int, dsv: float, tail: float | None, auroc: float = 0.5) -> dict[str, Any]:
+    losses = {"dsv": dsv} if tail is None else {"dsv": dsv, "tail-energy": tail}
+    return {"number": number, "stage": "refine", "losses": losses, "auroc": auroc}
+
+
+def run(task: str, trials: list[dict[str, Any]], file: str) -> dict[str, Any]:
+    return {"task": task, "trials": trials, "mean": 0.5, "pixel": {"knn": 0.5}, "file": file}
+
+
+def test_the_guard_vetoes_the_trials_above_the_tail_median_and_dsv_chooses_among_the_rest() -> None:
+    # Nine trials: tail losses 1..9 in a shuffled order, so the median is 5 and the four
+    # trials with tail 6..9 are vetoed, whatever their DSV loss.
+    tails = [7, 2, 9, 5, 1, 8, 3, 6, 4]
+    dsvs = [-0.9, -0.1, -0.8, -0.3, -0.2, -0.7, -0.4, -0.6, -0.5]
+    trials = [trial(i, d, t) for i, (d, t) in enumerate(zip(dsvs, tails, strict=True))]
+    order = tail_guard_order(trials)
+    kept, vetoed = order[:5], order[5:]
+    assert {tails[i] for i in kept} == {1, 2, 3, 4, 5}
+    assert [dsvs[i] for i in kept] == sorted(dsvs[i] for i in kept)
+    assert [dsvs[i] for i in vetoed] == sorted(dsvs[i] for i in vetoed)
+    # DSV alone would take trial 0 (-0.9), whose tail loss (7) is above the median; the
+    # guard takes the lowest DSV loss among the kept: trial 8 (-0.5).
+    assert order[0] == 8
+    assert order[5] == 0
+
+
+def test_an_even_count_vetoes_above_the_midpoint_and_ties_go_to_the_earlier_trial() -> None:
+    # Four trials: median tail 2.5, so tails 3 and 4 are vetoed; trials 1 and 2 share a
+    # DSV loss and keep their numbers' order.
+    trials = [trial(0, -1.0, 4), trial(1, -0.5, 1), trial(2, -0.5, 2), trial(3, -2.0, 3)]
+    assert tail_guard_order(trials) == [1, 2, 3, 0]
+
+
+def test_a_trial_without_a_finite_tail_loss_is_vetoed() -> None:
+    # The median is of the finite losses (2.0): the NaN trial and trial 3 are vetoed. With
+    # NaN in the median nothing would be, and DSV's -9.0 would win.
+    trials = [trial(0, -9.0, math.nan), trial(1, -1.0, 1.0), trial(2, -2.0, 2.0),
+              trial(3, -3.0, 3.0)]
+    assert tail_guard_order(trials) == [2, 1, 0, 3]
+
+
+def test_the_judge_pairs_runs_not_task_names() -> None:
+    # The same task at two seeds (two files); the guard changes the choice at seed 1 only.
+    seed0 = [trial(0, -1.0, 1.0, auroc=0.9), trial(1, -0.5, 2.0, auroc=0.7),
+             trial(2, -0.2, 3.0, auroc=0.6)]
+    seed1 = [trial(0, -1.0, 3.0, auroc=0.4), trial(1, -0.5, 1.0, auroc=0.8),
+             trial(2, -0.2, 2.0, auroc=0.6)]
+    per_rule = evaluate([run("t", seed0, "s0.json"), run("t", seed1, "s1.json")])
+    text = head_to_head(per_rule, *GUARD_VS_DSV)
+    assert "| t (s0.json) | 0.900 | 0.900 |" in text
+    assert "| t (s1.json) | 0.800 | 0.400 |" in text
+    assert "higher on 1, dsv (shipped) on 0, 1 ties" in text
+
+
+def test_a_run_without_the_tail_loss_is_not_replayed_for_the_guard() -> None:
+    old = [trial(0, -1.0, None, auroc=0.9), trial(1, -0.5, None, auroc=0.7)]
+    new = [trial(0, -1.0, 2.0, auroc=0.4), trial(1, -0.5, 1.0, auroc=0.8)]
+    per_rule = evaluate([run("t", old, "old.json"), run("t", new, "new.json")])
+    assert [x["run"] for x in per_rule[TAIL_GUARD]] == [1]
+    assert [x["run"] for x in per_rule["dsv (shipped)"]] == [0, 1]
+    assert "| dsv, tail-energy guard | 1 |" in report(per_rule)
+    with pytest.raises(SystemExit, match="1 runs, 'dsv \\(shipped\\)' 2"):
+        head_to_head(per_rule, *GUARD_VS_DSV)
+    only_old = evaluate([run("t", old, "old.json")])
+    assert "| dsv, tail-energy guard | 0 (no run recorded dsv, tail-energy) |" in report(only_old)
