@@ -331,6 +331,21 @@ def confirmation9_tasks() -> list[Task]:
             cifar_one_class(0, seed=8)]
 
 
+def confirmation10_injected_tasks() -> list[Task]:
+    """Injected defects for the fourteenth round (the rank sum of DSV and MMD back as the
+    selection, 2026-12-03): digit, size and fill pairs never seen before, and other test
+    images (seed 9)."""
+    return held_out_injected(9, [("black", 8, 7), ("noise", 7, 9), ("grey220", 8, 3),
+                                 ("white", 6, 5)], (2, 12, 0))
+
+
+def confirmation10_tasks() -> list[Task]:
+    """Chosen in advance for the fourteenth round (committed before any run on them) and
+    never used for a decision: MNIST 9 and CIFAR ship with other test images (seed 9)."""
+    return [*confirmation10_injected_tasks(), mnist_one_class(9, seed=9),
+            cifar_one_class(8, seed=9)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -354,4 +369,4 @@ def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
             *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
             *confirmation6_tasks(), *confirmation7_tasks(),
-            *confirmation8_tasks(), *confirmation9_tasks()]
+            *confirmation8_tasks(), *confirmation9_tasks(), *confirmation10_tasks()]
