@@ -53,9 +53,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from bench.selection_rules import (
-    RANK_SUM,
     RULE,
-    RULES,
     TAIL_GUARD,
     product_ranking,
     study_objective,
@@ -199,14 +197,14 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
 
 
 #: What the family gap of the ways of choosing that rank by something other than a loss
-#: counts.
-GAP_UNITS = {TAIL_GUARD: "positions", RANK_SUM: "rank points"}
+#: counts (the product's rule records its own unit).
+GAP_UNITS = {TAIL_GUARD: "positions"}
 
 
 def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:
     """Per way of choosing, the selectable trials best first with the value they are
-    ranked by: the product's rule (:data:`RULE`, ssad_common.strategy.ranked, over the
-    default objective's loss alone), each other objective's loss alone, and the
+    ranked by: the product's rule (:data:`RULE`, ssad_common.strategy.ranked: the rank
+    sum of the default objective's loss and MMD's), each objective's loss alone, and the
     thirteenth round's candidate (:data:`TAIL_GUARD`: DSV with tail-energy's veto)."""
     chosen = product_ranking(trials)
     out: dict[str, list[tuple[float, dict[str, Any]]]] = {RULE: chosen}
@@ -214,11 +212,6 @@ def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict
         out[name] = sorted(((t["losses"][name], t) for _, t in chosen),
                            key=lambda p: (p[0], p[1]["number"]))
     full = [t for _, t in chosen]
-    if RANK_SUM not in out:  # the fourteenth round's rule, recorded beside DSV's argmin
-        sums = RULES[RANK_SUM].rule(full)
-        out[RANK_SUM] = [(float(sums[i]), full[i]) for i in sorted(
-            range(len(full)), key=lambda i: (sums[i], full[i]["losses"]["dsv"],
-                                             full[i]["number"]))]
     # ranked by position (0, 1, ...): the guard's order is not one loss's, so its
     # "Spearman of -loss" is of -position and its family gap is in positions
     out[TAIL_GUARD] = [(float(p), full[i]) for p, i in enumerate(tail_guard_order(full))]
@@ -237,13 +230,22 @@ def selection_entry(ranked_: list[tuple[float, dict[str, Any]]]) -> dict[str, An
             "regret": float(aurocs.max() - best["auroc"]), "spearman": float(rho)}
 
 
+def chooser(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """Whose choice a result file's trust table reads: the product's rule where the study
+    was the default objective's and every run recorded the rule, else the objective that
+    drove the study."""
+    drove = study_objective(meta)
+    if drove == DEFAULT_OBJECTIVE and all(RULE in r["objectives"] for r in results):
+        return RULE
+    return drove
+
+
 def report(results: list[dict[str, Any]], chooser: str = RULE) -> str:
-    """The Markdown report; its trust table reads ``chooser``'s choice (the objective
-    that drove the runs' study)."""
+    """The Markdown report; its trust table reads ``chooser``'s choice (:func:`chooser`)."""
     lines = []
     names = [RULE, *(n for n in OBJECTIVES if n != RULE)]
-    # Ways of choosing that every run recorded besides these: the rank-sum rule the product
-    # shipped on 2026-12-01 ("dsv+mmd ranks"), in the runs of then.
+    # Ways of choosing that every run recorded besides these (the tail guard in the runs
+    # of 2026-12-03; the rank sum, RULE, where the file is of 2026-12-02 to 03).
     names += [n for n in results[0]["objectives"]
               if n not in names and all(n in r["objectives"] for r in results)]
     lines.append("| task | oracle | mean | fixed cutpaste | ensemble (all) | iforest | knn | "
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.report_only:
         saved = json.loads(out.read_text())
-        print(report(saved["results"], study_objective(saved["meta"])))
+        print(report(saved["results"], chooser(saved["meta"], saved["results"])))
         return 0
     wanted = set(filter(None, args.tasks.split(",")))
     pool = TASK_SETS[args.set]()
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.legacy_budget, args.placement, args.objective))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
-    print(report(results, args.objective))
+    print(report(results, chooser(meta, results)))
     return 0
 
 

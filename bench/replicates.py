@@ -44,10 +44,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench.engine import TASK_SETS, selection_entry
-from bench.selection_rules import RULE
+from ssad_common.jobspec import DEFAULT_OBJECTIVE
 from worker.core.data import prepare
 from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
+
+#: The loss the tenth round chose its finalists by: the default objective's alone (the
+#: product's rule then; since 2026-12-03 the product ranks by it and MMD together).
+RULE = DEFAULT_OBJECTIVE
 
 FINALISTS = 2
 

@@ -365,8 +365,9 @@ def describe_plan(plan: dict[str, Any]) -> str:
 
 
 def gap_words(gap: float, unit: str | None) -> str:
-    """``selection.family_gap`` in words: the objective's loss, or rank points for jobs
-    that finished under the rank-sum rule (2026-12-01 and 02)."""
+    """``selection.family_gap`` in words: rank points (the selection rule's), or the
+    objective's loss for jobs stored when the best was the lowest loss (before 2026-12-01,
+    and 2026-12-02 to 03) and servers older than the unit."""
     if unit == "rank points":
         return f"{gap:g} rank point{'' if gap == 1 else 's'} behind"
     return f"{gap:.3g} behind in the objective's loss"

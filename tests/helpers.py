@@ -439,13 +439,17 @@ class Receiver:
 
 
 def by_selection_rule(trials: Sequence[Any]) -> list[tuple[float, int]]:
-    """(loss, trial number) of ``trials`` best first, as the product chooses among them
-    (the lowest objective loss; ties to the earlier trial), written here independently of
-    ssad_common.strategy.ranked. Takes the API's or the CLI's trial dicts or the worker's
-    TrialRecords, all full-length."""
+    """(rank sum, trial number) of ``trials`` best first, as the product chooses among them
+    (the rank under the loss plus the rank under MMD; ties to the lower loss, then the
+    earlier trial), written here independently of ssad_common.strategy.ranked. Takes the
+    API's or the CLI's trial dicts or the worker's TrialRecords, all full-length."""
+    from scipy.stats import rankdata
+
     def get(t: Any, key: str) -> Any:
         return t[key] if isinstance(t, dict) else getattr(t, key)
 
-    rows = [(float(get(t, "validation_loss")), int(get(t, "number")))
+    rows = [(get(t, "number"), get(t, "validation_loss"), get(t, "losses")["mmd"])
             for t in trials if get(t, "validation_loss") is not None]
-    return sorted(rows)
+    sums = rankdata([r[1] for r in rows]) + rankdata([r[2] for r in rows])
+    order = sorted(zip(sums, rows, strict=True), key=lambda p: (p[0], p[1][1], p[1][0]))
+    return [(float(total), row[0]) for total, row in order]

@@ -230,7 +230,7 @@ def test_tune_ensemble_writes_the_top_configurations_mean_z_score(
             finish_job_with_scores(pg_url, jobs[0]["id"], [
                 ("rotate", {"angle": 90.0}, -0.5, best), ("flip", {}, -0.2, other)],
                 {"best_trial": 0, "best_family": "rotate", "runner_up_family": "flip",
-                 "runner_up_trial": 1, "family_gap": 0.3, "family_gap_unit": "loss",
+                 "runner_up_trial": 1, "family_gap": 1.0, "family_gap_unit": "rank points",
                  "family_gap_share": 1.0, "top_k": 2, "top_trials": [0, 1],
                  "flagged_share": 0.25, "agreement_jaccard": 0.0, "agreement_spearman": -1.0,
                  "candidates": 2, "trust": "uncertain"})

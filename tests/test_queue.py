@@ -190,12 +190,12 @@ def test_slots_lost_together_count_as_one_lost_lease_while_the_job_goes_on(
         engine.dispose()
 
 
-def test_the_job_keeps_only_its_best_trials_detector_whatever_order_trials_end_in(
+def test_the_job_keeps_its_best_trials_detector_when_an_earlier_trial_becomes_best(
         db_url: str) -> None:
-    """One detector per job is stored at a time: the best trial's so far (the lowest loss;
-    ties to the earlier trial), also when parallel slots store trials out of order; it
-    becomes the job's ``model`` when the job ends, and none other is left (nor on a failed
-    job); the screen's is dropped once a full-length trial has completed."""
+    """The best is the lowest rank sum of loss and MMD, so a later trial can make an
+    earlier one the best again: every selectable trial's detector is kept while the job
+    runs, the best's becomes the job's ``model`` when it ends, and none other is left (nor
+    on a failed job); the screen's are dropped once a full-length trial has completed."""
     first, second = _one_queued_job(db_url), _one_queued_job(db_url)
     engine = make_engine(db_url)
     manager = JobManager(engine)
@@ -223,14 +223,14 @@ def test_the_job_keeps_only_its_best_trials_detector_whatever_order_trials_end_i
 
         record(0, -5.0, 0.0, "screen")
         assert set(artifacts(first)) == {"model-trial-0"}
-        record(1, 2.0, 3.0, "refine")  # the screen's detector can no longer be the best
+        record(1, 1.0, 3.0, "refine")  # the screen's detector can no longer be the best
         assert set(artifacts(first)) == {"model-trial-1"} and best(first) == 1
-        record(3, 3.0, 0.0, "refine")  # worse: not kept
-        assert set(artifacts(first)) == {"model-trial-1"} and best(first) == 1
-        record(2, 1.0, 9.0, "refine")  # a parallel slot's trial, stored last: the best now
-        assert set(artifacts(first)) == {"model-trial-2"} and best(first) == 2
-        record(4, 1.0, 0.0, "refine")  # as good (and the lowest MMD): trial 2 stays the best
-        assert set(artifacts(first)) == {"model-trial-2"} and best(first) == 2
+        record(2, 2.0, 1.0, "refine")  # rank sums 3 and 3: the lower loss, trial 1
+        assert best(first) == 1
+        assert set(artifacts(first)) == {"model-trial-1", "model-trial-2"}
+        record(3, 3.0, 2.0, "refine")  # rank sums 4, 3, 5: trial 2, recorded before
+        assert best(first) == 2
+        assert set(artifacts(first)) == {"model-trial-1", "model-trial-2", "model-trial-3"}
         manager.finish(first, held.attempt)
         assert artifacts(first) == {"model": (b"detector 2", 2)}
 

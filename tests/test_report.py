@@ -125,20 +125,21 @@ def test_with_keys_on_a_signed_link_reads_that_job_only(db_url: str, digits: Any
 
 
 def test_the_family_gap_unit_and_the_trust_verdict_for_new_and_old_jobs(db_url: str) -> None:
-    """A selection stored by this version counts its family gap in the objective's loss;
-    one stored under the rank-sum rule (2026-12-01 and 02) in rank points; one stored
-    before either, with no unit, in the loss: the API names each unit and the report page
-    says it, rather than calling a loss a rank point or the reverse. The trust verdict is
-    served for all: stored with the new, derived from the stored agreement for the old
-    (the same threshold), and the page gives its advice."""
+    """A selection stored by this version counts its family gap in rank points (the rank
+    sum of the objective and MMD, as from 2026-12-01 to 02); one stored while the best was
+    the lowest loss (2026-12-02 to 03) in the objective's loss; one stored before either,
+    with no unit, in the loss: the API names each unit and the report page says it, rather
+    than calling a loss a rank point or the reverse. The trust verdict is served for all:
+    stored with the new, derived from the stored agreement for the old (the same
+    threshold), and the page gives its advice."""
     sel = {"best_trial": 1, "best_family": "rotate", "runner_up_family": "flip",
            "runner_up_trial": 0, "family_gap_share": 0.5, "top_k": 2, "top_trials": [1, 0],
            "flagged_share": 0.1, "agreement_jaccard": 0.25, "agreement_spearman": -1.0,
            "candidates": 2}
-    stored = {"new": {**sel, "family_gap": 0.4, "family_gap_unit": "loss",
+    stored = {"new": {**sel, "family_gap": 1.0, "family_gap_unit": "rank points",
                       "trust": "uncertain"},
-              "ranks": {**sel, "family_gap": 1.0, "family_gap_unit": "rank points",
-                        "trust": "uncertain"},
+              "loss": {**sel, "family_gap": 0.4, "family_gap_unit": "loss",
+                       "trust": "uncertain"},
               "old": {**sel, "family_gap": 0.04213, "agreement_jaccard": 0.75}}
     with client(db_url) as api:
         seen = {}
@@ -150,11 +151,11 @@ def test_the_family_gap_unit_and_the_trust_verdict_for_new_and_old_jobs(db_url: 
                                    selection)
             seen[kind] = (api.get(f"/v1/jobs/{job_id}").json()["selection"],
                           api.get(f"/v1/jobs/{job_id}/report").text)
-    assert seen["new"][0]["family_gap_unit"] == "loss"
-    assert "is 0.4 behind in the objective's loss" in seen["new"][1]
-    assert "rank point" not in seen["new"][1]
-    assert seen["ranks"][0]["family_gap_unit"] == "rank points"
-    assert "is 1 rank point behind" in seen["ranks"][1]
+    assert seen["new"][0]["family_gap_unit"] == "rank points"
+    assert "is 1 rank point behind" in seen["new"][1]
+    assert seen["loss"][0]["family_gap_unit"] == "loss"
+    assert "is 0.4 behind in the objective's loss" in seen["loss"][1]
+    assert "rank point" not in seen["loss"][1]
     assert seen["old"][0]["family_gap"] == 0.04213
     assert seen["old"][0]["family_gap_unit"] == "loss"
     assert "is 0.0421 behind in the objective's loss" in seen["old"][1]

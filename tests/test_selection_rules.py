@@ -19,7 +19,7 @@ from bench.selection_rules import (
     tail_guard_order,
 )
 
-GUARD_VS_DSV = (TAIL_GUARD, "dsv (shipped)")
+GUARD_VS_DSV = (TAIL_GUARD, "dsv alone")
 
 
 def trial(number: int, dsv: float, tail: float | None, auroc: float = 0.5) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def test_the_judge_pairs_runs_not_task_names() -> None:
     text = head_to_head(per_rule, *GUARD_VS_DSV)
     assert "| t (s0.json) | 0.900 | 0.900 |" in text
     assert "| t (s1.json) | 0.800 | 0.400 |" in text
-    assert "higher on 1, dsv (shipped) on 0, 1 ties" in text
+    assert "higher on 1, dsv alone on 0, 1 ties" in text
 
 
 def test_a_run_without_the_tail_loss_is_not_replayed_for_the_guard() -> None:
@@ -81,9 +81,9 @@ def test_a_run_without_the_tail_loss_is_not_replayed_for_the_guard() -> None:
     new = [trial(0, -1.0, 2.0, auroc=0.4), trial(1, -0.5, 1.0, auroc=0.8)]
     per_rule = evaluate([run("t", old, "old.json"), run("t", new, "new.json")])
     assert [x["run"] for x in per_rule[TAIL_GUARD]] == [1]
-    assert [x["run"] for x in per_rule["dsv (shipped)"]] == [0, 1]
+    assert [x["run"] for x in per_rule["dsv alone"]] == [0, 1]
     assert "| dsv, tail-energy guard | 1 |" in report(per_rule)
-    with pytest.raises(SystemExit, match="1 runs, 'dsv \\(shipped\\)' 2"):
+    with pytest.raises(SystemExit, match="1 runs, 'dsv alone' 2"):
         head_to_head(per_rule, *GUARD_VS_DSV)
     only_old = evaluate([run("t", old, "old.json")])
     assert "| dsv, tail-energy guard | 0 (no run recorded dsv, tail-energy) |" in report(only_old)

@@ -70,7 +70,7 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     a = np.array([0.0, 1.0, 2.0, 3.0, 9.0, 8.0, 0.5, 0.2, 0.1, 0.3])
     same = a * 2 + 1  # flags the same images
     other = -a  # flags the opposite ones
-    # Best first, with their selection scores (losses), as ssad_common.strategy.ranked
+    # Best first, with their selection scores (rank sums), as ssad_common.strategy.ranked
     # gives them.
     cands = [Candidate(1, "cutout", 2.0, a), Candidate(2, "cutout", 3.5, same),
              Candidate(4, "rotate", 4.0, other), Candidate(3, "flip", 8.0, None)]
@@ -79,7 +79,7 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
     assert (d["runner_up_family"], d["runner_up_trial"]) == ("rotate", 4)
     assert d["family_gap"] == pytest.approx(2.0)
     assert d["family_gap_share"] == pytest.approx(2.0 / 6.0)
-    assert d["family_gap_unit"] == "loss"
+    assert d["family_gap_unit"] == "rank points"
     assert d["top_trials"] == [1, 2, 4] and d["candidates"] == 4
     # best vs same: the 2 flagged images coincide (1.0); best vs other: none do (0.0).
     assert d["agreement_jaccard"] == pytest.approx(0.5)
@@ -126,21 +126,29 @@ class Done:
         return {} if self.mmd is None else {"mmd": self.mmd}
 
 
-def test_the_result_is_chosen_by_the_objective_alone() -> None:
-    """The chosen trial has the lowest loss, whatever its other losses (the rank sum with
-    MMD of 2026-12-01 did not hold on held-out tasks); ties go to the earlier trial;
-    screen trials are chosen only when nothing else completed."""
-    far = Done(0, -0.9, mmd=0.5)  # the objective's favourite, MMD's worst: chosen
-    both = Done(1, -0.8, mmd=0.1)  # second and first: the lowest rank sum, once the best
+def test_the_result_is_chosen_by_the_objectives_rank_plus_mmds() -> None:
+    """DSV alone rewards far-away augmentations, MMD near ones: the chosen trial has the
+    lowest sum of its two ranks, not the lowest loss; ties go to the lower loss, then the
+    earlier trial; screen trials are chosen only when nothing else completed."""
+    far = Done(0, -0.9, mmd=0.5)  # the objective's favourite, MMD's worst
+    both = Done(1, -0.8, mmd=0.1)  # second and first: the lowest rank sum
     near = Done(2, -0.1, mmd=0.2)
-    assert [(score, t.number) for score, t in ranked([near, both, far])] == [
-        (-0.9, 0), (-0.8, 1), (-0.1, 2)]
-    assert selectable([near, far, both])[0] == far
-    assert selectable([Done(8, -0.9, mmd=math.nan), Done(9, -0.8, mmd=0.0)])[0].number == 8
-    # Ties: the earlier trial, whatever order they come in.
-    c, d = Done(7, -0.5, mmd=0.1), Done(6, -0.5, mmd=0.9)
-    assert [score for score, _ in ranked([c, d])] == [-0.5, -0.5]
+    assert [(score, t.number) for score, t in ranked([far, both, near])] == [
+        (3.0, 1), (4.0, 0), (5.0, 2)]
+    assert selectable([near, far, both])[0] == both
+    # Ties: a rank sum shared by two trials goes to the lower loss, then the earlier one.
+    a, b = Done(5, -0.5, mmd=0.2), Done(3, -0.4, mmd=0.1)
+    assert selectable([b, a]) == [a, b]
+    c, d = Done(7, -0.5, mmd=0.1), Done(6, -0.5, mmd=0.1)
+    assert [score for score, _ in ranked([c, d])] == [3.0, 3.0]
     assert selectable([c, d]) == [d, c]
+    # No MMD (a trial stored before the rule) ranks last by MMD.
+    old = Done(8, -0.9)  # and no number (NaN, a stored null) ranks last too
+    for odd in (math.nan, math.inf):
+        assert selectable([Done(8, -0.9, mmd=odd), Done(9, -0.8, mmd=0.9),
+                           Done(10, -0.7, mmd=1.0)])[0].number == 9
+    assert [t.number for t in selectable([old, Done(9, -0.8, mmd=0.9),
+                                          Done(10, -0.7, mmd=1.0)])] == [9, 8, 10]
     # Screen trials only when no full-length one completed; no loss, never.
     screen = Done(10, -2.0, mmd=0.0, stage=SCREEN)
     assert selectable([screen, near, Done(11, None)]) == [near]
@@ -204,6 +212,7 @@ def test_the_cli_states_a_screen_of_extra_configurations() -> None:
 def test_the_cli_states_the_family_gap_in_its_unit() -> None:
     from ssad_tune.client import describe_selection
 
+    # A job stored from 2026-12-02 to 03, when the best was the lowest loss.
     sel = {"runner_up_family": "cutout", "family_gap": 0.04213, "family_gap_share": 0.5,
            "family_gap_unit": "loss", "agreement_jaccard": 0.6, "top_k": 3}
     assert describe_selection(sel) == (
@@ -213,7 +222,7 @@ def test_the_cli_states_the_family_gap_in_its_unit() -> None:
     # A job stored before the unit (or a server older than it): a loss difference too.
     unit_less = {k: v for k, v in sel.items() if k != "family_gap_unit"}
     assert describe_selection(unit_less) == describe_selection(sel)
-    # A job that finished under the rank-sum rule (2026-12-01 and 02): rank points.
+    # A job of this version (and of 2026-12-01 to 02): the rank sum, in rank points.
     ranks = {**sel, "family_gap": 1.0, "family_gap_unit": "rank points"}
     assert "is 1 rank point behind (50%" in describe_selection(ranks)
     assert "is 2.5 rank points behind" in describe_selection({**ranks, "family_gap": 2.5})

@@ -71,8 +71,8 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         leaders = [t["augmentation"] for t in sorted(trials[:3], key=lambda t: (
             t["validation_loss"], t["number"]))][:2]
         assert [t["augmentation"] for t in refine] == leaders  # each leader at its defaults
-        # Chosen among the full-length trials only, by the objective's loss.
-        (best_loss, best_n), (other_loss, other_n) = by_selection_rule(refine)
+        # Chosen among the full-length trials only, by the rank sum of loss and MMD.
+        (best_sum, best_n), (other_sum, other_n) = by_selection_rule(refine)
         best = next(t for t in refine if t["number"] == best_n)
         other = next(t for t in refine if t["number"] == other_n)
         assert done["best"]["trial_number"] == best["number"]
@@ -81,8 +81,8 @@ def test_full_job_by_a_real_worker(db_url: str, tmp_path: Path,
         sel = done["selection"]
         assert sel["best_trial"] == best["number"] and sel["candidates"] == 2
         assert sel["runner_up_trial"] == other["number"]
-        assert sel["family_gap"] == pytest.approx(other_loss - best_loss)
-        assert sel["family_gap_unit"] == "loss"
+        assert sel["family_gap"] == pytest.approx(other_sum - best_sum)
+        assert sel["family_gap_unit"] == "rank points"
         assert sel["top_trials"] == [best["number"], other["number"]]
         assert 0.0 <= sel["agreement_jaccard"] <= 1.0
         assert sel["trust"] == ("decisive" if sel["agreement_jaccard"] >= 0.5 else "uncertain")

@@ -385,9 +385,9 @@ class JobManager:
         stage: str | None = None, train_steps: int | None = None,
     ) -> None:
         """Store one finished trial, its scores and the job's progress in one transaction,
-        with ``model`` (its detector) kept while it is the best (:meth:`_keep_best_model`;
-        the best's becomes the job's ``model`` artifact when the job ends). A repeat (a
-        retry after the commit's acknowledgement was lost) stores nothing."""
+        with ``model`` (its detector) as a candidate for the job's ``model`` artifact
+        (:meth:`_keep_candidate_models`). A repeat (a retry after the commit's
+        acknowledgement was lost) stores nothing."""
         with self._tx() as s:
             ran = self._fenced_new_trial(s, job_id, attempt, number)
             if ran is None:
@@ -402,9 +402,9 @@ class JobManager:
             s.execute(insert(TrialScore), [
                 {"job_id": job_id, "trial_number": number, "index": i, "score": float(v)}
                 for i, v in enumerate(scores)])
-            best = self._update_progress(s, job_id)
+            candidates = self._update_progress(s, job_id)
             if model is not None:
-                self._keep_best_model(s, job_id, best, number, model, {
+                self._keep_candidate_models(s, job_id, candidates, number, model, {
                     "trial_number": number, "augmentation": augmentation,
                     "params": dict(params), "validation_loss": validation_loss})
 
@@ -448,16 +448,17 @@ class JobManager:
         return {"worker_id": slot.worker_id, "started_at": started, "finished_at": utcnow()}
 
     @classmethod
-    def _keep_best_model(cls, s: Session, job_id: str, best: JobTrial | None,
-                         number: int, model: bytes, meta: Mapping[str, Any]) -> None:
-        """Keep the detector of the best trial so far (``best``,
-        ssad_common.strategy.selectable's first) until the job ends: trial ``number``'s if
-        it is the best, and drop any other. A trial that is not the best when it is stored
-        never becomes the best later (its selection score, the objective's loss, does not
-        depend on the other trials), so one detector per job is stored at a time."""
-        names = [] if best is None else [f"{TRIAL_MODEL_PREFIX}{best.number}"]
-        if best is not None and best.number == number:
-            cls._put_artifact(s, job_id, names[0], MODEL_CONTENT_TYPE, model, meta)
+    def _keep_candidate_models(cls, s: Session, job_id: str, candidates: Sequence[JobTrial],
+                               number: int, model: bytes, meta: Mapping[str, Any]) -> None:
+        """Keep the detectors of the trials that can still be the best (``candidates``,
+        ssad_common.strategy.selectable's) until the job ends, trial ``number``'s among
+        them if it is one: under the selection rule a later trial can make an earlier one
+        the best. The others' are dropped (the screen's, once a full-length trial has
+        completed)."""
+        names = [f"{TRIAL_MODEL_PREFIX}{t.number}" for t in candidates]
+        if any(t.number == number for t in candidates):
+            cls._put_artifact(s, job_id, f"{TRIAL_MODEL_PREFIX}{number}", MODEL_CONTENT_TYPE,
+                              model, meta)
         s.execute(delete(JobArtifact).where(
             JobArtifact.job_id == job_id, JobArtifact.name.startswith(TRIAL_MODEL_PREFIX),
             JobArtifact.name.not_in(names)))
@@ -483,9 +484,9 @@ class JobManager:
             row = s.get(JobArtifact, (job_id, name))
             return None if row is None else (row.data, dict(row.meta))
 
-    def _update_progress(self, s: Session, job_id: str) -> JobTrial | None:
+    def _update_progress(self, s: Session, job_id: str) -> list[JobTrial]:
         """Write the job's progress and best so far (ssad_common.strategy.selectable's
-        first); returns the best."""
+        first); returns the trials that can still be the best, best first."""
         candidates = self._selectable(s, job_id)
         best = candidates[0] if candidates else None
         # Steps done: the plan's steps used up, failed trials' too; the pace (seconds per
@@ -502,7 +503,7 @@ class JobManager:
             train_seconds_done=float(seconds),
             best=None if best is None else _best_json(best),
             best_trial_number=None if best is None else best.number))
-        return best
+        return candidates
 
     @retry_transient
     def stored_trial_loss(self, job_id: str, number: int) -> float | None:
@@ -617,8 +618,8 @@ def _close(s: Session, job_id: str, attempt: int, to: JobStatus, message: str,
 
 
 def drop_trial_models(s: Session, job_id: str) -> None:
-    """The best trial so far's detector, kept while the job runs (see
-    JobManager._keep_best_model): not needed once the job has ended."""
+    """The detectors of the trials that could still be the best, kept while the job runs
+    (see JobManager._keep_candidate_models): not needed once the job has ended."""
     s.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id,
                                         JobArtifact.name.startswith(TRIAL_MODEL_PREFIX)))
 

@@ -88,8 +88,8 @@ def _progress(job: Job, plan: StudyPlan | None) -> Progress:
 
 def selection_out(stored: dict[str, Any] | None) -> dict[str, Any] | None:
     """A job's stored ``selection`` as served now. Fields stored before they existed are
-    filled in: the unit of its ``family_gap`` (jobs stored before the unit have a gap in
-    the objective's loss) and the ``trust`` verdict (from the stored
+    filled in: the unit of its ``family_gap`` (jobs stored before the unit existed have a
+    gap in the objective's loss) and the ``trust`` verdict (from the stored
     agreement, by the same rule the worker applies)."""
     if not stored:
         return stored

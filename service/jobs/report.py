@@ -39,7 +39,8 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
 PLOTS = (
     ("history", "Optimisation history", "each full-length trial's validation loss and the "
                                         "lowest so far (a short screen trial cannot be the "
-                                        "result)"),
+                                        "result; the best is ranked by loss and MMD "
+                                        "together)"),
     ("slice", "Loss against each hyperparameter", "Optuna's slice plot: the patch size of "
                                                   "each local family, the other families' "
                                                   "parameters"),

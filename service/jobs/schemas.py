@@ -186,13 +186,14 @@ class SelectionOut(BaseModel):
                                                      "candidates (full-length trials)")
     runner_up_trial: int | None
     family_gap: float | None = Field(
-        description="the runner-up family's best objective loss − the best trial's (the "
-                    "best has the lowest), or in rank points: see family_gap_unit")
+        description="the runner-up family's best rank sum − the best trial's (rank sum: "
+                    "the rank under the objective's loss plus the rank under MMD among the "
+                    "candidates; the best has the lowest)")
     family_gap_unit: Literal["rank points", "loss"] | None = Field(
-        None, description="what family_gap counts: `loss`, the objective's loss (as above); "
-                          "`rank points` for jobs that finished under the rank-sum release "
-                          "(2026-12-01), whose best trial had the lowest sum of its ranks "
-                          "under the objective and under MMD")
+        None, description="what family_gap counts: `rank points` (rank sums, as above); "
+                          "`loss`, the objective's loss, for jobs that finished before "
+                          "2026-12-01 or from 2026-12-02 to 03, when the best trial was "
+                          "the lowest loss, whose gap is the loss difference")
     family_gap_share: float | None = Field(
         description="family_gap / (largest − smallest candidate score)")
     top_k: int

@@ -2,10 +2,11 @@
 
 Two signals, from what every study already has:
 
-* **family gap**: the selection score (:func:`ssad_common.strategy.ranked`: the
-  objective's loss) of the best trial of the runner-up family minus the best trial's, also
-  as a share of the spread of the scores among the candidates. A small gap says another
-  family did about as well: the choice between them is close to a coin.
+* **family gap**: the selection score (:func:`ssad_common.strategy.ranked`: the rank
+  under the objective plus the rank under MMD) of the best trial of the runner-up family
+  minus the best trial's, also as a share of the spread of the scores among the
+  candidates. A small gap says another family did about as well: the choice between them
+  is close to a coin.
 * **agreement**: do the top configurations flag the same test images? Each of the top-k
   candidates flags its ``contamination`` share of highest-scoring test images;
   agreement is the mean Jaccard overlap of the best's flagged set with each runner-up's,
@@ -59,9 +60,9 @@ def _flagged(scores: np.ndarray, share: float) -> set[int]:
     return set(np.argsort(-scores, kind="stable")[:n].tolist())
 
 
-#: What ``family_gap`` counts: the candidates' scores are the objective's losses (jobs
-#: stored under the rank-sum rule of 2026-12-01 say "rank points").
-GAP_UNIT = "loss"
+#: What ``family_gap`` counts: the candidates' scores are rank sums (the selection rule;
+#: jobs stored from 2026-12-02 to 03, when the best was the lowest loss, say "loss").
+GAP_UNIT = "rank points"
 
 
 def decisiveness(candidates: Sequence[Candidate], contamination: float,

@@ -519,8 +519,8 @@ def run_study_slot(
     A trial that runs out of device memory, or whose loss is not finite, is marked FAIL
     with its reason (``on_fail(number, family, params, reason, stage, train_steps)``) and
     the study goes on; it counts against ``n_trials``. Any other exception ends the study.
-    The best trial is the completed full-length one with the lowest loss
-    (ssad_common.strategy.selectable).
+    The best trial is the completed full-length one with the lowest rank sum under the
+    objective and MMD (ssad_common.strategy.selectable).
     ``on_progress(number, step, steps, loss)`` reports the running trial's training (see
     ``run_trial``'s ``progress``).
     """
