@@ -13,11 +13,16 @@ It reads labels only through the engine's stored AUROCs (bench/ only)::
         --design anywhere=engine-staged2-dev2.json,engine-anywhere-seed1-dev.json \\
         --design fills=engine-fills-seed0-dev.json,engine-fills-seed1-dev.json
 
+The default judge is the argmin of the objective that drove the study, so that the
+figures documented for older files reproduce; the product's own choice since 2026-12-03,
+the rank sum of DSV and MMD, is ``--objective "dsv+mmd ranks"`` (recorded by runs from
+then, and by those of 2026-12-01 to 02).
+
 ``--all-kinds`` counts the one-class runs too (their family columns count nothing);
-``--output ensemble`` judges the top-3 ensemble each run recorded (``?ensemble=3``: the
-mean z-score of the three full-length configurations with the objective's lowest losses)
-instead of the single choice (it is no one family or size, so those columns count
-nothing).
+``--output ensemble`` judges the top-3 ensemble each run recorded for the judged way of
+choosing (``?ensemble=3``: the mean z-score of the first three full-length configurations
+in its order) instead of the single choice (it is no one family or size, so those columns
+count nothing).
 
 A file name that is not a path to a file is looked up in ``bench/results/``. Rows are
 matched by task name; a design missing a task's run is reported as such.

@@ -13,7 +13,9 @@ development runs (2026-12-01), the eleven rules below being all that were compar
         bench/results/engine-staged-confirmation.json bench/results/engine-staged2-dev2.json
 
 It did not hold on three held-out sets, so the product went back to the default objective
-alone (ssad_common.strategy.ranked; docs/benchmarks.md §7, *The selection rule*).
+alone (docs/benchmarks.md §7, *The selection rule*), and back to the rank sum on 2026-12-03
+once every recorded study could be replayed (146 runs; *The rank sum of DSV and MMD,
+back*; ssad_common.strategy.ranked).
 
 The thirteenth round's guard (DSV chooses, tail-energy vetoes; fixed before its runs,
 2026-12-03) was judged by the AUROC of the choice over twelve development runs::

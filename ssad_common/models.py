@@ -336,8 +336,9 @@ class TrialScore(Base):
 
 #: The artifact holding a job's best trial's detector (worker/core/export.py's format).
 MODEL_ARTIFACT = "model"
-#: While a job runs, its best trial so far keeps its detector as ``model-trial-<number>``
-#: (one per job); the job's end keeps it as ``model`` and drops the per-trial copy.
+#: While a job runs, every trial that can still be the best keeps its detector as
+#: ``model-trial-<number>`` (under the rank sum a later trial can make an earlier one the
+#: best); the job's end keeps the best's as ``model`` and drops the others.
 TRIAL_MODEL_PREFIX = "model-trial-"
 MODEL_CONTENT_TYPE = "application/vnd.ssad-tune.detector+torch"
 

@@ -1,8 +1,8 @@
 """``ssad-tune tune TRAIN TEST``: the HTTP client for people at a terminal.
 
 Uploads both files, creates the job, follows its progress live (server-sent events, with a
-progress bar: trials done / total, the running trial's step and training loss, best loss
-so far, elapsed, ETA from the training-step rate), then writes the scores
+progress bar: trials done / total, the running trial's step and training loss, the best
+trial's loss so far, elapsed, ETA from the training-step rate), then writes the scores
 CSV and prints the best configuration and the suggested threshold. Talks to any server:
 ``--url``, else ``SSAD_URL``, else ``SSAD_HOST``/``SSAD_PORT`` (the variables ``ssad-tune
 serve`` reads), else http://127.0.0.1:8000; the API key comes from ``SSAD_API_KEY``. Every

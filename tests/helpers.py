@@ -176,11 +176,13 @@ def wait_http_ok(url: str, timeout: float = 60, every: float = 0.2) -> None:
 
 def finish_job_with_scores(db_url: str, job_id: str,
                            trials: list[tuple[str, dict[str, Any], float, list[float]]],
-                           selection: dict[str, Any] | None = None) -> None:
+                           selection: dict[str, Any] | None = None,
+                           mmd: Sequence[float] | None = None) -> None:
     """Play the worker's part for a queued job without training: claim it, store each
-    ``(augmentation, params, loss, scores)`` as a finished trial, and finish it with
-    ``selection`` (the worker's own JobManager calls, so what the API reads is what a
-    worker writes)."""
+    ``(augmentation, params, loss, scores)`` as a finished trial (with ``mmd[i]`` as its
+    MMD loss where given; without MMD the rank sum falls back to the loss order), and
+    finish it with ``selection`` (the worker's own JobManager calls, so what the API reads
+    is what a worker writes)."""
     from ssad_common.db import make_engine
     from worker.manager import JobManager
 
@@ -191,7 +193,9 @@ def finish_job_with_scores(db_url: str, job_id: str,
         assert claimed is not None and claimed.id == job_id
         for number, (family, params, loss, scores) in enumerate(trials):
             manager.record_trial(job_id, claimed.attempt, number, augmentation=family,
-                                 params=params, validation_loss=loss, losses={"dsv": loss},
+                                 params=params, validation_loss=loss,
+                                 losses={"dsv": loss} if mmd is None else
+                                 {"dsv": loss, "mmd": mmd[number]},
                                  timings={"total_s": 1.0 + number}, scores=scores)
         manager.finish(job_id, claimed.attempt, selection)
     finally:

@@ -169,8 +169,9 @@ def test_the_family_gap_unit_and_the_trust_verdict_for_new_and_old_jobs(db_url: 
 def test_the_ensemble_starts_with_the_top_trials_the_jobs_selection_was_computed_on(
         db_url: str) -> None:
     """``?ensemble=k`` takes the trials the stored selection names first (a job chosen
-    under the rank-sum rule keeps its own best and top trials, not today's loss order),
-    then the others by the selection rule; a job of this version: by loss."""
+    under another rule, here one stored while the best was the lowest loss, keeps its own
+    best and top trials, not today's order), then the others by the selection rule (the
+    rank sum of loss and MMD, which here orders them otherwise than the loss does)."""
     from sqlalchemy import update
 
     from ssad_common.models import Job
@@ -184,7 +185,7 @@ def test_the_ensemble_starts_with_the_top_trials_the_jobs_selection_was_computed
         finish_job_with_scores(db_url, new, trials, {"top_trials": [1, 2, 0]})
         finish_job_with_scores(db_url, ranks, trials, {"top_trials": [0, 2, 1]})
         engine = make_engine(db_url)
-        try:  # as the rank-sum release stored it: its best, trial 0, not the lowest loss
+        try:  # as an earlier release stored it: its best, trial 0, not today's
             with session_scope(engine) as s:
                 s.execute(update(Job).where(Job.id == ranks).values(best_trial_number=0))
         finally:
@@ -193,8 +194,11 @@ def test_the_ensemble_starts_with_the_top_trials_the_jobs_selection_was_computed
                for j, k in ((new, 2), (ranks, 2))}
         assert (got[new]["trial_number"], got[new]["ensemble_trials"]) == (1, [1, 2])
         assert (got[ranks]["trial_number"], got[ranks]["ensemble_trials"]) == (0, [0, 2])
-        # Beyond the stored top trials, the others by loss.
+        # Beyond the stored top trials, the others by the rank sum: loss ranks rotate 1,
+        # invert 2, flip 3; MMD ranks flip 1, rotate 2, invert 3; sums rotate 3, flip 4,
+        # invert 5 (by loss alone invert would come before flip).
         finish_job_with_scores(db_url, (short := api.post(
-            "/v1/jobs", json=tiny_job(tr, tr)).json()["id"]), trials, {"top_trials": [2]})
+            "/v1/jobs", json=tiny_job(tr, tr)).json()["id"]), trials, {"top_trials": [1]},
+            mmd=[0.0, 0.5, 0.9])
         assert api.get(f"/v1/jobs/{short}/scores", params={"ensemble": 3}).json()[
-            "ensemble_trials"] == [2, 1, 0]
+            "ensemble_trials"] == [1, 0, 2]

@@ -219,8 +219,13 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
         if result is None:  # the job's last trials run on other slots, which finish it
             manager.leave(job.id, job.attempt)
             return "left"
-        store_augmentation_sample(manager, job, data.train, result.best.augmentation,
-                                  result.best.params, spec.seed)
+        # The database's best, the one finish() chooses (under the rank sum it depends on
+        # every stored trial, and Optuna's list can differ from the database's by a trial
+        # whose commit landed but whose acknowledgement was lost).
+        stored = manager.selectable_trials(job.id, 0)
+        best = stored[0][0] if stored else result.best
+        store_augmentation_sample(manager, job, data.train, best.augmentation,
+                                  dict(best.params), spec.seed)
         try:
             selection = selection_summary(manager, job.id, spec)
         except Exception:  # a summary is not worth failing a finished study over

@@ -367,7 +367,8 @@ def create_score_job(session: Session, tenant_id: str, source_id: str, dataset_i
                        "has succeeded")
     if not repo.has_artifact(session, source_id, MODEL_ARTIFACT):
         raise Conflict(f"job {source_id} has no stored detector (it finished before "
-                       "detectors were kept); run it again to score new data")
+                       "detectors were kept, or across the release that changed which "
+                       "trial is best); run it again to score new data")
     dataset = _dataset(session, tenant_id, dataset_id, "")
     train = _dataset(session, tenant_id, source.train_dataset_id, "train")
     if dataset.channels != train.channels:
