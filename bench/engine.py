@@ -166,8 +166,8 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
         cands = [Candidate(t["number"], t["augmentation"], value, scores[t["number"]])
                  for value, t in ranked_]
         decided = decisiveness(cands, settings.contamination)
-        if name in GAP_UNITS and decided["family_gap"] is not None:
-            decided["family_gap_unit"] = GAP_UNITS[name]  # not one loss's difference
+        if name == TAIL_GUARD and decided["family_gap"] is not None:
+            decided["family_gap_unit"] = "positions"  # ranked by place, not by one loss
         per_objective[name] = {
             **selection_entry(ranked_),
             "ensemble_top": float(roc_auc_score(task.labels, ensemble_scores(cands, TOP_K))),
@@ -194,11 +194,6 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
         "objectives": per_objective, "trials": trials,
     }
     return out
-
-
-#: What the family gap of the ways of choosing that rank by something other than a loss
-#: counts (the product's rule records its own unit).
-GAP_UNITS = {TAIL_GUARD: "positions"}
 
 
 def selections(trials: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:

@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from ssad_common.db import is_transient
 from ssad_common.detectors import working_size
 from ssad_common.jobspec import ScoreSpec, TuneSpec, load_spec
 from ssad_common.logs import current_job, job_context
-from ssad_common.models import MODEL_ARTIFACT
+from ssad_common.models import MODEL_ARTIFACT, JobTrial
 from ssad_common.search_space import SearchSpace
 from worker.cache import ArrayCache
 from worker.context import WorkerContext
@@ -140,11 +141,13 @@ def run_score_job(job: ClaimedJob, spec: ScoreSpec, manager: JobManager, cache: 
     return done
 
 
-def selection_summary(manager: JobManager, job_id: str, spec: TuneSpec) -> dict[str, Any]:
-    """How decisive the choice was, from the stored trials (all attempts' trials count)."""
+def selection_summary(stored: Sequence[tuple[JobTrial, float, list[float] | None]],
+                      spec: TuneSpec) -> dict[str, Any]:
+    """How decisive the choice was, from the stored trials (all attempts' trials count):
+    ``stored`` as JobManager.selectable_trials gives them, the first TOP_K with scores."""
     candidates = [Candidate(t.number, t.augmentation, score,
                             None if scores is None else np.asarray(scores, dtype=np.float64))
-                  for t, score, scores in manager.selectable_trials(job_id, TOP_K)]
+                  for t, score, scores in stored]
     return decisiveness(candidates, spec.contamination)
 
 
@@ -219,15 +222,16 @@ def _run_job(job: ClaimedJob, ctx: WorkerContext[JobManager]) -> str:
         if result is None:  # the job's last trials run on other slots, which finish it
             manager.leave(job.id, job.attempt)
             return "left"
-        # The database's best, the one finish() chooses (under the rank sum it depends on
-        # every stored trial, and Optuna's list can differ from the database's by a trial
-        # whose commit landed but whose acknowledgement was lost).
-        stored = manager.selectable_trials(job.id, 0)
+        # The database's trials, read once: its best is the one finish() chooses (under
+        # the rank sum it depends on every stored trial, and Optuna's list can differ from
+        # the database's by a trial whose commit landed but whose acknowledgement was lost),
+        # and the selection summary reads the same rows.
+        stored = manager.selectable_trials(job.id, TOP_K)
         best = stored[0][0] if stored else result.best
         store_augmentation_sample(manager, job, data.train, best.augmentation,
                                   dict(best.params), spec.seed)
         try:
-            selection = selection_summary(manager, job.id, spec)
+            selection = selection_summary(stored, spec)
         except Exception:  # a summary is not worth failing a finished study over
             log.exception("job %s: could not summarise how decisive the choice was", job.id)
             selection = None
