@@ -22,7 +22,9 @@ from ssad_common.strategy import DEFAULT_STRATEGY, StrategyName
 
 ObjectiveName = Literal["dsv", "dsv-discordance", "st-ssad", "mean-distance", "mmd",
                         "tail-energy"]
-ScorerName = Literal["mahalanobis", "logit"]
+#: mahalanobis: a Gaussian on the embedding (method.md §2); multilevel: one on every level of
+#: the encoder's pooled features side by side (worker/core/scoring.py); logit: the margin.
+ScorerName = Literal["mahalanobis", "multilevel", "logit"]
 #: The detector's encoder (what each is and costs: ssad_common/detectors.py).
 DetectorName = Literal["small", "resnet18"]
 JobKind = Literal["tune", "score"]
@@ -34,7 +36,7 @@ DEFAULT_CONTAMINATION: Final = 0.1
 DEFAULT_TRAIN_STEPS: Final = 400
 DEFAULT_BATCH_SIZE: Final = 64
 DEFAULT_SEED: Final = 0
-DEFAULT_SCORER: Final[ScorerName] = "mahalanobis"
+DEFAULT_SCORER: Final[ScorerName] = "multilevel"
 DEFAULT_DETECTOR: Final[DetectorName] = "small"
 
 #: The bounds of each parameter (the API's 422s, and what the worker accepts).
@@ -63,7 +65,10 @@ class TuneSpec(BaseModel):
     train_steps: TrainSteps
     batch_size: BatchSize = Field(description="after clamping to the train set's size")
     seed: Seed
-    scorer: ScorerName = DEFAULT_SCORER
+    scorer: ScorerName = Field(
+        "mahalanobis", description="rows written before the scorer was a field were scored "
+                                   "by mahalanobis, hence this default for stored rows "
+                                   f"(requests default to {DEFAULT_SCORER!r})")
     strategy: StrategyName = Field(
         "tpe", description="how the budget is spent (ssad_common/strategy.py); rows written "
                            "before strategies existed ran warm start + TPE, hence this "

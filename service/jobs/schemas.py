@@ -86,7 +86,14 @@ class JobCreate(BaseModel):
                                               "n_trials × train_steps × batch_size must fit "
                                               "the tenant's compute quota (403 otherwise)")
     seed: Seed = DEFAULT_SEED
-    scorer: ScorerName = DEFAULT_SCORER
+    scorer: ScorerName = Field(
+        DEFAULT_SCORER,
+        description="how a trained detector scores an image: multilevel (the Mahalanobis "
+                    "distance under a Ledoit-Wolf Gaussian fitted on the train images' "
+                    "encoder features after the stem and after every block, side by side), "
+                    "mahalanobis (the same on the embedding only) or logit (the "
+                    "classifier's 'augmented' margin). The scorer changes the scores, not "
+                    "which trial is chosen")
     detector: DetectorName = Field(
         DEFAULT_DETECTOR,
         description="the detector trained in each trial: small (a 16-wide ResNet whose stem "

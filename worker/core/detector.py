@@ -149,6 +149,17 @@ class Detector(nn.Module):
         """L2-normalised embedding: what the objectives and the Mahalanobis scorer see."""
         return F.normalize(self.features(x), dim=1)
 
+    def level_features(self, x: Tensor) -> list[Tensor]:
+        """The encoder's feature maps after the stem and after every block, each globally
+        average-pooled (unnormalised): what the multilevel scorer fits a Gaussian to, one
+        per level. The last is :meth:`features`."""
+        h = self.encoder.stem(self._normalise_input(x))
+        levels = [h]
+        for block in self.encoder.stages:
+            h = block(h)
+            levels.append(h)
+        return [F.adaptive_avg_pool2d(m, 1).flatten(1) for m in levels]
+
     def load_backbone(self, path: str | Path) -> None:
         """Load encoder weights from a local file saved with ``torch.save(state_dict)``.
 

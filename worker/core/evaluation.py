@@ -4,8 +4,8 @@ the embeddings X, Y, Z, and the test scores with the scorer's fit kept for new d
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 from worker.core.data import PreparedData
 from worker.core.detector import Detector
 from worker.core.export import ScoringModel
-from worker.core.inference import augmented_logits, embed_xyz
+from worker.core.inference import augmented_logits, embed_xyz, levels_of
 from worker.core.objectives import OBJECTIVES
 from worker.core.scoring import mahalanobis_apply, mahalanobis_fit
 
@@ -25,6 +25,23 @@ class Evaluation:
     scores: np.ndarray
     timings: dict[str, float]
     model: ScoringModel | None = None
+    extra_scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def fit_and_score(scorer: str, model: Detector, data: PreparedData, x_idx: Tensor, x: Tensor,
+                  z: Tensor) -> tuple[np.ndarray, ScoringModel]:
+    """The test scores under ``scorer``, fitted on the train images ``x_idx`` (their
+    embeddings ``x``; ``z``: the test set's), and the detector with that fit kept."""
+    if scorer == "mahalanobis":
+        location, precision = mahalanobis_fit(x.cpu().numpy())
+        return (mahalanobis_apply(location, precision, z.cpu().numpy()),
+                ScoringModel.capture(model, scorer, location, precision))
+    if scorer == "multilevel":
+        location, precision = mahalanobis_fit(levels_of(model, data.train[x_idx]))
+        return (mahalanobis_apply(location, precision, levels_of(model, data.test)),
+                ScoringModel.capture(model, scorer, location, precision))
+    scores = augmented_logits(model, data.test).cpu().numpy().astype(np.float64)
+    return scores, ScoringModel.capture(model, scorer)
 
 
 def evaluate(
@@ -35,9 +52,11 @@ def evaluate(
     y_idx: Tensor,
     scorer: str,
     g: torch.Generator,
+    also: Sequence[str] = (),
 ) -> Evaluation:
     """Embeddings X, Y, Z of the trained detector → every objective's loss, and the test
-    scores (method.md §2, §4)."""
+    scores (method.md §2, §4); ``also``: other scorers' scores of the same detector, for
+    benchmarks (``Evaluation.extra_scores``)."""
     t_embed = time.perf_counter()
     x, y, z = embed_xyz(model, data.train[x_idx], data.train[y_idx], data.test, augment, g)
     embed_s = time.perf_counter() - t_embed
@@ -48,16 +67,11 @@ def evaluate(
     loss_s = time.perf_counter() - t_loss
 
     t_score = time.perf_counter()
-    if scorer == "mahalanobis":
-        location, precision = mahalanobis_fit(x.cpu().numpy())
-        scores = mahalanobis_apply(location, precision, z.cpu().numpy())
-        kept = ScoringModel.capture(model, scorer, location, precision)
-    else:
-        scores = augmented_logits(model, data.test).cpu().numpy().astype(np.float64)
-        kept = ScoringModel.capture(model, scorer)
+    scores, kept = fit_and_score(scorer, model, data, x_idx, x, z)
     score_s = time.perf_counter() - t_score
+    extra = {name: fit_and_score(name, model, data, x_idx, x, z)[0] for name in also}
     return Evaluation(losses, scores,
-                      {"embed_s": embed_s, "loss_s": loss_s, "score_s": score_s}, kept)
+                      {"embed_s": embed_s, "loss_s": loss_s, "score_s": score_s}, kept, extra)
 
 
 @torch.no_grad()

@@ -17,18 +17,22 @@ from torch import Tensor
 
 from worker.core.data import to_working_tensor
 from worker.core.detector import Detector, DetectorConfig
-from worker.core.inference import augmented_logits, embed_all
+from worker.core.inference import augmented_logits, embed_all, levels_of
 from worker.core.scoring import mahalanobis_apply
 
+#: Format 2 is a detector scored by ``multilevel``, which a version that knows only format 1
+#: must refuse rather than score by its logit; every other detector is still written as 1.
 FORMAT = 1
+MULTILEVEL_FORMAT = 2
+FORMATS = (FORMAT, MULTILEVEL_FORMAT)
 
 
 @dataclass(frozen=True)
 class ScoringModel:
     config: DetectorConfig
     state_dict: dict[str, Tensor]
-    scorer: str  # "mahalanobis" or "logit"
-    location: np.ndarray | None = None  # Mahalanobis fit on the train embeddings
+    scorer: str  # "mahalanobis", "multilevel" or "logit"
+    location: np.ndarray | None = None  # the Gaussian's fit (mahalanobis, multilevel)
     precision: np.ndarray | None = None
 
     @classmethod
@@ -40,7 +44,8 @@ class ScoringModel:
 
     def to_bytes(self) -> bytes:
         payload = {
-            "format": FORMAT, "scorer": self.scorer,
+            "format": MULTILEVEL_FORMAT if self.scorer == "multilevel" else FORMAT,
+            "scorer": self.scorer,
             "config": {"in_channels": self.config.in_channels,
                        "image_size": self.config.image_size, "width": self.config.width,
                        "head_dim": self.config.head_dim, "arch": self.config.arch},
@@ -55,7 +60,7 @@ class ScoringModel:
     @classmethod
     def from_bytes(cls, data: bytes) -> ScoringModel:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in FORMATS:
             raise ValueError("not a stored ssad-tune detector (unknown format)")
         loc, prec = payload["location"], payload["precision"]
         return cls(DetectorConfig(**payload["config"]), dict(payload["state_dict"]),
@@ -78,4 +83,9 @@ class ScoringModel:
             assert self.location is not None and self.precision is not None
             z = embed_all(model, x).cpu().numpy()
             return mahalanobis_apply(self.location, self.precision, z)
+        if self.scorer == "multilevel":
+            assert self.location is not None and self.precision is not None
+            return mahalanobis_apply(self.location, self.precision, levels_of(model, x))
+        if self.scorer != "logit":
+            raise ValueError(f"a stored detector with an unknown scorer {self.scorer!r}")
         return np.asarray(augmented_logits(model, x).cpu().numpy(), dtype=np.float64)

@@ -1,14 +1,17 @@
-"""The trained detector in eval mode: embeddings and logit margins in batches, and the
-embeddings X, Y, Z that every validation loss compares (method.md §2)."""
+"""The trained detector in eval mode: embeddings, the multilevel scorer's features and logit
+margins in batches, and the embeddings X, Y, Z that every validation loss compares
+(method.md §2)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from worker.core.detector import Detector
+from worker.core.scoring import multilevel_features
 
 BATCH = 512
 
@@ -23,6 +26,21 @@ def embed_all(model: Detector, images: Tensor, batch: int = BATCH) -> Tensor:
     """Embeddings of ``images`` in eval mode, in batches (float32)."""
     model.eval()
     return _batched(model.embed, images, batch)
+
+
+@torch.no_grad()
+def embed_levels(model: Detector, images: Tensor, batch: int = BATCH) -> list[Tensor]:
+    """:meth:`Detector.level_features` of ``images`` in eval mode, in batches (float32),
+    one (N, dim) tensor per level."""
+    model.eval()
+    parts = [[m.float() for m in model.level_features(images[i:i + batch])]
+             for i in range(0, len(images), batch)]
+    return [torch.cat(level) for level in zip(*parts, strict=True)]
+
+
+def levels_of(model: Detector, images: Tensor, batch: int = BATCH) -> np.ndarray:
+    """The multilevel scorer's features of ``images`` (worker/core/scoring.py), float64."""
+    return multilevel_features([m.cpu().numpy() for m in embed_levels(model, images, batch)])
 
 
 @torch.no_grad()

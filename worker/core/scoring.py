@@ -1,6 +1,15 @@
-"""Anomaly scorers (method.md §2): higher score = more anomalous."""
+"""Anomaly scorers (method.md §2): higher score = more anomalous.
+
+``mahalanobis`` is method.md's scorer: a Ledoit–Wolf Gaussian on the embedding.
+``multilevel`` fits the same Gaussian to the encoder's pooled features after the stem and
+after every block, concatenated (the embedding's feature is the last of them; at 32 px 16
++ 16 + 32 + 64 = 128 dimensions): the density of normal data at every depth, as Rippel et
+al. (ICPR 2020) model it, here in one Gaussian (docs/benchmarks.md §7, *The scorer*).
+``logit`` is the classifier's margin."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.covariance import LedoitWolf
@@ -41,7 +50,14 @@ def mahalanobis_scores(train_embeddings: np.ndarray, test_embeddings: np.ndarray
     return mahalanobis_apply(*mahalanobis_fit(x), z)
 
 
+def multilevel_features(levels: Sequence[np.ndarray]) -> np.ndarray:
+    """The multilevel scorer's input: every level's pooled features side by side."""
+    if not levels:
+        raise ValueError("the multilevel scorer needs at least one level")
+    return np.concatenate([np.asarray(m, dtype=np.float64) for m in levels], axis=1)
+
+
 SCORERS = SCORER_NAMES
 
 __all__ = ["DEFAULT_SCORER", "SCORERS", "mahalanobis_apply", "mahalanobis_fit",
-           "mahalanobis_scores"]
+           "mahalanobis_scores", "multilevel_features"]

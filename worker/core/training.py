@@ -40,6 +40,8 @@ class TrainSettings:
     image_size: int | None = None  # working size; None = auto from the input size
     max_embed_train: int = MAX_EMBED_TRAIN  # |X| cap for the loss and the scorer's Gaussian
     scorer: str = DEFAULT_SCORER
+    #: other scorers whose scores each trial also keeps (TrialResult.extra_scores; benchmarks)
+    also_score: tuple[str, ...] = ()
     amp: bool = True  # bfloat16 autocast for training on CUDA (on a CPU: nothing)
     backbone: str | None = None  # local encoder weights file (weights_only=True)
     eval_every: int = 0  # report intermediate losses every N steps (0 = never)
@@ -51,8 +53,9 @@ class TrainSettings:
             raise ValueError("batch_size must be >= 2")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError("lr must be a positive number")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {self.scorer!r}; known: {list(SCORERS)}")
+        for scorer in (self.scorer, *self.also_score):
+            if scorer not in SCORERS:
+                raise ValueError(f"unknown scorer {scorer!r}; known: {list(SCORERS)}")
         if self.max_embed_train < 2:
             raise ValueError("max_embed_train must be >= 2")
 

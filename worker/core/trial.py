@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,8 @@ class TrialResult:
     model: ScoringModel | None = None
     train_steps: int = 0  # how long the detector trained
     stage: str | None = None  # set by the study: screen or refine (staged strategy)
+    #: TrainSettings.also_score's scores of the same detector, by scorer
+    extra_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def run_trial(
@@ -102,7 +104,8 @@ def run_trial(
     synchronize(device)
     train_s = time.perf_counter() - t_train
 
-    evaluation = evaluate(model, data, augment, x_idx, y_idx, settings.scorer, g)
+    evaluation = evaluate(model, data, augment, x_idx, y_idx, settings.scorer, g,
+                          also=settings.also_score)
     total_s = time.perf_counter() - t_start
     timings = {"total_s": total_s, "train_s": train_s, "augment_s": training.augment_s,
                **evaluation.timings}
@@ -121,4 +124,5 @@ def run_trial(
         seed=seed,
         model=evaluation.model,
         train_steps=settings.steps,
+        extra_scores=evaluation.extra_scores,
     )
