@@ -24,7 +24,10 @@ round's default a second time; ``confirmation8``, fixed in advance for the eleve
 the twelfth round (``tail-energy`` judged by the AUROC of its choice), which kept DSV, as
 did the thirteenth (tail-energy as a guard), so it read the default; ``confirmation10``,
 fixed in advance for the fourteenth round (the rank sum of DSV and MMD back as the
-selection, decided on every run recorded before it).
+selection, decided on every run recorded before it); ``confirmation11``, fixed in advance
+for the fifteenth round (the ``multilevel`` scorer, decided with ``bench.scorers`` on
+development runs and spent held-out ones; every trial also records the Mahalanobis
+scorer's AUROC of the same detector, ``auroc_by_scorer``).
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe] [--objective O]
@@ -72,12 +75,13 @@ from bench.tasks import (
     confirmation8_tasks,
     confirmation9_tasks,
     confirmation10_tasks,
+    confirmation11_tasks,
     confirmation_tasks,
     development_tasks,
     within,
 )
-from ssad_common.jobspec import DEFAULT_OBJECTIVE
-from ssad_common.search_space import CUTPASTE_DEFAULT, SearchSpace, get_family
+from ssad_common.jobspec import DEFAULT_OBJECTIVE, DEFAULT_SCORER
+from ssad_common.search_space import CUTPASTE_DEFAULT, SCORER_NAMES, SearchSpace, get_family
 from ssad_common.strategy import trust
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
@@ -92,6 +96,7 @@ TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation5": confirmation5_tasks, "confirmation6": confirmation6_tasks,
              "confirmation7": confirmation7_tasks, "confirmation8": confirmation8_tasks,
              "confirmation9": confirmation9_tasks, "confirmation10": confirmation10_tasks,
+             "confirmation11": confirmation11_tasks,
              "all": all_tasks}
 
 
@@ -130,15 +135,17 @@ def placed(space: SearchSpace, placement: str | None) -> SearchSpace:
 
 def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
              legacy_budget: bool, placement: str | None = None,
-             objective: str = DEFAULT_OBJECTIVE) -> dict[str, Any]:
+             objective: str = DEFAULT_OBJECTIVE, scorer: str = DEFAULT_SCORER,
+             also_score: tuple[str, ...] = ()) -> dict[str, Any]:
     device = torch.device("cpu")
+    train = TrainSettings(steps=steps, scorer=scorer, also_score=also_score)
     data = prepare(task.train, task.test, device)
     space = placed(SearchSpace.from_dict(task.search_space), placement)
     n = n_trials
     if legacy_budget and task.search_space is not None:  # the first runs' injected budget
         n = max(n_trials - 2, len(space.augmentations))
     settings = StudySettings(n_trials=n, seed=seed, search_space=space,
-                             train=TrainSettings(steps=steps), strategy=strategy,
+                             train=train, strategy=strategy,
                              objective=objective)
     t0 = time.perf_counter()
     result = run_study(data, settings)
@@ -152,6 +159,9 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
             "number": t.number, "augmentation": r.augmentation, "params": r.params,
             "stage": t.stage, "train_steps": r.train_steps,
             "losses": r.losses, "auroc": float(roc_auc_score(task.labels, r.scores)),
+            # the same detector scored by the other scorers asked for (--also-score)
+            "auroc_by_scorer": {name: float(roc_auc_score(task.labels, s))
+                                for name, s in r.extra_scores.items()},
             "timings": r.timings,
         })
     eligible_numbers = {t.number for _, t in result.eligible}
@@ -159,7 +169,7 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
     aurocs = np.array([t["auroc"] for t in selectable])
     scores = {t.number: t.result.scores for t in result.trials if t.result is not None}
     default_name, default_params = CUTPASTE_DEFAULT
-    fixed = run_trial(data, default_name, default_params, TrainSettings(steps=steps),
+    fixed = run_trial(data, default_name, default_params, replace(train, also_score=()),
                       seed=seed)
     per_objective = {}
     for name, ranked_ in selections(trials).items():
@@ -324,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/engine.json")
     ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
                     help="dev: the tasks decisions are taken on; confirmation, "
-                    "confirmation2 to confirmation10: held out (see the module's "
+                    "confirmation2 to confirmation11: held out (see the module's "
                     "docstring)")
     ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
                     "(default: all of it)")
@@ -340,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=sorted(OBJECTIVES),
                     help="the loss that drives the study and ranks its trials (read its "
                     "choice with bench.compare --objective; default: the product's)")
+    ap.add_argument("--scorer", default=DEFAULT_SCORER, choices=SCORER_NAMES,
+                    help="the scorer every trial's AUROC is of (default: the product's)")
+    ap.add_argument("--also-score", default=None,
+                    help="other scorers to record per trial on the same detector "
+                    "(auroc_by_scorer), comma-separated; default: mahalanobis when the "
+                    "scorer is another, else none")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -355,11 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"--tasks: {', '.join(sorted(unknown))} not in --set {args.set} (it has "
                  f"{', '.join(t.name for t in pool)})")
+    also = (tuple(filter(None, args.also_score.split(","))) if args.also_score is not None
+            else () if args.scorer == "mahalanobis" else ("mahalanobis",))
     meta = {"command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
             "steps": args.steps, "n_trials": args.n_trials, "seed": args.seed,
             "strategy": args.strategy, "set": args.set, "objective": args.objective,
+            "scorer": args.scorer, "also_score": list(also),
             # what the local families ran with (the product's default when not given)
             "placement": args.placement or get_family("cutout").param("placement").default}
     results: list[dict[str, Any]] = []
@@ -367,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         t0 = time.perf_counter()
         results.append(run_task(task, args.steps, args.n_trials, args.seed, args.strategy,
-                                args.legacy_budget, args.placement, args.objective))
+                                args.legacy_budget, args.placement, args.objective,
+                                args.scorer, also))
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"# {task.name}: {time.perf_counter() - t0:.0f}s", flush=True)
     print(report(results, chooser(meta, results)))

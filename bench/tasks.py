@@ -346,6 +346,21 @@ def confirmation10_tasks() -> list[Task]:
             cifar_one_class(8, seed=9)]
 
 
+def confirmation11_injected_tasks() -> list[Task]:
+    """Injected defects for the fifteenth round (the scorer, 2026-12-03): digit, size and
+    fill pairs never seen before, and other test images (seed 10)."""
+    return held_out_injected(10, [("black", 7, 1), ("noise", 5, 4), ("grey180", 6, 8),
+                                  ("white", 7, 0)], (3, 12, 7))
+
+
+def confirmation11_tasks() -> list[Task]:
+    """Chosen in advance for the fifteenth round (committed before any run on them) and
+    never used for a decision: MNIST 6, CIFAR horse and CIFAR dog with other test images
+    (seed 10)."""
+    return [*confirmation11_injected_tasks(), mnist_one_class(6, seed=10),
+            cifar_one_class(7, seed=10), cifar_one_class(5, seed=10)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -369,4 +384,5 @@ def all_tasks() -> list[Task]:
     return [*development_tasks(), *confirmation_tasks(), *confirmation2_tasks(),
             *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
             *confirmation6_tasks(), *confirmation7_tasks(),
-            *confirmation8_tasks(), *confirmation9_tasks(), *confirmation10_tasks()]
+            *confirmation8_tasks(), *confirmation9_tasks(), *confirmation10_tasks(),
+            *confirmation11_tasks()]
