@@ -24,6 +24,10 @@ choosing (``?ensemble=3``: the mean z-score of the first three full-length confi
 in its order) instead of the single choice (it is no one family or size, so those columns
 count nothing).
 
+``--scorer mahalanobis`` reads runs made with another scorer (``bench.engine
+--also-score``, every run from the fifteenth round on) as if their detectors had been
+scored by Mahalanobis on the embedding: the same choices, their AUROCs under that scorer.
+
 A file name that is not a path to a file is looked up in ``bench/results/``. Rows are
 matched by task name; a design missing a task's run is reported as such.
 """
@@ -36,24 +40,44 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.selection_rules import study_objective
+from bench.selection_rules import selectable, study_objective
 from bench.tasks import within
 
 RESULTS = Path(__file__).parent / "results"
 SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
 
 
-def runs_of(files: list[Path], tasks: set[str] | None,
-            all_kinds: bool = False) -> list[dict[str, Any]]:
+def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
+    """The run ``r`` as if every trial's detector had been scored by ``scorer``, from the
+    AUROCs ``bench.engine --also-score`` recorded (the choices do not change: the losses
+    read the embeddings; the oracle, the mean and each choice's AUROC and regret do)."""
+    if not all(scorer in t.get("auroc_by_scorer", {}) for t in r["trials"]):
+        raise SystemExit(f"{r['task']}: this run did not record the {scorer!r} scorer's "
+                         "AUROC of every trial (bench.engine --also-score)")
+    auroc = {t["number"]: t["auroc_by_scorer"][scorer] for t in r["trials"]}
+    pool = [auroc[t["number"]] for t in selectable(r)]
+    objectives = {}
+    for name, chosen in r["objectives"].items():
+        sel = {**chosen["selected"], "auroc": auroc[chosen["selected"]["number"]]}
+        objectives[name] = {**chosen, "selected": sel, "regret": max(pool) - sel["auroc"],
+                            "ensemble_top": None}
+    return {**r, "oracle": max(pool), "mean": statistics.fmean(pool),
+            "objectives": objectives}
+
+
+def runs_of(files: list[Path], tasks: set[str] | None, all_kinds: bool = False,
+            scorer: str | None = None) -> list[dict[str, Any]]:
     """The runs in ``files``, each with ``study_objective``: the loss that drove its study
-    (runs from before ``bench.engine --objective`` were all driven by DSV)."""
+    (runs from before ``bench.engine --objective`` were all driven by DSV); with
+    ``scorer``, read as that scorer's (:func:`rescored`)."""
     out = []
     for f in files:
         saved = json.loads((f if f.is_file() else RESULTS / f).read_text())
         drove = study_objective(saved.get("meta", {}))
         for r in saved["results"]:
             if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
-                out.append({**r, "study_objective": drove})
+                out.append({**(rescored(r, scorer) if scorer else r),
+                            "study_objective": drove})
     return out
 
 
@@ -67,6 +91,9 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
     sel = chosen["selected"]
     truth = r["truth"] or {}
     if output == "ensemble":
+        if chosen["ensemble_top"] is None:
+            raise SystemExit("--output ensemble: the ensemble's AUROC was recorded for the "
+                             "run's own scorer only (leave out --scorer)")
         auroc = float(chosen["ensemble_top"])
         family = size = False
         regret, label = r["oracle"] - auroc, "top-3 ensemble"
@@ -110,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the one-class runs too (default: injected tasks only)")
     ap.add_argument("--output", choices=("choice", "ensemble"), default="choice",
                     help="judge the single choice (default) or the recorded top-3 ensemble")
+    ap.add_argument("--scorer", default=None,
+                    help="read every run as if scored by this scorer, from the AUROCs its "
+                    "trials recorded for it (bench.engine --also-score; default: the run's)")
     args = ap.parse_args(argv)
     tasks = set(filter(None, args.tasks.split(","))) or None
     designs: dict[str, list[dict[str, Any]]] = {}
@@ -119,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--design {spec!r}: give NAME=FILE[,FILE...]")
         designs[name] = [judged(r, args.objective, args.output)
                          for r in runs_of([Path(f) for f in files.split(",")], tasks,
-                                          args.all_kinds)]
+                                          args.all_kinds, args.scorer)]
         if not designs[name]:
             ap.error(f"--design {name!r}: no {'' if args.all_kinds else 'injected-task '}run "
                      f"in {files}"

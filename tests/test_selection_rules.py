@@ -1,4 +1,5 @@
-"""bench.selection_rules: the thirteenth round's tail guard and the run-by-run judge.
+"""bench.selection_rules: the thirteenth round's tail guard and the run-by-run judge; bench.compare
+reading a run under another recorded scorer.
 
 The guard and the judge decided a round (docs/benchmarks.md §7, *The tail as a guard*), so
 what they compute is pinned here on hand-made trials: which trials the guard vetoes, the
@@ -87,3 +88,30 @@ def test_a_run_without_the_tail_loss_is_not_replayed_for_the_guard() -> None:
         head_to_head(per_rule, *GUARD_VS_DSV)
     only_old = evaluate([run("t", old, "old.json")])
     assert "| dsv, tail-energy guard | 0 (no run recorded dsv, tail-energy) |" in report(only_old)
+
+
+def test_compare_reads_a_run_under_another_recorded_scorer() -> None:
+    from bench.compare import judged, rescored
+
+    def scored(number: int, stage: str, own: float, other: float) -> dict[str, Any]:
+        return {"number": number, "stage": stage, "auroc": own,
+                "auroc_by_scorer": {"mahalanobis": other}}
+
+    trials = [scored(0, "screen", 0.99, 0.99), scored(1, "refine", 0.9, 0.7),
+              scored(2, "refine", 0.8, 0.85)]
+    chosen = {"selected": {"number": 1, "auroc": 0.9, "augmentation": "rotate",
+                           "params": {}}, "regret": 0.0, "ensemble_top": 0.95}
+    r = {"task": "t", "trials": trials, "oracle": 0.9, "mean": 0.85, "truth": None,
+         "pixel": {"knn": 0.75}, "objectives": {"dsv": chosen}, "study_objective": "dsv"}
+    back = rescored(r, "mahalanobis")
+    # the same choice, its AUROC, the oracle and the mean among the full-length trials
+    # under the other scorer (the screen's 0.99 is not among them)
+    row = judged(back, None)
+    assert back["oracle"] == 0.85 and back["mean"] == pytest.approx(0.775)
+    assert row["auroc"] == 0.7 and row["regret"] == pytest.approx(0.15)
+    assert not row["beats_mean"] and not row["above_pixels"]
+    assert judged(r, None)["auroc"] == 0.9  # the run as recorded is untouched
+    with pytest.raises(SystemExit, match="ensemble"):
+        judged(back, None, "ensemble")
+    with pytest.raises(SystemExit, match="did not record"):
+        rescored(r, "logit")
