@@ -24,9 +24,11 @@ choosing (``?ensemble=3``: the mean z-score of the first three full-length confi
 in its order) instead of the single choice (it is no one family or size, so those columns
 count nothing).
 
-``--scorer mahalanobis`` reads runs made with another scorer (``bench.engine
---also-score``, every run from the fifteenth round on) as if their detectors had been
-scored by Mahalanobis on the embedding: the same choices, their AUROCs under that scorer.
+Runs record their scorer (``meta.scorer``; before the fifteenth round every run was
+Mahalanobis's). ``--scorer mahalanobis`` reads every run as Mahalanobis's: runs made with
+another scorer through the AUROCs their trials recorded for it (``bench.engine
+--also-score``): the same choices, their AUROCs under that scorer. Each design's row names
+its scorers, so old and new runs are not compared under different scorers unnoticed.
 
 A file name that is not a path to a file is looked up in ``bench/results/``. Rows are
 matched by task name; a design missing a task's run is reported as such.
@@ -74,10 +76,12 @@ def runs_of(files: list[Path], tasks: set[str] | None, all_kinds: bool = False,
     for f in files:
         saved = json.loads((f if f.is_file() else RESULTS / f).read_text())
         drove = study_objective(saved.get("meta", {}))
+        # runs before bench.engine --scorer were all scored by Mahalanobis
+        own = saved.get("meta", {}).get("scorer", "mahalanobis")
         for r in saved["results"]:
             if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
-                out.append({**(rescored(r, scorer) if scorer else r),
-                            "study_objective": drove})
+                out.append({**(rescored(r, scorer) if scorer and scorer != own else r),
+                            "study_objective": drove, "scorer": scorer or own})
     return out
 
 
@@ -106,7 +110,8 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
         label = (f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
                  f"{'' if fill is None else ' ' + str(fill)}"
                  f"{'' if ps is None else f' {float(ps):.3f}'}")
-    return {"task": r["task"], "auroc": auroc, "regret": regret, "family": family,
+    return {"task": r["task"], "scorer": r.get("scorer", "mahalanobis"),
+            "auroc": auroc, "regret": regret, "family": family,
             "size": size, "beats_mean": auroc > r["mean"],
             "above_pixels": auroc > max(r["pixel"].values()), "label": label}
 
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in designs.items():
         s = summary(rows)
+        scorers = sorted({r["scorer"] for r in rows})
+        if scorers != ["mahalanobis"]:  # name what is not the record's usual scorer
+            name = f"{name} [{'MIXED: ' if len(scorers) > 1 else ''}{', '.join(scorers)}]"
         print(f"| {name} | {s['runs']} | {s['median_regret']:.3f} | {s['mean_regret']:.3f} | "
               f"{s['mean_auroc']:.3f} | {s['family']}/{s['runs']} | "
               f"{s['family_and_size']}/{s['runs']} | {s['auroc_095']}/{s['runs']} | "

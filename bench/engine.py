@@ -183,6 +183,17 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
             "ensemble_top": float(roc_auc_score(task.labels, ensemble_scores(cands, TOP_K))),
             "decisiveness": decided,
         }
+        if name == RULE and also_score:
+            # the product's verdict and top-3 ensemble as the other scorers' scores read
+            # them (the verdict's threshold was set on Mahalanobis's)
+            extra = {t.number: t.result.extra_scores for t in result.trials
+                     if t.result is not None}
+            per_objective[name]["by_scorer"] = {
+                other: {"decisiveness": decisiveness(alt, settings.contamination),
+                        "ensemble_top": float(roc_auc_score(task.labels,
+                                                            ensemble_scores(alt, TOP_K)))}
+                for other in also_score
+                for alt in [[replace(c, scores=extra[c.number][other]) for c in cands]]}
     all_z = ensemble_scores([Candidate(t["number"], t["augmentation"], 0.0,
                                        scores[t["number"]]) for t in selectable],
                             k=len(selectable))

@@ -57,7 +57,7 @@ FINALISTS = 2
 
 
 def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int,
-           check: bool = False) -> dict[str, Any]:
+           check: bool = False, scorer: str = "mahalanobis") -> dict[str, Any]:
     """The run as the replicates design would have ended it. With ``check``, first retrain
     the run's first refine trial and stop unless it gives its recorded loss (the replay is
     exact only on a machine and torch that reproduce the recorded run)."""
@@ -72,7 +72,7 @@ def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int,
     if check:
         first = refine[0]
         again = run_trial(data, first["augmentation"], first["params"],
-                          TrainSettings(steps=first["train_steps"]),
+                          TrainSettings(steps=first["train_steps"], scorer=scorer),
                           seed=seed + first["number"]).losses[RULE]
         if again != first["losses"][RULE]:
             raise SystemExit(f"{run['task']}: trial {first['number']} retrained gives "
@@ -80,7 +80,8 @@ def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int,
     replicates = []
     for fin, slot in zip(finalists, dropped, strict=True):
         res = run_trial(data, fin["augmentation"], fin["params"],
-                        TrainSettings(steps=fin["train_steps"]), seed=seed + slot["number"])
+                        TrainSettings(steps=fin["train_steps"], scorer=scorer),
+                        seed=seed + slot["number"])
         replicates.append({
             "number": slot["number"], "augmentation": fin["augmentation"],
             "params": fin["params"], "stage": "replicate", "train_steps": fin["train_steps"],
@@ -137,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and run["task"] not in wanted:
             continue
         t0 = time.perf_counter()
-        results.append(replay(run, tasks, int(meta["seed"]), args.finalists, args.check))
+        # the replicates are scored as the run's own trials were (runs before 2026-12-03:
+        # Mahalanobis), so their AUROCs compare with the recorded ones
+        results.append(replay(run, tasks, int(meta["seed"]), args.finalists, args.check,
+                              meta.get("scorer", "mahalanobis")))
         args.out.write_text(json.dumps({"meta": out_meta, "results": results}, indent=1))
         new, old = results[-1]["objectives"][RULE], run["objectives"][RULE]
         print(f"# {run['task']}: {old['selected']['auroc']:.3f} (regret {old['regret']:.3f})"

@@ -89,8 +89,8 @@ SERVER_MODULES = {"test_acknowledged", "test_client", "test_client_library", "te
                   "test_scoring",
                   "test_worker"}
 # ...or fuzz the whole API (schemathesis: many requests per operation).
-SLOW_MODULES = {"test_detectors", "test_end_to_end", "test_fuzz", "test_study", "test_trial",
-                "test_tune"}
+SLOW_MODULES = {"test_detectors", "test_end_to_end", "test_fuzz", "test_multilevel",
+                "test_study", "test_trial", "test_tune"}
 # ...or one test of a module that starts processes:
 SERVER_TESTS = {"test_keys_cli", "test_the_api_process_never_imports_torch",
                 "test_a_slow_receiver_delays_neither_the_job_nor_other_notices",

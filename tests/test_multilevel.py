@@ -14,7 +14,7 @@ from ssad_common.jobspec import DEFAULT_SCORER
 from worker.core.data import prepare, to_working_tensor
 from worker.core.detector import Detector, DetectorConfig
 from worker.core.export import ScoringModel
-from worker.core.inference import levels_of
+from worker.core.inference import embed_all, levels_of
 from worker.core.scoring import mahalanobis_apply, multilevel_features
 from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
@@ -81,7 +81,13 @@ def test_a_detector_stored_in_the_first_format_still_loads() -> None:
     back = ScoringModel.from_bytes(buf.getvalue())
     assert back.scorer == "mahalanobis"
     images = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
-    assert np.isfinite(back.score(images, torch.device("cpu"))).all()
+    cpu = torch.device("cpu")
+    # a Gaussian on the embedding, as format 1 always meant: with a zero mean and an
+    # identity precision, the norm of the (unit) embedding, 1
+    unit = embed_all(back.detector(cpu), to_working_tensor(images, 32, cpu)).numpy()
+    np.testing.assert_allclose(back.score(images, cpu), mahalanobis_apply(np.zeros(dim),
+                                                                          np.eye(dim), unit))
+    np.testing.assert_allclose(back.score(images, cpu), 1.0, rtol=1e-5)
     stranger = ScoringModel(back.config, back.state_dict, "telepathy")
     with pytest.raises(ValueError, match="unknown scorer"):
         stranger.score(images, torch.device("cpu"))

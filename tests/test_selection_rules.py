@@ -115,3 +115,20 @@ def test_compare_reads_a_run_under_another_recorded_scorer() -> None:
         judged(back, None, "ensemble")
     with pytest.raises(SystemExit, match="did not record"):
         rescored(r, "logit")
+
+
+def test_compare_reads_a_run_made_with_the_scorer_asked_for_as_it_is(tmp_path: Any) -> None:
+    import json
+
+    from bench.compare import runs_of
+
+    run_ = {"task": "t", "kind": "injected", "trials": [{"number": 1, "auroc": 0.9}]}
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"meta": {"scorer": "multilevel"}, "results": [run_]}))
+    old = tmp_path / "old.json"  # before bench.engine --scorer: Mahalanobis's
+    old.write_text(json.dumps({"meta": {}, "results": [run_]}))
+    assert runs_of([new], None, scorer="multilevel")[0]["scorer"] == "multilevel"
+    assert runs_of([old], None, scorer="mahalanobis")[0]["trials"] == run_["trials"]
+    assert runs_of([old], None)[0]["scorer"] == "mahalanobis"
+    with pytest.raises(SystemExit, match="did not record"):
+        runs_of([old], None, scorer="multilevel")

@@ -92,8 +92,9 @@ class JobCreate(BaseModel):
                     "distance under a Ledoit-Wolf Gaussian fitted on the train images' "
                     "encoder features after the stem and after every block, side by side), "
                     "mahalanobis (the same on the embedding only) or logit (the "
-                    "classifier's 'augmented' margin). The scorer changes the scores, not "
-                    "which trial is chosen")
+                    "classifier's 'augmented' margin). The scorer changes the scores (and "
+                    "so the trust verdict and ensembles, which read them), not which trial "
+                    "is chosen")
     detector: DetectorName = Field(
         DEFAULT_DETECTOR,
         description="the detector trained in each trial: small (a 16-wide ResNet whose stem "

@@ -10,8 +10,9 @@ Two encoders (``DetectorConfig.arch``):
   of two basic blocks, 64 to 512 channels), trained from scratch at a working size of
   128–256 px: sized for a GPU.
 
-The embedding used by the objectives and scorers is the encoder's pooled feature,
-L2-normalised.
+The embedding used by the objectives and the ``mahalanobis`` scorer is the encoder's pooled
+feature, L2-normalised; the ``multilevel`` scorer reads the pooled features after the stem
+and after every block, unnormalised (:meth:`Detector.level_features`).
 """
 
 from __future__ import annotations
@@ -154,11 +155,11 @@ class Detector(nn.Module):
         average-pooled (unnormalised): what the multilevel scorer fits a Gaussian to, one
         per level. The last is :meth:`features`."""
         h = self.encoder.stem(self._normalise_input(x))
-        levels = [h]
+        levels = [F.adaptive_avg_pool2d(h, 1).flatten(1)]  # pooled at once: no map is kept
         for block in self.encoder.stages:
             h = block(h)
-            levels.append(h)
-        return [F.adaptive_avg_pool2d(m, 1).flatten(1) for m in levels]
+            levels.append(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        return levels
 
     def load_backbone(self, path: str | Path) -> None:
         """Load encoder weights from a local file saved with ``torch.save(state_dict)``.

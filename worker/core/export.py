@@ -1,6 +1,7 @@
 """A trained detector with its fitted scorer, as bytes: what a job keeps of its best trial
 so new images can be scored later exactly as its test set was (same weights, same working
-size, same Ledoit–Wolf fit on the train embeddings).
+size, same Ledoit–Wolf fit on the train images' embeddings, or on their multilevel
+features).
 
 The bytes are a ``torch.save`` of plain containers of tensors, numbers and strings only, so
 they load with ``weights_only=True`` (no unpickling of arbitrary objects).
