@@ -42,7 +42,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.selection_rules import selectable, study_objective
+from bench.selection_rules import LEGACY_SCORER, selectable, study_objective, study_scorer
 from bench.tasks import within
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,8 +76,7 @@ def runs_of(files: list[Path], tasks: set[str] | None, all_kinds: bool = False,
     for f in files:
         saved = json.loads((f if f.is_file() else RESULTS / f).read_text())
         drove = study_objective(saved.get("meta", {}))
-        # runs before bench.engine --scorer were all scored by Mahalanobis
-        own = saved.get("meta", {}).get("scorer", "mahalanobis")
+        own = study_scorer(saved.get("meta", {}))
         for r in saved["results"]:
             if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
                 out.append({**(rescored(r, scorer) if scorer and scorer != own else r),
@@ -110,7 +109,7 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
         label = (f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
                  f"{'' if fill is None else ' ' + str(fill)}"
                  f"{'' if ps is None else f' {float(ps):.3f}'}")
-    return {"task": r["task"], "scorer": r.get("scorer", "mahalanobis"),
+    return {"task": r["task"], "scorer": r.get("scorer", LEGACY_SCORER),
             "auroc": auroc, "regret": regret, "family": family,
             "size": size, "beats_mean": auroc > r["mean"],
             "above_pixels": auroc > max(r["pixel"].values()), "label": label}
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in designs.items():
         s = summary(rows)
         scorers = sorted({r["scorer"] for r in rows})
-        if scorers != ["mahalanobis"]:  # name what is not the record's usual scorer
+        if scorers != [LEGACY_SCORER]:  # name what is not the record's usual scorer
             name = f"{name} [{'MIXED: ' if len(scorers) > 1 else ''}{', '.join(scorers)}]"
         print(f"| {name} | {s['runs']} | {s['median_regret']:.3f} | {s['mean_regret']:.3f} | "
               f"{s['mean_auroc']:.3f} | {s['family']}/{s['runs']} | "

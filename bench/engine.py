@@ -56,6 +56,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from bench.selection_rules import (
+    LEGACY_SCORER,
     RULE,
     TAIL_GUARD,
     product_ranking,
@@ -100,6 +101,13 @@ TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "all": all_tasks}
 
 
+def knn_scores(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
+    """Each test row's mean Euclidean distance to its ``k`` nearest train rows."""
+    nn = NearestNeighbors(n_neighbors=min(k, len(train))).fit(train)
+    dist, _ = nn.kneighbors(test)
+    return np.asarray(dist.mean(axis=1))
+
+
 def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:
     """IsolationForest and kNN (mean distance to 5 nearest train images) on raw pixels."""
     def flat(x: np.ndarray) -> np.ndarray:
@@ -111,10 +119,8 @@ def pixel_baselines(task: Task, seed: int = 0) -> dict[str, float]:
 
     tr, te = flat(task.train), flat(task.test)
     iso = IsolationForest(n_estimators=200, random_state=seed).fit(tr)
-    knn = NearestNeighbors(n_neighbors=5).fit(tr)
-    dist, _ = knn.kneighbors(te)
     return {"iforest": float(roc_auc_score(task.labels, -iso.score_samples(te))),
-            "knn": float(roc_auc_score(task.labels, dist.mean(1)))}
+            "knn": float(roc_auc_score(task.labels, knn_scores(tr, te, 5)))}
 
 
 def _zscore(s: np.ndarray) -> np.ndarray:
@@ -168,6 +174,8 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
     selectable = [t for t in trials if t["number"] in eligible_numbers]
     aurocs = np.array([t["auroc"] for t in selectable])
     scores = {t.number: t.result.scores for t in result.trials if t.result is not None}
+    extra_scores = {t.number: t.result.extra_scores for t in result.trials
+                    if t.result is not None}
     default_name, default_params = CUTPASTE_DEFAULT
     fixed = run_trial(data, default_name, default_params, replace(train, also_score=()),
                       seed=seed)
@@ -186,14 +194,13 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
         if name == RULE and also_score:
             # the product's verdict and top-3 ensemble as the other scorers' scores read
             # them (the verdict's threshold was set on Mahalanobis's)
-            extra = {t.number: t.result.extra_scores for t in result.trials
-                     if t.result is not None}
-            per_objective[name]["by_scorer"] = {
-                other: {"decisiveness": decisiveness(alt, settings.contamination),
-                        "ensemble_top": float(roc_auc_score(task.labels,
-                                                            ensemble_scores(alt, TOP_K)))}
-                for other in also_score
-                for alt in [[replace(c, scores=extra[c.number][other]) for c in cands]]}
+            by_scorer = per_objective[name]["by_scorer"] = {}
+            for other in also_score:
+                alt = [replace(c, scores=extra_scores[c.number][other]) for c in cands]
+                by_scorer[other] = {
+                    "decisiveness": decisiveness(alt, settings.contamination),
+                    "ensemble_top": float(roc_auc_score(task.labels,
+                                                        ensemble_scores(alt, TOP_K)))}
     all_z = ensemble_scores([Candidate(t["number"], t["augmentation"], 0.0,
                                        scores[t["number"]]) for t in selectable],
                             k=len(selectable))
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tasks: {', '.join(sorted(unknown))} not in --set {args.set} (it has "
                  f"{', '.join(t.name for t in pool)})")
     also = (tuple(filter(None, args.also_score.split(","))) if args.also_score is not None
-            else () if args.scorer == "mahalanobis" else ("mahalanobis",))
+            else () if args.scorer == LEGACY_SCORER else (LEGACY_SCORER,))
     meta = {"command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",

@@ -44,6 +44,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench.engine import TASK_SETS, selection_entry
+from bench.selection_rules import LEGACY_SCORER, study_scorer
 from ssad_common.jobspec import DEFAULT_OBJECTIVE
 from worker.core.data import prepare
 from worker.core.training import TrainSettings
@@ -57,7 +58,7 @@ FINALISTS = 2
 
 
 def replay(run: dict[str, Any], tasks: dict[str, Any], seed: int, r: int,
-           check: bool = False, scorer: str = "mahalanobis") -> dict[str, Any]:
+           check: bool = False, scorer: str = LEGACY_SCORER) -> dict[str, Any]:
     """The run as the replicates design would have ended it. With ``check``, first retrain
     the run's first refine trial and stop unless it gives its recorded loss (the replay is
     exact only on a machine and torch that reproduce the recorded run)."""
@@ -138,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and run["task"] not in wanted:
             continue
         t0 = time.perf_counter()
-        # the replicates are scored as the run's own trials were (runs before 2026-12-03:
-        # Mahalanobis), so their AUROCs compare with the recorded ones
+        # the replicates are scored as the run's own trials were, so their AUROCs compare
+        # with the recorded ones
         results.append(replay(run, tasks, int(meta["seed"]), args.finalists, args.check,
-                              meta.get("scorer", "mahalanobis")))
+                              study_scorer(meta)))
         args.out.write_text(json.dumps({"meta": out_meta, "results": results}, indent=1))
         new, old = results[-1]["objectives"][RULE], run["objectives"][RULE]
         print(f"# {run['task']}: {old['selected']['auroc']:.3f} (regret {old['regret']:.3f})"

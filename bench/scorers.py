@@ -48,9 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from sklearn.neighbors import NearestNeighbors
 
-from bench.engine import TASK_SETS
+from bench.engine import TASK_SETS, knn_scores
 from bench.selection_rules import product_ranking, selectable
 from bench.tasks import Task
 from worker.core.augmentations import build_augmentation
@@ -61,12 +60,6 @@ from worker.core.scoring import mahalanobis_scores
 from worker.core.training import DetectorTraining, TrainSettings, build_detector
 
 MATCH_TOL = 1e-3  # a retrained trial "reproduces" if its Mahalanobis AUROC is this close
-
-
-def knn_scores(train_embeddings: np.ndarray, test_embeddings: np.ndarray, k: int) -> np.ndarray:
-    nn = NearestNeighbors(n_neighbors=min(k, len(train_embeddings))).fit(train_embeddings)
-    dist, _ = nn.kneighbors(test_embeddings)
-    return np.asarray(dist.mean(axis=1))
 
 
 def retrain(task: Task, trial: dict[str, Any], seed: int, ks: Sequence[int], steps: int,

@@ -77,6 +77,16 @@ def study_objective(meta: dict[str, Any]) -> str:
     return str(meta.get("objective", LEGACY_OBJECTIVE))
 
 
+#: What scored every trial recorded before ``bench.engine --scorer`` (2026-12-03).
+LEGACY_SCORER = "mahalanobis"
+
+
+def study_scorer(meta: dict[str, Any]) -> str:
+    """The scorer a result file's trial AUROCs are of (its ``meta``), Mahalanobis for the
+    files from before ``bench.engine --scorer``, whatever the default is now."""
+    return str(meta.get("scorer", LEGACY_SCORER))
+
+
 def _ranks(trials: Sequence[Trial], name: str) -> np.ndarray:
     return np.asarray(rankdata([t["losses"][name] for t in trials]), dtype=float)
 

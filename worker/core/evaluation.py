@@ -28,20 +28,21 @@ class Evaluation:
     extra_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+Fit = tuple[np.ndarray, np.ndarray]  # a Gaussian's (location, precision)
+
+
 def fit_and_score(scorer: str, model: Detector, data: PreparedData, x_idx: Tensor, x: Tensor,
-                  z: Tensor) -> tuple[np.ndarray, ScoringModel]:
+                  z: Tensor) -> tuple[np.ndarray, Fit | None]:
     """The test scores under ``scorer``, fitted on the train images ``x_idx`` (their
-    embeddings ``x``; ``z``: the test set's), and the detector with that fit kept."""
+    embeddings ``x``; ``z``: the test set's), and the fit a stored detector keeps (None:
+    the logit needs none)."""
     if scorer == "mahalanobis":
-        location, precision = mahalanobis_fit(x.cpu().numpy())
-        return (mahalanobis_apply(location, precision, z.cpu().numpy()),
-                ScoringModel.capture(model, scorer, location, precision))
+        fit = mahalanobis_fit(x.cpu().numpy())
+        return mahalanobis_apply(*fit, z.cpu().numpy()), fit
     if scorer == "multilevel":
-        location, precision = mahalanobis_fit(levels_of(model, data.train[x_idx]))
-        return (mahalanobis_apply(location, precision, levels_of(model, data.test)),
-                ScoringModel.capture(model, scorer, location, precision))
-    scores = augmented_logits(model, data.test).cpu().numpy().astype(np.float64)
-    return scores, ScoringModel.capture(model, scorer)
+        fit = mahalanobis_fit(levels_of(model, data.train[x_idx]))
+        return mahalanobis_apply(*fit, levels_of(model, data.test)), fit
+    return augmented_logits(model, data.test).cpu().numpy().astype(np.float64), None
 
 
 def evaluate(
@@ -67,7 +68,8 @@ def evaluate(
     loss_s = time.perf_counter() - t_loss
 
     t_score = time.perf_counter()
-    scores, kept = fit_and_score(scorer, model, data, x_idx, x, z)
+    scores, fit = fit_and_score(scorer, model, data, x_idx, x, z)
+    kept = ScoringModel.capture(model, scorer, *(fit or ()))
     score_s = time.perf_counter() - t_score
     extra = {name: fit_and_score(name, model, data, x_idx, x, z)[0] for name in also}
     return Evaluation(losses, scores,
