@@ -22,7 +22,10 @@ then, and by those of 2026-12-01 to 02).
 ``--output ensemble`` judges the top-3 ensemble each run recorded for the judged way of
 choosing (``?ensemble=3``: the mean z-score of the first three full-length configurations
 in its order) instead of the single choice (it is no one family or size, so those columns
-count nothing).
+count nothing). ``--output oracle`` judges each run's best full-length trial by AUROC (a
+label's choice, so no product may make it): the ceiling any label-free way of choosing
+among the trials trained can reach, and what the best detector was; its family and size
+column says how often the best detector trained is the generator's family and size.
 
 Runs record their scorer (``meta.scorer``; before the fifteenth round every run was
 Mahalanobis's). ``--scorer mahalanobis`` reads every run as Mahalanobis's: runs made with
@@ -58,13 +61,14 @@ def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
                          "AUROC of every trial (bench.engine --also-score)")
     auroc = {t["number"]: t["auroc_by_scorer"][scorer] for t in r["trials"]}
     pool = [auroc[t["number"]] for t in selectable(r)]
+    trials = [{**t, "auroc": auroc[t["number"]]} for t in r["trials"]]
     objectives = {}
     for name, chosen in r["objectives"].items():
         sel = {**chosen["selected"], "auroc": auroc[chosen["selected"]["number"]]}
         objectives[name] = {**chosen, "selected": sel, "regret": max(pool) - sel["auroc"],
                             "ensemble_top": None}
     return {**r, "oracle": max(pool), "mean": statistics.fmean(pool),
-            "objectives": objectives}
+            "objectives": objectives, "trials": trials}
 
 
 def runs_of(files: list[Path], tasks: set[str] | None, all_kinds: bool = False,
@@ -84,6 +88,15 @@ def runs_of(files: list[Path], tasks: set[str] | None, all_kinds: bool = False,
     return out
 
 
+def is_generator(trial: dict[str, Any], truth: dict[str, Any]) -> bool:
+    """Whether a trial is the generating family with the patch size within 1.5× of the
+    defect's (the issue's family-and-size bar)."""
+    if not truth or trial["augmentation"] != truth.get("augmentation"):
+        return False
+    ps = trial["params"].get("patch_size")
+    return ps is not None and within(float(ps), truth["patch_size"], 1.5)
+
+
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
     name = objective or r["study_objective"]
@@ -93,6 +106,9 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
     chosen = r["objectives"][name]
     sel = chosen["selected"]
     truth = r["truth"] or {}
+    if output == "oracle":  # the ceiling: what the best detector trained is, read by labels
+        sel = max(selectable(r), key=lambda t: t["auroc"])
+        chosen = {**chosen, "selected": sel, "regret": r["oracle"] - sel["auroc"]}
     if output == "ensemble":
         if chosen["ensemble_top"] is None:
             raise SystemExit("--output ensemble: the ensemble's AUROC was recorded for the "
@@ -104,12 +120,15 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
         auroc, regret = sel["auroc"], chosen["regret"]
         ps = sel["params"].get("patch_size")
         family = sel["augmentation"] == truth.get("augmentation")
-        size = family and ps is not None and within(float(ps), truth["patch_size"], 1.5)
+        size = is_generator(sel, truth)
         fill = sel["params"].get("fill")
         label = (f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
                  f"{'' if fill is None else ' ' + str(fill)}"
                  f"{'' if ps is None else f' {float(ps):.3f}'}")
+    generator = [t["auroc"] for t in selectable(r) if is_generator(t, truth)]
     return {"task": r["task"], "scorer": r.get("scorer", LEGACY_SCORER),
+            "injected": r.get("kind") == "injected",
+            "generator_regret": r["oracle"] - max(generator) if generator else None,
             "auroc": auroc, "regret": regret, "family": family,
             "size": size, "beats_mean": auroc > r["mean"],
             "above_pixels": auroc > max(r["pixel"].values()), "label": label}
@@ -128,6 +147,24 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "above_pixels": sum(r["above_pixels"] for r in rows)}
 
 
+def print_generator_cost(designs: dict[str, list[dict[str, Any]]]) -> None:
+    """What choosing the generator's configuration would cost: over the injected runs whose
+    study trained the generating family at a size within 1.5× of the defect's, the regret
+    of the best such trial (labels again: the price of the family-and-size bar in AUROC)."""
+    print()
+    print("| design | injected runs | with the generator's family and size trained | "
+          "the best such trial's median regret | mean regret | regret > 0.02 |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in designs.items():
+        injected = [r for r in rows if r["injected"]]
+        cost = [r["generator_regret"] for r in injected if r["generator_regret"] is not None]
+        if not cost:
+            print(f"| {name} | {len(injected)} | 0 | — | — | — |")
+            continue
+        print(f"| {name} | {len(injected)} | {len(cost)} | {statistics.median(cost):.3f} | "
+              f"{statistics.fmean(cost):.3f} | {sum(c > 0.02 for c in cost)}/{len(cost)} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     ap.add_argument("--all-kinds", action="store_true",
                     help="the one-class runs too (default: injected tasks only)")
-    ap.add_argument("--output", choices=("choice", "ensemble"), default="choice",
-                    help="judge the single choice (default) or the recorded top-3 ensemble")
+    ap.add_argument("--output", choices=("choice", "ensemble", "oracle"), default="choice",
+                    help="judge the single choice (default), the recorded top-3 ensemble, "
+                    "or the oracle: each run's best trial by AUROC, the ceiling of any "
+                    "label-free choice among the trials trained")
     ap.add_argument("--scorer", default=None,
                     help="read every run as if scored by this scorer, from the AUROCs its "
                     "trials recorded for it (bench.engine --also-score; default: the run's)")
@@ -171,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['mean_auroc']:.3f} | {s['family']}/{s['runs']} | "
               f"{s['family_and_size']}/{s['runs']} | {s['auroc_095']}/{s['runs']} | "
               f"{s['beats_mean']}/{s['runs']} | {s['above_pixels']}/{s['runs']} |")
+    if args.output == "oracle":
+        print_generator_cost(designs)
     print()
     names = list(designs)
     order = list(dict.fromkeys(r["task"] for rows in designs.values() for r in rows))

@@ -132,3 +132,27 @@ def test_compare_reads_a_run_made_with_the_scorer_asked_for_as_it_is(tmp_path: A
     assert runs_of([old], None)[0]["scorer"] == "mahalanobis"
     with pytest.raises(SystemExit, match="did not record"):
         runs_of([old], None, scorer="multilevel")
+
+
+def test_compare_reads_the_oracle_as_the_ceiling_and_prices_the_generator() -> None:
+    from bench.compare import judged
+
+    def t(number: int, stage: str, auroc: float, family: str, size: float) -> dict[str, Any]:
+        return {"number": number, "stage": stage, "auroc": auroc, "augmentation": family,
+                "params": {"patch_size": size}}
+
+    # the generator: cutout at 0.04; the screen's 0.99 is not selectable; the best
+    # full-length detector is cutout at 3× the size; the generator's own trial is 0.05 lower
+    trials = [t(0, "screen", 0.99, "cutout", 0.04), t(1, "refine", 0.95, "cutout", 0.12),
+              t(2, "refine", 0.90, "cutout", 0.05), t(3, "refine", 0.80, "cutpaste", 0.04)]
+    chosen = {"selected": trials[3], "regret": 0.15, "ensemble_top": 0.9}
+    r = {"task": "t", "kind": "injected", "trials": trials, "oracle": 0.95, "mean": 0.88,
+         "truth": {"augmentation": "cutout", "patch_size": 0.04}, "pixel": {"knn": 0.7},
+         "objectives": {"dsv": chosen}, "study_objective": "dsv"}
+    choice, ceiling = judged(r, None), judged(r, None, "oracle")
+    assert choice["auroc"] == 0.80 and not choice["family"] and not choice["size"]
+    assert ceiling["auroc"] == 0.95 and ceiling["regret"] == 0.0
+    assert ceiling["family"] and not ceiling["size"]  # the best detector is 3× the defect
+    assert choice["generator_regret"] == pytest.approx(0.05)  # trial 2, within 1.5×
+    one_class = {**r, "kind": "one-class", "truth": None}
+    assert judged(one_class, None, "oracle")["generator_regret"] is None
