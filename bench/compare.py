@@ -23,9 +23,14 @@ then, and by those of 2026-12-01 to 02).
 choosing (``?ensemble=3``: the mean z-score of the first three full-length configurations
 in its order) instead of the single choice (it is no one family or size, so those columns
 count nothing). ``--output oracle`` judges each run's best full-length trial by AUROC (a
-label's choice, so no product may make it): the ceiling any label-free way of choosing
-among the trials trained can reach, and what the best detector was; its family and size
-column says how often the best detector trained is the generator's family and size.
+label's choice, so no product may make it; a tie goes to the generator's configuration): the
+AUROC ceiling of any way of choosing among the trials trained, and what the best detector
+was, so its family-and-size column says how often the best detector is the generator's. It
+also prices that bar: how many studies trained the generator's family at a size within 1.5×
+(the most any choice among their trials can name), and that trial's regret.
+
+The same study found in two files of a design (a run judged again under another rule) is
+counted once, with a note on stderr.
 
 Runs record their scorer (``meta.scorer``; before the fifteenth round every run was
 Mahalanobis's). ``--scorer mahalanobis`` reads every run as Mahalanobis's: runs made with
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +83,29 @@ def runs_of(files: list[Path], tasks: set[str] | None, all_kinds: bool = False,
     (runs from before ``bench.engine --objective`` were all driven by DSV); with
     ``scorer``, read as that scorer's (:func:`rescored`)."""
     out = []
+    seen: dict[str, str] = {}
     for f in files:
         saved = json.loads((f if f.is_file() else RESULTS / f).read_text())
         drove = study_objective(saved.get("meta", {}))
         own = study_scorer(saved.get("meta", {}))
         for r in saved["results"]:
             if (all_kinds or r["kind"] == "injected") and (not tasks or r["task"] in tasks):
+                key = fingerprint(r)
+                if key in seen:  # the same study in two files (a run judged again)
+                    print(f"note: {r['task']} in {f} repeats the run in {seen[key]}; "
+                          "counted once", file=sys.stderr)
+                    continue
+                seen[key] = str(f)
                 out.append({**(rescored(r, scorer) if scorer and scorer != own else r),
                             "study_objective": drove, "scorer": scorer or own})
     return out
+
+
+def fingerprint(r: dict[str, Any]) -> str:
+    """One study's identity: its task and every trial's configuration and AUROC (a run
+    judged again under another rule is written again with the same trials)."""
+    return json.dumps([r["task"], [[t.get("augmentation"), t.get("params"), t.get("auroc")]
+                                   for t in r["trials"]]], sort_keys=True)
 
 
 def is_generator(trial: dict[str, Any], truth: dict[str, Any]) -> bool:
@@ -97,18 +117,27 @@ def is_generator(trial: dict[str, Any], truth: dict[str, Any]) -> bool:
     return ps is not None and within(float(ps), truth["patch_size"], 1.5)
 
 
+def oracle_trial(r: dict[str, Any]) -> dict[str, Any]:
+    """The run's best full-length trial by AUROC (labels: benchmarks only). Among trials
+    tied at the best AUROC the generator's (:func:`is_generator`) is taken, then the
+    earliest, so a tie never hides that the generator's configuration was as good."""
+    truth = r["truth"] or {}
+    return max(selectable(r), key=lambda t: (t["auroc"], is_generator(t, truth)))
+
+
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
-    name = objective or r["study_objective"]
-    if name not in r["objectives"]:
-        raise SystemExit(f"{r['task']}: this run recorded no {name!r} choice (it has "
-                         f"{', '.join(r['objectives'])}); --objective names one of those")
-    chosen = r["objectives"][name]
-    sel = chosen["selected"]
     truth = r["truth"] or {}
-    if output == "oracle":  # the ceiling: what the best detector trained is, read by labels
-        sel = max(selectable(r), key=lambda t: t["auroc"])
-        chosen = {**chosen, "selected": sel, "regret": r["oracle"] - sel["auroc"]}
+    if output == "oracle":  # the AUROC ceiling: what the best detector trained is
+        sel = oracle_trial(r)
+        chosen = {"selected": sel, "regret": r["oracle"] - sel["auroc"]}
+    else:
+        name = objective or r["study_objective"]
+        if name not in r["objectives"]:
+            raise SystemExit(f"{r['task']}: this run recorded no {name!r} choice (it has "
+                             f"{', '.join(r['objectives'])}); --objective names one of those")
+        chosen = r["objectives"][name]
+        sel = chosen["selected"]
     if output == "ensemble":
         if chosen["ensemble_top"] is None:
             raise SystemExit("--output ensemble: the ensemble's AUROC was recorded for the "
@@ -147,6 +176,14 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "above_pixels": sum(r["above_pixels"] for r in rows)}
 
 
+def tagged(name: str, rows: list[dict[str, Any]]) -> str:
+    """A design's name with its scorers where they are not the record's usual one."""
+    scorers = sorted({r["scorer"] for r in rows})
+    if scorers == [LEGACY_SCORER]:
+        return name
+    return f"{name} [{'MIXED: ' if len(scorers) > 1 else ''}{', '.join(scorers)}]"
+
+
 def print_generator_cost(designs: dict[str, list[dict[str, Any]]]) -> None:
     """What choosing the generator's configuration would cost: over the injected runs whose
     study trained the generating family at a size within 1.5× of the defect's, the regret
@@ -156,6 +193,7 @@ def print_generator_cost(designs: dict[str, list[dict[str, Any]]]) -> None:
           "the best such trial's median regret | mean regret | regret > 0.02 |")
     print("|---|---|---|---|---|---|")
     for name, rows in designs.items():
+        name = tagged(name, rows)
         injected = [r for r in rows if r["injected"]]
         cost = [r["generator_regret"] for r in injected if r["generator_regret"] is not None]
         if not cost:
@@ -178,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the one-class runs too (default: injected tasks only)")
     ap.add_argument("--output", choices=("choice", "ensemble", "oracle"), default="choice",
                     help="judge the single choice (default), the recorded top-3 ensemble, "
-                    "or the oracle: each run's best trial by AUROC, the ceiling of any "
-                    "label-free choice among the trials trained")
+                    "or the oracle: each run's best trial by AUROC (labels), the AUROC "
+                    "ceiling of any choice among the trials trained")
     ap.add_argument("--scorer", default=None,
                     help="read every run as if scored by this scorer, from the AUROCs its "
                     "trials recorded for it (bench.engine --also-score; default: the run's)")
@@ -203,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, rows in designs.items():
         s = summary(rows)
-        scorers = sorted({r["scorer"] for r in rows})
-        if scorers != [LEGACY_SCORER]:  # name what is not the record's usual scorer
-            name = f"{name} [{'MIXED: ' if len(scorers) > 1 else ''}{', '.join(scorers)}]"
+        name = tagged(name, rows)
         print(f"| {name} | {s['runs']} | {s['median_regret']:.3f} | {s['mean_regret']:.3f} | "
               f"{s['mean_auroc']:.3f} | {s['family']}/{s['runs']} | "
               f"{s['family_and_size']}/{s['runs']} | {s['auroc_095']}/{s['runs']} | "

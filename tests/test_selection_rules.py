@@ -156,3 +156,38 @@ def test_compare_reads_the_oracle_as_the_ceiling_and_prices_the_generator() -> N
     assert choice["generator_regret"] == pytest.approx(0.05)  # trial 2, within 1.5×
     one_class = {**r, "kind": "one-class", "truth": None}
     assert judged(one_class, None, "oracle")["generator_regret"] is None
+
+
+def test_the_oracle_prefers_the_generator_in_a_tie_and_follows_the_scorer_asked_for() -> None:
+    from bench.compare import judged, rescored
+
+    def t(number: int, auroc: float, other: float, size: float) -> dict[str, Any]:
+        return {"number": number, "stage": "refine", "auroc": auroc, "augmentation": "cutout",
+                "params": {"patch_size": size}, "auroc_by_scorer": {"mahalanobis": other}}
+
+    # trials 0 and 1 tie at 1.0; trial 1 is the generator (0.04 against 0.2)
+    trials = [t(0, 1.0, 0.7, 0.2), t(1, 1.0, 0.6, 0.04), t(2, 0.9, 0.95, 0.2)]
+    chosen = {"selected": trials[2], "regret": 0.1, "ensemble_top": 0.9}
+    r = {"task": "t", "kind": "injected", "trials": trials, "oracle": 1.0, "mean": 0.97,
+         "truth": {"augmentation": "cutout", "patch_size": 0.04}, "pixel": {"knn": 0.7},
+         "objectives": {"dsv": chosen}, "study_objective": "dsv"}
+    assert judged(r, None, "oracle")["size"]
+    # under the other scorer the best detector is trial 2 (0.95), the generator 0.35 below
+    row = judged(rescored(r, "mahalanobis"), "no such objective", "oracle")
+    assert row["auroc"] == 0.95 and not row["size"]
+    assert row["generator_regret"] == pytest.approx(0.35)
+
+
+def test_compare_counts_a_study_found_in_two_files_once(tmp_path: Any, capsys: Any) -> None:
+    import json
+
+    from bench.compare import runs_of
+
+    run_ = {"task": "t", "kind": "injected",
+            "trials": [{"number": 1, "augmentation": "flip", "params": {}, "auroc": 0.9}]}
+    other = {**run_, "trials": [{**run_["trials"][0], "auroc": 0.8}]}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"meta": {}, "results": [run_]}))
+    b.write_text(json.dumps({"meta": {}, "results": [run_, other]}))
+    assert [r["trials"][0]["auroc"] for r in runs_of([a, b], None)] == [0.9, 0.8]
+    assert "repeats the run in" in capsys.readouterr().err
