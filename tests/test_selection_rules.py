@@ -154,6 +154,9 @@ def test_compare_reads_the_oracle_as_the_ceiling_and_prices_the_generator() -> N
     assert ceiling["auroc"] == 0.95 and ceiling["regret"] == 0.0
     assert ceiling["family"] and not ceiling["size"]  # the best detector is 3× the defect
     assert choice["generator_regret"] == pytest.approx(0.05)  # trial 2, within 1.5×
+    assert choice["family_refined"]
+    blurred = {**r, "truth": {"augmentation": "blur", "patch_size": 0.04}}
+    assert not judged(blurred, None, "oracle")["family_refined"]
     one_class = {**r, "kind": "one-class", "truth": None}
     assert judged(one_class, None, "oracle")["generator_regret"] is None
 
