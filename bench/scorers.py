@@ -52,12 +52,11 @@ from sklearn.metrics import roc_auc_score
 from bench.engine import TASK_SETS, knn_scores
 from bench.selection_rules import product_ranking, selectable
 from bench.tasks import Task
-from worker.core.augmentations import build_augmentation
-from worker.core.data import evaluation_sets, prepare
-from worker.core.device import make_generator, seed_everything
+from worker.core.data import prepare
 from worker.core.inference import augmented_logits, embed_levels, embed_xyz
-from worker.core.scoring import mahalanobis_scores
-from worker.core.training import DetectorTraining, TrainSettings, build_detector
+from worker.core.scoring import mahalanobis_scores, multilevel_features
+from worker.core.training import TrainSettings
+from worker.core.trial import start_trial
 
 MATCH_TOL = 1e-3  # a retrained trial "reproduces" if its Mahalanobis AUROC is this close
 
@@ -65,19 +64,15 @@ MATCH_TOL = 1e-3  # a retrained trial "reproduces" if its Mahalanobis AUROC is t
 def retrain(task: Task, trial: dict[str, Any], seed: int, ks: Sequence[int], steps: int,
             contamination: float = 0.1) -> dict[str, float]:
     """The recorded trial trained again; AUROC of the test scores under every scorer."""
-    device = torch.device("cpu")
-    data = prepare(task.train, task.test, device)
+    data = prepare(task.train, task.test, torch.device("cpu"))
     settings = TrainSettings(steps=int(trial.get("train_steps") or steps))
-    augment = build_augmentation(trial["augmentation"], trial["params"]).to(device)
-    seed_everything(seed)
-    g = make_generator(device, seed)
-    model = build_detector(data.channels, data.image_size, settings, device)
-    training = DetectorTraining(model, augment, data.train, settings, g, amp=settings.amp)
-    x_idx, y_idx = evaluation_sets(len(data.train), contamination, settings.max_embed_train,
-                                   g, device)
+    start = start_trial(data, trial["augmentation"], trial["params"], settings,
+                        contamination, seed)
+    model, x_idx = start.model, start.x_idx
     for _ in range(settings.steps):
-        training.step()
-    x, _y, z = embed_xyz(model, data.train[x_idx], data.train[y_idx], data.test, augment, g)
+        start.training.step()
+    x, _y, z = embed_xyz(model, data.train[x_idx], data.train[start.y_idx], data.test,
+                         start.augment, start.g)
     xn, zn = x.cpu().numpy().astype(np.float64), z.cpu().numpy().astype(np.float64)
     scores = {"mahalanobis": mahalanobis_scores(xn, zn),
               "logit": augmented_logits(model, data.test).cpu().numpy().astype(np.float64)}
@@ -85,7 +80,8 @@ def retrain(task: Task, trial: dict[str, Any], seed: int, ks: Sequence[int], ste
         scores[f"knn-{k}"] = knn_scores(xn, zn, k)
     lx = [m.double().numpy() for m in embed_levels(model, data.train[x_idx])]
     lz = [m.double().numpy() for m in embed_levels(model, data.test)]
-    scores["levels-concat"] = mahalanobis_scores(np.concatenate(lx, 1), np.concatenate(lz, 1))
+    scores["levels-concat"] = mahalanobis_scores(multilevel_features(lx),
+                                                 multilevel_features(lz))
     scores["levels-sum"] = sum((mahalanobis_scores(a, b) ** 2 / a.shape[1]
                                 for a, b in zip(lx, lz, strict=True)), np.zeros(len(lz[0])))
     return {name: float(roc_auc_score(task.labels, s)) for name, s in scores.items()}

@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ssad_common.jobspec import DEFAULT_CONTAMINATION, DEFAULT_OBJECTIVE
 from ssad_common.search_space import ParamValue
-from worker.core.augmentations import build_augmentation
+from worker.core.augmentations import Augmentation, build_augmentation
 from worker.core.data import PreparedData, evaluation_sets
+from worker.core.detector import Detector
 from worker.core.device import make_generator, seed_everything, synchronize
 from worker.core.evaluation import evaluate, subsample_loss
 from worker.core.export import ScoringModel
@@ -53,6 +56,37 @@ class TrialResult:
     extra_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrialStart:
+    """A trial's seeded starting point: the untrained detector, its augmentation and
+    training loop, the generator, and the train images embedded clean (X) and augmented
+    (Y)."""
+
+    model: Detector
+    augment: Augmentation
+    training: DetectorTraining
+    g: torch.Generator
+    x_idx: Tensor
+    y_idx: Tensor
+
+
+def start_trial(data: PreparedData, augmentation: str, params: Mapping[str, Any],
+                settings: TrainSettings, contamination: float = DEFAULT_CONTAMINATION,
+                seed: int = 0) -> TrialStart:
+    """Everything a trial draws from its seed, in the order :func:`run_trial` draws it, so a
+    recorded trial can be trained again exactly (bench.scorers)."""
+    augment = build_augmentation(augmentation, params)
+    device = data.train.device
+    seed_everything(seed)
+    g = make_generator(device, seed)
+    model = build_detector(data.channels, data.image_size, settings, device)
+    augment = augment.to(device)
+    training = DetectorTraining(model, augment, data.train, settings, g, amp=settings.amp)
+    x_idx, y_idx = evaluation_sets(len(data.train), contamination, settings.max_embed_train,
+                                   g, device)
+    return TrialStart(model, augment, training, g, x_idx, y_idx)
+
+
 def run_trial(
     data: PreparedData,
     augmentation: str,
@@ -77,15 +111,9 @@ def run_trial(
     """
     t_start = time.perf_counter()
     loss_fn = get_objective(objective)
-    augment = build_augmentation(augmentation, params)
-    device = data.train.device
-    seed_everything(seed)
-    g = make_generator(device, seed)
-    model = build_detector(data.channels, data.image_size, settings, device)
-    augment = augment.to(device)
-    training = DetectorTraining(model, augment, data.train, settings, g, amp=settings.amp)
-    x_idx, y_idx = evaluation_sets(len(data.train), contamination, settings.max_embed_train,
-                                   g, device)
+    start = start_trial(data, augmentation, params, settings, contamination, seed)
+    model, augment, training, g = start.model, start.augment, start.training, start.g
+    x_idx, y_idx, device = start.x_idx, start.y_idx, data.train.device
 
     t_train = last_progress = time.perf_counter()
     for step in range(1, settings.steps + 1):
