@@ -108,10 +108,15 @@ def fingerprint(r: dict[str, Any]) -> str:
                                    for t in r["trials"]]], sort_keys=True)
 
 
+def is_family(trial: dict[str, Any], truth: dict[str, Any]) -> bool:
+    """Whether a trial is of the generating family (never, on a one-class task)."""
+    return bool(truth) and trial["augmentation"] == truth["augmentation"]
+
+
 def is_generator(trial: dict[str, Any], truth: dict[str, Any]) -> bool:
     """Whether a trial is the generating family with the patch size within 1.5× of the
     defect's (the issue's family-and-size bar)."""
-    if not truth or trial["augmentation"] != truth.get("augmentation"):
+    if not is_family(trial, truth):
         return False
     ps = trial["params"].get("patch_size")
     return ps is not None and within(float(ps), truth["patch_size"], 1.5)
@@ -148,8 +153,7 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
     else:
         auroc, regret = sel["auroc"], chosen["regret"]
         ps = sel["params"].get("patch_size")
-        family = sel["augmentation"] == truth.get("augmentation")
-        size = is_generator(sel, truth)
+        family, size = is_family(sel, truth), is_generator(sel, truth)
         fill = sel["params"].get("fill")
         label = (f"{SHORT.get(sel['augmentation'], sel['augmentation'])}"
                  f"{'' if fill is None else ' ' + str(fill)}"
@@ -158,8 +162,7 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
     return {"task": r["task"], "scorer": r.get("scorer", LEGACY_SCORER),
             "injected": r.get("kind") == "injected",
             "generator_regret": r["oracle"] - max(generator) if generator else None,
-            "family_refined": bool(truth) and any(
-                t["augmentation"] == truth["augmentation"] for t in selectable(r)),
+            "family_refined": any(is_family(t, truth) for t in selectable(r)),
             "auroc": auroc, "regret": regret, "family": family,
             "size": size, "beats_mean": auroc > r["mean"],
             "above_pixels": auroc > max(r["pixel"].values()), "label": label}
