@@ -32,6 +32,11 @@ also prices that bar: how many studies trained the generator's family at a size 
 The same study found in two files of a design (a run judged again under another rule) is
 counted once, with a note on stderr.
 
+``--output consensus`` judges the seventeenth round's candidate, recorded by runs from
+then: the medoid of the first three full-length configurations in the judged order, the
+one whose test scores agree most (mean Spearman) with the other two's; one trained detector,
+chosen to stand where the ensemble stands. ``consensus-5``: the medoid of five.
+
 Runs record their scorer (``meta.scorer``; before the fifteenth round every run was
 Mahalanobis's). ``--scorer mahalanobis`` reads every run as Mahalanobis's: runs made with
 another scorer through the AUROCs their trials recorded for it (``bench.engine
@@ -56,6 +61,8 @@ from bench.tasks import within
 
 RESULTS = Path(__file__).parent / "results"
 SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
+#: ``--output`` values that judge the medoid of the top k (worker.core.selection.consensus)
+CONSENSUS = {"consensus": 3, "consensus-5": 5}
 
 
 def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
@@ -143,6 +150,15 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
                              f"{', '.join(r['objectives'])}); --objective names one of those")
         chosen = r["objectives"][name]
         sel = chosen["selected"]
+        if output in CONSENSUS:  # the medoid of the way of choosing's top k
+            picks = chosen.get("consensus")
+            if picks is None:
+                raise SystemExit(f"--output {output}: {r['task']}'s run recorded no "
+                                 "consensus pick (bench.engine records it from the "
+                                 "seventeenth round)")
+            number = picks[str(CONSENSUS[output])]
+            sel = next(t for t in r["trials"] if t["number"] == number)
+            chosen = {"selected": sel, "regret": r["oracle"] - sel["auroc"]}
     if output == "ensemble":
         if chosen["ensemble_top"] is None:
             raise SystemExit("--output ensemble: the ensemble's AUROC was recorded for the "
@@ -223,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     ap.add_argument("--all-kinds", action="store_true",
                     help="the one-class runs too (default: injected tasks only)")
-    ap.add_argument("--output", choices=("choice", "ensemble", "oracle"), default="choice",
+    ap.add_argument("--output", choices=("choice", "ensemble", "oracle", *CONSENSUS),
+                    default="choice",
                     help="judge the single choice (default), the recorded top-3 ensemble, "
-                    "or the oracle: each run's best trial by AUROC (labels), the AUROC "
-                    "ceiling of any choice among the trials trained")
+                    "the oracle: each run's best trial by AUROC (labels), the AUROC "
+                    "ceiling of any choice among the trials trained, or the consensus "
+                    "(-5): the medoid of the top 3 (5), the trial whose test scores agree "
+                    "most with the others'")
     ap.add_argument("--scorer", default=None,
                     help="read every run as if scored by this scorer, from the AUROCs its "
                     "trials recorded for it (bench.engine --also-score; default: the run's)")

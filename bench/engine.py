@@ -86,7 +86,7 @@ from ssad_common.search_space import CUTPASTE_DEFAULT, SCORER_NAMES, SearchSpace
 from ssad_common.strategy import trust
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
-from worker.core.selection import TOP_K, Candidate, decisiveness, ensemble_scores
+from worker.core.selection import TOP_K, Candidate, consensus, decisiveness, ensemble_scores
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
@@ -189,6 +189,9 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
         per_objective[name] = {
             **selection_entry(ranked_),
             "ensemble_top": float(roc_auc_score(task.labels, ensemble_scores(cands, TOP_K))),
+            # the seventeenth round's candidate: the medoid of the top k (k = 3 fixed
+            # before its runs; 5 for information), its trial number
+            "consensus": {str(k): consensus(cands, k).number for k in (TOP_K, 5)},
             "decisiveness": decided,
         }
         if name == RULE and also_score:
@@ -204,6 +207,8 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
     all_z = ensemble_scores([Candidate(t["number"], t["augmentation"], 0.0,
                                        scores[t["number"]]) for t in selectable],
                             k=len(selectable))
+    for kept in selectable:  # so that rules over the test scores can be replayed offline
+        kept["test_scores"] = [float(f"{v:.6g}") for v in scores[kept["number"]].tolist()]
     screen = [t["auroc"] for t in trials if t["stage"] == "screen"]
     out = {
         "task": task.name, "kind": task.kind, "n_train": len(task.train),
