@@ -27,7 +27,9 @@ fixed in advance for the fourteenth round (the rank sum of DSV and MMD back as t
 selection, decided on every run recorded before it); ``confirmation11``, fixed in advance
 for the fifteenth round (the ``multilevel`` scorer, decided with ``bench.scorers`` on
 development runs and spent held-out ones; every trial also records the Mahalanobis
-scorer's AUROC of the same detector, ``auroc_by_scorer``).
+scorer's AUROC of the same detector, ``auroc_by_scorer``); ``confirmation12``, fixed in
+advance for the seventeenth round (the consensus of the top 3 as the choice, ``--output
+consensus`` of bench.compare).
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe] [--objective O]
@@ -77,6 +79,7 @@ from bench.tasks import (
     confirmation9_tasks,
     confirmation10_tasks,
     confirmation11_tasks,
+    confirmation12_tasks,
     confirmation_tasks,
     development_tasks,
     within,
@@ -97,7 +100,7 @@ TASK_SETS = {"dev": development_tasks, "confirmation": confirmation_tasks,
              "confirmation5": confirmation5_tasks, "confirmation6": confirmation6_tasks,
              "confirmation7": confirmation7_tasks, "confirmation8": confirmation8_tasks,
              "confirmation9": confirmation9_tasks, "confirmation10": confirmation10_tasks,
-             "confirmation11": confirmation11_tasks,
+             "confirmation11": confirmation11_tasks, "confirmation12": confirmation12_tasks,
              "all": all_tasks}
 
 
@@ -357,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results/engine.json")
     ap.add_argument("--set", default="dev", choices=sorted(TASK_SETS),
                     help="dev: the tasks decisions are taken on; confirmation, "
-                    "confirmation2 to confirmation11: held out (see the module's "
+                    "confirmation2 to confirmation12: held out (see the module's "
                     "docstring)")
     ap.add_argument("--tasks", default="", help="comma-separated task names of the set "
                     "(default: all of it)")

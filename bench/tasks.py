@@ -361,6 +361,22 @@ def confirmation11_tasks() -> list[Task]:
             cifar_one_class(7, seed=10), cifar_one_class(5, seed=10)]
 
 
+def confirmation12_injected_tasks() -> list[Task]:
+    """Injected defects for the seventeenth round (the consensus of the top 3 as the
+    choice, 2026-12-03): digit, size and fill pairs never seen before, and other test
+    images (seed 11)."""
+    return held_out_injected(11, [("black", 10, 6), ("noise", 9, 2), ("grey150", 7, 5),
+                                  ("white", 9, 4)], (2, 10, 8))
+
+
+def confirmation12_tasks() -> list[Task]:
+    """Chosen in advance for the seventeenth round (committed before any run on them and
+    before its development result was read) and never used for a decision: MNIST 4, CIFAR
+    cat and CIFAR bird with other test images (seed 11)."""
+    return [*confirmation12_injected_tasks(), mnist_one_class(4, seed=11),
+            cifar_one_class(3, seed=11), cifar_one_class(2, seed=11)]
+
+
 def development_tasks() -> list[Task]:
     """The tasks every design decision (objective, search strategy, defaults) was taken on."""
     return [
@@ -385,4 +401,4 @@ def all_tasks() -> list[Task]:
             *confirmation3_tasks(), *confirmation4_tasks(), *confirmation5_tasks(),
             *confirmation6_tasks(), *confirmation7_tasks(),
             *confirmation8_tasks(), *confirmation9_tasks(), *confirmation10_tasks(),
-            *confirmation11_tasks()]
+            *confirmation11_tasks(), *confirmation12_tasks()]
