@@ -181,6 +181,29 @@ def test_the_oracle_prefers_the_generator_in_a_tie_and_follows_the_scorer_asked_
     assert row["generator_regret"] == pytest.approx(0.35)
 
 
+def test_compare_judges_the_recorded_consensus_pick_as_one_trial() -> None:
+    from bench.compare import judged
+
+    def t(number: int, auroc: float, size: float) -> dict[str, Any]:
+        return {"number": number, "stage": "refine", "auroc": auroc, "augmentation": "cutout",
+                "params": {"patch_size": size}}
+
+    trials = [t(0, 0.70, 0.2), t(1, 0.95, 0.04), t(2, 0.90, 0.1)]
+    chosen = {"selected": trials[0], "regret": 0.25, "ensemble_top": 0.93,
+              "consensus": {"3": 1, "5": 2}}
+    r = {"task": "t", "kind": "injected", "trials": trials, "oracle": 0.95, "mean": 0.85,
+         "truth": {"augmentation": "cutout", "patch_size": 0.04}, "pixel": {"knn": 0.8},
+         "objectives": {"dsv": chosen}, "study_objective": "dsv"}
+    assert not judged(r, None)["beats_mean"]  # the choice itself: trial 0
+    medoid, of_five = judged(r, None, "consensus"), judged(r, None, "consensus-5")
+    assert (medoid["auroc"], medoid["regret"], medoid["size"]) == (0.95, 0.0, True)
+    assert medoid["beats_mean"] and medoid["above_pixels"]
+    assert of_five["auroc"] == 0.90 and of_five["regret"] == pytest.approx(0.05)
+    old = {**r, "objectives": {"dsv": {k: v for k, v in chosen.items() if k != "consensus"}}}
+    with pytest.raises(SystemExit, match="no consensus"):
+        judged(old, None, "consensus")
+
+
 def test_compare_counts_a_study_found_in_two_files_once(tmp_path: Any, capsys: Any) -> None:
     import json
 
