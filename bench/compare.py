@@ -61,7 +61,7 @@ from bench.tasks import within
 
 RESULTS = Path(__file__).parent / "results"
 SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
-#: ``--output`` values that judge the medoid of the top k (worker.core.selection.consensus)
+#: ``--output`` values that judge the medoid of the top k (bench.selection_rules.consensus)
 CONSENSUS = {"consensus": 3, "consensus-5": 5}
 
 

@@ -61,6 +61,7 @@ from bench.selection_rules import (
     LEGACY_SCORER,
     RULE,
     TAIL_GUARD,
+    consensus,
     product_ranking,
     study_objective,
     tail_guard_order,
@@ -89,7 +90,7 @@ from ssad_common.search_space import CUTPASTE_DEFAULT, SCORER_NAMES, SearchSpace
 from ssad_common.strategy import trust
 from worker.core.data import prepare
 from worker.core.objectives import OBJECTIVES
-from worker.core.selection import TOP_K, Candidate, consensus, decisiveness, ensemble_scores
+from worker.core.selection import TOP_K, Candidate, decisiveness, ensemble_scores
 from worker.core.study import StudySettings, run_study
 from worker.core.training import TrainSettings
 from worker.core.trial import run_trial
@@ -194,7 +195,8 @@ def run_task(task: Task, steps: int, n_trials: int, seed: int, strategy: str,
             "ensemble_top": float(roc_auc_score(task.labels, ensemble_scores(cands, TOP_K))),
             # the seventeenth round's candidate: the medoid of the top k (k = 3 fixed
             # before its runs; 5 for information), its trial number
-            "consensus": {str(k): consensus(cands, k).number for k in (TOP_K, 5)},
+            "consensus": {str(k): cands[consensus([c.scores for c in cands], k)].number
+                          for k in (TOP_K, 5)},
             "decisiveness": decided,
         }
         if name == RULE and also_score:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 
 from ssad_common.jobspec import DEFAULT_OBJECTIVE
 from ssad_common.strategy import ranked, trust
@@ -119,6 +119,28 @@ def shipped(trials: Sequence[Trial]) -> np.ndarray:
 
 #: The thirteenth round's candidate (2026-12-03): DSV chooses, ``tail-energy`` only vetoes.
 TAIL_GUARD = "dsv, tail-energy guard"
+
+
+def consensus(scores: Sequence[np.ndarray | None], k: int = 3) -> int:
+    """The seventeenth round's candidate (2026-12-03, not kept): of the first ``k`` of a
+    way of choosing's candidates (their test scores, best first), the index of the medoid,
+    the one whose scores agree most (mean Spearman correlation) with the others', the
+    earlier on a tie: one detector chosen to stand where the top-k ensemble stands."""
+    top = list(scores)[:k]
+    if not top:
+        raise ValueError("no candidate to choose from")
+    if len(top) < 3:  # two cannot outvote each other: the best stays
+        return 0
+    if any(s is None for s in top):
+        raise ValueError(f"the top {k} candidates need their scores")
+    arrays = [np.asarray(s) for s in top]
+
+    def agreement(i: int) -> float:
+        rho = [float(spearmanr(arrays[i], arrays[j]).statistic)
+               for j in range(len(arrays)) if j != i]
+        return float(np.mean([r if np.isfinite(r) else 0.0 for r in rho]))
+
+    return max(range(len(arrays)), key=lambda i: (agreement(i), -i))
 
 
 def tail_guard_order(trials: Sequence[Trial]) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench.selection_rules import (
@@ -179,6 +180,25 @@ def test_the_oracle_prefers_the_generator_in_a_tie_and_follows_the_scorer_asked_
     row = judged(rescored(r, "mahalanobis"), "no such objective", "oracle")
     assert row["auroc"] == 0.95 and not row["size"]
     assert row["generator_regret"] == pytest.approx(0.35)
+
+
+def test_the_consensus_is_the_top_configuration_that_agrees_most_with_the_others() -> None:
+    from bench.selection_rules import consensus
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=50)
+    stray = -truth  # the best by the selection score, ranking the images backwards
+    near = truth + rng.normal(scale=0.1, size=50)
+    nearer = truth + rng.normal(scale=0.01, size=50)
+    ranked_scores = [stray, near, nearer, None]
+    assert consensus(ranked_scores, k=3) in (1, 2)  # the stray best is outvoted
+    assert consensus([truth, truth, truth], k=3) == 0  # a tie in agreement: the better rank
+    # only the top k take part: the fourth's missing scores are never read
+    assert consensus(ranked_scores, k=2) == 0  # two cannot outvote each other
+    with pytest.raises(ValueError, match="scores"):
+        consensus([stray, near, None], k=3)
+    with pytest.raises(ValueError):
+        consensus([], k=3)
 
 
 def test_compare_judges_the_recorded_consensus_pick_as_one_trial() -> None:

@@ -103,29 +103,6 @@ def test_decisiveness_reports_the_family_gap_and_the_top_configurations_agreemen
         decisiveness([*cands[:1], Candidate(9, "x", 9.0, None)], contamination=0.1)
 
 
-def test_the_consensus_is_the_top_configuration_that_agrees_most_with_the_others() -> None:
-    import numpy as np
-
-    from worker.core.selection import Candidate, consensus
-
-    rng = np.random.default_rng(0)
-    truth = rng.normal(size=50)
-    stray = -truth  # the best by the selection score, ranking the images backwards
-    near = truth + rng.normal(scale=0.1, size=50)
-    nearer = truth + rng.normal(scale=0.01, size=50)
-    cands = [Candidate(1, "cutout", 1.0, stray), Candidate(2, "cutpaste", 2.0, near),
-             Candidate(3, "rotate", 3.0, nearer), Candidate(4, "flip", 4.0, None)]
-    assert consensus(cands, k=3).number in (2, 3)  # the stray best is outvoted
-    same = [Candidate(n, "cutout", float(n), truth) for n in (5, 6, 7)]
-    assert consensus(same, k=3) is same[0]  # a tie in agreement: the better rank
-    # only the top k take part: the fourth's missing scores are never read
-    assert consensus(cands, k=2) is cands[0]  # two cannot outvote each other
-    with pytest.raises(ValueError, match="scores"):
-        consensus([*cands[:2], Candidate(9, "x", 9.0, None)], k=3)
-    with pytest.raises(ValueError):
-        consensus([], k=3)
-
-
 def test_the_trust_verdict_reads_the_agreement_against_its_threshold() -> None:
     from ssad_common.strategy import TRUST_AGREEMENT, trust
 

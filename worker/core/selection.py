@@ -116,23 +116,3 @@ def ensemble_scores(candidates: Sequence[Candidate], k: int = TOP_K) -> np.ndarr
         raise ValueError("no candidate to ensemble")
     return zscore_mean([_scores(c) for c in ranked])
 
-
-def consensus(candidates: Sequence[Candidate], k: int = TOP_K) -> Candidate:
-    """The medoid of the first ``k`` of ``candidates`` (best first): the one whose test
-    scores agree most with the others' (mean Spearman correlation), the earlier on a tie.
-    One trained detector, as the job's result is, chosen to stand where the top-k
-    ensemble stands rather than where the lowest selection score does (issue 11's
-    seventeenth round, a candidate; not the product's choice)."""
-    top = list(candidates)[:k]
-    if not top:
-        raise ValueError("no candidate to choose from")
-    if len(top) < 3:  # two cannot outvote each other: the best stays
-        return top[0]
-    scores = [_scores(c) for c in top]
-
-    def agreement(i: int) -> float:
-        rho = [float(spearmanr(scores[i], scores[j]).statistic)
-               for j in range(len(top)) if j != i]
-        return float(np.mean([r if np.isfinite(r) else 0.0 for r in rho]))
-
-    return top[max(range(len(top)), key=lambda i: (agreement(i), -i))]
