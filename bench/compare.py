@@ -58,11 +58,12 @@ from typing import Any
 
 from bench.selection_rules import LEGACY_SCORER, selectable, study_objective, study_scorer
 from bench.tasks import within
+from worker.core.selection import TOP_K
 
 RESULTS = Path(__file__).parent / "results"
 SHORT = {"cutout": "CO", "cutpaste": "CP", "cutpaste-scar": "scar"}
 #: ``--output`` values that judge the medoid of the top k (bench.selection_rules.consensus)
-CONSENSUS = {"consensus": 3, "consensus-5": 5}
+CONSENSUS = {"consensus": TOP_K, "consensus-5": 5}
 
 
 def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
@@ -78,8 +79,10 @@ def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
     objectives = {}
     for name, chosen in r["objectives"].items():
         sel = {**chosen["selected"], "auroc": auroc[chosen["selected"]["number"]]}
+        # the ensemble and the consensus are of the run's own scores: not read as another's
         objectives[name] = {**chosen, "selected": sel, "regret": max(pool) - sel["auroc"],
-                            "ensemble_top": None}
+                            "ensemble_top": None,
+                            **({"consensus": None} if "consensus" in chosen else {})}
     return {**r, "oracle": max(pool), "mean": statistics.fmean(pool),
             "objectives": objectives, "trials": trials}
 
@@ -151,12 +154,17 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
         chosen = r["objectives"][name]
         sel = chosen["selected"]
         if output in CONSENSUS:  # the medoid of the way of choosing's top k
-            picks = chosen.get("consensus")
-            if picks is None:
+            if "consensus" not in chosen:
                 raise SystemExit(f"--output {output}: {r['task']}'s run recorded no "
                                  "consensus pick (bench.engine records it from the "
                                  "seventeenth round)")
-            number = picks[str(CONSENSUS[output])]
+            if chosen["consensus"] is None:
+                raise SystemExit(f"--output {output}: the consensus was recorded for the "
+                                 "run's own scorer only (leave out --scorer)")
+            number = chosen["consensus"].get(str(CONSENSUS[output]))
+            if number is None:
+                raise SystemExit(f"--output {output}: {r['task']}'s run recorded the "
+                                 f"consensus of {', '.join(chosen['consensus'])} only")
             sel = next(t for t in r["trials"] if t["number"] == number)
             chosen = {"selected": sel, "regret": r["oracle"] - sel["auroc"]}
     if output == "ensemble":

@@ -29,7 +29,8 @@ for the fifteenth round (the ``multilevel`` scorer, decided with ``bench.scorers
 development runs and spent held-out ones; every trial also records the Mahalanobis
 scorer's AUROC of the same detector, ``auroc_by_scorer``); ``confirmation12``, fixed in
 advance for the seventeenth round (the consensus of the top 3 as the choice, ``--output
-consensus`` of bench.compare).
+consensus`` of bench.compare), which was not kept on the development runs, so it reads
+the default.
 
     .venv/bin/python -m bench.engine --out bench/results/engine.json [--set dev] \
         [--tasks a,b] [--steps N] [--n-trials N] [--strategy staged|tpe] [--objective O]

@@ -121,28 +121,6 @@ def shipped(trials: Sequence[Trial]) -> np.ndarray:
 TAIL_GUARD = "dsv, tail-energy guard"
 
 
-def consensus(scores: Sequence[np.ndarray | None], k: int = 3) -> int:
-    """The seventeenth round's candidate (2026-12-03, not kept): of the first ``k`` of a
-    way of choosing's candidates (their test scores, best first), the index of the medoid,
-    the one whose scores agree most (mean Spearman correlation) with the others', the
-    earlier on a tie: one detector chosen to stand where the top-k ensemble stands."""
-    top = list(scores)[:k]
-    if not top:
-        raise ValueError("no candidate to choose from")
-    if len(top) < 3:  # two cannot outvote each other: the best stays
-        return 0
-    if any(s is None for s in top):
-        raise ValueError(f"the top {k} candidates need their scores")
-    arrays = [np.asarray(s) for s in top]
-
-    def agreement(i: int) -> float:
-        rho = [float(spearmanr(arrays[i], arrays[j]).statistic)
-               for j in range(len(arrays)) if j != i]
-        return float(np.mean([r if np.isfinite(r) else 0.0 for r in rho]))
-
-    return max(range(len(arrays)), key=lambda i: (agreement(i), -i))
-
-
 def tail_guard_order(trials: Sequence[Trial]) -> list[int]:
     """The thirteenth round's candidate rule: the indices of ``trials`` best first. A trial
     whose ``tail-energy`` loss is above the median of ``trials``' is vetoed; the others come
@@ -166,6 +144,25 @@ def tail_guard(trials: Sequence[Trial]) -> np.ndarray:
     score = np.empty(len(trials))
     score[tail_guard_order(trials)] = np.arange(len(trials))
     return score
+
+
+def consensus(scores: Sequence[np.ndarray | None], k: int = 3) -> int:
+    """The seventeenth round's candidate (2026-12-03, not kept): of the first ``k`` of a
+    way of choosing's candidates (their test scores, best first), the index of the medoid,
+    the one whose scores agree most (mean Spearman correlation) with the others', the
+    earlier on a tie: one detector chosen to stand where the top-k ensemble stands."""
+    top = list(scores)[:k]
+    if not top:
+        raise ValueError("no candidate to choose from")
+    if len(top) < 3:  # two cannot outvote each other: the best stays
+        return 0
+    columns = [s for s in top if s is not None]
+    if len(columns) < len(top):
+        raise ValueError(f"the top {k} candidates need their scores")
+    rho = np.asarray(spearmanr(np.column_stack(columns)).statistic, dtype=np.float64)
+    rho = np.nan_to_num(rho, nan=0.0)  # constant scores: no rank agreement
+    agreement = (rho.sum(axis=1) - np.diag(rho)) / (len(top) - 1)
+    return max(range(len(top)), key=lambda i: (float(agreement[i]), -i))
 
 
 def rank_sum(*names: str) -> Named:

@@ -363,8 +363,8 @@ def confirmation11_tasks() -> list[Task]:
 
 def confirmation12_injected_tasks() -> list[Task]:
     """Injected defects for the seventeenth round (the consensus of the top 3 as the
-    choice, 2026-12-03): digit, size and fill pairs never seen before, and other test
-    images (seed 11)."""
+    choice, 2026-12-03; not kept on the development runs, so the set reads the default):
+    digit, size and fill pairs never seen before, and other test images (seed 11)."""
     return held_out_injected(11, [("black", 10, 6), ("noise", 9, 2), ("grey150", 7, 5),
                                   ("white", 9, 4)], (2, 10, 8))
 

@@ -190,11 +190,11 @@ def test_the_consensus_is_the_top_configuration_that_agrees_most_with_the_others
     stray = -truth  # the best by the selection score, ranking the images backwards
     near = truth + rng.normal(scale=0.1, size=50)
     nearer = truth + rng.normal(scale=0.01, size=50)
-    ranked_scores = [stray, near, nearer, None]
-    assert consensus(ranked_scores, k=3) in (1, 2)  # the stray best is outvoted
+    # the stray best is outvoted; only the top k take part: the fourth's missing scores
+    # are never read
+    assert consensus([stray, near, nearer, None], k=3) in (1, 2)
     assert consensus([truth, truth, truth], k=3) == 0  # a tie in agreement: the better rank
-    # only the top k take part: the fourth's missing scores are never read
-    assert consensus(ranked_scores, k=2) == 0  # two cannot outvote each other
+    assert consensus([stray, None], k=2) == 0  # two cannot outvote each other
     with pytest.raises(ValueError, match="scores"):
         consensus([stray, near, None], k=3)
     with pytest.raises(ValueError):
@@ -202,11 +202,11 @@ def test_the_consensus_is_the_top_configuration_that_agrees_most_with_the_others
 
 
 def test_compare_judges_the_recorded_consensus_pick_as_one_trial() -> None:
-    from bench.compare import judged
+    from bench.compare import judged, rescored
 
     def t(number: int, auroc: float, size: float) -> dict[str, Any]:
         return {"number": number, "stage": "refine", "auroc": auroc, "augmentation": "cutout",
-                "params": {"patch_size": size}}
+                "params": {"patch_size": size}, "auroc_by_scorer": {"mahalanobis": 0.5}}
 
     trials = [t(0, 0.70, 0.2), t(1, 0.95, 0.04), t(2, 0.90, 0.1)]
     chosen = {"selected": trials[0], "regret": 0.25, "ensemble_top": 0.93,
@@ -222,6 +222,9 @@ def test_compare_judges_the_recorded_consensus_pick_as_one_trial() -> None:
     old = {**r, "objectives": {"dsv": {k: v for k, v in chosen.items() if k != "consensus"}}}
     with pytest.raises(SystemExit, match="no consensus"):
         judged(old, None, "consensus")
+    # the pick is the medoid of the run's own scores: not judged as another scorer's
+    with pytest.raises(SystemExit, match="own scorer only"):
+        judged(rescored(r, "mahalanobis"), None, "consensus")
 
 
 def test_compare_counts_a_study_found_in_two_files_once(tmp_path: Any, capsys: Any) -> None:

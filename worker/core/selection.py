@@ -115,4 +115,3 @@ def ensemble_scores(candidates: Sequence[Candidate], k: int = TOP_K) -> np.ndarr
     if not ranked:
         raise ValueError("no candidate to ensemble")
     return zscore_mean([_scores(c) for c in ranked])
-
