@@ -58,16 +58,22 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class TrialStart:
-    """A trial's seeded starting point: the untrained detector, its augmentation and
-    training loop, the generator, and the train images embedded clean (X) and augmented
-    (Y)."""
+    """A trial's seeded starting point: the augmentation, the training loop (which holds
+    the untrained detector and the generator), and the train images embedded clean (X) and
+    augmented (Y)."""
 
-    model: Detector
     augment: Augmentation
     training: DetectorTraining
-    g: torch.Generator
     x_idx: Tensor
     y_idx: Tensor
+
+    @property
+    def model(self) -> Detector:
+        return self.training.model
+
+    @property
+    def g(self) -> torch.Generator:
+        return self.training.g
 
 
 def start_trial(data: PreparedData, augmentation: str, params: Mapping[str, Any],
@@ -84,7 +90,7 @@ def start_trial(data: PreparedData, augmentation: str, params: Mapping[str, Any]
     training = DetectorTraining(model, augment, data.train, settings, g, amp=settings.amp)
     x_idx, y_idx = evaluation_sets(len(data.train), contamination, settings.max_embed_train,
                                    g, device)
-    return TrialStart(model, augment, training, g, x_idx, y_idx)
+    return TrialStart(augment, training, x_idx, y_idx)
 
 
 def run_trial(
