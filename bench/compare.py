@@ -140,12 +140,17 @@ def oracle_trial(r: dict[str, Any]) -> dict[str, Any]:
     return max(selectable(r), key=lambda t: (t["auroc"], is_generator(t, truth)))
 
 
+def as_choice(r: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
+    """``trial`` judged as if a way of choosing had picked it: its regret to the oracle."""
+    return {"selected": trial, "regret": r["oracle"] - trial["auroc"]}
+
+
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
     truth = r["truth"] or {}
     if output == "oracle":  # the AUROC ceiling: what the best detector trained is
-        sel = oracle_trial(r)
-        chosen = {"selected": sel, "regret": r["oracle"] - sel["auroc"]}
+        chosen = as_choice(r, oracle_trial(r))
+        sel = chosen["selected"]
     else:
         name = objective or r["study_objective"]
         if name not in r["objectives"]:
@@ -165,8 +170,8 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
             if number is None:
                 raise SystemExit(f"--output {output}: {r['task']}'s run recorded the "
                                  f"consensus of {', '.join(chosen['consensus'])} only")
-            sel = next(t for t in r["trials"] if t["number"] == number)
-            chosen = {"selected": sel, "regret": r["oracle"] - sel["auroc"]}
+            chosen = as_choice(r, next(t for t in r["trials"] if t["number"] == number))
+            sel = chosen["selected"]
     if output == "ensemble":
         if chosen["ensemble_top"] is None:
             raise SystemExit("--output ensemble: the ensemble's AUROC was recorded for the "
