@@ -32,6 +32,11 @@ also prices that bar: how many studies trained the generator's family at a size 
 The same study found in two files of a design (a run judged again under another rule) is
 counted once, with a note on stderr.
 
+``--by-trust`` splits every design's runs by the label-free trust verdict (README,
+*decisiveness*) that the judged way of choosing recorded for each: how the choice (or, with
+``--output``, the ensemble or the ceiling) fared where the product called its choice
+``decisive`` and where ``uncertain``.
+
 ``--output consensus`` judges the seventeenth round's candidate, recorded by runs from
 then: the medoid of the first three full-length configurations in the judged order, the
 one whose test scores agree most (mean Spearman) with the other two's; one trained detector,
@@ -80,8 +85,10 @@ def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
     for name, chosen in r["objectives"].items():
         sel = {**chosen["selected"], "auroc": auroc[chosen["selected"]["number"]]}
         # the ensemble and the consensus are of the run's own scores: not read as another's
+        # the trust verdict read on that scorer's scores, where the run recorded it
+        verdict = chosen.get("by_scorer", {}).get(scorer, {}).get("decisiveness")
         objectives[name] = {**chosen, "selected": sel, "regret": max(pool) - sel["auroc"],
-                            "ensemble_top": None,
+                            "ensemble_top": None, "decisiveness": verdict,
                             **({"consensus": None} if "consensus" in chosen else {})}
     return {**r, "oracle": max(pool), "mean": statistics.fmean(pool),
             "objectives": objectives, "trials": trials}
@@ -145,6 +152,14 @@ def as_choice(r: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     return {"selected": trial, "regret": r["oracle"] - trial["auroc"]}
 
 
+def trust_of(r: dict[str, Any], objective: str | None) -> str:
+    """The trust verdict the judged way of choosing recorded for the run (``decisive`` or
+    ``uncertain``; ``not recorded`` for runs from before the verdict, or read under a
+    scorer whose verdict the run did not keep)."""
+    chosen = r["objectives"].get(objective or r["study_objective"]) or {}
+    return (chosen.get("decisiveness") or {}).get("trust") or "not recorded"
+
+
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
     truth = r["truth"] or {}
@@ -194,7 +209,8 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
             "family_refined": any(is_family(t, truth) for t in selectable(r)),
             "auroc": auroc, "regret": regret, "family": family,
             "size": size, "beats_mean": auroc > r["mean"],
-            "above_pixels": auroc > max(r["pixel"].values()), "label": label}
+            "above_pixels": auroc > max(r["pixel"].values()), "label": label,
+            "trust": trust_of(r, objective)}
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -241,6 +257,26 @@ def print_generator_cost(designs: dict[str, list[dict[str, Any]]]) -> None:
               f"{unrefined} |")
 
 
+def print_by_trust(designs: dict[str, list[dict[str, Any]]]) -> None:
+    """Each design's runs split by the trust verdict their way of choosing recorded (a
+    label-free verdict, read here against the labels: how far a user may trust it)."""
+    print()
+    print("| design | trust verdict | runs | median regret | largest regret | regret > 0.02 "
+          "| beats its study's mean | above both pixel baselines |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, rows in designs.items():
+        name = tagged(name, rows)
+        for verdict in sorted({r["trust"] for r in rows}):
+            part = [r for r in rows if r["trust"] == verdict]
+            n = len(part)
+            print(f"| {name} | {verdict} | {n} | "
+                  f"{statistics.median(r['regret'] for r in part):.3f} | "
+                  f"{max(r['regret'] for r in part):.3f} | "
+                  f"{sum(r['regret'] > 0.02 for r in part)}/{n} | "
+                  f"{sum(r['beats_mean'] for r in part)}/{n} | "
+                  f"{sum(r['above_pixels'] for r in part)}/{n} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scorer", default=None,
                     help="read every run as if scored by this scorer, from the AUROCs its "
                     "trials recorded for it (bench.engine --also-score; default: the run's)")
+    ap.add_argument("--by-trust", action="store_true",
+                    help="also split each design's runs by the trust verdict (decisive, "
+                    "uncertain) the judged way of choosing recorded for them")
     args = ap.parse_args(argv)
     tasks = set(filter(None, args.tasks.split(","))) or None
     designs: dict[str, list[dict[str, Any]]] = {}
@@ -289,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['beats_mean']}/{s['runs']} | {s['above_pixels']}/{s['runs']} |")
     if args.output == "oracle":
         print_generator_cost(designs)
+    if args.by_trust:
+        print_by_trust(designs)
     print()
     names = list(designs)
     order = list(dict.fromkeys(r["task"] for rows in designs.values() for r in rows))

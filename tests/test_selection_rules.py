@@ -240,3 +240,36 @@ def test_compare_counts_a_study_found_in_two_files_once(tmp_path: Any, capsys: A
     b.write_text(json.dumps({"meta": {}, "results": [run_, other]}))
     assert [r["trials"][0]["auroc"] for r in runs_of([a, b], None)] == [0.9, 0.8]
     assert "repeats the run in" in capsys.readouterr().err
+
+
+def test_compare_splits_runs_by_the_trust_verdict_their_choice_recorded(capsys: Any) -> None:
+    from bench.compare import judged, print_by_trust, rescored
+
+    def t(number: int, auroc: float, other: float) -> dict[str, Any]:
+        return {"number": number, "stage": "refine", "auroc": auroc, "augmentation": "flip",
+                "params": {}, "auroc_by_scorer": {"mahalanobis": other}}
+
+    def r(task: str, verdict: str | None, trials: list[dict[str, Any]]) -> dict[str, Any]:
+        chosen = {"selected": trials[0], "regret": max(x["auroc"] for x in trials)
+                  - trials[0]["auroc"], "ensemble_top": 0.9,
+                  "by_scorer": {"mahalanobis": {"decisiveness": {"trust": "uncertain"}}}}
+        if verdict is not None:
+            chosen["decisiveness"] = {"trust": verdict}
+        return {"task": task, "kind": "one-class", "trials": trials,
+                "oracle": max(x["auroc"] for x in trials), "mean": 0.8, "truth": None,
+                "pixel": {"knn": 0.85}, "objectives": {"dsv": chosen}, "study_objective": "dsv"}
+
+    good = r("a", "decisive", [t(0, 0.95, 0.6), t(1, 0.90, 0.7)])
+    bad = r("b", "uncertain", [t(0, 0.70, 0.9), t(1, 0.90, 0.8)])
+    old = r("c", None, [t(0, 0.90, 0.9)])
+    rows = [judged(x, None) for x in (good, bad, old)]
+    assert [x["trust"] for x in rows] == ["decisive", "uncertain", "not recorded"]
+    # the oracle and the ensemble are split by the same run's verdict
+    assert judged(bad, None, "oracle")["trust"] == "uncertain"
+    # read under another scorer: that scorer's verdict, where the run kept it
+    assert judged(rescored(good, "mahalanobis"), None)["trust"] == "uncertain"
+    print_by_trust({"d": rows})
+    table = capsys.readouterr().out
+    assert "| d | decisive | 1 | 0.000 | 0.000 | 0/1 | 1/1 | 1/1 |" in table
+    assert "| d | uncertain | 1 | 0.200 | 0.200 | 1/1 | 0/1 | 0/1 |" in table
+    assert "| d | not recorded | 1 |" in table
