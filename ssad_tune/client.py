@@ -410,19 +410,31 @@ def eta_seconds(done: int, total: int, done_at_start: int, elapsed: float) -> fl
     return elapsed / ran * max(total - done, 0)
 
 
+def _timestamp(value: Any) -> datetime | None:
+    """A job's ISO 8601 time (UTC when it names no zone); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        at = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
 def running_for(job: dict[str, Any]) -> float:
     """Seconds since the job started running (``started_at``, by this machine's clock;
     0 when it is not stated or is ahead of the clock)."""
-    started = job.get("started_at")
-    if not started:
-        return 0.0
-    try:
-        at = datetime.fromisoformat(str(started).replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    return max(0.0, (datetime.now(UTC) - at).total_seconds())
+    at = _timestamp(job.get("started_at"))
+    return 0.0 if at is None else max(0.0, (datetime.now(UTC) - at).total_seconds())
+
+
+def ran_for(job: dict[str, Any]) -> float | None:
+    """How long an ended job ran, by the server's clock (``finished_at - started_at``);
+    None when either is not stated."""
+    started, finished = _timestamp(job.get("started_at")), _timestamp(job.get("finished_at"))
+    if started is None or finished is None:
+        return None
+    return max(0.0, (finished - started).total_seconds())
 
 
 class Progress:
@@ -466,6 +478,10 @@ class Progress:
         self.seen = True
         now = self.clock()
         elapsed = 0.0 if self.start is None else now - self.start
+        if self.start is None and job["status"] not in ("queued", "running"):
+            # Found already ended (``follow`` on a finished job): how long the job ran,
+            # not how long this client watched it.
+            elapsed = ran_for(job) or 0.0
         steps = step_counts(job) if job["status"] == "running" else None
         if steps is not None:
             # The rate is measured from the first training step seen, not from the claim:

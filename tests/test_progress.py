@@ -188,3 +188,18 @@ def test_attached_to_a_running_job_elapsed_counts_from_its_start() -> None:
     bar.update(_job("queued", 0))
     bar.update(job)  # seen queued first: it started while followed
     assert "elapsed 0s" in fresh.getvalue().splitlines()[-1]
+
+
+def test_a_job_found_ended_shows_how_long_it_ran_not_how_long_it_was_watched() -> None:
+    """``follow`` on a finished job drew ``elapsed 0s`` for a job that ran 54 s (a new
+    user's report): the bar now reads the job's own start and finish."""
+    out = io.StringIO()
+    bar = Progress(out, clock=lambda: 500.0, tick_seconds=None)
+    ended = {**_job("succeeded", 4), "started_at": "2026-12-03T21:00:01Z",
+             "finished_at": "2026-12-03T21:00:55.4+00:00"}
+    bar.update(ended)
+    assert out.getvalue().splitlines()[-1].endswith("succeeded  elapsed 54s  ETA -")
+    # a server that does not state both times: nothing to say but 0s, as before
+    bar = Progress(out, clock=lambda: 500.0, tick_seconds=None)
+    bar.update({**_job("cancelled", 1), "started_at": None, "finished_at": None})
+    assert out.getvalue().splitlines()[-1].endswith("cancelled  elapsed 0s  ETA -")
