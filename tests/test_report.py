@@ -161,7 +161,9 @@ def test_the_family_gap_unit_and_the_trust_verdict_for_new_and_old_jobs(db_url: 
     assert "is 0.0421 behind in the objective's loss" in seen["old"][1]
     assert "rank point" not in seen["old"][1]
     assert seen["new"][0]["trust"] == "uncertain" and seen["old"][0]["trust"] == "decisive"
-    assert "The choice is uncertain" in seen["new"][1] and "ensemble=3" in seen["new"][1]
+    # the advice names as many configurations as the verdict compared (top_k 2 here)
+    assert "The choice is uncertain" in seen["new"][1]
+    assert "scores?ensemble=2)" in seen["new"][1]
     assert "The choice is decisive." in seen["old"][1]
     assert "uncertain" not in seen["old"][1] and "decisive" not in seen["new"][1]
 

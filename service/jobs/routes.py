@@ -183,7 +183,8 @@ class ScoresQuery(BaseModel):
     ensemble: int | None = Field(
         None, ge=MIN_K, le=MAX_K,
         description="instead of the best trial's scores: the mean of the z-scored scores of "
-                    "the best `ensemble` full-length trials (listed in `ensemble_trials`). A "
+                    "the best `ensemble` full-length trials (listed in `ensemble_trials`; "
+                    "all of them when the job has fewer). A "
                     "hedge for when the job's `selection.trust` is `uncertain` "
                     "(docs/benchmarks.md §7)")
 
