@@ -43,10 +43,20 @@ def follow(c: httpx.Client, job_id: str) -> dict:
                 event = line[6:].strip()
             elif line.startswith("data:") and event == "progress":
                 job = json.loads(line[5:])
-                best = job["best"]["validation_loss"] if job["best"] else None
+                planned = job["progress"]["trials_planned"]
+                if planned is None:  # a scoring job: no study, no trials
+                    print(f"  {job['status']}")
+                    continue
+                best = job["best"]["validation_loss"] if job["best"] else "-"
                 print(f"  {job['status']}: {job['progress']['trials_completed']}/"
-                      f"{job['progress']['trials_planned']} trials, best loss {best}")
+                      f"{planned} trials, best loss {best}")
     return job
+
+
+def names(flagged: list[dict], shown: int = 10) -> str:
+    """The first ``shown`` flagged images' names, and how many more there are."""
+    head = ", ".join(f["name"] for f in flagged[:shown])
+    return head + (f" and {len(flagged) - shown} more" if len(flagged) > shown else "")
 
 
 def main(train: str, test: str, new: str | None = None) -> int:
@@ -88,8 +98,8 @@ def main(train: str, test: str, new: str | None = None) -> int:
     print("best:", job["best"])
 
     threshold = c.get(f"/v1/jobs/{job_id}/threshold").json()
-    print(f"flagged by the {threshold['rule']} rule:",
-          [f["name"] for f in threshold["flagged"]][:10])
+    print(f"flagged by the {threshold['rule']} rule ({len(threshold['flagged'])}):",
+          names(threshold["flagged"]))
     Path("top.png").write_bytes(c.get(f"/v1/jobs/{job_id}/plots/top.png").content)
     Path("scores.csv").write_text(c.get(f"/v1/jobs/{job_id}/scores",
                                         params={"format": "csv"}).text)
@@ -105,8 +115,8 @@ def main(train: str, test: str, new: str | None = None) -> int:
         # Judged against the tuning job's threshold (its test set is the reference), so
         # even a handful of new images is flagged when it stands out.
         judged = c.get(f"/v1/jobs/{scored['id']}/threshold").json()
-        print(f"flagged against job {judged['reference_job_id']}'s threshold:",
-              [f["name"] for f in judged["flagged"]][:10])
+        print(f"flagged against job {judged['reference_job_id']}'s threshold "
+              f"({len(judged['flagged'])}):", names(judged["flagged"]))
     return 0
 
 

@@ -41,9 +41,12 @@ train_id=$(post_file "$TRAIN")
 test_id=$(post_file "$TEST")
 echo "train dataset $train_id, test dataset $test_id"
 
-# The Idempotency-Key makes a retry of this request (e.g. after a timeout) safe.
-job=$(api -f -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
-  -H "Idempotency-Key: tune-$train_id-$test_id-$N_TRIALS-$TRAIN_STEPS" \
+# One Idempotency-Key per run of this script: curl's retries of the request (after a
+# timeout or a 503) return the same job instead of a second one, while running the script
+# again tunes again (a key fixed by the datasets would replay the old job for 24 hours).
+key="tune-$(python3 -c 'import uuid; print(uuid.uuid4())')"
+job=$(api -f --retry 3 -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
+  -H "Idempotency-Key: $key" \
   -d "{\"train_dataset_id\": \"$train_id\", \"test_dataset_id\": \"$test_id\", \"n_trials\": $N_TRIALS, \"train_steps\": $TRAIN_STEPS}")
 job_id=$(field "['id']" <<<"$job")
 planned=$(field "['progress']['trials_planned']" <<<"$job")

@@ -53,6 +53,13 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
         assert "succeeded" in p.stdout
         rows = list(csv.DictReader(out.open()))
         assert len(rows) > 20 and [int(r["index"]) for r in rows] == list(range(len(rows)))
+        if auth == "default":  # run again: a new job, not the first one replayed
+            again = subprocess.run(p.args, env={**client_env, "N_TRIALS": "2",
+                                                "TRAIN_STEPS": "8", "POLL_SECONDS": "0.5"},
+                                   capture_output=True, text=True, timeout=300)
+            assert again.returncode == 0, again.stdout + again.stderr
+            jobs = [re.search(r"^job (\S+) queued", run.stdout, re.M) for run in (p, again)]
+            assert all(jobs) and jobs[0].group(1) != jobs[1].group(1), p.stdout + again.stdout
         if auth == "required":  # the Python client example, against the same server
             work = tmp_path / "client"
             work.mkdir()
@@ -66,6 +73,8 @@ def test_embedded_service_and_curl_example(tmp_path: Path, auth: str) -> None:
             assert f"scored {len(rows)} new images" in py.stdout
             assert "flagged against job" in py.stdout
             assert "succeeded: 5/5 trials" in py.stdout  # 4 families screened, 1 full
+            assert "None" not in py.stdout  # no "0/None trials" for a scoring job
+            assert re.search(r"flagged by the \w+ rule \(\d+\):", py.stdout), py.stdout
             assert "4 families screened, then 1 full-length trial\n" in py.stdout
             assert "never tried: flip, crop, blur, noise, mask, invert" in py.stdout
             assert (work / "top.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
