@@ -4,7 +4,8 @@ Torch-free so that the API can validate uploads with the same code. Accepted inp
 
 * ``.npy``: one array; ``.npz``: one array, or the key ``images`` or ``x``;
 * a folder or a ``.zip`` of PNG/JPEG files (sorted by name; names are kept); images of
-  different sizes are resized to the most common size (see :func:`_stack_images`).
+  different sizes are resized to the most common size (see :func:`_stack_images`);
+* one ``.png``/``.jpg``/``.jpeg`` file: a set of one image (to score a single new image).
 
 Arrays may be (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 (or another integer type with
 values in 0..255) or float in [0, 1]. Nothing is ever unpickled (``allow_pickle=False``), and
@@ -579,7 +580,7 @@ def read_upload(fp: IO[bytes], filename: str, limits: Limits = DEFAULT_LIMITS
         return _stack_images([(Path(filename).name, lambda: io.BytesIO(data))], limits)
     raise ImageDataError(
         f"unsupported file type {suffix or '(none)'!r}: use .npz, .npy, .zip of PNG/JPEG, "
-        "or a folder of PNG/JPEG files"
+        "a folder of PNG/JPEG files, or one PNG/JPEG file"
     )
 
 

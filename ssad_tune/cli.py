@@ -191,9 +191,12 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("tune", help="tune on a server: upload TRAIN and TEST, follow the "
                                     "job, write the scores CSV")
-    t.add_argument("train", help=".npz, .npy or .zip of PNG/JPEG (unlabeled, mostly normal)")
+    t.add_argument("train", help=".npz, .npy, .zip of PNG/JPEG or a folder of them "
+                   "(unlabeled, mostly normal)")
     t.add_argument("test", help="the images to score (unlabeled)")
-    t.add_argument("-o", "--out", default="scores.csv", help="scores CSV (index,name,score)")
+    t.add_argument("-o", "--out", default="scores.csv",
+                   help="scores CSV (index,name,score; default: scores.csv in the current "
+                        "directory, replaced if it exists)")
     t.add_argument("--url", default=None,
                    help="server (default: $SSAD_URL, else http://$SSAD_HOST:$SSAD_PORT as "
                         "`serve` uses them, else http://127.0.0.1:8000)")
@@ -222,7 +225,8 @@ def parser() -> argparse.ArgumentParser:
                                       "tune, or from another shell) and write its scores "
                                       "CSV, as tune does")
     f.add_argument("job_id")
-    f.add_argument("-o", "--out", default="scores.csv", help="scores CSV (index,name,score)")
+    f.add_argument("-o", "--out", default="scores.csv",
+                   help="scores CSV (as for tune: default scores.csv, replaced if it exists)")
     f.add_argument("--url", default=None, help="server (as for tune)")
     _ensemble_option(f)
     f.set_defaults(fn=_follow, operator=False)
