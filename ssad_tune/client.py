@@ -82,7 +82,9 @@ class JobInfo(TypedDict, total=False):
 #: folder of images (zipped on the fly, names relative to it), or an array (N, H, W) or
 #: (N, C, H, W) of uint8.
 Source = str | os.PathLike[str] | np.ndarray
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the server decodes (ssad_common.images)
+#: Images the server does not read: a folder holding them is refused, not partly uploaded.
+OTHER_IMAGE_SUFFIXES = (".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class Client:
@@ -281,8 +283,15 @@ def _encode(source: Source, name: str | None) -> tuple[str, bytes]:
         return name or "images.npy", buf.getvalue()
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        other = [p for p in found if p.suffix.lower() in OTHER_IMAGE_SUFFIXES]
+        if other:
+            raise ClientError(
+                f"{path}: {len(other)} image(s) the server cannot read ("
+                + ", ".join(p.relative_to(path).as_posix() for p in other[:3])
+                + (", ..." if len(other) > 3 else "")
+                + "): only PNG and JPEG are accepted; convert them, or move them out")
+        files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise ClientError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
         buf = io.BytesIO()

@@ -340,3 +340,29 @@ def test_ctrl_c_stops_following_and_says_how_to_follow_again(pg_url: str,
     finally:
         api.kill()
         api.wait()
+
+
+def test_a_folder_is_zipped_with_its_png_and_jpeg_and_refused_with_other_images(
+        tmp_path: Path) -> None:
+    """The server decodes PNG and JPEG only: a folder holding a BMP was zipped whole and the
+    BMP silently dropped by the server (a fresh-eyes review). Now the client refuses it,
+    naming the file, before anything is sent."""
+    import zipfile
+
+    from PIL import Image
+
+    from ssad_tune.client import ClientError, _encode
+
+    folder = tmp_path / "good"
+    (folder / "sub").mkdir(parents=True)
+    for i, where in enumerate(["a.png", "sub/b.jpg", "c.JPEG"]):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(
+            folder / where, format="JPEG" if "jp" in where.lower() else "PNG")
+    (folder / "notes.txt").write_text("not an image")
+    name, data = _encode(folder, None)
+    assert name == "good.zip"
+    assert sorted(zipfile.ZipFile(io.BytesIO(data)).namelist()) == ["a.png", "c.JPEG",
+                                                                     "sub/b.jpg"]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "sub" / "d.bmp", format="BMP")
+    with pytest.raises(ClientError, match=r"1 image\(s\) the server cannot read \(sub/d.bmp\)"):
+        _encode(folder, None)
