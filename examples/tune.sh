@@ -41,11 +41,13 @@ train_id=$(post_file "$TRAIN")
 test_id=$(post_file "$TEST")
 echo "train dataset $train_id, test dataset $test_id"
 
-# One Idempotency-Key per run of this script: curl's retries of the request (after a
-# timeout or a 503) return the same job instead of a second one, while running the script
-# again tunes again (a key fixed by the datasets would replay the old job for 24 hours).
+# One Idempotency-Key per run of this script: curl's retries of the request (a refused
+# connection while the API restarts, no answer within 60 s, a 429 or a 5xx) return the
+# same job instead of a second one, while running the script again tunes again (a key
+# fixed by the datasets would replay the old job for 24 hours).
 key="tune-$(python3 -c 'import uuid; print(uuid.uuid4())')"
-job=$(api -f --retry 3 -X POST "$URL/v1/jobs" -H 'content-type: application/json' \
+job=$(api -f --retry 3 --retry-connrefused --max-time 60 -X POST "$URL/v1/jobs" \
+  -H 'content-type: application/json' \
   -H "Idempotency-Key: $key" \
   -d "{\"train_dataset_id\": \"$train_id\", \"test_dataset_id\": \"$test_id\", \"n_trials\": $N_TRIALS, \"train_steps\": $TRAIN_STEPS}")
 job_id=$(field "['id']" <<<"$job")
