@@ -32,6 +32,10 @@ also prices that bar: how many studies trained the generator's family at a size 
 The same study found in two files of a design (a run judged again under another rule) is
 counted once, with a note on stderr.
 
+``--output advice`` follows the README's advice run by run: the single choice where the
+trust verdict the run recorded is ``decisive`` (or was not recorded), the top-3 ensemble
+where it is ``uncertain``.
+
 ``--by-trust`` splits every design's runs by the label-free trust verdict (README,
 *decisiveness*) that the judged way of choosing recorded for each: how the choice (or, with
 ``--output``, the ensemble or the ceiling) fared where the product called its choice
@@ -84,9 +88,9 @@ def rescored(r: dict[str, Any], scorer: str) -> dict[str, Any]:
     objectives = {}
     for name, chosen in r["objectives"].items():
         sel = {**chosen["selected"], "auroc": auroc[chosen["selected"]["number"]]}
-        # the ensemble and the consensus are of the run's own scores: not read as another's
         # the trust verdict read on that scorer's scores, where the run recorded it
         verdict = chosen.get("by_scorer", {}).get(scorer, {}).get("decisiveness")
+        # the ensemble and the consensus are of the run's own scores: not read as another's
         objectives[name] = {**chosen, "selected": sel, "regret": max(pool) - sel["auroc"],
                             "ensemble_top": None, "decisiveness": verdict,
                             **({"consensus": None} if "consensus" in chosen else {})}
@@ -163,6 +167,8 @@ def trust_of(r: dict[str, Any], objective: str | None) -> str:
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
     truth = r["truth"] or {}
+    if output == "advice":  # the README's advice followed: the ensemble where uncertain
+        output = "ensemble" if trust_of(r, objective) == "uncertain" else "choice"
     if output == "oracle":  # the AUROC ceiling: what the best detector trained is
         chosen = as_choice(r, oracle_trial(r))
         sel = chosen["selected"]
@@ -288,9 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     ap.add_argument("--all-kinds", action="store_true",
                     help="the one-class runs too (default: injected tasks only)")
-    ap.add_argument("--output", choices=("choice", "ensemble", "oracle", *CONSENSUS),
+    ap.add_argument("--output", choices=("choice", "ensemble", "advice", "oracle",
+                                         *CONSENSUS),
                     default="choice",
                     help="judge the single choice (default), the recorded top-3 ensemble, "
+                    "the advice (the choice where its run's trust verdict is decisive, the "
+                    "ensemble where it is uncertain), "
                     "the oracle: each run's best trial by AUROC (labels), the AUROC "
                     "ceiling of any choice among the trials trained, or the consensus "
                     "(-5): the medoid of the top 3 (5), the trial whose test scores agree "

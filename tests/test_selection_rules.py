@@ -266,6 +266,11 @@ def test_compare_splits_runs_by_the_trust_verdict_their_choice_recorded(capsys: 
     assert [x["trust"] for x in rows] == ["decisive", "uncertain", "not recorded"]
     # the oracle and the ensemble are split by the same run's verdict
     assert judged(bad, None, "oracle")["trust"] == "uncertain"
+    # the README's advice: the ensemble (0.9) where uncertain, the choice where decisive
+    # or where no verdict was recorded
+    assert judged(bad, None, "advice")["auroc"] == 0.9
+    assert judged(bad, None, "advice")["label"] == "top-3 ensemble"
+    assert [judged(x, None, "advice")["auroc"] for x in (good, old)] == [0.95, 0.90]
     # read under another scorer: that scorer's verdict, where the run kept it
     assert judged(rescored(good, "mahalanobis"), None)["trust"] == "uncertain"
     print_by_trust({"d": rows})
