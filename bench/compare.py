@@ -167,8 +167,9 @@ def trust_of(r: dict[str, Any], objective: str | None) -> str:
 def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
            ) -> dict[str, Any]:
     truth = r["truth"] or {}
+    trust = trust_of(r, objective)
     if output == "advice":  # the README's advice followed: the ensemble where uncertain
-        output = "ensemble" if trust_of(r, objective) == "uncertain" else "choice"
+        output = "ensemble" if trust == "uncertain" else "choice"
     if output == "oracle":  # the AUROC ceiling: what the best detector trained is
         chosen = as_choice(r, oracle_trial(r))
         sel = chosen["selected"]
@@ -216,7 +217,7 @@ def judged(r: dict[str, Any], objective: str | None, output: str = "choice"
             "auroc": auroc, "regret": regret, "family": family,
             "size": size, "beats_mean": auroc > r["mean"],
             "above_pixels": auroc > max(r["pixel"].values()), "label": label,
-            "trust": trust_of(r, objective)}
+            "trust": trust}
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -274,13 +275,11 @@ def print_by_trust(designs: dict[str, list[dict[str, Any]]]) -> None:
         name = tagged(name, rows)
         for verdict in sorted({r["trust"] for r in rows}):
             part = [r for r in rows if r["trust"] == verdict]
-            n = len(part)
-            print(f"| {name} | {verdict} | {n} | "
-                  f"{statistics.median(r['regret'] for r in part):.3f} | "
+            s, n = summary(part), len(part)
+            print(f"| {name} | {verdict} | {n} | {s['median_regret']:.3f} | "
                   f"{max(r['regret'] for r in part):.3f} | "
                   f"{sum(r['regret'] > 0.02 for r in part)}/{n} | "
-                  f"{sum(r['beats_mean'] for r in part)}/{n} | "
-                  f"{sum(r['above_pixels'] for r in part)}/{n} |")
+                  f"{s['beats_mean']}/{n} | {s['above_pixels']}/{n} |")
 
 
 def main(argv: list[str] | None = None) -> int:
