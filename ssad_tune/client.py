@@ -82,7 +82,9 @@ class JobInfo(TypedDict, total=False):
 #: folder of images (zipped on the fly, names relative to it), or an array (N, H, W) or
 #: (N, C, H, W) of uint8.
 Source = str | os.PathLike[str] | np.ndarray
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the server decodes (ssad_common.images)
+# What the server decodes: a copy of ssad_common.images.IMAGE_SUFFIXES (the client wheel
+# does not ship ssad_common, as for the --ensemble bounds in cli.py).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Images the server does not read: a folder holding them is refused, not partly uploaded.
 OTHER_IMAGE_SUFFIXES = (".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -92,7 +92,7 @@ def _verdict(sel: SelectionOut | None) -> str:
               "The choice is decisive." if sel.trust == "decisive" else
               "The choice is uncertain: the tuned detector may be no better than its "
               "runner-up; consider the ensemble of the top configurations "
-              f"(scores?ensemble={max(2, sel.top_k or 3)}).")
+              f"(scores?ensemble={sel.top_k}).")  # >= 2: a verdict needs two
     return (("; ".join(parts).capitalize() + ". ") if parts else "") + advice
 
 
